@@ -1,0 +1,134 @@
+"""Recipes: YAML files mapped onto typed dataclasses, with `key.sub=value` command-line overrides.
+
+Unknown keys fail with the close matches (`train.lerning_rate` -> did you mean `train.learning_rate`?),
+wrong types fail naming the key and the expected type. Nothing else in the package reads YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .io import MemtrainError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except MemtrainError as e:
+                errors.append(str(e))
+        raise MemtrainError(errors[-1])
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise MemtrainError(f"{where}: `{key}` must be one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str | int | float):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise MemtrainError(f"{where}: `{key}` must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MemtrainError(f"{where}: `{key}` must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key, where=where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    raise MemtrainError(f"{where}: `{key}` must be {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "", where: str = "recipe") -> T:
+    """Build dataclass `cls` from a nested mapping, checking keys and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MemtrainError(f"{where}: `{prefix or 'recipe'}` must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=3, cutoff=0.6)
+            dotted = [f"`{prefix}.{c}`" if prefix else f"`{c}`" for c in close]
+            hint = f"; did you mean {' or '.join(dotted)}?" if close else ""
+            valid = ", ".join(fields)
+            raise MemtrainError(f"{where}: unknown key `{key}`{hint} (valid keys here: {valid})")
+        kwargs[name] = _coerce(value, hints[name], key, where)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise MemtrainError(f"override `{dotted}`: `{part}` is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """Read YAML recipe `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
+    tree: dict = {}
+    where = "command line"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.exists():
+            raise MemtrainError(f"recipe {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MemtrainError(f"{path}: not valid YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise MemtrainError(f"override `{item}` must look like key.sub=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return from_dict(cls, tree, where=where)
+
+
+def dump_recipe(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)

@@ -1,0 +1,55 @@
+"""Logging through accelerate trackers: W&B and TensorBoard when asked, a JSONL file always."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker, on_main_process
+
+
+class JsonlTracker(GeneralTracker):
+    """An accelerate tracker that appends one JSON object per `log` call to `metrics.jsonl`."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    @on_main_process
+    def __init__(self, run_name: str, logging_dir: str | Path):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+
+    @property
+    def tracker(self):
+        return self._file
+
+    @on_main_process
+    def store_init_configuration(self, values: dict):
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    @on_main_process
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        scalars = {k: _plain(v) for k, v in values.items() if _plain(v) is not None}
+        self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self._file.flush()
+
+    @on_main_process
+    def finish(self):
+        self._file.close()
+
+
+def _plain(value: Any):
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool | int | float | str):
+        return value
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,542 @@
+"""`memtrain train`: the Accelerate fine-tuning loop for diffusers Stable Diffusion checkpoints.
+
+It follows diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py` (same loss, noise
+schedule, min-SNR weighting, noise offset, EMA, LR schedule scaling across processes), with
+three differences a user should know:
+- the noise, timesteps and VAE posterior sample of micro-step m come from a generator seeded by
+  (seed, m) for the GLOBAL batch, each process taking its rows; with the (seed, epoch) sample
+  order of `data.EpochSampler`, a run on N processes equals a run on 1 process with the same
+  global batch, and a resumed run equals an uninterrupted one;
+- each checkpoint records what it was trained with, and resuming from an incompatible one
+  fails with a message instead of a tensor-shape traceback;
+- per-sample losses are kept, so per-sample masks (Wen et al. loss masking) and weights
+  compose with min-SNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from .config import dump_recipe, load_recipe, to_dict
+from .io import MemtrainError, atomic_dir
+from .recipe import TrainRecipe
+from .tracking import JsonlTracker
+
+CHECKPOINT_INFO = "memtrain_checkpoint.json"
+
+
+# ---------------------------------------------------------------- model loading
+
+
+def load_components(recipe: TrainRecipe) -> dict:
+    """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    m = recipe.model
+    path = m.pretrained
+    local = Path(path)
+    if local.exists() and not (local / "model_index.json").exists() and not (local / "unet").exists():
+        raise MemtrainError(f"model.pretrained={path}: not a diffusers pipeline directory (no model_index.json)")
+    kw = dict(revision=m.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except OSError as e:
+        raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
+    vae = None
+    if not local.exists() or (local / "vae").exists():
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw)
+    if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
+        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    if m.prediction_type is not None:
+        scheduler.register_to_config(prediction_type=m.prediction_type)
+    check_dimensions(path, text_encoder, unet, vae)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=scheduler)
+
+
+def check_dimensions(path: str, text_encoder, unet, vae) -> None:
+    """The parts of a pipeline must fit together; say which ones don't."""
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise MemtrainError(
+            f"model.pretrained={path}: unet.cross_attention_dim={unet.config.cross_attention_dim} does not match "
+            f"text_encoder.hidden_size={text_encoder.config.hidden_size}; the text encoder is from another model"
+        )
+    channels = vae.config.latent_channels if vae is not None else 3
+    if unet.config.in_channels != channels:
+        raise MemtrainError(
+            f"model.pretrained={path}: unet.in_channels={unet.config.in_channels} but the "
+            f"{'VAE latents' if vae is not None else 'images (no VAE)'} have {channels} channels"
+        )
+
+
+def native_resolution(unet, vae) -> int:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return unet.config.sample_size * factor
+
+
+def add_lora(unet, recipe: TrainRecipe) -> None:
+    from peft import LoraConfig
+
+    lora = recipe.model.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                        init_lora_weights="gaussian", target_modules=lora.target_modules)
+    try:
+        unet.add_adapter(config)
+    except ValueError as e:
+        raise MemtrainError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + micro_step) % 2**63)
+
+
+def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> slice:
+    start = accelerator.process_index * per_process
+    return slice(start, start + actual)
+
+
+def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
+                   global_batch: int, weight_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss)."""
+    unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
+    opt = recipe.train
+    pixels = batch["pixel_values"].to(weight_dtype)
+    device = pixels.device
+    shape = (global_batch,) + ((vae.config.latent_channels,) if vae is not None else (pixels.shape[1],))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    spatial = (pixels.shape[2] // factor, pixels.shape[3] // factor)
+    # all randomness of this micro-step, drawn for the global batch on the CPU
+    posterior_noise = torch.randn(shape + spatial, generator=generator)[rows]
+    noise = torch.randn(shape + spatial, generator=generator)[rows]
+    offset = torch.randn(shape + (1, 1), generator=generator)[rows]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator)[rows]
+    noise, offset, timesteps = noise.to(device), offset.to(device), timesteps.to(device)
+
+    with torch.no_grad():
+        if vae is not None:
+            dist = vae.encode(pixels).latent_dist
+            latents = dist.mean + dist.std * posterior_noise.to(device, dist.mean.dtype)
+            latents = latents * vae.config.scaling_factor
+        else:
+            latents = pixels
+    latents = latents.float()
+    if opt.noise_offset:
+        noise = noise + opt.noise_offset * offset
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    context = contextlib.nullcontext() if recipe.model.train_text_encoder else torch.no_grad()
+    with context:
+        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+    if recipe.data.captions.embedding_noise:
+        from .captions import add_embedding_noise
+
+        hidden = add_embedding_noise(hidden, recipe.data.captions.embedding_noise, None)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise MemtrainError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
+    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    stats = {}
+    weights = torch.ones_like(per_sample)
+    if opt.snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=opt.snr_gamma)
+        weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+    if opt.loss_mask_threshold is not None:
+        from .mitigations import memorization_mask
+
+        keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
+                                            opt.loss_mask_threshold, pred)
+        weights = weights * keep
+        stats["masked"] = (1 - keep).sum()
+        stats["noise_magnitude"] = magnitude.mean()
+    loss = (per_sample * weights).sum() / per_sample.numel()
+    return loss, stats
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_info(recipe: TrainRecipe, accelerator: Accelerator) -> dict:
+    return {
+        "model": recipe.model.pretrained,
+        "lora_rank": recipe.model.lora.rank,
+        "lora_target_modules": recipe.model.lora.target_modules,
+        "train_text_encoder": recipe.model.train_text_encoder,
+        "ema": recipe.train.ema,
+        "global_batch": recipe.train.batch_size * accelerator.num_processes * recipe.train.gradient_accumulation_steps,
+    }
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int) -> Path:
+    """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done."""
+    root = out / "checkpoints"
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        existing = list_checkpoints(out)
+        limit = recipe.checkpoint.total_limit
+        if limit is not None and len(existing) >= limit:
+            for old in existing[: len(existing) - limit + 1]:
+                shutil.rmtree(old)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = dict(checkpoint_info(recipe, accelerator), step=step)
+        (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:
+    resume = recipe.checkpoint.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(out)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / CHECKPOINT_INFO).exists():
+        raise MemtrainError(f"checkpoint.resume={resume}: not a memtrain checkpoint directory (no {CHECKPOINT_INFO})")
+    return path
+
+
+def check_resume_compatible(path: Path, recipe: TrainRecipe, accelerator: Accelerator) -> int:
+    info = json.loads((path / CHECKPOINT_INFO).read_text())
+    expected = checkpoint_info(recipe, accelerator)
+    for key, value in expected.items():
+        if key in info and info[key] != value:
+            raise MemtrainError(
+                f"checkpoint.resume: {path} was trained with {key}={info[key]!r} but this recipe has {value!r}; "
+                "resume with the same settings or start a new output.dir"
+            )
+    return int(info["step"])
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out: Path) -> Path | None:
+    """Write `out/pipeline` (a full diffusers pipeline) or `out/lora` (pytorch_lora_weights.safetensors)."""
+    kind = recipe.export
+    if kind == "none" or not accelerator.is_main_process:
+        return None
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    unet = accelerator.unwrap_model(parts["unet"])
+    if kind == "lora":
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        target = out / "lora"
+        with atomic_dir(target) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        return target
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    target = out / "pipeline"
+    overrides = {"unet": unet, "text_encoder": accelerator.unwrap_model(parts["text_encoder"])}
+    pipe = DiffusionPipeline.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision,
+                                             variant=recipe.model.variant, **overrides)
+    with atomic_dir(target) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    if ema is not None:
+        ema.restore(unet.parameters())
+    return target
+
+
+# ---------------------------------------------------------------- validation images
+
+
+def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, step: int, out: Path) -> None:
+    prompts = recipe.log.validation_prompts
+    if not prompts or not accelerator.is_main_process or parts["vae"] is None:
+        return
+    from .generate import generate_images, pipeline_from_components
+    from .plots import save_image_grid
+
+    unet = accelerator.unwrap_model(parts["unet"])
+    pipe = pipeline_from_components(dict(parts, unet=unet, text_encoder=accelerator.unwrap_model(parts["text_encoder"])))
+    was_training = unet.training
+    unet.eval()
+    images = generate_images(pipe, prompts, n=recipe.log.validation_images, seed=recipe.train.seed, progress=False)
+    unet.train(was_training)
+    path = out / "validation" / f"step-{step:06d}.png"
+    save_image_grid(path, images, [p[:40] for p in prompts for _ in range(recipe.log.validation_images)])
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(str(path))]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images.numpy(), step, dataformats="NCHW")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(recipe: TrainRecipe) -> dict:
+    """Run a recipe; return a summary (steps, final loss, export path)."""
+    recipe.validate()
+    opt = recipe.train
+    out = Path(recipe.output.dir)
+    trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        mixed_precision=opt.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        step_scheduler_with_optimizer=True,
+    )
+    set_seed(opt.seed)
+    parts = load_components(recipe)
+    unet, text_encoder, vae = parts["unet"], parts["text_encoder"], parts["vae"]
+    tokenizer = parts["tokenizer"]
+
+    # ---- data (all checks before the first step)
+    rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
+                              recipe.data.split, recipe.data.max_samples)
+    data_lib.check_images(rows)
+    resolution = recipe.data.resolution or native_resolution(unet, vae)
+    caption_fn, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
+    dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
+                                           seed=opt.seed, caption_fn=caption_fn)
+    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
+                                         collate_fn=data_lib.make_collate(tokenizer),
+                                         num_workers=opt.dataloader_num_workers)
+
+    # ---- model
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
+    if vae is not None:
+        vae.requires_grad_(False)
+        vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.requires_grad_(recipe.model.train_text_encoder)
+    if not recipe.model.train_text_encoder:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if recipe.model.lora.rank > 0:
+        unet.requires_grad_(False)
+        add_lora(unet, recipe)
+    if opt.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = None
+    if opt.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=opt.ema_decay, model_cls=type(unet), model_config=unet.config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if recipe.model.train_text_encoder:
+        params += list(text_encoder.parameters())
+    lr = opt.learning_rate
+    if opt.scale_lr:
+        lr *= opt.batch_size * opt.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                  weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    try:
+        lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer,
+                                     num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
+                                     num_training_steps=opt.max_steps * accelerator.num_processes)
+    except ValueError as e:
+        raise MemtrainError(f"recipe: `train.lr_scheduler`: {e}") from None
+    if recipe.model.train_text_encoder:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    parts.update(unet=unet, text_encoder=text_encoder)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if opt.loss_mask_threshold is not None:
+        empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
+        with torch.no_grad():
+            parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
+
+    # ---- resume
+    global_step = 0
+    resume_path = resolve_resume(recipe, out)
+    if resume_path is not None:
+        global_step = check_resume_compatible(resume_path, recipe, accelerator)
+        try:
+            accelerator.load_state(str(resume_path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+    elif recipe.checkpoint.resume not in (None, "latest"):
+        raise MemtrainError(f"checkpoint.resume={recipe.checkpoint.resume}: not found")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    accelerator.init_trackers(recipe.log.project, config=flat_config(recipe),
+                              init_kwargs={"wandb": {"name": recipe.log.run_name or out.name,
+                                                     "dir": str(out)}})
+
+    accum = opt.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(loader) / accum)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * accum
+    num_epochs = math.ceil(opt.max_steps / updates_per_epoch)
+    global_batch = opt.batch_size * accelerator.num_processes
+    micro_step = global_step * accum
+
+    progress = tqdm(total=opt.max_steps, initial=global_step, desc="train", disable=not (
+        recipe.log.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    unet.train()
+    if recipe.model.train_text_encoder:
+        text_encoder.train()
+    running, last_logged = [], {}
+    for epoch in range(first_epoch, num_epochs):
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                generator = step_generator(opt.seed, micro_step)
+                rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
+                loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opt.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+            for k, v in stats.items():
+                stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
+                    accelerator.gather(v.detach().reshape(1)).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            global_step += 1
+            progress.update(1)
+            if global_step % recipe.log.every_steps == 0 or global_step == opt.max_steps:
+                last_logged = {"loss": sum(running) / len(running), "lr": lr_scheduler.get_last_lr()[0],
+                               "epoch": epoch, **stats}
+                accelerator.log(last_logged, step=global_step)
+                progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                running = []
+            if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
+                save_checkpoint(accelerator, recipe, out, global_step)
+            if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
+                validation_images(accelerator, recipe, parts, global_step, out)
+            if global_step >= opt.max_steps:
+                break
+        if global_step >= opt.max_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    if not recipe.log.validation_every or global_step % recipe.log.validation_every:
+        validation_images(accelerator, recipe, parts, global_step, out)
+    exported = export(accelerator, recipe, parts, ema, out)
+    accelerator.end_training()
+    return {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
+            "output_dir": str(out)}
+
+
+def flat_config(recipe: TrainRecipe) -> dict:
+    flat = {}
+
+    def walk(prefix: str, node):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(key, v)
+            else:
+                flat[key] = v if isinstance(v, int | float | str | bool) else str(v)
+
+    walk("", to_dict(recipe))
+    return flat
+
+
+def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokenizer):
+    """The per-sample caption choice (with caption randomization when enabled) and the
+    de-duplication sampling weights (None when every row is drawn once per epoch)."""
+    caps = recipe.data.captions
+    randomize = any(getattr(caps, k) for k in ("random_caption_p", "random_token_p", "word_repeat_p",
+                                               "random_number_p")) or caps.multiple_captions
+    caption_fn = None
+    if randomize:
+        from .captions import augment_caption, token_pool
+
+        pool = token_pool(tokenizer)
+
+        def caption_fn(captions, rng):
+            return augment_caption(captions, caps, rng, pool)
+
+    weights = None
+    if recipe.data.dedup != "none":
+        from .dedup import apply_dedup_policy
+
+        rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
+    return caption_fn, weights
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a diffusers SD checkpoint from a YAML recipe (full or LoRA)",
+        description="Fine-tune a Stable Diffusion checkpoint. RECIPE is a YAML file (see recipes/); "
+        "overrides are key.sub=value pairs, e.g. train.max_steps=200 model.lora.rank=8. "
+        "Run under `accelerate launch` for several GPUs. Sections: model (pretrained, prediction_type, "
+        "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
+        "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
+        "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
+        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
+        "log (trackers, validation_prompts), output (dir, export). Every key is documented in trainer/recipe.py.",
+    )
+    p.add_argument("recipe", help="YAML recipe file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(TrainRecipe, args.recipe, args.overrides)
+    if args.print_recipe:
+        print(dump_recipe(recipe))
+        return 0
+    summary = train(recipe)
+    print(json.dumps(summary))
+    return 0
