@@ -9,6 +9,7 @@ whatever the number of processes, and a resumed run is the same as an uninterrup
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -121,7 +122,7 @@ def open_image(source, name: str) -> Image.Image:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, dict) and "path" in source:  # datasets Image(decode=False)
-        source = source["bytes"] and __import__("io").BytesIO(source["bytes"]) or source["path"]
+        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
     try:
         with Image.open(source) as im:
             return im.convert("RGB")
@@ -133,7 +134,7 @@ def open_image(source, name: str) -> Image.Image:
 
 def check_images(rows: Rows) -> None:
     """Open every image header once before training, so a missing or corrupt file fails at start-up."""
-    for source, name in zip(rows.images, rows.names):
+    for source, name in zip(rows.images, rows.names, strict=True):
         if isinstance(source, Image.Image):
             continue
         try:

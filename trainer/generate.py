@@ -84,7 +84,7 @@ def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None
 
     with atomic_dir(out) as tmp:
         with open(tmp / "generations.jsonl", "w") as meta:
-            for i, (image, name) in enumerate(zip(images, names)):
+            for i, (image, name) in enumerate(zip(images, names, strict=True)):
                 file = f"{i:05d}.png"
                 array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
                 Image.fromarray(array).save(tmp / file)

@@ -48,6 +48,7 @@ class DataSection:
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"  # a string or a list of strings per row
+    caption_dropout: float = 0.0  # p of training on the empty caption (keeps classifier-free guidance working)
     resolution: int | None = None  # None: the model's native resolution
     center_crop: bool = False
     random_flip: bool = False
@@ -150,6 +151,8 @@ class TrainRecipe:
             )
         if not 0.0 < self.data.dedup_threshold <= 1.0:
             raise MemtrainError(f"recipe: `data.dedup_threshold` must be in (0, 1], got {self.data.dedup_threshold}")
+        if not 0.0 <= self.data.caption_dropout <= 1.0:
+            raise MemtrainError(f"recipe: `data.caption_dropout` must be in [0, 1], got {self.data.caption_dropout}")
         for name in ("random_caption_p", "random_token_p", "word_repeat_p", "random_number_p", "embedding_noise"):
             value = getattr(self.data.captions, name)
             if not 0.0 <= value <= 1.0:

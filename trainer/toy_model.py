@@ -63,9 +63,9 @@ class TinySize:
     """Widths of the tiny model. The defaults are the committed toy base's."""
 
     image_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 64)  # one downsample: 32x32x3 -> 16x16x4
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # two downsamples: 32x32x3 -> 8x8x4
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_dim: int = 64

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -468,6 +469,9 @@ def train(recipe: TrainRecipe) -> dict:
         validation_images(accelerator, recipe, parts, global_step, out)
     exported = export(accelerator, recipe, parts, ema, out)
     accelerator.end_training()
+    # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
+    # mixed precision, say) can run in the same Python process, e.g. from the Python API
+    AcceleratorState._reset_state()
     return {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
             "output_dir": str(out)}
 
@@ -493,14 +497,21 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
     caps = recipe.data.captions
     randomize = any(getattr(caps, k) for k in ("random_caption_p", "random_token_p", "word_repeat_p",
                                                "random_number_p")) or caps.multiple_captions
-    caption_fn = None
+    augment = None
     if randomize:
         from .captions import augment_caption, token_pool
 
         pool = token_pool(tokenizer)
 
-        def caption_fn(captions, rng):
+        def augment(captions, rng):
             return augment_caption(captions, caps, rng, pool)
+
+    dropout = recipe.data.caption_dropout
+
+    def caption_fn(captions: list[str], rng) -> str:
+        if dropout and rng.random() < dropout:
+            return ""
+        return augment(captions, rng) if augment else captions[0]
 
     weights = None
     if recipe.data.dedup != "none":

@@ -1,0 +1,120 @@
+"""Build the committed toy base model (trainer/assets/toy_base), as a released SD checkpoint is built:
+
+1. a broad toy dataset (singletons only, its own seed: the demo's data is never in it);
+2. the VAE: a tiny AutoencoderKL trained for reconstruction (a plain loop: the project's trainer
+   trains diffusion models, not autoencoders), its scaling_factor set to 1/std of the latents
+   as SD's 0.18215 was;
+3. the UNet and the text encoder trained jointly with the project's own trainer
+   (`trainer.train.train`, recipe recipes/toy-base.yaml) with 10% caption dropout so classifier-free
+   guidance works.
+
+    python scripts/build_toy_base.py                       # about 45 min on 2 cores
+    python scripts/build_toy_base.py --unet-steps 200 --out /tmp/base   # a quick smoke build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer import toy_world
+from trainer.config import load_recipe
+from trainer.io import atomic_dir
+from trainer.recipe import TrainRecipe
+from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
+from trainer.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_images(root: Path) -> torch.Tensor:
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    arrays = [np.asarray(Image.open(root / r["file_name"]).convert("RGB"), dtype=np.float32) for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
+              seed: int = 0) -> float:
+    """Reconstruction (MSE) + a small KL term, AdamW with cosine decay; returns the final recon RMSE."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    vae.train()
+    start = time.time()
+    for step in range(steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * dist.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"vae step {step} loss {loss.item():.5f} ({time.time() - start:.0f}s)", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        x = images[:256]
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return ((recon.clamp(-1, 1) - x) / 2).pow(2).mean().sqrt().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "trainer" / "assets" / "toy_base"))
+    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--work", default=None, help="working directory (default: a temp dir)")
+    args = p.parse_args()
+    torch.manual_seed(args.seed)
+    work = Path(args.work or tempfile.mkdtemp(prefix="toy-base-"))
+    t0 = time.time()
+    data = work / "broad"
+    if not (data / "train" / "metadata.jsonl").exists():
+        cfg = toy_world.ToyDataConfig(seed=args.seed, n_duplicated=0, copies=0, n_singletons=args.images,
+                                      n_heldout=0, n_novel=0)
+        toy_world.make_toy_data(data, cfg)
+    images = load_images(data / "train")
+    print(f"data: {len(images)} images ({time.time() - t0:.0f}s)", flush=True)
+
+    tokenizer = build_tokenizer(toy_world.vocabulary())
+    parts = build_components(tokenizer, TinySize(), seed=args.seed)
+    rmse = train_vae(parts["vae"], images, args.vae_steps, seed=args.seed)
+    with torch.no_grad():
+        latents = torch.cat([parts["vae"].encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+    scaling = float(1.0 / latents.std())
+    parts["vae"].register_to_config(scaling_factor=scaling)
+    print(f"vae: recon RMSE {rmse:.4f} in [0,1] units, scaling_factor {scaling:.4f} ({time.time() - t0:.0f}s)",
+          flush=True)
+    init = work / "init"
+    save_pipeline(parts, init)
+
+    recipe = load_recipe(TrainRecipe, ROOT / "recipes" / "toy-base.yaml", [
+        f"model.pretrained={init}", f"data.path={data / 'train'}", f"train.max_steps={args.unet_steps}",
+        f"output.dir={work / 'run'}", f"train.seed={args.seed}",
+    ])
+    summary = train(recipe)
+    print(f"unet: {summary} ({time.time() - t0:.0f}s)", flush=True)
+    with atomic_dir(args.out) as tmp:
+        shutil.copytree(work / "run" / "pipeline", tmp, dirs_exist_ok=True)
+        (tmp / "build.json").write_text(json.dumps({
+            "images": args.images, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "seed": args.seed,
+            "vae_recon_rmse": rmse, "scaling_factor": scaling, "final_loss": summary["loss"],
+            "build_seconds": round(time.time() - t0),
+        }, indent=2))
+    print(f"wrote {args.out} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
