@@ -1,0 +1,123 @@
+"""Replication study of a checkpoint on a toy-world dataset: generate for each labelled prompt group,
+measure replication against the (unique) training images, write JSON, Markdown and a PNG grid.
+
+A generation counts as a replication when its nearest/second-nearest L2 ratio to the unique
+training images is below 1/3 (Gu et al. 2023, METHODS.md §1.5). Tiled L2 <= 0.15 (Carlini et al.
+2023) and nL2 < 1.4 (AMG) are reported beside it. Exact duplicates are removed from the training
+images first, so the second neighbour is never a copy of the first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .generate import generate_images
+from .io import MemtrainError, atomic_file, write_json
+from .plots import save_replication_grid
+from .replication import replication_metrics, unique_images
+from .toy_world import read_labels
+
+GROUPS = ("duplicated", "singleton", "novel")
+
+
+def load_image_dir(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """All images of an imagefolder directory as [N, 3, H, W] in [0, 1], with their file names."""
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    arrays = [np.asarray(Image.open(root / r["file_name"]).convert("RGB"), dtype=np.float32) / 255 for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), [r["file_name"] for r in rows]
+
+
+def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, max_per_group: int = 64,
+                      steps: int = 50, guidance_scale: float = 7.5, progress: bool = True) -> dict:
+    """Generate `n` images for up to `max_per_group` prompts of each group and measure replication."""
+    data_root = Path(data_root)
+    labels = read_labels(data_root / "labels.jsonl")
+    train, names = load_image_dir(data_root / "train")
+    unique, inverse = unique_images(train)
+    # which unique training image each labelled prompt was trained on
+    file_to_unique = {f"train/{name}": int(inverse[i]) for i, name in enumerate(names)}
+    prompts = []
+    for group in GROUPS:
+        rows = [r for r in labels if r["group"] == group][:max_per_group]
+        prompts += [dict(r, source=file_to_unique.get(r.get("file_name"), -1)) for r in rows]
+    if not prompts:
+        raise MemtrainError(f"{data_root / 'labels.jsonl'} has no duplicated, singleton or novel prompts")
+    images = generate_images(pipe, [p["text"] for p in prompts], n=n, seed=seed, steps=steps,
+                             guidance_scale=guidance_scale, progress=progress)
+    metrics = replication_metrics(images, unique)
+    per_gen = []
+    for i, image_metrics in enumerate(zip(*(metrics[k] for k in metrics), strict=True)):
+        row = dict(zip(metrics, (v.item() for v in image_metrics), strict=True))
+        prompt = prompts[i // n]
+        row.update(text=prompt["text"], group=prompt["group"], source=prompt["source"],
+                   nearest_is_source=row["nn_index"] == prompt["source"])
+        per_gen.append(row)
+    return {"images": images, "unique_train": unique, "generations": per_gen, "n": n, "seed": seed,
+            "train_images": len(train), "unique_train_images": len(unique)}
+
+
+def summarize(study: dict) -> dict:
+    """Per-group replication rates and distances."""
+    summary = {}
+    for group in GROUPS:
+        rows = [g for g in study["generations"] if g["group"] == group]
+        if not rows:
+            continue
+        l2 = np.array([r["l2"] for r in rows])
+        summary[group] = {
+            "prompts": len({r["text"] for r in rows}),
+            "generations": len(rows),
+            "replication_rate": float(np.mean([r["ratio_memorized"] for r in rows])),
+            "tiled_l2_extraction_rate": float(np.mean([r["tiled_extracted"] for r in rows])),
+            "nl2_rate": float(np.mean([r["nl2_memorized"] for r in rows])),
+            "nearest_is_own_image": float(np.mean([r["nearest_is_source"] for r in rows])) if group != "novel" else None,
+            "l2_median": float(np.median(l2)),
+            "l2_p5": float(np.percentile(l2, 5)),
+            "ratio_median": float(np.median([r["ratio"] for r in rows])),
+        }
+    return summary
+
+
+def write_study(study: dict, out: str | Path, title: str, extra: dict | None = None, grid_per_group: int = 8) -> dict:
+    """Write report.json, report.md and replication.png into `out`; return the JSON report."""
+    out = Path(out)
+    summary = summarize(study)
+    report = {"title": title, "criterion": "NN1/NN2 L2 ratio < 1/3 against unique training images (Gu et al. 2023)",
+              "n_per_prompt": study["n"], "seed": study["seed"], "train_images": study["train_images"],
+              "unique_train_images": study["unique_train_images"], "groups": summary, **(extra or {}),
+              "generations": [{k: v for k, v in g.items()} for g in study["generations"]]}
+    picks = []
+    for group in GROUPS:
+        rows = [i for i, g in enumerate(study["generations"]) if g["group"] == group]
+        picks += rows[:: max(1, study["n"])][:grid_per_group]
+    if picks:
+        gens = study["generations"]
+        titles = [f"{gens[i]['group'][:5]} L2={gens[i]['l2']:.2f} r={gens[i]['ratio']:.2f}" for i in picks]
+        nearest = study["unique_train"][[gens[i]["nn_index"] for i in picks]]
+        save_replication_grid(out / "replication.png", study["images"][picks], nearest, titles, ncols=4)
+    write_json(report, out / "report.json")
+    with atomic_file(out / "report.md") as f:
+        f.write(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['title']}", "", f"Replication criterion: {report['criterion']}.",
+             f"{report['n_per_prompt']} generation(s) per prompt (DDIM 50 steps, guidance 7.5), "
+             f"{report['unique_train_images']} unique training images ({report['train_images']} with duplicates).", ""]
+    for key in ("training", "timing"):
+        if key in report:
+            lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
+    lines += ["| group | prompts | generations | replication rate | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for group, s in report["groups"].items():
+        own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
+        lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
+                     f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
+    lines += ["", "![generations beside their nearest training images](replication.png)", ""]
+    return "\n".join(lines)
