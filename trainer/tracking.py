@@ -21,26 +21,30 @@ class JsonlTracker(GeneralTracker):
         super().__init__()
         self.run_name = run_name
         self.path = Path(logging_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a")
+        self._file = None  # opened at the first write, so a run that fails its checks leaves nothing
 
     @property
     def tracker(self):
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
         return self._file
 
     @on_main_process
     def store_init_configuration(self, values: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
         scalars = {k: _plain(v) for k, v in values.items() if _plain(v) is not None}
-        self._file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-        self._file.flush()
+        self.tracker.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self.tracker.flush()
 
     @on_main_process
     def finish(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _plain(value: Any):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -180,14 +180,14 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_info(recipe: TrainRecipe, accelerator: Accelerator) -> dict:
+def checkpoint_info(recipe: TrainRecipe, num_processes: int) -> dict:
     return {
         "model": recipe.model.pretrained,
         "lora_rank": recipe.model.lora.rank,
         "lora_target_modules": recipe.model.lora.target_modules,
         "train_text_encoder": recipe.model.train_text_encoder,
         "ema": recipe.train.ema,
-        "global_batch": recipe.train.batch_size * accelerator.num_processes * recipe.train.gradient_accumulation_steps,
+        "global_batch": recipe.train.batch_size * num_processes * recipe.train.gradient_accumulation_steps,
     }
 
 
@@ -213,7 +213,7 @@ def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, st
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        info = dict(checkpoint_info(recipe, accelerator), step=step)
+        info = dict(checkpoint_info(recipe, accelerator.num_processes), step=step)
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -229,14 +229,16 @@ def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:
         ckpts = list_checkpoints(out)
         return ckpts[-1] if ckpts else None
     path = Path(resume)
+    if not path.is_dir():
+        raise MemtrainError(f"checkpoint.resume={resume}: no such checkpoint directory")
     if not (path / CHECKPOINT_INFO).exists():
         raise MemtrainError(f"checkpoint.resume={resume}: not a memtrain checkpoint directory (no {CHECKPOINT_INFO})")
     return path
 
 
-def check_resume_compatible(path: Path, recipe: TrainRecipe, accelerator: Accelerator) -> int:
+def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int) -> int:
     info = json.loads((path / CHECKPOINT_INFO).read_text())
-    expected = checkpoint_info(recipe, accelerator)
+    expected = checkpoint_info(recipe, num_processes)
     for key, value in expected.items():
         if key in info and info[key] != value:
             raise MemtrainError(
@@ -315,6 +317,25 @@ def train(recipe: TrainRecipe) -> dict:
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
+    # ---- everything that can be wrong with the inputs is checked before anything is written
+    parts = load_components(recipe)
+    tokenizer = parts["tokenizer"]
+    rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
+                              recipe.data.split, recipe.data.max_samples)
+    data_lib.check_images(rows)
+    resolution = recipe.data.resolution or native_resolution(parts["unet"], parts["vae"])
+    caption_fn, rows, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
+    dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
+                                           seed=opt.seed, caption_fn=caption_fn)
+    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
+                                         collate_fn=data_lib.make_collate(tokenizer),
+                                         num_workers=opt.dataloader_num_workers)
+    resume_path = resolve_resume(recipe, out)
+    global_step = 0
+    if resume_path is not None:
+        global_step = check_resume_compatible(resume_path, recipe, PartialState().num_processes)
+
     trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
     accelerator = Accelerator(
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
@@ -324,23 +345,20 @@ def train(recipe: TrainRecipe) -> dict:
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         step_scheduler_with_optimizer=True,
     )
-    set_seed(opt.seed)
-    parts = load_components(recipe)
-    unet, text_encoder, vae = parts["unet"], parts["text_encoder"], parts["vae"]
-    tokenizer = parts["tokenizer"]
+    try:
+        return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step)
+    finally:
+        # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
+        # mixed precision, say) can run in the same Python process, e.g. from the Python API
+        AcceleratorState._reset_state()
 
-    # ---- data (all checks before the first step)
-    rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
-                              recipe.data.split, recipe.data.max_samples)
-    data_lib.check_images(rows)
-    resolution = recipe.data.resolution or native_resolution(unet, vae)
-    caption_fn, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
-    dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
-                                           seed=opt.seed, caption_fn=caption_fn)
-    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
-                                         collate_fn=data_lib.make_collate(tokenizer),
-                                         num_workers=opt.dataloader_num_workers)
+
+def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, dataset, sampler, loader,
+                resume_path: Path | None, global_step: int) -> dict:
+    opt = recipe.train
+    out = Path(recipe.output.dir)
+    set_seed(opt.seed)
+    unet, text_encoder, vae, tokenizer = parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"]
 
     # ---- model
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
@@ -390,17 +408,11 @@ def train(recipe: TrainRecipe) -> dict:
         with torch.no_grad():
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
-    # ---- resume
-    global_step = 0
-    resume_path = resolve_resume(recipe, out)
     if resume_path is not None:
-        global_step = check_resume_compatible(resume_path, recipe, accelerator)
         try:
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
-    elif recipe.checkpoint.resume not in (None, "latest"):
-        raise MemtrainError(f"checkpoint.resume={recipe.checkpoint.resume}: not found")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -469,9 +481,6 @@ def train(recipe: TrainRecipe) -> dict:
         validation_images(accelerator, recipe, parts, global_step, out)
     exported = export(accelerator, recipe, parts, ema, out)
     accelerator.end_training()
-    # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
-    # mixed precision, say) can run in the same Python process, e.g. from the Python API
-    AcceleratorState._reset_state()
     return {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
             "output_dir": str(out)}
 
@@ -518,7 +527,7 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
         from .dedup import apply_dedup_policy
 
         rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
-    return caption_fn, weights
+    return caption_fn, rows, weights
 
 
 # ---------------------------------------------------------------- CLI

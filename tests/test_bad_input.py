@@ -1,0 +1,111 @@
+"""Bad input gets one clear error naming the file, row or key; exit code 2; nothing half written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import TINY, write_recipe
+
+from trainer import toy_world
+from trainer.cli import main
+from trainer.toy_model import build_components, build_tokenizer, save_pipeline
+
+
+def run_fails(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    return err
+
+
+def assert_nothing_written(out):
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
+
+
+@pytest.fixture
+def data_copy(tmp_path, tiny_data):
+    target = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", target)
+    return target
+
+
+def test_unknown_key_suggests_close_ones(tmp_path, capsys, tiny_model, tiny_data):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out")
+    err = run_fails(capsys, "train", str(recipe), "train.lerning_rate=0.1")
+    assert "unknown key `train.lerning_rate`" in err and "`train.learning_rate`" in err
+    # in the YAML file itself, the file is named
+    recipe.write_text(recipe.read_text().replace('"checkpoint"', '"chekpoint"'))
+    err = run_fails(capsys, "train", str(recipe))
+    assert str(recipe) in err and "`checkpoint`" in err
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_wrong_type_and_out_of_range(tmp_path, capsys, tiny_model, tiny_data):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out")
+    assert "`train.max_steps` must be int" in run_fails(capsys, "train", str(recipe), "train.max_steps=many")
+    assert "`train.mixed_precision` must be one of" in run_fails(capsys, "train", str(recipe),
+                                                                 "train.mixed_precision=fp8")
+    assert "`data.captions.random_token_p` must be in [0, 1]" in run_fails(
+        capsys, "train", str(recipe), "data.captions.random_token_p=1.5")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_missing_and_corrupt_images(tmp_path, capsys, tiny_model, data_copy):
+    rows = [json.loads(line) for line in (data_copy / "metadata.jsonl").read_text().splitlines()]
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, data_copy, out)
+    (data_copy / rows[2]["file_name"]).unlink()
+    err = run_fails(capsys, "train", str(recipe))
+    assert "metadata.jsonl, line 3" in err and rows[2]["file_name"] in err and "missing" in err
+    (data_copy / rows[2]["file_name"]).write_bytes(b"\x89PNG not really a png")
+    err = run_fails(capsys, "train", str(recipe))
+    assert "line 3" in err and "cannot be decoded" in err
+    assert_nothing_written(out)
+
+
+def test_missing_caption_column_and_empty_caption(tmp_path, capsys, tiny_model, data_copy):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, data_copy, out)
+    err = run_fails(capsys, "train", str(recipe), "data.caption_column=caption")
+    assert "no caption column `caption`" in err and "data.caption_column" in err and "line 1" in err
+    lines = (data_copy / "metadata.jsonl").read_text().splitlines()
+    row = json.loads(lines[4])
+    row["text"] = "  "
+    lines[4] = json.dumps(row)
+    (data_copy / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    err = run_fails(capsys, "train", str(recipe))
+    assert "line 5" in err and "empty caption" in err
+    assert_nothing_written(out)
+
+
+def test_model_whose_dimensions_do_not_fit(tmp_path, capsys, tiny_model, tiny_data):
+    bad = tmp_path / "bad_model"
+    shutil.copytree(tiny_model, bad)
+    other = build_components(build_tokenizer(toy_world.vocabulary()), TINY.__class__(
+        **{**TINY.__dict__, "text_dim": 48}))
+    save_pipeline(other, tmp_path / "other")
+    shutil.rmtree(bad / "text_encoder")
+    shutil.copytree(tmp_path / "other" / "text_encoder", bad / "text_encoder")
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", bad, tiny_data / "train", out)
+    err = run_fails(capsys, "train", str(recipe))
+    assert "cross_attention_dim=32" in err and "hidden_size=48" in err
+    err = run_fails(capsys, "train", str(recipe), f"model.pretrained={tmp_path}")
+    assert "not a diffusers pipeline directory" in err
+    assert_nothing_written(out)
+
+
+def test_resume_from_incompatible_checkpoint(tmp_path, capsys, tiny_model, tiny_data):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", out,
+                          train={"max_steps": 2}, output={"export": "none"})
+    assert main(["train", str(recipe)]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    err = run_fails(capsys, "train", str(recipe), "checkpoint.resume=latest", "model.lora.rank=4",
+                    "train.max_steps=4")
+    assert "lora_rank=0" in err and "checkpoint-2" in err
+    err = run_fails(capsys, "train", str(recipe), f"checkpoint.resume={tmp_path / 'nowhere'}")
+    assert "no such checkpoint directory" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
