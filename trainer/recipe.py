@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .captions import CaptionAugConfig
 from .io import MemtrainError
 
 
@@ -31,18 +32,6 @@ class ModelSection:
 
 
 @dataclass
-class CaptionSection:
-    """Caption randomization (Somepalli et al. 2023); p = 0.1 is the paper's value when enabled."""
-
-    multiple_captions: bool = False
-    random_caption_p: float = 0.0
-    random_token_p: float = 0.0
-    word_repeat_p: float = 0.0
-    random_number_p: float = 0.0
-    embedding_noise: float = 0.0
-
-
-@dataclass
 class DataSection:
     path: str = ""  # imagefolder directory (metadata.jsonl / .csv), `datasets` save_to_disk dir, or hub name
     split: str = "train"
@@ -53,7 +42,7 @@ class DataSection:
     center_crop: bool = False
     random_flip: bool = False
     max_samples: int | None = None
-    captions: CaptionSection = field(default_factory=CaptionSection)
+    captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/captions.py
     dedup: Literal["none", "drop", "reweight"] = "none"
     dedup_threshold: float = 0.95
 
@@ -153,10 +142,7 @@ class TrainRecipe:
             raise MemtrainError(f"recipe: `data.dedup_threshold` must be in (0, 1], got {self.data.dedup_threshold}")
         if not 0.0 <= self.data.caption_dropout <= 1.0:
             raise MemtrainError(f"recipe: `data.caption_dropout` must be in [0, 1], got {self.data.caption_dropout}")
-        for name in ("random_caption_p", "random_token_p", "word_repeat_p", "random_number_p", "embedding_noise"):
-            value = getattr(self.data.captions, name)
-            if not 0.0 <= value <= 1.0:
-                raise MemtrainError(f"recipe: `data.captions.{name}` must be in [0, 1], got {value}")
+        self.data.captions.validate("data.captions")
         unknown = set(self.log.trackers) - {"wandb", "tensorboard"}
         if unknown:
             raise MemtrainError(f"recipe: `log.trackers` knows wandb and tensorboard, not {sorted(unknown)}")

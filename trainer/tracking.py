@@ -7,16 +7,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.tracking import GeneralTracker
 
 
 class JsonlTracker(GeneralTracker):
-    """An accelerate tracker that appends one JSON object per `log` call to `metrics.jsonl`."""
+    """An accelerate tracker that appends one JSON object per `log` call to `metrics.jsonl`.
+
+    Accelerate calls trackers on the main process only. The constructor must not touch
+    `PartialState` (accelerate's `on_main_process` would), since it runs before the Accelerator
+    decides how many processes there are.
+    """
 
     name = "jsonl"
     requires_logging_directory = True
 
-    @on_main_process
     def __init__(self, run_name: str, logging_dir: str | Path):
         super().__init__()
         self.run_name = run_name
@@ -30,18 +34,15 @@ class JsonlTracker(GeneralTracker):
             self._file = open(self.path, "a")
         return self._file
 
-    @on_main_process
     def store_init_configuration(self, values: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
 
-    @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
         scalars = {k: _plain(v) for k, v in values.items() if _plain(v) is not None}
         self.tracker.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.tracker.flush()
 
-    @on_main_process
     def finish(self):
         if self._file is not None:
             self._file.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -145,10 +145,9 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
     context = contextlib.nullcontext() if recipe.model.train_text_encoder else torch.no_grad()
     with context:
         hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-    if recipe.data.captions.embedding_noise:
-        from .captions import add_embedding_noise
-
-        hidden = add_embedding_noise(hidden, recipe.data.captions.embedding_noise, None)
+    if recipe.data.captions.embedding_noise:  # GNI (Somepalli et al. 2023): c + lambda * N(0, I)
+        gni = torch.randn((global_batch,) + tuple(hidden.shape[1:]), generator=generator)[rows]
+        hidden = hidden + recipe.data.captions.embedding_noise * gni.to(hidden.device, hidden.dtype)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -332,9 +331,6 @@ def train(recipe: TrainRecipe) -> dict:
                                          collate_fn=data_lib.make_collate(tokenizer),
                                          num_workers=opt.dataloader_num_workers)
     resume_path = resolve_resume(recipe, out)
-    global_step = 0
-    if resume_path is not None:
-        global_step = check_resume_compatible(resume_path, recipe, PartialState().num_processes)
 
     trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
     accelerator = Accelerator(
@@ -346,6 +342,9 @@ def train(recipe: TrainRecipe) -> dict:
         step_scheduler_with_optimizer=True,
     )
     try:
+        global_step = 0
+        if resume_path is not None:
+            global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
         return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step)
     finally:
         # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
@@ -504,10 +503,8 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
     """The per-sample caption choice (with caption randomization when enabled) and the
     de-duplication sampling weights (None when every row is drawn once per epoch)."""
     caps = recipe.data.captions
-    randomize = any(getattr(caps, k) for k in ("random_caption_p", "random_token_p", "word_repeat_p",
-                                               "random_number_p")) or caps.multiple_captions
     augment = None
-    if randomize:
+    if caps.enabled:
         from .captions import augment_caption, token_pool
 
         pool = token_pool(tokenizer)
