@@ -72,7 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "trainer" / "assets" / "toy_base"))
     p.add_argument("--images", type=int, default=8000)
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--work", default=None, help="working directory (default: a temp dir)")

@@ -30,7 +30,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from .config import dump_recipe, load_recipe, to_dict
+from .config import describe_keys, dump_recipe, load_recipe, to_dict
 from .io import MemtrainError, atomic_dir
 from .recipe import TrainRecipe
 from .tracking import JsonlTracker
@@ -543,6 +543,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
         "log (trackers, validation_prompts), output (dir, export). Every key is documented in trainer/recipe.py.",
     )
+    p.epilog = "recipe keys (key = default):\n" + "\n".join(describe_keys(TrainRecipe))
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("recipe", help="YAML recipe file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
