@@ -107,3 +107,33 @@ def test_jsonl_metrics_and_recipe_are_written(tmp_path, tiny_model, tiny_data):
     ema = unet_weights(out)
     base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert max((ema[k] - base[k]).abs().max().item() for k in ema) > 0
+
+
+def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data):
+    """Wen et al. loss masking: with a threshold below every magnitude all samples are masked (and
+    the weights do not move); with a huge one none are; the count is logged per step."""
+    from trainer.mitigations import conditional_magnitude
+
+    runs = {}
+    for name, threshold in (("all", 1e-6), ("none", 1e6)):
+        out = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model, tiny_data / "train", out,
+                              train={"loss_mask_threshold": threshold, "max_steps": 2})
+        assert main(["train", str(recipe)]) == 0
+        runs[name] = read_jsonl(out / "logs" / "metrics.jsonl")
+    assert [r["masked"] for r in runs["all"]] == [4, 4]
+    assert [r["masked"] for r in runs["none"]] == [0, 0]
+    assert all(r["noise_magnitude"] > 0 for r in runs["none"])
+    base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    masked = unet_weights(tmp_path / "all")
+    # AdamW weight decay still applies, but no gradient reached the weights
+    assert max((masked[k] - base[k] * (1 - 1e-3 * 1e-2) ** 2).abs().max().item() for k in base) < 1e-6
+
+    # v-prediction: the epsilon-space difference is sqrt(abar_t) times the v difference
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(prediction_type="v_prediction")
+    cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([10, 500, 990])
+    expected = (cond - uncond).flatten(1).norm(dim=1) * sched.alphas_cumprod[t].sqrt()
+    assert torch.allclose(conditional_magnitude(cond, uncond, t, sched), expected)

@@ -6,6 +6,7 @@ wrong types fail naming the key and the expected type. Nothing else in the packa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -67,6 +68,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -168,7 +168,7 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         from .mitigations import memorization_mask
 
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
-                                            opt.loss_mask_threshold, pred)
+                                            opt.loss_mask_threshold, pred, scheduler)
         weights = weights * keep
         stats["masked"] = (1 - keep).sum()
         stats["noise_magnitude"] = magnitude.mean()
