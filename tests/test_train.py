@@ -137,3 +137,26 @@ def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data)
     t = torch.tensor([10, 500, 990])
     expected = (cond - uncond).flatten(1).norm(dim=1) * sched.alphas_cumprod[t].sqrt()
     assert torch.allclose(conditional_magnitude(cond, uncond, t, sched), expected)
+
+
+def test_datasets_dataset_with_caption_lists_and_validation_images(tmp_path, tiny_model, tiny_data):
+    """A `datasets` save_to_disk dataset whose caption column holds lists (MC draws one per sample),
+    and validation images written at intervals."""
+    import datasets
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (tiny_data / "train" / "metadata.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_dict({
+        "img": [Image.open(tiny_data / "train" / r["file_name"]).convert("RGB") for r in rows],
+        "captions": [[r["text"], "a picture"] for r in rows],
+    })
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "ds", out,
+                          data={"path": str(tmp_path / "ds"), "image_column": "img", "caption_column": "captions",
+                                "captions": {"multiple_captions": True}},
+                          log={"validation_prompts": ["a small red circle on a blue background"],
+                               "validation_every": 2, "validation_images": 2})
+    assert main(["train", str(recipe)]) == 0
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert len(read_jsonl(out / "logs" / "metrics.jsonl")) == 4
