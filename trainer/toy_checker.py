@@ -1,0 +1,56 @@
+"""Text alignment for the toy world: does an image show what its caption says?
+
+The toy world knows each caption's attributes, so a deterministic checker plays the role CLIP
+score plays for real models: every pixel is mapped to the nearest palette colour, and the caption
+is satisfied attribute by attribute — the background colour is the most frequent palette colour,
+and each named object colour covers at least `min_fraction` of the image (the individual specks
+cover under 1% each). The alignment score of an image is the fraction of its caption's
+attributes that hold (1.0 = everything the caption names is there). Shapes and sizes are not
+checked: colours are what a 32x32 generation must get right first.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .io import MemtrainError
+from .toy_world import COLORS
+
+_PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
+_NAMES = list(COLORS)
+_OBJ = r"a (small|large) (\w+) (\w+)"
+_CAPTION = re.compile(rf"^{_OBJ}(?: and {_OBJ})? on a (\w+) background$")
+
+
+def parse_caption(caption: str) -> tuple[list[str], str]:
+    """(object colours, background colour) of a toy caption."""
+    m = _CAPTION.match(caption.strip())
+    if not m or m.group(7) not in COLORS:
+        raise MemtrainError(f"not a toy-world caption: {caption!r}")
+    colors = [m.group(2)] + ([m.group(5)] if m.group(5) else [])
+    if any(c not in COLORS for c in colors):
+        raise MemtrainError(f"not a toy-world caption: {caption!r}")
+    return colors, m.group(7)
+
+
+def palette_fractions(images: torch.Tensor) -> torch.Tensor:
+    """[N, len(COLORS)]: the fraction of each image's pixels nearest to each palette colour."""
+    pixels = images.float().permute(0, 2, 3, 1).reshape(len(images), -1, 3)
+    nearest = torch.cdist(pixels, _PALETTE.expand(len(images), -1, -1)).argmin(dim=2)
+    return torch.nn.functional.one_hot(nearest, len(_NAMES)).float().mean(dim=1)
+
+
+def alignment_scores(images: torch.Tensor, captions: list[str], min_fraction: float = 0.03) -> torch.Tensor:
+    """Per-image fraction of caption attributes satisfied (images [N, 3, H, W] in [0, 1])."""
+    if len(images) != len(captions):
+        raise MemtrainError(f"{len(images)} images but {len(captions)} captions")
+    fractions = palette_fractions(images)
+    scores = []
+    for frac, caption in zip(fractions, captions, strict=True):
+        colors, background = parse_caption(caption)
+        checks = [_NAMES[int(frac.argmax())] == background]
+        checks += [frac[_NAMES.index(c)].item() >= min_fraction for c in colors]
+        scores.append(sum(checks) / len(checks))
+    return torch.tensor(scores)
