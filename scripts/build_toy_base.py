@@ -68,6 +68,28 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int = 64, lr: float 
         return ((recon.clamp(-1, 1) - x) / 2).pow(2).mean().sqrt().item()
 
 
+def export_checkpoint(work: Path, checkpoint: Path, out: Path) -> None:
+    """The base from an accelerate checkpoint of the UNet + text encoder run (model.safetensors is
+    the UNet, model_1.safetensors the text encoder, in the order the trainer prepares them)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(work / "init"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.unet.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    pipe.text_encoder.load_state_dict(load_file(str(checkpoint / "model_1.safetensors")), strict=False)
+    info = json.loads((checkpoint / "memtrain_checkpoint.json").read_text())
+    metrics = [json.loads(line) for line in (work / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "build.json").write_text(json.dumps({
+            "unet_steps": info["step"], "from_checkpoint": checkpoint.name,
+            "final_loss": [m["loss"] for m in metrics if m["step"] <= info["step"]][-1],
+            "vae": json.loads((work / "vae.json").read_text()) if (work / "vae.json").exists() else None,
+        }, indent=2))
+    print(f"wrote {out} from {checkpoint}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "trainer" / "assets" / "toy_base"))
@@ -76,7 +98,12 @@ def main() -> None:
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--work", default=None, help="working directory (default: a temp dir)")
+    p.add_argument("--export-checkpoint", default=None, metavar="CKPT",
+                   help="only export the base from a checkpoint of an earlier (interrupted) build in --work")
     args = p.parse_args()
+    if args.export_checkpoint:
+        export_checkpoint(Path(args.work), Path(args.export_checkpoint), Path(args.out))
+        return
     torch.manual_seed(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="toy-base-"))
     t0 = time.time()

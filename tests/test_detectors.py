@@ -20,7 +20,14 @@ from trainer.toy_model import SD_SCHEDULE, TinySize, build_components, build_tok
 
 WORDS = "a an the cat dog bird on mat red blue green photo of painting sitting tree house river".split()
 PROMPTS = ["a cat on the mat", "a red dog", "photo of a blue bird sitting on the tree", "painting"]
-SIZE = TinySize(image_size=16, vae_channels=(32, 64), unet_channels=(32, 64), text_dim=32, text_layers=1)
+SIZE = TinySize(
+    image_size=16,
+    vae_channels=(32, 64),
+    latent_channels=4,
+    unet_channels=(32, 64),
+    text_dim=32,
+    text_layers=1,
+)
 RTOL, ATOL = 1e-4, 1e-6
 COS_ATOL = 5e-5  # the angular term divides by tiny guidance vectors of a random model: float32 noise
 
@@ -51,7 +58,9 @@ def vmodel() -> dict:
 
 def embed(parts, prompt: str) -> torch.Tensor:
     tok = parts["tokenizer"]
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    ids = tok(
+        [prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return parts["text_encoder"](ids.input_ids)[0]
 
@@ -96,7 +105,9 @@ def test_noise_magnitude_first_step_matches_direct(model):
     expected = []
     for p in PROMPTS:
         c = embed(model, p)
-        norms = [(eps(model, x_T(model, j), 981, c) - eps(model, x_T(model, j), 981, c0)).norm() for j in range(n)]
+        norms = [
+            (eps(model, x_T(model, j), 981, c) - eps(model, x_T(model, j), 981, c0)).norm() for j in range(n)
+        ]
         expected.append(torch.stack(norms).mean())
     got = D.noise_magnitude(model, PROMPTS, n=n)
     torch.testing.assert_close(got, torch.stack(expected).double(), rtol=RTOL, atol=ATOL)
@@ -171,7 +182,9 @@ def test_token_attribution_matches_direct_gradient(model):
     assert got.per_position[0] == 0
     assert got.tokens == ["a</w>", "cat</w>", "on</w>", "the</w>", "mat</w>"]
     torch.testing.assert_close(got.scores, expected[1:6], rtol=1e-3, atol=1e-7)
-    torch.testing.assert_close(got.magnitude, float(D.noise_magnitude(model, [prompt], n=n)[0]), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        got.magnitude, float(D.noise_magnitude(model, [prompt], n=n)[0]), rtol=RTOL, atol=ATOL
+    )
 
 
 # ---------------------------------------------------------------- anisotropy
@@ -205,7 +218,9 @@ def test_anisotropy_matches_direct(model):
 def test_anisotropy_counts_and_same_noise_for_every_prompt(model):
     n = 2
     inputs = []
-    hook = model["unet"].register_forward_pre_hook(lambda m, args: inputs.append((args[0].clone(), args[1].clone())))
+    hook = model["unet"].register_forward_pre_hook(
+        lambda m, args: inputs.append((args[0].clone(), args[1].clone()))
+    )
     try:
         with U.count_evals() as c:
             D.anisotropy(model, PROMPTS, n=n, batch_size=64)
@@ -250,7 +265,8 @@ def attention_distribution(parts, module: str, x: torch.Tensor, t: int, e: torch
     attn = dict(parts["unet"].named_modules())[module]
     seen = []
     hook = attn.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)), with_kwargs=True
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)),
+        with_kwargs=True,
     )
     try:
         eps(parts, x, t, e)
@@ -293,7 +309,9 @@ def test_attention_entropy_matches_direct(model):
 
 
 def _latents(parts, count: int) -> torch.Tensor:
-    return torch.randn((count, 4, 8, 8), generator=torch.Generator().manual_seed(123))
+    cfg = parts["unet"].config
+    shape = (count, cfg.in_channels, cfg.sample_size, cfg.sample_size)  # (count, 4, 8, 8)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(123))
 
 
 def test_clid_features_match_direct(model):
@@ -346,7 +364,9 @@ def test_clid_default_importance_is_cross_attention_mass(model):
         c = embed(model, cap)
         mass = torch.stack(
             [
-                attention_distribution(model, m, a[t].sqrt() * latents[i : i + 1] + (1 - a[t]).sqrt() * noise[j], t, c)
+                attention_distribution(
+                    model, m, a[t].sqrt() * latents[i : i + 1] + (1 - a[t]).sqrt() * noise[j], t, c
+                )
                 for j, t in enumerate((440, 450, 460))
                 for m in modules
             ]
@@ -381,7 +401,9 @@ def test_clid_counts_batching_and_images(model):
 def test_clid_word_positions_and_reduction(model):
     tok = model["tokenizer"]
     assert D.caption_words(tok, "a red dog") == [[1], [2], [3]]
-    assert D.caption_words(tok, "a zebra")[0] == [1] and len(D.caption_words(tok, "a zebra")[1]) == 5  # byte tokens
+    assert (
+        D.caption_words(tok, "a zebra")[0] == [1] and len(D.caption_words(tok, "a zebra")[1]) == 5
+    )  # byte tokens
     ids = tok("a red dog", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     r = D._reduced_ids(ids, [[1], [2], [3]], [0.2, 0.9, 0.5], (0.3, 0.5, 0.7), tok.eos_token_id)
     assert [int((x != ids).sum()) for x in r] == [1, 2, 2]

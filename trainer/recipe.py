@@ -98,6 +98,49 @@ class OutputSection:
 
 
 @dataclass
+class MonitorSection:
+    """The memorization monitor (trainer/monitor.py): CLiD membership inference (Zhai et al.) and the
+    Wen et al. noise magnitude on a fixed probe, logged as curves; optional alarm."""
+
+    every_steps: int = 0  # 0 = off; > 0 = run the monitor every this many optimizer steps (and at the end)
+    members: int = 32  # member probe: training rows drawn once from train.seed
+    heldout: str | None = None  # held-out (non-member) pairs: imagefolder dir, toy labels.jsonl, or a dataset
+    heldout_split: str = "test"  # split of a `datasets` held-out dataset (e.g. heldout = data.path)
+    heldout_count: int = 32
+    novel_prompts: str | None = None  # text / JSONL prompt file (JSONL rows with `group` keep "novel"); None: held-out captions
+    novel_count: int = 32
+    clid_alpha: float = 0.5  # CLiD_th weight of S(mean D) vs S(L); fixed, scaler fitted on the held-out probe
+    batch_size: int = 16  # samples per UNet forward inside the monitor
+    alarm_metric: Literal["clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr"] = "clid_auc"
+    alarm_threshold: float | None = None  # alarm when alarm_metric >= this (in [0, 1]); None: no alarm
+    alarm_action: Literal["warn", "stop"] = "warn"  # stop: end training, keep the last checkpoint, skip export
+    table_generations: int = 4  # W&B only: probe generations logged beside their nearest training image
+
+    def validate(self, prefix: str = "monitor") -> None:
+        """Raise MemtrainError naming the key of a bad value (checks that need no data)."""
+        if self.every_steps < 0:
+            raise MemtrainError(f"recipe: `{prefix}.every_steps` must be >= 0 (0 = off), got {self.every_steps}")
+        for name in ("members", "heldout_count", "novel_count", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MemtrainError(f"recipe: `{prefix}.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.table_generations < 0:
+            raise MemtrainError(f"recipe: `{prefix}.table_generations` must be >= 0, got {self.table_generations}")
+        if not 0.0 <= self.clid_alpha <= 1.0:
+            raise MemtrainError(f"recipe: `{prefix}.clid_alpha` must be in [0, 1], got {self.clid_alpha}")
+        if self.alarm_threshold is not None and not 0.0 <= self.alarm_threshold <= 1.0:
+            raise MemtrainError(
+                f"recipe: `{prefix}.alarm_threshold` must be in [0, 1] ({self.alarm_metric} is an AUC or a TPR), "
+                f"got {self.alarm_threshold}"
+            )
+        if self.every_steps and not self.heldout:
+            raise MemtrainError(
+                f"recipe: `{prefix}.heldout` is required when `{prefix}.every_steps` > 0: the monitor compares "
+                "training members with held-out (never trained on) pairs; set it to an imagefolder directory, "
+                "a toy labels.jsonl or a dataset with such pairs"
+            )
+
+
+@dataclass
 class TrainRecipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -105,6 +148,7 @@ class TrainRecipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     output: OutputSection = field(default_factory=OutputSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
     def validate(self) -> None:
         """Checks that need no model or data; run before anything is loaded."""
@@ -143,6 +187,7 @@ class TrainRecipe:
         if not 0.0 <= self.data.caption_dropout <= 1.0:
             raise MemtrainError(f"recipe: `data.caption_dropout` must be in [0, 1], got {self.data.caption_dropout}")
         self.data.captions.validate("data.captions")
+        self.monitor.validate("monitor")
         unknown = set(self.log.trackers) - {"wandb", "tensorboard"}
         if unknown:
             raise MemtrainError(f"recipe: `log.trackers` knows wandb and tensorboard, not {sorted(unknown)}")

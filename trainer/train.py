@@ -327,6 +327,11 @@ def train(recipe: TrainRecipe) -> dict:
     dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
                                            seed=opt.seed, caption_fn=caption_fn)
     sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
+    monitor = None
+    if recipe.monitor.every_steps:
+        from .monitor import Monitor
+
+        monitor = Monitor.from_recipe(recipe, rows, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
                                          collate_fn=data_lib.make_collate(tokenizer),
                                          num_workers=opt.dataloader_num_workers)
@@ -345,7 +350,7 @@ def train(recipe: TrainRecipe) -> dict:
         global_step = 0
         if resume_path is not None:
             global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
-        return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step)
+        return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
     finally:
         # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
         # mixed precision, say) can run in the same Python process, e.g. from the Python API
@@ -353,7 +358,7 @@ def train(recipe: TrainRecipe) -> dict:
 
 
 def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, dataset, sampler, loader,
-                resume_path: Path | None, global_step: int) -> dict:
+                resume_path: Path | None, global_step: int, monitor=None) -> dict:
     opt = recipe.train
     out = Path(recipe.output.dir)
     set_seed(opt.seed)
@@ -407,11 +412,20 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         with torch.no_grad():
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
+    # the monitor's history rides in the checkpoints; a checkpoint without it (monitor off) gets it afterwards
+    from .monitor import MonitorState, state_slot
+
+    in_checkpoint = state_slot(resume_path, int(ema is not None))
+    monitor_state = monitor if monitor is not None else MonitorState() if in_checkpoint else None
+    if monitor_state is not None and (resume_path is None or in_checkpoint):
+        accelerator.register_for_checkpointing(monitor_state)
     if resume_path is not None:
         try:
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+        if monitor_state is not None and not in_checkpoint:
+            accelerator.register_for_checkpointing(monitor_state)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -434,6 +448,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     if recipe.model.train_text_encoder:
         text_encoder.train()
     running, last_logged = [], {}
+    if monitor_state is not None:
+        monitor_state.begin()
     for epoch in range(first_epoch, num_epochs):
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
@@ -466,22 +482,28 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                 accelerator.log(last_logged, step=global_step)
                 progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
                 running = []
+            if monitor is not None and monitor.due(global_step, opt.max_steps):
+                monitor.run(global_step, parts, accelerator)
+                if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
+                    break
             if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
                 save_checkpoint(accelerator, recipe, out, global_step)
             if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
                 validation_images(accelerator, recipe, parts, global_step, out)
             if global_step >= opt.max_steps:
                 break
-        if global_step >= opt.max_steps:
+        if global_step >= opt.max_steps or (monitor is not None and monitor.stopped):
             break
     progress.close()
     accelerator.wait_for_everyone()
     if not recipe.log.validation_every or global_step % recipe.log.validation_every:
         validation_images(accelerator, recipe, parts, global_step, out)
-    exported = export(accelerator, recipe, parts, ema, out)
+    monitored = monitor.finish(accelerator, out) if monitor is not None else None
+    exported = None if monitor is not None and monitor.stopped else export(accelerator, recipe, parts, ema, out)
     accelerator.end_training()
-    return {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
-            "output_dir": str(out)}
+    summary = {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
+               "output_dir": str(out)}
+    return dict(summary, monitor=monitored) if monitored is not None else summary
 
 
 def flat_config(recipe: TrainRecipe) -> dict:
@@ -541,7 +563,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
         "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
         "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
-        "log (trackers, validation_prompts), output (dir, export). Every key is documented in trainer/recipe.py.",
+        "log (trackers, validation_prompts), output (dir, export), monitor (every_steps, members, heldout, "
+        "novel_prompts, alarm_threshold, alarm_action: memorization curves, see trainer/monitor.py). "
+        "Every key is documented in trainer/recipe.py.",
     )
     p.epilog = "recipe keys (key = default):\n" + "\n".join(describe_keys(TrainRecipe))
     p.formatter_class = argparse.RawDescriptionHelpFormatter
