@@ -1,0 +1,337 @@
+"""`memtrain evaluate` on a tiny random pipeline and the tiny toy dataset: the report's numbers are the
+library's own (recomputed here from the per-prompt / per-sample values), the figures exist, and bad
+input fails with one clear error before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_dedup import TinySSCD
+from test_monitor import wandb_records
+
+from trainer import evaluate as E
+from trainer import toy_world
+from trainer.cli import main
+from trainer.io import MemtrainError
+from trainer.metrics import auroc, tpr_at_fpr
+from trainer.toy_model import build_tokenizer
+
+FAST = ["--steps", "2", "-n", "2", "--batch-size", "64"]  # 2 DDIM steps keep the generations cheap
+
+
+def run_evaluate(*argv) -> int:
+    return main(["evaluate", *map(str, argv)])
+
+
+def run_fails(capsys, *argv) -> str:
+    assert run_evaluate(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    return err
+
+
+def no_temp_dirs(parent) -> bool:
+    return not list(parent.glob(".*tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel (as in test_dedup) with the toy tokenizer saved beside it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = build_tokenizer(toy_world.vocabulary())
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, projection_dim=16)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sscd_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sscd") / "sscd.torchscript.pt"
+    torch.jit.script(TinySSCD()).save(str(path))
+    return path
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    home = tmp_path / "wandb-home"
+    home.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the run goes into OUT/wandb
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(home))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, capsys):
+    from trainer import detectors as D
+    from trainer.generate import load_pipeline
+
+    out = tmp_path / "eval"
+    assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--out", out, *FAST, "--wandb") == 0
+    assert "report.md" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    for key in ("config", "label_mapping", "roc_convention", "counts", "trigger", "replication", "membership",
+                "quality", "cost", "files"):
+        assert key in report, key
+    for name in ("report.md", "roc.png", "roc_membership.png", "scores_by_group.png", "replicated.png"):
+        assert (out / name).stat().st_size > 0, name
+        assert name in report["files"]
+    assert no_temp_dirs(tmp_path)
+
+    # trigger scenario: toy groups duplicated -> 1, novel -> 0; singleton / heldout not scored
+    trigger = report["trigger"]
+    prompts = trigger["prompts"]
+    assert trigger["labelled"] and trigger["n_positive"] == 2 and trigger["n_negative"] == 4
+    assert [p["group"] for p in prompts] == ["duplicated"] * 2 + ["novel"] * 4
+    labels = [p["label"] for p in prompts]
+    for name in ("noise", "anisotropy", "entropy"):
+        d = trigger["detectors"][name]
+        scores = [p["scores"][name] for p in prompts]
+        assert d["auroc"] == auroc(scores, labels)
+        assert d["tpr_at_1fpr"] == tpr_at_fpr(scores, labels, 0.01)
+    # the scores are the detectors' own with n = 1 and the 50-step schedule
+    pipe = load_pipeline(tiny_model)
+    texts = [p["text"] for p in prompts]
+    np.testing.assert_allclose([p["scores"]["noise"] for p in prompts], D.noise_magnitude(pipe, texts, n=1).numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose([p["scores"]["anisotropy"] for p in prompts], D.anisotropy(pipe, texts).M.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert trigger["detectors"]["noise"]["unet_evals"] == 2 * 6
+    assert trigger["detectors"]["anisotropy"]["unet_evals"] == 4 * 6
+    assert trigger["detectors"]["entropy"]["unet_evals"] == 1 * 6
+
+    # replication: 2 generations per labelled prompt, against the 10 unique training images
+    rep = report["replication"]
+    assert rep["train_images"] == 16 and rep["unique_train_images"] == 10
+    gens = rep["generations"]
+    assert [g["group"] for g in gens] == ["trigger"] * 4 + ["general"] * 8
+    assert all("nearest_is_own_image" in g for g in gens[:4]) and not any("nearest_is_own_image" in g for g in gens[4:])
+    for group in ("trigger", "general"):
+        rows = [g for g in gens if g["group"] == group]
+        ratio = np.array([g["ratio"] for g in rows])
+        s = rep["groups"][group]
+        assert s["generations"] == len(rows)
+        assert s["fraction_replicated"] == np.mean(ratio < 1 / 3)
+        assert s["similarity_p95"] == pytest.approx(np.percentile(1 - ratio, 95))
+        assert s["similarity_max"] == pytest.approx(np.max(1 - ratio))
+    assert report["cost"]["generation"]["unet_evals"] == 6 * 2 * 2 * 2  # prompts x n x steps x (cond, uncond)
+
+    # membership: 10 members (2 duplicated + 8 singletons), 4 held-out; out-of-fold scores
+    mem = report["membership"]
+    assert mem["members"] == 10 and mem["non_members"] == 4 and len(mem["alphas"]) == 2
+    assert mem["unet_evals"] == 15 * 14
+    assert sorted(set(mem["groups"])) == ["duplicated", "heldout", "singleton"]
+    for name in ("clid_th", "clid_vec", "loss"):
+        assert mem["scores"][name]["auroc"] == auroc(mem["per_sample"][name], mem["member_flags"])
+        assert mem["scores"][name]["tpr_at_1fpr"] == tpr_at_fpr(mem["per_sample"][name], mem["member_flags"])
+    assert np.allclose(mem["per_sample"]["loss"], np.array(mem["features"])[:, -1])
+
+    # quality: toy alignment and KID against the 4 held-out images
+    for group in ("trigger", "general"):
+        q = report["quality"]["groups"][group]
+        assert 0 <= q["toy_alignment"] <= 1 and np.isfinite(q["kid"]) and "clip_score" not in q
+
+    md = (out / "report.md").read_text()
+    for heading in ("## Trigger scenario", "## Replication", "## Membership (CLiD)", "## Quality", "## Cost"):
+        assert heading in md
+    assert "TPR at 1% FPR = the TPR of the last ROC point" in md and "shadow split" in md
+
+    # W&B offline run inside OUT/wandb with the summary numbers and the figures
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = {}
+    for record in wandb_records(next(runs[0].glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            logged.update({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    assert json.loads(logged["trigger/noise/auroc"]) == pytest.approx(trigger["detectors"]["noise"]["auroc"])
+    assert json.loads(logged["membership/clid_th/auroc"]) == pytest.approx(mem["scores"]["clid_th"]["auroc"])
+    assert json.loads(logged["figures/roc/_type"]) == "image-file"
+
+
+def test_plain_text_prompts_give_scores_only(tmp_path, tiny_model):
+    prompts = tmp_path / "prompts" / "p.txt"
+    prompts.parent.mkdir()
+    prompts.write_text("a small red circle on a blue background\n\na large green square on a white background\n")
+    report = E.evaluate(tiny_model, prompts, out=tmp_path / "eval", n=1, steps=2, detectors="noise,entropy",
+                        progress=False)
+    trigger = report["trigger"]
+    assert not trigger["labelled"] and trigger["n_prompts"] == 2
+    assert set(trigger["detectors"]) == {"noise", "entropy"}
+    assert all("auroc" not in d for d in trigger["detectors"].values())
+    assert [p["group"] for p in trigger["prompts"]] == ["unlabelled"] * 2
+    assert "replication" not in report and "membership" not in report
+    assert any("replication skipped" in note for note in report["notes"])
+    q = report["quality"]["groups"]["all"]
+    assert q["generations"] == 2 and "toy_alignment" in q and "kid" not in q
+    files = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert files == ["report.json", "report.md", "scores_by_group.png"]
+
+
+def test_no_generate_keeps_detectors_and_membership(tmp_path, tiny_model, tiny_data):
+    out = tmp_path / "eval"
+    assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--out", out, "--no-generate",
+                        "--detectors", "entropy,clid") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["trigger"]["detectors"]) == ["entropy"] and "membership" in report
+    assert "replication" not in report and "quality" not in report and "generation" not in report["cost"]
+    assert any("--no-generate" in note for note in report["notes"])
+    assert report["cost"]["total"]["unet_evals"] == 1 * 6 + 15 * 14
+    assert sorted(report["files"]) == ["report.json", "report.md", "roc.png", "roc_membership.png",
+                                       "scores_by_group.png"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_file):
+    from transformers import CLIPModel
+
+    from trainer.dedup import embed_images, load_sscd
+
+    report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=2,
+                        detectors="noise", sscd=sscd_file, clip=clip_dir, progress=False)
+    assert "membership" not in report and any("clid not in --detectors" in n for n in report["notes"])
+    for group, s in report["replication"]["groups"].items():
+        sscd = [g["sscd"] for g in report["replication"]["generations"] if g["group"] == group]
+        assert s["sscd_max"] == pytest.approx(max(sscd))
+        assert s["sscd_fraction"] == np.mean(np.array(sscd) > 0.5)
+        assert 0 <= report["quality"]["groups"][group]["clip_score"] <= 100
+    assert "SSCD p95" in (tmp_path / "eval" / "report.md").read_text()
+
+    # the CLIP score against CLIPModel's own logits: logits_per_image = exp(logit_scale) * cos
+    scorer = E.load_clip_scorer(clip_dir)
+    images = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    captions = ["a small red circle on a blue background", "a large green ring on a white background",
+                "a small black cross on a yellow background"]
+    model, processor, tokenizer = scorer
+    pixels = processor(images=E._to_pil(images), return_tensors="pt")["pixel_values"]
+    ids = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = CLIPModel.from_pretrained(clip_dir)(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
+                                                     pixel_values=pixels).logits_per_image
+        cos = (logits.diagonal() / model.logit_scale.exp()).double().numpy()
+    np.testing.assert_allclose(E.clip_scores(scorer, images, captions), 100 * np.maximum(cos, 0), rtol=1e-4,
+                               atol=1e-4)
+
+    # SSCD similarity against dedup's SSCD embedding of the same images
+    gen, refs = images[:2], torch.rand((4, 3, 16, 16), generator=torch.Generator().manual_seed(1))
+    a = embed_images(E._to_pil(gen), embedding="sscd", sscd=sscd_file, progress=False)
+    b = embed_images(E._to_pil(refs), embedding="sscd", sscd=sscd_file, progress=False)
+    np.testing.assert_allclose(E.sscd_similarity(load_sscd(sscd_file), gen, refs), (a @ b.T).max(axis=1),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 3)), rng.normal(0.5, 1.0, size=(7, 3))
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(7) for j in range(7) if i != j) / 42
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(7)) / 35
+    assert E.kid(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    with pytest.raises(MemtrainError, match="at least 2"):
+        E.kid(torch.from_numpy(x[:1]), torch.from_numpy(y))
+    images = torch.rand((2, 3, 32, 32))
+    assert E.image_features(images).shape == (2, 8 * 8 * 3 + len(toy_world.COLORS))
+
+
+def test_prompt_file_roles(tmp_path, tiny_data):
+    rows = E.read_labelled_prompts(tiny_data / "labels.jsonl")
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r.group, set()).add((r.label, r.member))
+    assert by_group == {"duplicated": {(1, 1)}, "singleton": {(None, 1)}, "heldout": {(None, 0)},
+                        "novel": {(0, None)}}
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x", "group": "duplicated", "label": 0}\n\n{"text": "y", "label": true}\n'
+                    '{"text": "z", "member": 0, "file_name": "a.png"}\n')
+    rows = E.read_labelled_prompts(path)
+    assert [(r.text, r.line, r.label, r.member) for r in rows] == [("x", 1, 0, None), ("y", 3, 1, None),
+                                                                   ("z", 4, None, 0)]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["no_model_index", "missing_checkpoint", "missing_sscd", "missing_clip",
+                                  "vision_only_clip", "empty", "bad_json", "no_text", "bad_label",
+                                  "no_negatives", "no_positives", "missing_image", "bad_detector"])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, tiny_model, tiny_data, case):
+    out = tmp_path / "out"
+    labels = tiny_data / "labels.jsonl"
+    ckpt, prompts, extra, expected = tiny_model, labels, [], None
+    if case == "no_model_index":
+        ckpt = tmp_path / "notapipeline"
+        ckpt.mkdir()
+        expected = [str(ckpt), "no model_index.json"]
+    elif case == "missing_checkpoint":
+        ckpt, expected = tmp_path / "nothere", [str(tmp_path / "nothere"), "no such directory"]
+    elif case == "missing_sscd":
+        extra, expected = ["--sscd", tmp_path / "sscd.pt"], ["--sscd", "no such file"]
+    elif case == "missing_clip":
+        extra, expected = ["--clip", tmp_path / "clip"], ["--clip", "no such file"]
+    elif case == "vision_only_clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                       intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2)).save_pretrained(tmp_path / "v")
+        extra, expected = ["--clip", tmp_path / "v"], ["full CLIPModel"]
+    elif case == "empty":
+        prompts = write(tmp_path / "p" / "empty.txt", "\n  \n")
+        expected = [str(prompts), "no prompts"]
+    elif case == "bad_json":
+        prompts = write(tmp_path / "p" / "bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n')
+        expected = [str(prompts), "line 2", "not valid JSON"]
+    elif case == "no_text":
+        prompts = write(tmp_path / "p" / "notext.jsonl", '{"text": "a", "label": 1}\n{"label": 0}\n')
+        expected = [str(prompts), "line 2", "`text`"]
+    elif case == "bad_label":
+        prompts = write(tmp_path / "p" / "label.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n')
+        expected = [str(prompts), "line 2", "`label` must be 0 or 1"]
+    elif case in ("no_negatives", "no_positives"):
+        value = 1 if case == "no_negatives" else 0
+        prompts = write(tmp_path / "p" / "one.jsonl", f'{{"text": "a", "label": {value}}}\n{{"text": "b", "label": {value}}}\n')
+        expected = [str(prompts), "no negatives" if value else "no positives"]
+    elif case == "missing_image":
+        prompts = write(tmp_path / "p" / "img.jsonl", '{"text": "a", "group": "heldout", "file_name": "x/none.png"}\n')
+        expected = [str(prompts), "line 1", "none.png", "does not exist"]
+    elif case == "bad_detector":
+        extra, expected = ["--detectors", "noise,sail"], ["--detectors", "sail"]
+    err = run_fails(capsys, ckpt, "--prompts", prompts, "--out", out, *FAST, *extra)
+    for text in expected:
+        assert text in err, (text, err)
+    assert not out.exists() and no_temp_dirs(tmp_path)
+
+
+def test_labels_error_names_the_prompt_file_in_the_api(tmp_path, tiny_model):
+    prompts = write(tmp_path / "one.jsonl", '{"text": "a", "label": 1}\n')
+    with pytest.raises(MemtrainError, match=r"one\.jsonl: the labelled prompts have no negatives"):
+        E.evaluate(tiny_model, prompts, out=tmp_path / "o", progress=False)
