@@ -44,18 +44,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "toy.yaml"
+sys.path.insert(0, str(ROOT))
 
-# mitigation rows: name -> recipe overrides (a memtrain run each)
-PRESETS: dict[str, list[str]] = {
-    "rt": ["data.captions.random_token_p=0.1"],
-    "rc": ["data.captions.random_caption_p=0.1"],
-    "cwr": ["data.captions.word_repeat_p=0.1"],
-    "rna": ["data.captions.random_number_p=0.1"],
-    "gni": ["data.captions.embedding_noise=0.1"],
-    "dedup": ["data.dedup=drop"],
-    "reweight": ["data.dedup=reweight"],
-    "mask": ["train.loss_mask_threshold=2.0"],
-}
+# mitigation rows: name -> recipe overrides (a memtrain run each); shared with `memtrain compare --alone`
+from trainer.mitigations import PRESETS  # noqa: E402
 
 # recipe features the plain loop does not implement (it is the minimal diffusers loop)
 UNSUPPORTED = {

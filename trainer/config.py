@@ -115,25 +115,59 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Read YAML recipe `path` (or start from defaults), apply `key.sub=value` overrides, validate."""
-    tree: dict = {}
-    where = "command line"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.exists():
-            raise MemtrainError(f"recipe {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MemtrainError(f"{path}: not valid YAML: {e}") from None
+EXTENDS = "extends"  # top-level recipe key: a recipe file (relative to this one) whose keys this one overrides
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge of two recipe trees: mappings merge key by key, anything else in `over` replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML tree of recipe `path`, with `extends: OTHER.yaml` resolved (OTHER is read first, relative
+    to `path`'s directory, and `path`'s keys override it; chains are allowed, cycles fail)."""
+    path = Path(path)
+    if not path.exists():
+        raise MemtrainError(f"recipe {path} does not exist")
+    if path.resolve() in _seen:
+        raise MemtrainError(f"recipe {path}: `{EXTENDS}` forms a cycle ({' -> '.join(map(str, _seen))})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MemtrainError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise MemtrainError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop(EXTENDS, None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str) or not parent:
+        raise MemtrainError(f"{path}: `{EXTENDS}` must be a recipe file name, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.exists():
+        raise MemtrainError(f"{path}: `{EXTENDS}: {parent}`: {parent_path} does not exist")
+    return _merge(read_recipe_tree(parent_path, (*_seen, path.resolve())), tree)
+
+
+def apply_overrides(tree: dict, overrides: list[str] = ()) -> dict:
+    """`key.sub=value` command-line overrides (values parsed as YAML) applied to a copy of `tree`."""
+    tree = _merge({}, tree)
     for item in overrides:
         if "=" not in item:
             raise MemtrainError(f"override `{item}` must look like key.sub=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return from_dict(cls, tree, where=where)
+    return tree
+
+
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """Read YAML recipe `path` (or start from defaults; `extends:` resolved), apply `key.sub=value`
+    overrides, build the typed recipe."""
+    tree = read_recipe_tree(path) if path is not None else {}
+    where = str(path) if path is not None else "command line"
+    return from_dict(cls, apply_overrides(tree, overrides), where=where)
 
 
 def dump_recipe(obj: Any) -> str:

@@ -16,6 +16,21 @@ from __future__ import annotations
 
 import torch
 
+# Each training-time mitigation on its own, as recipe overrides at the papers' settings: caption
+# randomization at Somepalli et al.'s p = 0.1 (GNI lambda = 0.1), de-duplication at cosine 0.95
+# (METHODS.md §3), Wen et al.'s loss masking at their threshold 2.0 (§1.1; set for SD's 64x64x4
+# latents, see above). Used by `memtrain compare --alone` and `scripts/bench_train.py --variants`.
+PRESETS: dict[str, list[str]] = {
+    "rt": ["data.captions.random_token_p=0.1"],
+    "rc": ["data.captions.random_caption_p=0.1"],
+    "cwr": ["data.captions.word_repeat_p=0.1"],
+    "rna": ["data.captions.random_number_p=0.1"],
+    "gni": ["data.captions.embedding_noise=0.1"],
+    "dedup": ["data.dedup=drop"],
+    "reweight": ["data.dedup=reweight"],
+    "mask": ["train.loss_mask_threshold=2.0"],
+}
+
 
 def conditional_magnitude(cond: torch.Tensor, uncond: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
     """||d(c)|| per sample from two raw UNet outputs, in epsilon units.

@@ -1,0 +1,163 @@
+"""`memtrain compare`: plain vs mitigated on a tiny model, the recipe overlay, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer import toy_world
+from trainer.cli import main
+from trainer.compare import MITIGATED_RECIPE, PLAIN_RECIPE, compare, monitor_curves, parse_alone
+from trainer.config import load_recipe, read_recipe_tree
+from trainer.io import MemtrainError
+from trainer.mitigations import PRESETS
+from trainer.recipe import TrainRecipe
+from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
+from trainer.tracking import read_jsonl
+
+# 32 px like the toy data (the replication study compares generations with the training images as they are)
+TINY32 = TinySize(image_size=32, vae_channels=(16, 32, 32), latent_channels=4, unet_channels=(32, 32), text_dim=32,
+                  text_layers=1, text_heads=2, attention_head_dim=2)
+DATA = toy_world.ToyDataConfig(seed=3, n_duplicated=2, copies=4, n_singletons=8, n_heldout=4, n_novel=4)
+TINY_RUN = ["train.max_steps=4", "train.batch_size=4", "train.learning_rate=1e-3", "checkpoint.every_steps=4",
+            "log.every_steps=1", "monitor.every_steps=2", "monitor.members=8", "monitor.heldout_count=4",
+            "monitor.novel_count=4", "monitor.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny32"
+    save_pipeline(build_components(build_tokenizer(toy_world.vocabulary()), TINY32, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny32) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    report = compare(out, tiny32, alone="rt", n=1, overrides=TINY_RUN, steps=2, data_config=DATA, progress=False)
+    return out, report
+
+
+def test_mitigated_recipe_is_the_plain_one_plus_mitigations():
+    plain = load_recipe(TrainRecipe, PLAIN_RECIPE)
+    mitigated = load_recipe(TrainRecipe, MITIGATED_RECIPE)
+    mitigated.validate()
+    for key in ("max_steps", "batch_size", "learning_rate", "lr_scheduler", "seed"):
+        assert getattr(mitigated.train, key) == getattr(plain.train, key)
+    assert mitigated.data.dedup == "drop" and plain.data.dedup == "none"
+    assert mitigated.data.captions.enabled and not plain.data.captions.enabled
+    assert mitigated.monitor.every_steps > 0 and plain.monitor.every_steps == 0
+    # the overlay holds no training keys of its own: the steps come from toy.yaml
+    overlay = MITIGATED_RECIPE.read_text()
+    assert "extends: toy.yaml" in overlay and "max_steps" not in overlay
+    assert read_recipe_tree(MITIGATED_RECIPE)["train"] == read_recipe_tree(PLAIN_RECIPE)["train"]
+
+
+def test_extends_resolves_relative_and_rejects_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  max_steps: 7\n  batch_size: 3\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\ntrain:\n  batch_size: 5\n")
+    recipe = load_recipe(TrainRecipe, tmp_path / "b.yaml", ["train.learning_rate=0.5"])
+    assert (recipe.train.max_steps, recipe.train.batch_size, recipe.train.learning_rate) == (7, 5, 0.5)
+    (tmp_path / "c.yaml").write_text("extends: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("extends: c.yaml\n")
+    with pytest.raises(MemtrainError, match="cycle"):
+        load_recipe(TrainRecipe, tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(MemtrainError, match="missing.yaml"):
+        load_recipe(TrainRecipe, tmp_path / "e.yaml")
+
+
+def test_compare_writes_both_runs_side_by_side(compared):
+    out, report = compared
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == ["plain", "mitigated", "rt"]
+    # same data, same number of optimizer steps
+    assert runs["plain"]["steps"] == runs["mitigated"]["steps"] == runs["rt"]["steps"] == 4
+    # de-duplication really dropped the planted copies: 2 images x 4 copies -> 2 rows
+    assert runs["plain"]["data"]["trained_rows"] == runs["plain"]["data"]["rows"] == 2 * 4 + 8
+    assert runs["mitigated"]["data"]["trained_rows"] == 2 + 8
+    assert runs["rt"]["data"]["trained_rows"] == 16 and runs["rt"]["mitigation"] == PRESETS["rt"]
+    assert runs["mitigated"]["captions"] == {"random_token_p": 0.1, "word_repeat_p": 0.1}
+    # and the mitigated run trained on the de-duplicated rows: its member probe names each image once
+    probe = json.loads((out / "runs" / "mitigated" / "monitor.json").read_text())["probe"]["members"]
+    dup_captions = {r["text"] for r in toy_world.read_labels(out / "data" / "labels.jsonl") if r["group"] == "duplicated"}
+    assert sum(m["caption"] in dup_captions for m in probe) <= 2
+    assert len({m["name"] for m in probe}) == len(probe) == 8
+
+    table = (out / "compare.md").read_text()
+    assert "| plain | 4 | 16 |" in table and "| mitigated | 4 | 10 |" in table
+    assert "## Each mitigation on its own" in table and "| rt | 4 | 16 |" in table
+    assert json.loads((out / "compare.json").read_text())["runs"][1]["name"] == "mitigated"
+    with Image.open(out / "clid_curves.png") as png:
+        assert png.size[0] > 200 and png.size[1] > 150
+    for r in runs.values():
+        assert r["replication"]["duplicated"]["generations"] == 2  # 2 prompts x n=1
+        assert 0.0 <= r["general"]["toy_alignment"] <= 1.0 and "kid" in r["general"]
+        assert (out / "runs" / r["name"] / "report" / "report.md").exists()
+        assert r["monitor_cost"]["calls"] == 2 and r["monitor_cost"]["seconds"] > 0
+
+
+def test_clid_values_are_those_of_each_runs_jsonl_and_monitor(compared):
+    out, report = compared
+    for r in report["runs"]:
+        rows = [row for row in read_jsonl(out / "runs" / r["name"] / "logs" / "metrics.jsonl")
+                if "monitor/clid_auc" in row]
+        assert [c["step"] for c in r["curves"]] == [row["step"] for row in rows] == [2, 4]
+        assert [c["clid_auc"] for c in r["curves"]] == [row["monitor/clid_auc"] for row in rows]
+        assert r["final_monitor"]["clid_tpr_at_1fpr"] == rows[-1]["monitor/clid_tpr_at_1fpr"]
+        history = json.loads((out / "runs" / r["name"] / "monitor.json").read_text())["history"]
+        assert [h["clid_auc"] for h in history] == pytest.approx([c["clid_auc"] for c in r["curves"]])
+        assert f"{r['final_monitor']['clid_auc']:.3f}" in (out / "compare.md").read_text()
+
+
+def test_monitor_keeps_training_identical(compared):
+    """The plain run of the comparison (monitor on) is the demo's plain training: the monitor restores
+    the RNG, so its final weights equal an unmonitored run's."""
+    from safetensors.torch import load_file
+
+    from trainer.train import train
+
+    out, report = compared
+    plain = next(r for r in report["runs"] if r["name"] == "plain")
+    recipe = load_recipe(TrainRecipe, PLAIN_RECIPE, [
+        f"model.pretrained={report['base']}", f"data.path={out / 'data' / 'train'}",
+        f"output.dir={out / 'unmonitored'}", "log.progress=false", *TINY_RUN, "monitor.every_steps=0"])
+    train(recipe)
+    a = load_file(Path(plain["output_dir"]) / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "unmonitored" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_monitor_curves_reads_only_monitor_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 4, "monitor/clid_auc": 0.7, "monitor/seconds": 1.0}\n'
+                    '{"step": 2, "monitor/clid_auc": 0.6}\n')
+    assert monitor_curves(path) == [{"step": 2, "clid_auc": 0.6}, {"step": 4, "clid_auc": 0.7, "seconds": 1.0}]
+
+
+def test_unknown_alone_name_fails_listing_the_valid_ones(tmp_path, capsys, tiny32):
+    assert parse_alone("RT, cwr,rt") == ["rt", "cwr"] and parse_alone("all") == list(PRESETS)
+    code = main(["compare", "--out", str(tmp_path / "out"), "--base", str(tiny32), "--alone", "rt,nope"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown mitigation 'nope'" in err
+    assert all(name in err for name in PRESETS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_fails_before_writing(tmp_path, capsys, tiny32):
+    out = tmp_path / "out"
+    assert main(["compare", "--out", str(out), "--base", str(tmp_path)]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+    assert main(["compare", "--out", str(out), "--base", str(tiny32), "monitor.every_steps=0"]) == 2
+    assert "monitor.every_steps" in capsys.readouterr().err
+    assert main(["compare", "--out", str(out), "--base", str(tiny32), "train.lerning_rate=1"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+    different = tmp_path / "other.yaml"
+    different.write_text(f"extends: {MITIGATED_RECIPE}\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(MemtrainError, match="max_steps"):
+        compare(out, tiny32, mitigated_recipe=different, progress=False)
+    assert not out.exists()
