@@ -58,7 +58,6 @@ UNSUPPORTED = {
     "train.gradient_checkpointing": lambda r: r.train.gradient_checkpointing,
     "train.ema": lambda r: r.train.ema,
     "train.snr_gamma": lambda r: r.train.snr_gamma is not None,
-    "train.noise_offset": lambda r: bool(r.train.noise_offset),
     "train.scale_lr": lambda r: r.train.scale_lr,
     "data.caption_dropout": lambda r: bool(r.data.caption_dropout),
 }
@@ -222,6 +221,8 @@ def child_plain(job: dict) -> dict:
                 latents = vae.encode(batch["pixel_values"]).latent_dist.sample()
                 latents = latents * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
+                if h["noise_offset"]:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                    noise += h["noise_offset"] * torch.randn((latents.shape[0], latents.shape[1], 1, 1))
                 bsz = latents.shape[0]
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,)).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -321,6 +322,7 @@ def plain_settings(recipe, model: str, data: str) -> dict:
         adam_weight_decay=t.adam_weight_decay,
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
+        noise_offset=t.noise_offset,
         lr_scheduler=t.lr_scheduler,
         lr_warmup_steps=t.lr_warmup_steps,
         max_steps=t.max_steps,
@@ -480,6 +482,8 @@ def main() -> int:
         base_overrides = [
             f"model.pretrained={model}",
             f"data.path={data}",
+            # diffusers' train_text_to_image.py trains the UNet only; so does the comparison
+            "model.train_text_encoder=false",
             *args.set,
             f"train.max_steps={max(total + 10, 10 * total)}",  # the hook stops the run; keep the LR schedule long
             "checkpoint.every_steps=1000000000",

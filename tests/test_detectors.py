@@ -18,6 +18,9 @@ from trainer import unet_core as U
 from trainer.io import MemtrainError
 from trainer.toy_model import SD_SCHEDULE, TinySize, build_components, build_tokenizer
 
+# SD 1.x's own scheduler config ("leading" spacing: 981, 961, ..., 1); the toy base samples "trailing"
+SD1_SCHEDULE = {**SD_SCHEDULE, "timestep_spacing": "leading"}
+
 WORDS = "a an the cat dog bird on mat red blue green photo of painting sitting tree house river".split()
 PROMPTS = ["a cat on the mat", "a red dog", "photo of a blue bird sitting on the tree", "painting"]
 SIZE = TinySize(
@@ -37,7 +40,7 @@ torch.set_num_threads(1)
 def _build(prediction_type: str = "epsilon") -> dict:
     tokenizer = build_tokenizer(WORDS)
     parts = build_components(tokenizer, SIZE, seed=0)
-    parts["scheduler"] = DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    parts["scheduler"] = DDIMScheduler(**SD1_SCHEDULE, prediction_type=prediction_type)
     for name in ("unet", "text_encoder", "vae"):
         parts[name].eval()
     return parts
@@ -86,7 +89,7 @@ def eps(parts, x: torch.Tensor, t: int, e: torch.Tensor, grad: bool = False) -> 
 
 
 def first_t(num_inference_steps: int = 50) -> int:
-    s = DDIMScheduler(**SD_SCHEDULE)
+    s = DDIMScheduler(**SD1_SCHEDULE)
     s.set_timesteps(num_inference_steps)
     return int(s.timesteps[0])
 
@@ -115,7 +118,7 @@ def test_noise_magnitude_first_step_matches_direct(model):
 
 def test_noise_magnitude_k_steps_matches_manual_cfg_ddim(model):
     n, k, scale = 2, 3, 7.5
-    scheduler = DDIMScheduler(**SD_SCHEDULE)
+    scheduler = DDIMScheduler(**SD1_SCHEDULE)
     scheduler.set_timesteps(50)
     c0 = embed(model, "")
     expected = []

