@@ -20,7 +20,7 @@ TOY_BASE = ROOT / "assets" / "toy_base"
 RECIPES = ROOT.parent / "recipes"
 # Classifier-free guidance of the demo's generations. The toy UNet (8x8 latents, ~2M parameters)
 # over-saturates at SD's usual 7.5; 3.0 gave the most faithful generations (measured on the demo's
-# fine-tune at 1, 3, 5 and 7.5; see README "The demo").
+# fine-tune at 1, 3, 5 and 7.5; see the README, "The demo's numbers and its replication criterion").
 GUIDANCE_SCALE = 3.0
 # Replication criterion of the demo: NN1/NN2 L2 ratio < 0.5 (Gu et al. use 1/3; deviation explained in
 # trainer/report.py and the README: flat toy backgrounds keep every second neighbour close, and no
