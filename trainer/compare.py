@@ -130,21 +130,12 @@ def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
     return sorted(entries, key=lambda e: e["step"])
 
 
-def _heldout_images(data: Path, resolution: int, progress: bool):
-    from .evaluate import load_images
-    from .toy_world import read_labels
-
-    rows = [r for r in read_labels(data / "labels.jsonl") if r.get("group") == "heldout" and r.get("file_name")]
-    return load_images([data / r["file_name"] for r in rows], [r["file_name"] for r in rows], resolution,
-                       "held-out images", progress)
-
-
 def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> dict:
     """Replication, general scenario and monitor curves of one trained run."""
     import torch
 
     from . import demo
-    from .evaluate import general_scenario, image_features, kid, model_resolution
+    from .evaluate import general_scenario, image_features, kid
     from .generate import load_pipeline
     from .report import replication_study, summarize, write_study
 
@@ -160,7 +151,9 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
     study = replication_study(pipe, data, **kwargs)
     summary = summarize(study)
     novel = [i for i, g in enumerate(study["generations"]) if g["group"] == "novel"]
-    heldout = _heldout_images(data, model_resolution(pipe), progress)
+    heldout = study["heldout_images"]  # loaded once by replication_study for its calibration
+    if heldout is None:
+        raise MemtrainError(f"{data}: no held-out images (heldout/metadata.jsonl); the general scenario needs them")
     general = general_scenario(study["images"][novel], [study["generations"][i]["text"] for i in novel], heldout)
     general["kid_reference"] = kid(image_features(study["unique_train"]), image_features(heldout))
     write_study(study, out / "report", f"memtrain compare: replication after the {run['name']} fine-tune",

@@ -68,6 +68,9 @@ def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, ma
     images = generate_images(pipe, [p["text"] for p in prompts], n=n, seed=seed, steps=steps,
                              guidance_scale=guidance_scale, progress=progress)
     references = vae_roundtrip(pipe, unique) if reference == "vae" else unique
+    # held-out pairs (never trained on), when the data has them: the criterion's calibration
+    has_heldout = (data_root / "heldout" / "metadata.jsonl").exists()
+    heldout = load_image_dir(data_root / "heldout")[0] if has_heldout else None
     metrics = replication_metrics(images, references, ratio_threshold=ratio_threshold)
     originals = replication_metrics(images, unique, ratio_threshold=ratio_threshold)
     per_gen = []
@@ -81,18 +84,14 @@ def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, ma
     return {"images": images, "unique_train": references, "generations": per_gen, "n": n, "seed": seed,
             "train_images": len(train), "unique_train_images": len(unique), "reference": reference,
             "steps": steps, "guidance_scale": guidance_scale, "ratio_threshold": ratio_threshold,
-            "calibration": heldout_calibration(pipe, data_root, references, ratio_threshold, reference)}
+            "heldout_images": heldout,
+            "calibration": None if heldout is None else heldout_calibration(
+                vae_roundtrip(pipe, heldout) if reference == "vae" else heldout, references, ratio_threshold)}
 
 
-def heldout_calibration(pipe, data_root: Path, references: torch.Tensor, ratio_threshold: float,
-                        reference: str = "vae") -> dict | None:
-    """The replication criterion applied to the held-out (never trained) images: its false-positive
-    rate on new images of the training distribution. None when the data has no `heldout/`."""
-    if not (data_root / "heldout" / "metadata.jsonl").exists():
-        return None
-    heldout, _ = load_image_dir(data_root / "heldout")
-    if reference == "vae":
-        heldout = vae_roundtrip(pipe, heldout)
+def heldout_calibration(heldout: torch.Tensor, references: torch.Tensor, ratio_threshold: float) -> dict:
+    """The replication criterion applied to the held-out (never trained) images, compared like the
+    generations: its false-positive rate on new images of the training distribution."""
     ratio = replication_metrics(heldout, references, ratio_threshold=ratio_threshold)["ratio"].numpy()
     return {"heldout_images": len(heldout), "flagged_rate": float(np.mean(ratio < ratio_threshold)),
             "ratio_min": float(np.min(ratio)), "ratio_p5": float(np.percentile(ratio, 5)),
