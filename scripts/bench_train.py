@@ -21,9 +21,16 @@ after the warm-up steps.
 
 Variants are memtrain runs with extra recipe overrides, reported against the plain loop AND the
 memtrain baseline of the same invocation: a preset name (see PRESETS) or NAME:key=value[ key=value].
+The variant `monitor` turns on the memorization monitor with the `monitor:` settings of
+recipes/toy-mitigated.yaml (probe of 32 members, 32 held-out pairs, 32 novel prompts, batch 64)
+every `--monitor-every` steps (default 100, that recipe's cadence), without the W&B table, on the
+toy data's labels.jsonl. The monitor runs once every N
+steps, which a median never sees: its row is read in the MEAN step time (the "mean" columns, every
+row has them), and --steps must then be a multiple of the cadence so the window holds whole calls.
 
     OMP_NUM_THREADS=1 python scripts/bench_train.py                       # toy model + toy data
     OMP_NUM_THREADS=1 python scripts/bench_train.py --variants rt mask dedup
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --variants monitor --steps 100 --rounds 2
     OMP_NUM_THREADS=1 python scripts/bench_train.py --model trainer/assets/toy_base \\
         --variants "gni:data.captions.embedding_noise=0.1" "rt2:data.captions.random_token_p=0.1 data.captions.random_token_count=4"
 """
@@ -44,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "recipes" / "toy.yaml"
+MONITOR_RECIPE = ROOT / "recipes" / "toy-mitigated.yaml"  # the `monitor` row's settings
 sys.path.insert(0, str(ROOT))
 
 # mitigation rows: name -> recipe overrides (a memtrain run each); shared with `memtrain compare --alone`
@@ -263,6 +271,9 @@ def run_child(job_path: str) -> int:
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     variants = []
     for spec in specs:
+        if spec == "monitor":  # built by monitor_variant once the data is known
+            variants.append(("monitor", []))
+            continue
         if ":" in spec and "=" in spec.split(":", 1)[1]:
             name, rest = spec.split(":", 1)
             overrides = shlex.split(rest)
@@ -270,13 +281,27 @@ def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
             name, overrides = spec, PRESETS[spec]
         else:
             raise SystemExit(
-                f"--variants {spec!r}: not a preset ({', '.join(PRESETS)}) nor NAME:key=value[ key=value]"
+                f"--variants {spec!r}: not a preset ({', '.join(PRESETS)}, monitor) nor NAME:key=value[ key=value]"
             )
         bad = [o for o in overrides if "=" not in o]
         if not name or bad or name in ("plain", "memtrain") or name in {v[0] for v in variants}:
             raise SystemExit(f"--variants {spec!r}: needs a new name and key=value overrides")
         variants.append((name, overrides))
     return variants
+
+
+def monitor_variant(data: str, every: int) -> tuple[str, list[str]]:
+    """The `monitor` row: the `monitor:` section of recipes/toy-mitigated.yaml every `every` steps,
+    on the toy data's labels, without the W&B table (no tracker here)."""
+    import yaml
+
+    labels = Path(data).parent / "labels.jsonl"
+    if not labels.exists():
+        raise SystemExit(f"--variants monitor: no {labels}; the monitor row needs toy data (memtrain toy-data), "
+                         "whose labels.jsonl holds the held-out pairs and novel prompts")
+    section = yaml.safe_load(MONITOR_RECIPE.read_text())["monitor"]
+    section.update(every_steps=every, heldout=str(labels), novel_prompts=str(labels), table_generations=0)
+    return "monitor", [f"monitor.{key}={value}" for key, value in section.items() if value is not None]
 
 
 def prepare_inputs(args, tmp: Path) -> tuple[str, str]:
@@ -381,6 +406,7 @@ def summarize(name: str, overrides: list[str], runs: list[dict]) -> dict:
         wall_s=statistics.median(d for r in runs for d in r["wall"]),
         cpu_s=statistics.median(d for r in runs for d in r["cpu"]),
         wall_mean_s=statistics.fmean(d for r in runs for d in r["wall"]),
+        cpu_mean_s=statistics.fmean(d for r in runs for d in r["cpu"]),
         round_wall_s=[statistics.median(r["wall"]) for r in runs],
         round_cpu_s=[statistics.median(r["cpu"]) for r in runs],
         peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
@@ -393,16 +419,16 @@ def print_table(rows: list[dict], goal: float) -> None:
 
     def ratios(row: dict, ref: dict) -> str:
         if row is ref or (ref is base and row is plain):
-            return f"{'-':>6} {'-':>6} {'-':>6}"
+            return f"{'-':>6} {'-':>6} {'-':>6} {'-':>6}"
         return (
             f"{row['wall_s'] / ref['wall_s']:>6.3f} {row['cpu_s'] / ref['cpu_s']:>6.3f} "
-            f"{row['peak_rss_mb'] / ref['peak_rss_mb']:>6.3f}"
+            f"{row['wall_mean_s'] / ref['wall_mean_s']:>6.3f} {row['peak_rss_mb'] / ref['peak_rss_mb']:>6.3f}"
         )
 
-    print(f"{'':<10} {'median s/step':>15} {'peak RSS MB':>17} {'vs plain':>20} {'vs memtrain':>20}")
+    print(f"{'':<10} {'median s/step':>15} {'mean':>7} {'peak RSS MB':>17} {'vs plain':>27} {'vs memtrain':>27}")
     header = (
-        f"{'variant':<10} {'wall':>7} {'cpu':>7} {'peak':>8} {'@warm':>8}   {'wall':>6} {'cpu':>6} {'RSS':>6}"
-        f"   {'wall':>6} {'cpu':>6} {'RSS':>6}   per-round wall/plain, cpu/plain"
+        f"{'variant':<10} {'wall':>7} {'cpu':>7} {'wall':>7} {'peak':>8} {'@warm':>8}   {'wall':>6} {'cpu':>6} "
+        f"{'mean':>6} {'RSS':>6}   {'wall':>6} {'cpu':>6} {'mean':>6} {'RSS':>6}   per-round wall/plain, cpu/plain"
     )
     print(header)
     print("-" * len(header))
@@ -414,12 +440,17 @@ def print_table(rows: list[dict], goal: float) -> None:
             f"{c / pc:.3f}" for c, pc in zip(row["round_cpu_s"], plain["round_cpu_s"], strict=True)
         )
         print(
-            f"{row['name']:<10} {row['wall_s']:>7.4f} {row['cpu_s']:>7.4f} {row['peak_rss_mb']:>8.0f} "
+            f"{row['name']:<10} {row['wall_s']:>7.4f} {row['cpu_s']:>7.4f} {row['wall_mean_s']:>7.4f} "
+            f"{row['peak_rss_mb']:>8.0f} "
             f"{row['rss_after_warmup_mb']:>8.0f}   {ratios(row, plain)}   {ratios(row, base)}   "
             f"{per_round}, {per_round_cpu}"
         )
     for row in rows[2:]:
         print(f"  {row['name']}: {' '.join(row['overrides'])}")
+        if row["name"] == "monitor":
+            ratio = row["wall_mean_s"] / base["wall_mean_s"]
+            print(f"  monitor/memtrain mean wall step time = {ratio:.3f} (goal <= 1.10): "
+                  f"{'OK' if ratio <= 1.10 else 'ABOVE GOAL'}")
     for kind in ("wall", "cpu"):
         ratio = base[f"{kind}_s"] / plain[f"{kind}_s"]
         print(
@@ -454,6 +485,7 @@ def main() -> int:
         metavar="SPEC",
         help=f"extra memtrain rows: a preset ({', '.join(PRESETS)}) or NAME:key=value[ key=value]",
     )
+    p.add_argument("--monitor-every", type=int, default=100, help="cadence of the `monitor` row (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="optimizer steps before timing (default 10)")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run (default 20)")
     p.add_argument(
@@ -468,6 +500,9 @@ def main() -> int:
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         raise SystemExit("--warmup, --steps and --rounds must be >= 1")
     variants = parse_variants(args.variants)
+    if any(name == "monitor" for name, _ in variants) and (args.monitor_every < 1 or args.steps % args.monitor_every):
+        raise SystemExit(f"--variants monitor: --steps {args.steps} must be a multiple of --monitor-every "
+                         f"{args.monitor_every}, so the timed window holds whole monitor calls")
 
     sys.path.insert(0, str(ROOT))
     from trainer.config import load_recipe
@@ -477,6 +512,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp_name:
         tmp = Path(tmp_name)
         model, data = prepare_inputs(args, tmp)
+        variants = [monitor_variant(data, args.monitor_every) if name == "monitor" else (name, o)
+                    for name, o in variants]
         recipe_path = None if args.recipe == "none" else str(Path(args.recipe).resolve())
         total = args.warmup + args.steps
         base_overrides = [

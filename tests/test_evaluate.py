@@ -101,7 +101,7 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     assert trigger["labelled"] and trigger["n_positive"] == 2 and trigger["n_negative"] == 4
     assert [p["group"] for p in prompts] == ["duplicated"] * 2 + ["novel"] * 4
     labels = [p["label"] for p in prompts]
-    for name in ("noise", "anisotropy", "entropy"):
+    for name in ("noise", "noise10", "anisotropy", "entropy"):
         d = trigger["detectors"][name]
         scores = [p["scores"][name] for p in prompts]
         assert d["auroc"] == auroc(scores, labels)
@@ -111,9 +111,12 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     texts = [p["text"] for p in prompts]
     np.testing.assert_allclose([p["scores"]["noise"] for p in prompts], D.noise_magnitude(pipe, texts, n=1).numpy(),
                                rtol=1e-6)
+    np.testing.assert_allclose([p["scores"]["noise10"] for p in prompts],
+                               D.noise_magnitude(pipe, texts, n=1, steps=10).numpy(), rtol=1e-6)
     np.testing.assert_allclose([p["scores"]["anisotropy"] for p in prompts], D.anisotropy(pipe, texts).M.numpy(),
                                rtol=1e-5, atol=1e-6)
     assert trigger["detectors"]["noise"]["unet_evals"] == 2 * 6
+    assert trigger["detectors"]["noise10"]["unet_evals"] == 20 * 6
     assert trigger["detectors"]["anisotropy"]["unet_evals"] == 4 * 6
     assert trigger["detectors"]["entropy"]["unet_evals"] == 1 * 6
 

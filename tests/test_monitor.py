@@ -272,11 +272,39 @@ def test_alarm_stop_under_two_processes(tmp_path, tiny_model, tiny_data):
     assert not (out / "pipeline").exists()
 
 
+def test_member_probe_is_distinct_images_and_the_same_after_drop_dedup(tmp_path, tiny_model, tiny_data):
+    """The default probe holds each image once, and a `drop`-de-duplicated run of the same data gets the
+    very same member images; `distinct_members=false` draws among all rows (copies included)."""
+    from trainer.config import load_recipe
+    from trainer.data import load_rows
+    from trainer.dedup import apply_dedup_policy
+    from trainer.monitor import Monitor
+    from trainer.recipe import TrainRecipe
+
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
+                               monitor=monitor_section(tiny_data, members=10))
+    rows = load_rows(str(tiny_data / "train"))
+    groups = {name: name.split("_")[0] for name in rows.names}  # dupNNNN_copy.png: one image per NNNN
+
+    def probe(overrides: list[str], dedup: str = "none") -> list[str]:
+        recipe = load_recipe(TrainRecipe, recipe_file, overrides)
+        train_rows, _ = apply_dedup_policy(rows, dedup, progress=False)
+        monitor = Monitor.from_recipe(recipe, train_rows, 16)
+        return [m["name"] for m in monitor.describe_probe()["members"]]
+
+    plain = probe([])
+    assert len(plain) == 10 and len({groups[n] for n in plain}) == 10  # all 10 distinct images, once each
+    assert probe([], "drop") == plain
+    every_row = probe(["monitor.distinct_members=false", "monitor.members=16"])
+    assert sorted(every_row) == sorted(rows.names)  # all 16 rows: the 2 x 4 copies too
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["monitor.alarm_threshold=1.5"], "`monitor.alarm_threshold` must be in [0, 1]"),
     (["monitor.clid_alpha=-0.1"], "`monitor.clid_alpha` must be in [0, 1]"),
     (["monitor.members=0"], "`monitor.members` must be >= 1"),
     (["monitor.members=100"], "`monitor.members`=100 is larger than the training data (16 rows"),
+    (["monitor.members=12"], "`monitor.members`=12 is larger than the distinct training images (10 of the 16 rows"),
     (["monitor.heldout_count=5"], "`monitor.heldout_count`=5 is larger than the held-out data (4 pairs"),
     (["monitor.novel_count=9"], "`monitor.novel_count`=9 is larger than the novel prompts (4 in"),
     (["monitor.heldout=null"], "`monitor.heldout` is required when `monitor.every_steps` > 0"),

@@ -407,6 +407,13 @@ def dedup_weights(groups: Sequence[Sequence[int]], n: int, policy: str) -> np.nd
     return weights
 
 
+def row_groups(rows, threshold: float = DEFAULT_THRESHOLD, progress: bool = True) -> list[list[int]]:
+    """Near-duplicate groups of training rows (`data.Rows`) on the `pixels` embedding: what the
+    training-time policies (and the monitor's distinct-member probe) group by."""
+    emb = embed_images(rows.images, rows.names, "pixels", progress=progress)
+    return near_duplicate_groups(emb, threshold)[0]
+
+
 def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
     """For training: (rows, None) with the extra copies dropped, or (rows, weights) for `reweight`
     (a float64 tensor for the epoch sampler). Uses the `pixels` embedding."""
@@ -414,9 +421,7 @@ def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, 
 
     if policy == "none":
         return rows, None
-    emb = embed_images(rows.images, rows.names, "pixels", progress=progress)
-    groups, _ = near_duplicate_groups(emb, threshold)
-    result = dedup_weights(groups, len(rows.images), policy)
+    result = dedup_weights(row_groups(rows, threshold, progress), len(rows.images), policy)
     if policy == "reweight":
         return rows, torch.from_numpy(result)
     keep = np.flatnonzero(result).tolist()

@@ -18,7 +18,8 @@ Sections (every number is written with its convention; the README has the long f
 
 1. Trigger scenario (`trigger_scenario`): per prompt, with n = 1 and the same x_T for every
    prompt (seed `--seed`), each detector of `trainer.detectors` with its paper defaults on the
-   50-step DDIM schedule: Wen et al. first-step noise magnitude, the anisotropy metric M
+   50-step DDIM schedule: Wen et al. noise magnitude of the first step (`noise`) and its mean
+   over the first 10 steps (`noise10`, the paper's second variant), the anisotropy metric M
    (g_norm = 1, g_cos by model family), the first-step cross-attention entropy. AUROC
    (`metrics.auroc`) and TPR at 1% FPR (`metrics.tpr_at_fpr`): positive = memorized (label 1),
    a higher score = more memorized; the TPR of the last ROC point whose FPR is <= 1% (the best TPR
@@ -72,9 +73,10 @@ from tqdm.auto import tqdm
 from .io import MemtrainError, atomic_dir, atomic_file, write_json
 from .replication import NL2_THRESHOLD, RATIO_THRESHOLD, TILED_L2_THRESHOLD
 
-DETECTORS = ("noise", "anisotropy", "entropy", "clid")
+DETECTORS = ("noise", "noise10", "anisotropy", "entropy", "clid")
 PROMPT_DETECTORS = {
     "noise": "noise magnitude (Wen, first step)",
+    "noise10": "noise magnitude (Wen, first 10 steps)",
     "anisotropy": "anisotropy M (Asthana & Belagiannis)",
     "entropy": "attention entropy (Ren, first step)",
 }
@@ -93,6 +95,7 @@ ROC_CONVENTION = (
 )
 SSCD_THRESHOLD = 0.5
 CLID_FOLDS = 2
+NOISE_STEPS = {"noise": "first", "noise10": 10}  # Wen et al.'s two variants: 2 and 20 UNet evals per prompt
 DETECTOR_STEPS = 50  # the detectors' DDIM schedule (first step t = 981 on SD 1.x), whatever --steps is
 FEATURE = "pix8+palette"
 FEATURE_SIDE = 8
@@ -237,8 +240,8 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
         start = time.perf_counter()
         extra = {}
         with count_evals() as counter:
-            if name == "noise":
-                scores = noise_magnitude(pipe, texts, n=1, steps="first", num_inference_steps=DETECTOR_STEPS,
+            if name in NOISE_STEPS:
+                scores = noise_magnitude(pipe, texts, n=1, steps=NOISE_STEPS[name], num_inference_steps=DETECTOR_STEPS,
                                          seed=seed, batch_size=batch_size)
             elif name == "anisotropy":
                 result = anisotropy(pipe, texts, n=1, seed=seed, num_inference_steps=DETECTOR_STEPS,

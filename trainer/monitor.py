@@ -6,7 +6,12 @@ current weights and logs memorization curves to every tracker.
 
 The probe (chosen once, before training; described in `OUT/monitor.json`):
 - members: `monitor.members` training rows (after de-duplication), drawn without replacement by
-  `random.Random("memtrain/monitor/<train.seed>/members")`, each with its first caption;
+  `random.Random("memtrain/monitor/<train.seed>/members")`, each with its first caption. With
+  `monitor.distinct_members` (the default) they are drawn among DISTINCT images only: the first row
+  of each near-duplicate group (`dedup.near_duplicate_groups` on the `pixels` embedding at
+  `data.dedup_threshold`), so a probe holds no image twice and a run de-duplicated with `drop`
+  gets exactly the probe of the same data trained without de-duplication (like-for-like curves
+  in `memtrain compare`); `false` draws among all rows, so heavily duplicated images dominate it;
 - held-out pairs: `monitor.heldout_count` rows drawn the same way (salt "heldout") from
   `monitor.heldout`: an imagefolder directory, a `datasets` dataset (split `monitor.heldout_split`;
   pass `data.path` itself to use another split of the training dataset), or a toy `labels.jsonl`
@@ -129,6 +134,14 @@ def _choose(n: int, count: int, seed: int, salt: str) -> list[int]:
     return sorted(random.Random(f"memtrain/monitor/{seed}/{salt}").sample(range(n), count))
 
 
+def distinct_rows(rows: data_lib.Rows, threshold: float) -> list[int]:
+    """Index of the first row of each near-duplicate group (and of every ungrouped row), in row
+    order: the rows the `drop` de-duplication policy keeps (`dedup.apply_dedup_policy`)."""
+    from .dedup import dedup_weights, row_groups
+
+    return np.flatnonzero(dedup_weights(row_groups(rows, threshold, False), len(rows.images), "drop")).tolist()
+
+
 def _load_images(rows: data_lib.Rows, index: list[int], resolution: int) -> torch.Tensor:
     out = []
     for i in index:
@@ -230,6 +243,12 @@ class Monitor(MonitorState):
         if cfg.members > n:
             raise MemtrainError(f"`monitor.members`={cfg.members} is larger than the training data "
                                 f"({n} rows in {rows.source}); use at most {n}")
+        candidates = distinct_rows(rows, recipe.data.dedup_threshold) if cfg.distinct_members else list(range(n))
+        if cfg.members > len(candidates):
+            raise MemtrainError(f"`monitor.members`={cfg.members} is larger than the distinct training images "
+                                f"({len(candidates)} of the {n} rows in {rows.source} after grouping near-duplicates "
+                                f"at data.dedup_threshold={recipe.data.dedup_threshold}); use at most "
+                                f"{len(candidates)} or set monitor.distinct_members=false")
         heldout, labels = load_heldout(cfg, recipe.data)
         if cfg.heldout_count > len(heldout.images):
             raise MemtrainError(f"`monitor.heldout_count`={cfg.heldout_count} is larger than the held-out data "
@@ -245,7 +264,7 @@ class Monitor(MonitorState):
             raise MemtrainError(f"`monitor.novel_count`={cfg.novel_count} is larger than the novel prompts "
                                 f"({len(novel)} in {source}); use at most {len(novel)}")
         novel = [novel[i] for i in _choose(len(novel), cfg.novel_count, seed, "novel")]
-        member_index = _choose(n, cfg.members, seed, "members")
+        member_index = [candidates[i] for i in _choose(len(candidates), cfg.members, seed, "members")]
         sub = data_lib.Rows([heldout.images[i] for i in heldout_index], [heldout.captions[i] for i in heldout_index],
                             heldout.source, [heldout.names[i] for i in heldout_index])
         data_lib.check_images(sub)

@@ -104,6 +104,7 @@ class MonitorSection:
 
     every_steps: int = 0  # 0 = off; > 0 = run the monitor every this many optimizer steps (and at the end)
     members: int = 32  # member probe: training rows drawn once from train.seed
+    distinct_members: bool = True  # draw members among distinct images (one row per near-duplicate group)
     heldout: str | None = None  # held-out (non-member) pairs: imagefolder dir, toy labels.jsonl, or a dataset
     heldout_split: str = "test"  # split of a `datasets` held-out dataset (e.g. heldout = data.path)
     heldout_count: int = 32
