@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_dedup import TinySSCD
+from test_metrics import pairwise_auc
 from test_monitor import wandb_records
 
 from trainer import evaluate as E
@@ -106,6 +107,12 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
         scores = [p["scores"][name] for p in prompts]
         assert d["auroc"] == auroc(scores, labels)
         assert d["tpr_at_1fpr"] == tpr_at_fpr(scores, labels, 0.01)
+        # toy captions: also the AUROC over (memorized, novel) pairs with the same background colour
+        backgrounds = [p["text"].rsplit(" on a ", 1)[1] for p in prompts]
+        pairs = [(a, b) for a, ya, ka in zip(scores, labels, backgrounds, strict=True) if ya == 1
+                 for b, yb, kb in zip(scores, labels, backgrounds, strict=True) if yb == 0 and kb == ka]
+        assert d["auroc_within_background"] == pytest.approx(
+            sum((a > b) + 0.5 * (a == b) for a, b in pairs) / len(pairs))
     # the scores are the detectors' own with n = 1 and the 50-step schedule
     pipe = load_pipeline(tiny_model)
     texts = [p["text"] for p in prompts]
@@ -145,6 +152,14 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
         assert mem["scores"][name]["auroc"] == auroc(mem["per_sample"][name], mem["member_flags"])
         assert mem["scores"][name]["tpr_at_1fpr"] == tpr_at_fpr(mem["per_sample"][name], mem["member_flags"])
     assert np.allclose(mem["per_sample"]["loss"], np.array(mem["features"])[:, -1])
+    # per member group: that group's members against all 4 non-members, pairwise
+    for group, count in (("duplicated", 2), ("singleton", 8)):
+        assert mem["by_group"][group]["members"] == count
+        for name in ("clid_th", "clid_vec", "loss"):
+            values = np.array(mem["per_sample"][name])
+            pick = np.isin(mem["groups"], [group, "heldout"])
+            assert mem["by_group"][group][name] == pytest.approx(
+                pairwise_auc(values[pick], np.array(mem["groups"])[pick] == group))
 
     # quality: toy alignment and KID against the 4 held-out images
     for group in ("trigger", "general"):

@@ -24,7 +24,11 @@ Sections (every number is written with its convention; the README has the long f
    (`metrics.auroc`) and TPR at 1% FPR (`metrics.tpr_at_fpr`): positive = memorized (label 1),
    a higher score = more memorized; the TPR of the last ROC point whose FPR is <= 1% (the best TPR
    any threshold reaches without exceeding 1% FPR, no interpolation; with fewer than 100
-   negatives that is the TPR at 0% FPR).
+   negatives that is the TPR at 0% FPR). When every scored prompt is a toy caption, also the
+   AUROC within background colours (`metrics.stratified_auroc`: only (memorized, not) pairs that
+   share the background): a caption's background fixes a whole-image colour even at t = T, so it
+   shifts the conditional noise prediction of every prompt that has it and confounds the pooled
+   AUROC; the stratified value shows how the detector ranks prompts that differ otherwise.
 2. Replication (`replication_stats`): `-n` generations per prompt (stock pipeline, DDIM `--steps`,
    guidance 7.5, generation j of every prompt from seed `--seed + j`) compared with the unique
    training images as the model's own VAE reproduces them (`report.vae_roundtrip`, the reason is in
@@ -42,7 +46,9 @@ Sections (every number is written with its convention; the README has the long f
    trained on one fold scores the other. AUROC / TPR at 1% FPR of the pooled out-of-fold scores
    (positive = member). DEVIATION: the paper fits alpha, the scaler and the classifier on a
    separate shadow split; there is none here, so each half is scored by a fit on the other half.
-   The loss-only baseline (L = -loss, no fitting) is reported beside them.
+   The loss-only baseline (L = -loss, no fitting) is reported beside them. When the members
+   come in several groups (toy: duplicated, singleton), each group's AUROC against all
+   non-members too (`membership_by_group`).
 4. General scenario (`general_scenario`): image quality of the generations of each group:
    toy-world text alignment (`toy_checker.alignment_scores`, mean; only when every caption is a
    toy caption), KID (`kid`): the unbiased MMD^2 (polynomial kernel (x.y/d + 1)^3, as in
@@ -257,8 +263,9 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
                      seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
-    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
-    from .metrics import auroc, tpr_at_fpr
+    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR;
+    for toy captions also the AUROC within background colours (`metrics.stratified_auroc`)."""
+    from .metrics import auroc, stratified_auroc, tpr_at_fpr
 
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
@@ -273,6 +280,11 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
         return result
     raw = detector_scores(pipe, [r.text for r in scored], names, seed, batch_size, progress)
     labels = np.array([r.label for r in scored], dtype=float) if labelled else None
+    backgrounds = None
+    if labelled and _toy_captions([r.text for r in scored]):
+        from .toy_checker import parse_caption
+
+        backgrounds = [parse_caption(r.text)[1] for r in scored]
     for name, d in raw.items():
         scores = d["scores"]
         for i, p in enumerate(result["prompts"]):
@@ -288,6 +300,9 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
                              mean_negative=float(scores[labels == 0].mean()))
             except MemtrainError as e:
                 raise MemtrainError(f"{source}: {name}: {e}") from None
+            if backgrounds is not None:  # toy diagnostic: the background colour shifts whole strata
+                with contextlib.suppress(MemtrainError):  # no background with both classes
+                    entry["auroc_within_background"] = stratified_auroc(scores, labels, backgrounds)[0]
         result["detectors"][name] = entry
     return result
 
@@ -403,6 +418,25 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
     result["per_sample"] = {name: s.tolist() for name, s in scores.items()}
     result["features"] = features.tolist()
     return result
+
+
+def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
+    """AUROC of each membership score for one member group (e.g. toy `duplicated`, `singleton`) against
+    all non-members, from the pooled out-of-fold scores; {} when the members form a single group."""
+    from .metrics import auroc
+
+    groups = np.asarray(membership["groups"])
+    flags = np.asarray(membership["member_flags"])
+    member_groups = list(dict.fromkeys(groups[flags == 1].tolist()))
+    if len(member_groups) < 2:
+        return {}
+    out = {}
+    for group in member_groups:
+        pick = (flags == 0) | (groups == group)
+        out[group] = {"members": int((groups[pick] == group).sum())}
+        for name, values in membership["per_sample"].items():
+            out[group][name] = auroc(np.asarray(values)[pick], (groups[pick] == group).astype(int))
+    return out
 
 
 # ---------------------------------------------------------------- section 4: quality
@@ -655,6 +689,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
                 membership["groups"] = [_group_name(r) if r.group else ("member" if r.member else "non-member")
                                         for r in member_rows]
                 membership["texts"] = [r.text for r in member_rows]
+                membership["by_group"] = membership_by_group(membership)
                 report["membership"] = membership
                 cost["membership"] = {"seconds": membership["seconds"], "unet_evals": membership["unet_evals"]}
             stages.update()
@@ -743,7 +778,7 @@ def flat_summary(report: dict) -> dict[str, float]:
     """The headline numbers as flat `section/name/metric` keys (W&B summary)."""
     flat = {}
     for name, d in report.get("trigger", {}).get("detectors", {}).items():
-        for k in ("auroc", "tpr_at_1fpr"):
+        for k in ("auroc", "tpr_at_1fpr", "auroc_within_background"):
             if k in d:
                 flat[f"trigger/{name}/{k}"] = d[k]
     for group, s in report.get("replication", {}).get("groups", {}).items():
@@ -753,6 +788,10 @@ def flat_summary(report: dict) -> dict[str, float]:
     for name, s in report.get("membership", {}).get("scores", {}).items():
         flat[f"membership/{name}/auroc"] = s["auroc"]
         flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
+    for group, g in report.get("membership", {}).get("by_group", {}).items():
+        for name, v in g.items():
+            if name != "members":
+                flat[f"membership/{group}/{name}/auroc"] = v
     for group, q in report.get("quality", {}).get("groups", {}).items():
         for k in ("toy_alignment", "kid", "clip_score"):
             if k in q:
@@ -850,13 +889,20 @@ def markdown(report: dict) -> str:
     if trigger.get("detectors"):
         lines += ["## Trigger scenario: detectors", ""]
         if trigger["labelled"]:
-            lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", "",
-                      "| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |",
-                      "|---|---|---|---|---|---|"]
+            strata = any("auroc_within_background" in d for d in trigger["detectors"].values())
+            lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", ""]
+            if strata:
+                lines += ["AUROC within background: toy captions only, the AUROC over (memorized, not) pairs that "
+                          "share the background colour (`metrics.stratified_auroc`); the colour shifts the scores "
+                          "of every prompt that has it, which confounds the pooled AUROC.", ""]
+            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |"
+                      + (" AUROC within background |" if strata else ""),
+                      "|---|---|---|---|---|---|" + ("---|" if strata else "")]
             for d in trigger["detectors"].values():
                 lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
                              f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
-                             f"{d['unet_evals_per_prompt']:g} |")
+                             f"{d['unet_evals_per_prompt']:g} |"
+                             + (f" {_fmt(d.get('auroc_within_background'))} |" if strata else ""))
         else:
             lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`).", "",
                       "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]
@@ -896,6 +942,12 @@ def markdown(report: dict) -> str:
         for name, label in (("clid_th", "CLiD_th"), ("clid_vec", "CLiD_vec"), ("loss", "loss only (L)")):
             s = mem["scores"][name]
             lines.append(f"| {label} | {_fmt(s['auroc'])} | {_fmt(s['tpr_at_1fpr'])} |")
+        if mem.get("by_group"):
+            lines += ["", "AUROC of each member group against all non-members (same out-of-fold scores):", "",
+                      "| member group | members | CLiD_th | CLiD_vec | loss only (L) |", "|---|---|---|---|---|"]
+            for group, g in mem["by_group"].items():
+                lines.append(f"| {group} | {g['members']} | {_fmt(g['clid_th'])} | {_fmt(g['clid_vec'])} | "
+                             f"{_fmt(g['loss'])} |")
         lines += ["", _figure(report, "roc_membership.png", "membership ROC"), ""]
     quality = report.get("quality")
     if quality:
