@@ -11,8 +11,8 @@ from PIL import Image
 
 from trainer import toy_world
 from trainer.cli import main
-from trainer.compare import MITIGATED_RECIPE, PLAIN_RECIPE, compare, monitor_curves, parse_alone
-from trainer.config import load_recipe, read_recipe_tree
+from trainer.compare import MITIGATED_RECIPE, PLAIN_RECIPE, compare, monitor_curves, parse_alone, plan_runs
+from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
 from trainer.mitigations import PRESETS
 from trainer.recipe import TrainRecipe
@@ -55,6 +55,20 @@ def test_mitigated_recipe_is_the_plain_one_plus_mitigations():
     overlay = MITIGATED_RECIPE.read_text()
     assert "extends: toy.yaml" in overlay and "max_steps" not in overlay
     assert read_recipe_tree(MITIGATED_RECIPE)["train"] == read_recipe_tree(PLAIN_RECIPE)["train"]
+
+
+def test_each_alone_run_gets_only_its_own_mitigation(tmp_path, tiny32):
+    """Regression: the overrides of one run must not leak into the next (nested recipe sections were
+    shared between the trees of the runs, so `--alone dedup,rt,cwr` trained cwr with all three)."""
+    runs = plan_runs(tmp_path, tiny32, ["dedup", "rt", "cwr"], [], PLAIN_RECIPE, MITIGATED_RECIPE, False)
+    got = {r["name"]: (r["recipe"].data.dedup, r["recipe"].data.captions.random_token_p,
+                       r["recipe"].data.captions.word_repeat_p) for r in runs}
+    assert got == {"plain": ("none", 0.0, 0.0), "mitigated": ("drop", 0.1, 0.1), "dedup": ("drop", 0.0, 0.0),
+                   "rt": ("none", 0.1, 0.0), "cwr": ("none", 0.0, 0.1)}
+    tree = read_recipe_tree(MITIGATED_RECIPE)
+    before = json.dumps(tree, sort_keys=True)
+    apply_overrides(tree, ["data.dedup=none", "monitor.members=3"])
+    assert json.dumps(tree, sort_keys=True) == before  # overrides apply to a copy, nested sections too
 
 
 def test_extends_resolves_relative_and_rejects_cycles(tmp_path):

@@ -119,10 +119,14 @@ EXTENDS = "extends"  # top-level recipe key: a recipe file (relative to this one
 
 
 def _merge(base: dict, over: dict) -> dict:
-    """Deep merge of two recipe trees: mappings merge key by key, anything else in `over` replaces."""
+    """Deep merge of two recipe trees into a new tree: mappings merge key by key (and are copied, so
+    no mapping of the result is shared with `over`), anything else in `over` replaces."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict):
+            out[key] = _merge(out[key] if isinstance(out.get(key), dict) else {}, value)
+        else:
+            out[key] = value
     return out
 
 
