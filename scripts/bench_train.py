@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -269,25 +268,16 @@ def run_child(job_path: str) -> int:
 
 
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
-    variants = []
-    for spec in specs:
-        if spec == "monitor":  # built by monitor_variant once the data is known
-            variants.append(("monitor", []))
-            continue
-        if ":" in spec and "=" in spec.split(":", 1)[1]:
-            name, rest = spec.split(":", 1)
-            overrides = shlex.split(rest)
-        elif spec in PRESETS:
-            name, overrides = spec, PRESETS[spec]
-        else:
-            raise SystemExit(
-                f"--variants {spec!r}: not a preset ({', '.join(PRESETS)}, monitor) nor NAME:key=value[ key=value]"
-            )
-        bad = [o for o in overrides if "=" not in o]
-        if not name or bad or name in ("plain", "memtrain") or name in {v[0] for v in variants}:
-            raise SystemExit(f"--variants {spec!r}: needs a new name and key=value overrides")
-        variants.append((name, overrides))
-    return variants
+    """Presets, NAME:key=value specs (`mitigations.parse_mitigation_specs`) and `monitor`."""
+    from trainer.io import MemtrainError
+    from trainer.mitigations import parse_mitigation_specs
+
+    try:
+        return [("monitor", []) if spec == "monitor" else  # built by monitor_variant once the data is known
+                parse_mitigation_specs([spec], "--variants", reserved=("plain", "memtrain", "monitor"))[0]
+                for spec in dict.fromkeys(specs)]
+    except MemtrainError as e:
+        raise SystemExit(str(e)) from None
 
 
 def monitor_variant(data: str, every: int) -> tuple[str, list[str]]:

@@ -60,7 +60,7 @@ def test_mitigated_recipe_is_the_plain_one_plus_mitigations():
 def test_each_alone_run_gets_only_its_own_mitigation(tmp_path, tiny32):
     """Regression: the overrides of one run must not leak into the next (nested recipe sections were
     shared between the trees of the runs, so `--alone dedup,rt,cwr` trained cwr with all three)."""
-    runs = plan_runs(tmp_path, tiny32, ["dedup", "rt", "cwr"], [], PLAIN_RECIPE, MITIGATED_RECIPE, False)
+    runs = plan_runs(tmp_path, tiny32, parse_alone("dedup,rt,cwr"), [], PLAIN_RECIPE, MITIGATED_RECIPE, False)
     got = {r["name"]: (r["recipe"].data.dedup, r["recipe"].data.captions.random_token_p,
                        r["recipe"].data.captions.word_repeat_p) for r in runs}
     assert got == {"plain": ("none", 0.0, 0.0), "mitigated": ("drop", 0.1, 0.1), "dedup": ("drop", 0.0, 0.0),
@@ -154,7 +154,15 @@ def test_monitor_curves_reads_only_monitor_rows(tmp_path):
 
 
 def test_unknown_alone_name_fails_listing_the_valid_ones(tmp_path, capsys, tiny32):
-    assert parse_alone("RT, cwr,rt") == ["rt", "cwr"] and parse_alone("all") == list(PRESETS)
+    assert parse_alone("RT, cwr,rt") == [("rt", PRESETS["rt"]), ("cwr", PRESETS["cwr"])]
+    assert parse_alone("all") == [(name, overrides) for name, overrides in PRESETS.items()]
+    custom = "mask3:train.loss_mask_threshold=3.0 train.seed=1"
+    assert parse_alone(f"rt,{custom}") == [("rt", PRESETS["rt"]),
+                                           ("mask3", ["train.loss_mask_threshold=3.0", "train.seed=1"])]
+    for bad, message in (("plain:train.seed=1", "the name 'plain' is taken"), ("x:train.seed", "NAME:key=value"),
+                         ("rt,rt:train.seed=2", "the name 'rt' is taken")):
+        with pytest.raises(MemtrainError, match=message):
+            parse_alone(bad)
     code = main(["compare", "--out", str(tmp_path / "out"), "--base", str(tiny32), "--alone", "rt,nope"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown mitigation 'nope'" in err

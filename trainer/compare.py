@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import apply_overrides, from_dict, read_recipe_tree
 from .io import MemtrainError, atomic_file, write_json
-from .mitigations import PRESETS
+from .mitigations import PRESETS, parse_mitigation_specs
 
 ROOT = Path(__file__).resolve().parent
 TOY_BASE = ROOT / "assets" / "toy_base"
@@ -46,22 +46,19 @@ MONITOR_KEY = "monitor/"
 SAME_TRAINING = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed")
 
 
-def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """`--alone rt,cwr` -> ["rt", "cwr"]; "all" = every preset; unknown names fail listing the valid ones."""
+def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[tuple[str, list[str]]]:
+    """`--alone rt,cwr` -> [("rt", [overrides]), ("cwr", [...])]: preset names (`all` = every preset)
+    or `NAME:key=value[ key=value]`; unknown names fail listing the valid ones."""
     if not value:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
-    names = [s.strip().lower() for s in items if s.strip()]
-    if names == ["all"]:
-        return list(PRESETS)
-    unknown = [s for s in names if s not in PRESETS]
-    if unknown:
-        raise MemtrainError(f"--alone: unknown mitigation {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(PRESETS)} (or all)")
-    return list(dict.fromkeys(names))
+    specs = [s.strip() for s in items if s.strip()]
+    if [s.lower() for s in specs] == ["all"]:
+        specs = list(PRESETS)
+    return parse_mitigation_specs(specs, "--alone", reserved=("plain", "mitigated"))
 
 
-def plan_runs(out: Path, base: Path, alone: list[str], overrides: list[str], plain_recipe: Path,
+def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrides: list[str], plain_recipe: Path,
               mitigated_recipe: Path, progress: bool) -> list[dict]:
     """The recipes of every run (name, recipe, its overrides), all validated before anything is written."""
     from .recipe import TrainRecipe
@@ -75,8 +72,8 @@ def plan_runs(out: Path, base: Path, alone: list[str], overrides: list[str], pla
     labels = out / "data" / "labels.jsonl"
     runs = [("plain", plain_recipe, apply_overrides(plain_tree, []) | {"monitor": monitor}, []),
             ("mitigated", mitigated_recipe, mitigated_tree, [])]
-    runs += [(name, plain_recipe, apply_overrides(plain_tree, []) | {"monitor": monitor}, PRESETS[name])
-             for name in alone]
+    runs += [(name, plain_recipe, apply_overrides(plain_tree, []) | {"monitor": monitor}, extra)
+             for name, extra in alone]
     planned = []
     for name, path, tree, extra in runs:
         fixed = [f"model.pretrained={base}", f"data.path={out / 'data' / 'train'}",
@@ -345,7 +342,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--base", default=str(TOY_BASE), help="base pipeline directory (default: the committed toy base)")
     p.add_argument("--alone", default="", metavar="NAMES",
-                   help=f"also one run per mitigation on its own, comma-separated: {', '.join(PRESETS)} or all")
+                   help=f"also one run per mitigation on its own, comma-separated: {', '.join(PRESETS)}, all, or "
+                   "NAME:key=value[ key=value] for your own settings (e.g. mask3:train.loss_mask_threshold=3.0)")
     p.add_argument("-n", type=int, default=2, help="generations per prompt (default 2)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per generation (default 50)")
     p.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. train.max_steps=100")

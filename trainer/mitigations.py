@@ -5,7 +5,7 @@ During fine-tuning, the text-conditional noise magnitude ||eps(x_t, t, c) - eps(
 each sample is computed at its own training timestep without gradients; samples with a magnitude
 >= the threshold (the authors' 2.0 for SD at 64x64x4 latents) are dropped from the loss. The norm
 is over the whole flattened latent, so it grows with the latent size: on the toy model (8x8x8
-latents, 8x fewer elements than SD's) the same memorization gives a smaller norm; set the
+latents, 32x fewer elements than SD's) the norm is on another scale; set the
 threshold for your model (`memtrain evaluate` reports the magnitudes of your prompts).
 
 Cost: one extra no-grad UNet forward (the unconditional branch) per sample; the conditional
@@ -30,6 +30,34 @@ PRESETS: dict[str, list[str]] = {
     "reweight": ["data.dedup=reweight"],
     "mask": ["train.loss_mask_threshold=2.0"],
 }
+
+
+def parse_mitigation_specs(specs: list[str], flag: str, reserved: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
+    """[(name, recipe overrides)] of mitigation specs: a preset name (PRESETS, case-insensitive) or
+    `NAME:key=value[ key=value]` (your own settings, e.g. `mask3:train.loss_mask_threshold=3.0`).
+    Shared by `memtrain compare --alone` and `scripts/bench_train.py --variants`."""
+    import shlex
+
+    from .io import MemtrainError
+
+    out: list[tuple[str, list[str]]] = []
+    for spec in (s.strip() for s in specs):
+        if ":" in spec:
+            name, rest = spec.split(":", 1)
+            name, overrides = name.strip(), shlex.split(rest)
+            if not name or not overrides or any("=" not in o for o in overrides):
+                raise MemtrainError(f"{flag} {spec!r}: a custom mitigation is NAME:key=value[ key=value]")
+        elif spec.lower() in PRESETS:
+            name, overrides = spec.lower(), PRESETS[spec.lower()]
+        else:
+            raise MemtrainError(f"{flag}: unknown mitigation {spec!r}; valid: {', '.join(PRESETS)} "
+                                "or NAME:key=value[ key=value]")
+        if name in reserved or name in {n for n, _ in out}:
+            if any(n == name and o == overrides for n, o in out):
+                continue  # the same spec twice
+            raise MemtrainError(f"{flag} {spec!r}: the name {name!r} is taken; give the run another name")
+        out.append((name, list(overrides)))
+    return out
 
 
 def conditional_magnitude(cond: torch.Tensor, uncond: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
