@@ -5,8 +5,9 @@ same steps with the same optimizer: plain (recipes/toy.yaml, the demo's recipe) 
 (recipes/toy-mitigated.yaml: toy.yaml + de-duplication (METHODS.md §3) + caption randomization
 (Somepalli et al. 2023, §2)). Both runs have the memorization monitor on with the mitigated
 recipe's `monitor:` settings (CLiD, Zhai et al. 2024, §1.4), so both have a memorization curve;
-the monitor does not change training (it restores the RNG state). `--alone NAMES` adds one run per
-mitigation on its own (`mitigations.PRESETS`).
+the monitor does not change training (it restores the RNG state) and, by default, every run probes
+the same distinct member images, so the curves compare like for like. `--alone NAMES` adds one run
+per mitigation on its own (`mitigations.PRESETS`, or NAME:key=value for your own settings).
 
 For every trained pipeline:
 - replication (`report.replication_study` + `summarize`): generations for the duplicated,
@@ -302,8 +303,8 @@ def markdown(report: dict) -> str:
              "pix8+palette feature, x100) of the novel prompts' generations against the held-out images (MemBench's "
              "general scenario). CLiD: the monitor's CLiD_th AUC / TPR at 1% FPR at the last step (Zhai et al.; "
              f"{mon['members']} members vs {mon['heldout_count']} held-out pairs, every {mon['every_steps']} steps). "
-             "Note: the member probe is drawn from the rows each run trains on, so after de-duplication it holds "
-             "far fewer duplicated images than the plain run's.", "",
+             "Every run probes the same member images: distinct training images (one row per near-duplicate "
+             "group, `monitor.distinct_members`), which a `drop`-de-duplicated run trains on too.", "",
              "## Plain vs mitigated", "", *table(main), ""]
     ref = next((r for r in runs if r["name"] == "plain"), None)
     if ref is not None:
