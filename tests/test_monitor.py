@@ -97,8 +97,8 @@ def test_monitor_logs_to_every_tracker_and_matches_the_detectors(tmp_path, tiny_
         assert all(math.isfinite(h[k]) for k in METRICS)
         assert any(k.startswith("clid_mean_") and k not in METRICS for k in h)  # per toy group
         captions = [m["caption"] for m in probe["members"]]
-        # 15 UNet evals per CLiD sample, 2 per distinct Wen prompt, 2 x 50 per table generation
-        expected = 15 * 12 + 2 * len(set(captions + probe["novel"])) + 100 * min(2, len(set(captions)))
+        # 15 UNet evals per CLiD sample, 1 per distinct Wen prompt + 1 shared unconditional, 2 x 50 per table generation
+        expected = 15 * 12 + len(set(captions + probe["novel"])) + 1 + 100 * min(2, len(set(captions)))
         assert h["unet_evals"] == expected and h["seconds"] > 0
     cost = report["cost"]
     assert cost["calls"] == 2 and cost["seconds"] == pytest.approx(sum(h["seconds"] for h in history))

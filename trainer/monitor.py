@@ -36,7 +36,8 @@ state is restored, so a monitored run trains exactly like an unmonitored one):
   point with FPR <= 1%, so with fewer than 100 held-out pairs it is the TPR at 0 FPR),
   `clid_mean_member`, `clid_mean_heldout` (and `clid_mean_<group>`).
 - Wen et al. first-step noise magnitude (METHODS.md 1.1), n = 1, 50-step DDIM schedule, seed
-  `train.seed`: `detectors.noise_magnitude` of the member captions (positives) vs the novel
+  `train.seed` (the unconditional prediction on the shared x_T evaluated once, `reuse_uncond`, so
+  1 UNet eval per prompt + 1): `detectors.noise_magnitude` of the member captions (positives) vs the novel
   prompts: `noise_auc`, `noise_tpr_at_1fpr`, `noise_mean_member`, `noise_mean_novel` (and
   `noise_mean_<group>`).
 - cost: `seconds` (wall time of the call) and `unet_evals` (`unet_core.count_evals`, plus the
@@ -63,7 +64,7 @@ skips the export, and records in monitor.json `alarm` with the last good checkpo
 one saved before the alarm, or null: the base model).
 
 Under DDP the main process does all the monitor's work while the others wait at their next
-collective; the probe is small (by default 64 samples x 15 + 64 x 2 UNet evals), well inside the
+collective; the probe is small (by default 64 samples x 15 + 65 UNet evals), well inside the
 process group's timeout.
 """
 
@@ -295,8 +296,9 @@ class Monitor(MonitorState):
                                  seed=self.seed, batch_size=cfg.batch_size, is_latents=True)
         scores = clid_th_scores(features, features[m:], cfg.clid_alpha)
         labels = np.r_[np.ones(m), np.zeros(len(scores) - m)]
+        # x_T is shared by every prompt, so its unconditional prediction is evaluated once (identical values)
         magnitude = noise_magnitude(components, self.member_captions + self.novel, n=1, steps="first",
-                                    seed=self.seed, batch_size=cfg.batch_size).numpy()
+                                    seed=self.seed, batch_size=cfg.batch_size, reuse_uncond=True).numpy()
         mag_labels = np.r_[np.ones(m), np.zeros(len(self.novel))]
         values = {
             "clid_auc": auroc(scores, labels),
