@@ -23,14 +23,14 @@ Variants are memtrain runs with extra recipe overrides, reported against the pla
 memtrain baseline of the same invocation: a preset name (see PRESETS) or NAME:key=value[ key=value].
 The variant `monitor` turns on the memorization monitor with the `monitor:` settings of
 recipes/toy-mitigated.yaml (probe of 32 members, 32 held-out pairs, 32 novel prompts, batch 64)
-every `--monitor-every` steps (default 100, that recipe's cadence), without the W&B table, on the
+every `--monitor-every` steps (default 200, that recipe's cadence), without the W&B table, on the
 toy data's labels.jsonl. The monitor runs once every N
 steps, which a median never sees: its row is read in the MEAN step time (the "mean" columns, every
 row has them), and --steps must then be a multiple of the cadence so the window holds whole calls.
 
     OMP_NUM_THREADS=1 python scripts/bench_train.py                       # toy model + toy data
     OMP_NUM_THREADS=1 python scripts/bench_train.py --variants rt mask dedup
-    OMP_NUM_THREADS=1 python scripts/bench_train.py --variants monitor --steps 100 --rounds 2
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --variants monitor --steps 200 --rounds 2
     OMP_NUM_THREADS=1 python scripts/bench_train.py --model trainer/assets/toy_base \\
         --variants "gni:data.captions.embedding_noise=0.1" "rt2:data.captions.random_token_p=0.1 data.captions.random_token_count=4"
 """
@@ -475,7 +475,7 @@ def main() -> int:
         metavar="SPEC",
         help=f"extra memtrain rows: a preset ({', '.join(PRESETS)}) or NAME:key=value[ key=value]",
     )
-    p.add_argument("--monitor-every", type=int, default=100, help="cadence of the `monitor` row (default 100)")
+    p.add_argument("--monitor-every", type=int, default=200, help="cadence of the `monitor` row (default 200)")
     p.add_argument("--warmup", type=int, default=10, help="optimizer steps before timing (default 10)")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run (default 20)")
     p.add_argument(

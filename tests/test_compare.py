@@ -113,6 +113,12 @@ def test_compare_writes_both_runs_side_by_side(compared):
         assert 0.0 <= r["general"]["toy_alignment"] <= 1.0 and "kid" in r["general"]
         assert (out / "runs" / r["name"] / "report" / "report.md").exists()
         assert r["monitor_cost"]["calls"] == 2 and r["monitor_cost"]["seconds"] > 0
+    # each generation names the group of its nearest training image: the nearest image of a
+    # duplicated prompt's generation that is its own image is a duplicated one
+    gens = json.loads((out / "runs" / "plain" / "report" / "report.json").read_text())["generations"]
+    assert {g["nearest_group"] for g in gens} <= {"duplicated", "singleton"}
+    assert all(g["nearest_group"] == "duplicated" for g in gens if g["group"] == "duplicated" and g["nearest_is_source"])
+    assert all(g["nearest_group"] == "singleton" for g in gens if g["group"] == "singleton" and g["nearest_is_source"])
 
 
 def test_clid_values_are_those_of_each_runs_jsonl_and_monitor(compared):

@@ -107,12 +107,6 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
         scores = [p["scores"][name] for p in prompts]
         assert d["auroc"] == auroc(scores, labels)
         assert d["tpr_at_1fpr"] == tpr_at_fpr(scores, labels, 0.01)
-        # toy captions: also the AUROC over (memorized, novel) pairs with the same background colour
-        backgrounds = [p["text"].rsplit(" on a ", 1)[1] for p in prompts]
-        pairs = [(a, b) for a, ya, ka in zip(scores, labels, backgrounds, strict=True) if ya == 1
-                 for b, yb, kb in zip(scores, labels, backgrounds, strict=True) if yb == 0 and kb == ka]
-        assert d["auroc_within_background"] == pytest.approx(
-            sum((a > b) + 0.5 * (a == b) for a, b in pairs) / len(pairs))
     # the scores are the detectors' own with n = 1 and the 50-step schedule
     pipe = load_pipeline(tiny_model)
     texts = [p["text"] for p in prompts]
@@ -186,7 +180,7 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
 def test_plain_text_prompts_give_scores_only(tmp_path, tiny_model):
     prompts = tmp_path / "prompts" / "p.txt"
     prompts.parent.mkdir()
-    prompts.write_text("a small red circle on a blue background\n\na large green square on a white background\n")
+    prompts.write_text("a small red circle\n\na large green square\n")
     report = E.evaluate(tiny_model, prompts, out=tmp_path / "eval", n=1, steps=2, detectors="noise,entropy",
                         progress=False)
     trigger = report["trigger"]
@@ -234,8 +228,8 @@ def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_fil
     # the CLIP score against CLIPModel's own logits: logits_per_image = exp(logit_scale) * cos
     scorer = E.load_clip_scorer(clip_dir)
     images = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-    captions = ["a small red circle on a blue background", "a large green ring on a white background",
-                "a small black cross on a yellow background"]
+    captions = ["a small red circle", "a large green ring",
+                "a small black cross"]
     model, processor, tokenizer = scorer
     pixels = processor(images=E._to_pil(images), return_tensors="pt")["pixel_values"]
     ids = tokenizer(captions, padding=True, return_tensors="pt")

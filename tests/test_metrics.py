@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.io import MemtrainError
-from trainer.metrics import auroc, roc_points, stratified_auroc, tpr_at_fpr
+from trainer.metrics import auroc, roc_points, tpr_at_fpr
 
 
 def pairwise_auc(scores, labels):
@@ -40,25 +40,6 @@ def test_auroc_matches_pairwise_count_with_ties_and_tensors():
     ref = pairwise_auc(scores, labels)
     assert auroc(scores, labels) == pytest.approx(ref)
     assert auroc(torch.tensor(scores), torch.tensor(labels.astype(bool))) == pytest.approx(ref)
-
-
-def test_stratified_auroc_counts_only_within_stratum_pairs():
-    # stratum "a" shifts every score up by 10: pooled, the negatives of "a" beat the positives of "b"
-    scores = [11, 12, 10.5, 1, 2, 0.5, 3]
-    labels = [1, 0, 0, 1, 0, 0, 1]
-    strata = ["a", "a", "a", "b", "b", "b", "c"]  # "c" has no negative: adds no pair
-    value, pairs = stratified_auroc(scores, labels, strata)
-    # a: 11 vs 12 (lose), 11 vs 10.5 (win); b: 1 vs 2 (lose), 1 vs 0.5 (win) -> 2 of 4
-    assert pairs == 4 and value == pytest.approx(0.5)
-    assert auroc(scores, labels) == pytest.approx(pairwise_auc(scores, labels))  # pooled differs
-    rng = np.random.default_rng(1)
-    s, y = rng.normal(size=30), rng.integers(0, 2, 30)
-    k = rng.integers(0, 3, 30)
-    ref = [pairwise_auc(s[k == j], y[k == j]) * y[k == j].sum() * (1 - y[k == j]).sum() for j in range(3)]
-    n = sum(y[k == j].sum() * (1 - y[k == j]).sum() for j in range(3))
-    assert stratified_auroc(s, y, k.tolist()) == (pytest.approx(sum(ref) / n), n)
-    with pytest.raises(MemtrainError, match="no stratum holds both"):
-        stratified_auroc([1, 2], [0, 1], ["x", "y"])
 
 
 def test_tpr_at_fpr_is_interpolation_free():

@@ -24,11 +24,7 @@ Sections (every number is written with its convention; the README has the long f
    (`metrics.auroc`) and TPR at 1% FPR (`metrics.tpr_at_fpr`): positive = memorized (label 1),
    a higher score = more memorized; the TPR of the last ROC point whose FPR is <= 1% (the best TPR
    any threshold reaches without exceeding 1% FPR, no interpolation; with fewer than 100
-   negatives that is the TPR at 0% FPR). When every scored prompt is a toy caption, also the
-   AUROC within background colours (`metrics.stratified_auroc`: only (memorized, not) pairs that
-   share the background): a caption's background fixes a whole-image colour even at t = T, so it
-   shifts the conditional noise prediction of every prompt that has it and confounds the pooled
-   AUROC; the stratified value shows how the detector ranks prompts that differ otherwise.
+   negatives that is the TPR at 0% FPR).
 2. Replication (`replication_stats`): `-n` generations per prompt (stock pipeline, DDIM `--steps`,
    guidance 7.5, generation j of every prompt from seed `--seed + j`) compared with the unique
    training images as the model's own VAE reproduces them (`report.vae_roundtrip`, the reason is in
@@ -263,9 +259,8 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
                      seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
-    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR;
-    for toy captions also the AUROC within background colours (`metrics.stratified_auroc`)."""
-    from .metrics import auroc, stratified_auroc, tpr_at_fpr
+    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
+    from .metrics import auroc, tpr_at_fpr
 
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
@@ -280,11 +275,6 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
         return result
     raw = detector_scores(pipe, [r.text for r in scored], names, seed, batch_size, progress)
     labels = np.array([r.label for r in scored], dtype=float) if labelled else None
-    backgrounds = None
-    if labelled and _toy_captions([r.text for r in scored]):
-        from .toy_checker import parse_caption
-
-        backgrounds = [parse_caption(r.text)[1] for r in scored]
     for name, d in raw.items():
         scores = d["scores"]
         for i, p in enumerate(result["prompts"]):
@@ -300,9 +290,6 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
                              mean_negative=float(scores[labels == 0].mean()))
             except MemtrainError as e:
                 raise MemtrainError(f"{source}: {name}: {e}") from None
-            if backgrounds is not None:  # toy diagnostic: the background colour shifts whole strata
-                with contextlib.suppress(MemtrainError):  # no background with both classes
-                    entry["auroc_within_background"] = stratified_auroc(scores, labels, backgrounds)[0]
         result["detectors"][name] = entry
     return result
 
@@ -778,7 +765,7 @@ def flat_summary(report: dict) -> dict[str, float]:
     """The headline numbers as flat `section/name/metric` keys (W&B summary)."""
     flat = {}
     for name, d in report.get("trigger", {}).get("detectors", {}).items():
-        for k in ("auroc", "tpr_at_1fpr", "auroc_within_background"):
+        for k in ("auroc", "tpr_at_1fpr"):
             if k in d:
                 flat[f"trigger/{name}/{k}"] = d[k]
     for group, s in report.get("replication", {}).get("groups", {}).items():
@@ -889,20 +876,13 @@ def markdown(report: dict) -> str:
     if trigger.get("detectors"):
         lines += ["## Trigger scenario: detectors", ""]
         if trigger["labelled"]:
-            strata = any("auroc_within_background" in d for d in trigger["detectors"].values())
             lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", ""]
-            if strata:
-                lines += ["AUROC within background: toy captions only, the AUROC over (memorized, not) pairs that "
-                          "share the background colour (`metrics.stratified_auroc`); the colour shifts the scores "
-                          "of every prompt that has it, which confounds the pooled AUROC.", ""]
-            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |"
-                      + (" AUROC within background |" if strata else ""),
-                      "|---|---|---|---|---|---|" + ("---|" if strata else "")]
+            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |",
+                      "|---|---|---|---|---|---|"]
             for d in trigger["detectors"].values():
                 lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
                              f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
-                             f"{d['unet_evals_per_prompt']:g} |"
-                             + (f" {_fmt(d.get('auroc_within_background'))} |" if strata else ""))
+                             f"{d['unet_evals_per_prompt']:g} |")
         else:
             lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`).", "",
                       "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]

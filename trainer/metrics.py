@@ -81,26 +81,3 @@ def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, fpr: float = 0.01) -> float
     f, t, _ = roc_curve(y, s, drop_intermediate=False)
     ok = np.flatnonzero(f <= fpr + 1e-12)
     return float(t[ok[-1]])  # f[0] == 0, so ok is never empty
-
-
-def stratified_auroc(scores: ArrayLike, labels: ArrayLike, strata: Sequence) -> tuple[float, int]:
-    """(AUROC over within-stratum pairs only, number of such (positive, negative) pairs).
-
-    The Mann-Whitney AUROC restricted to pairs that share a stratum: each stratum's AUROC weighted
-    by its n_pos * n_neg. Strata without both classes add no pair. A diagnostic for a confounder
-    that shifts the scores of whole strata (e.g. the toy captions' background colour).
-    """
-    s, y = _check(scores, labels, "stratified AUROC")
-    keys = np.asarray(list(strata), dtype=object)
-    if keys.size != s.size:
-        raise MemtrainError(f"stratified AUROC: {keys.size} strata but {s.size} scores; give one per score")
-    total, pairs = 0.0, 0
-    for key in dict.fromkeys(keys.tolist()):
-        pick = keys == key
-        n_pos, n_neg = int(y[pick].sum()), int((1 - y[pick]).sum())
-        if n_pos and n_neg:
-            total += roc_auc_score(y[pick], s[pick]) * n_pos * n_neg
-            pairs += n_pos * n_neg
-    if not pairs:
-        raise MemtrainError("stratified AUROC is undefined: no stratum holds both a positive and a negative")
-    return total / pairs, pairs

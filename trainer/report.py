@@ -59,6 +59,8 @@ def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, ma
     unique, inverse = unique_images(train)
     # which unique training image each labelled prompt was trained on
     file_to_unique = {f"train/{name}": int(inverse[i]) for i, name in enumerate(names)}
+    # and the group (duplicated / singleton) of each unique training image the labels name
+    unique_group = {file_to_unique[r["file_name"]]: r["group"] for r in labels if r.get("file_name") in file_to_unique}
     prompts = []
     for group in GROUPS:
         rows = [r for r in labels if r["group"] == group][:max_per_group]
@@ -79,7 +81,8 @@ def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, ma
         row.update({f"{k}_vs_originals": originals[k][i].item() for k in ("l2", "ratio", "ratio_memorized")})
         prompt = prompts[i // n]
         row.update(text=prompt["text"], group=prompt["group"], source=prompt["source"],
-                   nearest_is_source=row["nn_index"] == prompt["source"])
+                   nearest_is_source=row["nn_index"] == prompt["source"],
+                   nearest_group=unique_group.get(row["nn_index"], "unlabelled"))
         per_gen.append(row)
     return {"images": images, "unique_train": references, "generations": per_gen, "n": n, "seed": seed,
             "train_images": len(train), "unique_train_images": len(unique), "reference": reference,
@@ -126,6 +129,9 @@ def summarize(study: dict) -> dict:
             "tiled_l2_extraction_rate": float(np.mean([r["tiled_extracted"] for r in rows])),
             "nl2_rate": float(np.mean([r["nl2_memorized"] for r in rows])),
             "nearest_is_own_image": float(np.mean([r["nearest_is_source"] for r in rows])) if group != "novel" else None,
+            # replicated generations whose nearest training image is one of the duplicated images
+            "replicated_duplicated_images": int(sum(r["ratio_memorized"] and r["nearest_group"] == "duplicated"
+                                                    for r in rows)),
             "l2_median": float(np.median(l2)),
             "l2_p5": float(np.percentile(l2, 5)),
             "ratio_median": float(np.median([r["ratio"] for r in rows])),
@@ -179,12 +185,13 @@ def markdown(report: dict) -> str:
         if key in report:
             lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
     threshold = _fraction(report["ratio_threshold"])
-    lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | (vs originals) "
-              "| ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | replicated: a duplicated "
+              "image | (vs originals) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, s in report["groups"].items():
         own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
         lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
+                     f"{s['replicated_duplicated_images']} of {round(s['replication_rate'] * s['generations'])} | "
                      f"{s['replication_rate_vs_originals']:.0%} | {s['gu_rate']:.0%} | "
                      f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
     lines += ["", "![generations beside their nearest training images](replication.png)", ""]

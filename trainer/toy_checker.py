@@ -2,11 +2,12 @@
 
 The toy world knows each caption's attributes, so a deterministic checker plays the role CLIP
 score plays for real models: every pixel is mapped to the nearest palette colour, and the caption
-is satisfied attribute by attribute — the background colour is the most frequent palette colour,
-and each named object colour covers at least `min_fraction` of the image (the individual specks
-cover under 1% each). The alignment score of an image is the fraction of its caption's
-attributes that hold (1.0 = everything the caption names is there). Shapes and sizes are not
-checked: colours are what a 32x32 generation must get right first.
+is checked attribute by attribute: each named object colour covers at least `min_fraction` of the
+image (the individual specks cover under 1% each), and the background (the most frequent palette
+colour, which captions do not name) is none of the object colours, as in every toy image. The
+alignment score of an image is the fraction of these checks that hold (1.0 = everything the
+caption names is there, on a background it allows). Shapes and sizes are not checked: colours are
+what a 32x32 generation must get right first.
 """
 
 from __future__ import annotations
@@ -21,18 +22,16 @@ from .toy_world import COLORS
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
 _NAMES = list(COLORS)
 _OBJ = r"a (small|large) (\w+) (\w+)"
-_CAPTION = re.compile(rf"^{_OBJ}(?: and {_OBJ})? on a (\w+) background$")
+_CAPTION = re.compile(rf"^{_OBJ}(?: and {_OBJ})?$")
 
 
-def parse_caption(caption: str) -> tuple[list[str], str]:
-    """(object colours, background colour) of a toy caption."""
+def parse_caption(caption: str) -> list[str]:
+    """The object colours of a toy caption ("a large red circle and a small blue ring" -> red, blue)."""
     m = _CAPTION.match(caption.strip())
-    if not m or m.group(7) not in COLORS:
+    colors = [m.group(2)] + ([m.group(5)] if m.group(5) else []) if m else []
+    if not colors or any(c not in COLORS for c in colors):
         raise MemtrainError(f"not a toy-world caption: {caption!r}")
-    colors = [m.group(2)] + ([m.group(5)] if m.group(5) else [])
-    if any(c not in COLORS for c in colors):
-        raise MemtrainError(f"not a toy-world caption: {caption!r}")
-    return colors, m.group(7)
+    return colors
 
 
 def palette_fractions(images: torch.Tensor) -> torch.Tensor:
@@ -49,8 +48,8 @@ def alignment_scores(images: torch.Tensor, captions: list[str], min_fraction: fl
     fractions = palette_fractions(images)
     scores = []
     for frac, caption in zip(fractions, captions, strict=True):
-        colors, background = parse_caption(caption)
-        checks = [_NAMES[int(frac.argmax())] == background]
-        checks += [frac[_NAMES.index(c)].item() >= min_fraction for c in colors]
+        colors = parse_caption(caption)
+        checks = [frac[_NAMES.index(c)].item() >= min_fraction for c in colors]
+        checks.append(_NAMES[int(frac.argmax())] not in colors)
         scores.append(sum(checks) / len(checks))
     return torch.tensor(scores)

@@ -1,9 +1,19 @@
 """The toy world: a procedurally generated image-caption dataset with planted memorization structure.
 
 Images are 32x32 RGB: one or two flat shapes on a coloured background, plus what makes each image
-an individual (never named in the caption): exact positions and sizes, a background tint, a
-darker stripe and two small specks. Captions are compositional
-("a large red circle and a small blue ring on a green background").
+an individual (never named in the caption): the background colour and its tint, exact positions
+and sizes, a darker stripe and two small specks. Captions are compositional and name the objects
+only ("a large red circle and a small blue ring").
+
+Why the background is not in the caption: as in web data, a caption under-specifies its image.
+When captions named the background (the first toy world, "... on a green background"), that one
+whole-image colour was fixed by every prompt even at t = T, so the text-conditional noise
+magnitude (METHODS.md §1.1) of memorized and novel prompts alike grew with how far the
+background colour lay from the mean colour (novel prompts: 0.83 to 2.90 at the first step), and
+the detectors ranked colours before memorization (AUROC 0.87 pooled, 0.97 within one colour).
+With the background left to the image, a novel prompt leaves the model free to pick any
+background while a memorized one pins down its training image's, the behaviour that Wen et al.
+and Asthana & Belagiannis detect in SD.
 
 `make_toy_data` writes diffusers imagefolder directories (`metadata.jsonl` with `file_name` and
 `text`) and a labels file with the ground truth a memorization study needs:
@@ -40,7 +50,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 SIZES = {"small": (0.16, 0.22), "large": (0.28, 0.36)}  # radius as a fraction of the image side
-TEMPLATE_WORDS = ("a", "and", "on", "background")
+TEMPLATE_WORDS = ("a", "and")
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
 
@@ -59,14 +69,13 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
-    """What a caption says: the objects and the background colour."""
+    """The objects (what the caption names) and the background colour (which it does not name)."""
 
     objects: tuple[Obj, ...]
     background: str
 
     def caption(self) -> str:
-        parts = [f"a {o.size} {o.color} {o.shape}" for o in self.objects]
-        return f"{' and '.join(parts)} on a {self.background} background"
+        return " and ".join(f"a {o.size} {o.color} {o.shape}" for o in self.objects)
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -138,10 +147,16 @@ class ToyDataConfig:
     copies: int = 32  # how many times each duplicated image is in the training set
     n_singletons: int = 256
     n_heldout: int = 64
-    n_novel: int = 64
+    n_novel: int = 200  # >= 100, so TPR at 1% FPR is more than the TPR at 0% FPR (Wen et al. used 500)
+    # every caption names one image (the demo's premise); the toy base's broad pretraining data
+    # turns this off and draws scenes i.i.d., repeated captions included, as web data has them
+    unique_captions: bool = True
 
 
-def _unique_scenes(rng: random.Random, n: int, taken: set[str]) -> list[Scene]:
+def _unique_scenes(rng: random.Random, n: int, taken: set[str] | None) -> list[Scene]:
+    """`n` scenes whose captions are not in `taken` nor repeated (`taken` None: i.i.d. scenes)."""
+    if taken is None:
+        return [random_scene(rng) for _ in range(n)]
     out = []
     attempts = 0
     while len(out) < n:
@@ -170,7 +185,7 @@ def make_toy_data(out: str | Path, cfg: ToyDataConfig | None = None) -> dict:
         if getattr(cfg, key) < 0:
             raise MemtrainError(f"toy-data: --{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
     rng = random.Random(cfg.seed)
-    taken: set[str] = set()
+    taken: set[str] | None = set() if cfg.unique_captions else None
     dup = _unique_scenes(rng, cfg.n_duplicated, taken)
     single = _unique_scenes(rng, cfg.n_singletons, taken)
     held = _unique_scenes(rng, cfg.n_heldout, taken)
@@ -233,6 +248,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output directory (replaced atomically)")
     defaults = ToyDataConfig()
     for key, value in asdict(defaults).items():
+        if isinstance(value, bool):
+            p.add_argument(f"--{key.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value,
+                           help=f"default {value}")
+            continue
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"default {value}")
     p.set_defaults(func=_run)
 
