@@ -228,8 +228,7 @@ def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_fil
     # the CLIP score against CLIPModel's own logits: logits_per_image = exp(logit_scale) * cos
     scorer = E.load_clip_scorer(clip_dir)
     images = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-    captions = ["a small red circle", "a large green ring",
-                "a small black cross"]
+    captions = ["a small red circle", "a large green ring", "a small black cross"]
     model, processor, tokenizer = scorer
     pixels = processor(images=E._to_pil(images), return_tensors="pt")["pixel_values"]
     ids = tokenizer(captions, padding=True, return_tensors="pt")

@@ -129,6 +129,7 @@ def summarize(study: dict) -> dict:
             "tiled_l2_extraction_rate": float(np.mean([r["tiled_extracted"] for r in rows])),
             "nl2_rate": float(np.mean([r["nl2_memorized"] for r in rows])),
             "nearest_is_own_image": float(np.mean([r["nearest_is_source"] for r in rows])) if group != "novel" else None,
+            "replicated_generations": int(sum(r["ratio_memorized"] for r in rows)),
             # replicated generations whose nearest training image is one of the duplicated images
             "replicated_duplicated_images": int(sum(r["ratio_memorized"] and r["nearest_group"] == "duplicated"
                                                     for r in rows)),
@@ -191,7 +192,7 @@ def markdown(report: dict) -> str:
     for group, s in report["groups"].items():
         own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
         lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
-                     f"{s['replicated_duplicated_images']} of {round(s['replication_rate'] * s['generations'])} | "
+                     f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
                      f"{s['replication_rate_vs_originals']:.0%} | {s['gu_rate']:.0%} | "
                      f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
     lines += ["", "![generations beside their nearest training images](replication.png)", ""]

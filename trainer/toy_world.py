@@ -153,8 +153,8 @@ class ToyDataConfig:
     unique_captions: bool = True
 
 
-def _unique_scenes(rng: random.Random, n: int, taken: set[str] | None) -> list[Scene]:
-    """`n` scenes whose captions are not in `taken` nor repeated (`taken` None: i.i.d. scenes)."""
+def _draw_scenes(rng: random.Random, n: int, taken: set[str] | None) -> list[Scene]:
+    """`n` random scenes; with a `taken` set, each caption new to it (and added to it), else i.i.d."""
     if taken is None:
         return [random_scene(rng) for _ in range(n)]
     out = []
@@ -186,10 +186,10 @@ def make_toy_data(out: str | Path, cfg: ToyDataConfig | None = None) -> dict:
             raise MemtrainError(f"toy-data: --{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
     rng = random.Random(cfg.seed)
     taken: set[str] | None = set() if cfg.unique_captions else None
-    dup = _unique_scenes(rng, cfg.n_duplicated, taken)
-    single = _unique_scenes(rng, cfg.n_singletons, taken)
-    held = _unique_scenes(rng, cfg.n_heldout, taken)
-    novel = _unique_scenes(rng, cfg.n_novel, taken)
+    dup = _draw_scenes(rng, cfg.n_duplicated, taken)
+    single = _draw_scenes(rng, cfg.n_singletons, taken)
+    held = _draw_scenes(rng, cfg.n_heldout, taken)
+    novel = _draw_scenes(rng, cfg.n_novel, taken)
 
     labels: list[dict] = []
     train_rows: list[tuple[str, str, Image.Image]] = []
