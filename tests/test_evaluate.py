@@ -136,6 +136,16 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
         assert s["similarity_p95"] == pytest.approx(np.percentile(1 - ratio, 95))
         assert s["similarity_max"] == pytest.approx(np.max(1 - ratio))
     assert report["cost"]["generation"]["unet_evals"] == 6 * 2 * 2 * 2  # prompts x n x steps x (cond, uncond)
+    # diagnostic: the ROC numbers again without the novel prompts whose generations replicate
+    verified = trigger["without_replicating_negatives"]
+    replicating = {g["text"] for g in gens if g["group"] == "general" and g["ratio"] < 1 / 3}
+    keep = [p for p in prompts if not (p["label"] == 0 and p["text"] in replicating)]
+    assert verified["excluded"] == sorted(replicating)
+    assert verified["n_negative"] == sum(p["label"] == 0 for p in keep) > 0
+    for name in ("noise", "anisotropy"):
+        scores, kept_labels = [p["scores"][name] for p in keep], [p["label"] for p in keep]
+        assert verified["detectors"][name] == {"auroc": auroc(scores, kept_labels),
+                                               "tpr_at_1fpr": tpr_at_fpr(scores, kept_labels, 0.01)}
 
     # membership: 10 members (2 duplicated + 8 singletons), 4 held-out; out-of-fold scores
     mem = report["membership"]
@@ -175,6 +185,22 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     assert json.loads(logged["trigger/noise/auroc"]) == pytest.approx(trigger["detectors"]["noise"]["auroc"])
     assert json.loads(logged["membership/clid_th/auroc"]) == pytest.approx(mem["scores"]["clid_th"]["auroc"])
     assert json.loads(logged["figures/roc/_type"]) == "image-file"
+
+
+def test_without_replicating_negatives_leaves_out_the_novel_prompts_that_replicate():
+    from trainer.evaluate import without_replicating_negatives
+
+    scores = {"a": 3.0, "b": 2.0, "x": 2.5, "y": 1.0, "z": 0.5}
+    labels = {"a": 1, "b": 1, "x": 0, "y": 0, "z": 0}
+    trigger = {"labelled": True, "detectors": {"noise": {}},
+               "prompts": [{"text": t, "label": labels[t], "scores": {"noise": v}} for t, v in scores.items()]}
+    gens = [{"group": "general", "text": t, "replicated": t == "x"} for t in "xxyyzz"]
+    gens += [{"group": "trigger", "text": "a", "replicated": True}]
+    everything = [scores[t] for t in scores], [labels[t] for t in scores]
+    assert (auroc(*everything), tpr_at_fpr(*everything, 0.01)) == (pytest.approx(5 / 6), 0.5)
+    verified = without_replicating_negatives(trigger, {"generations": gens})
+    assert verified == {"excluded": ["x"], "n_negative": 2, "detectors": {"noise": {"auroc": 1.0, "tpr_at_1fpr": 1.0}}}
+    assert without_replicating_negatives({**trigger, "labelled": False}, {"generations": gens}) is None
 
 
 def test_plain_text_prompts_give_scores_only(tmp_path, tiny_model):

@@ -189,8 +189,9 @@ def test_monitor_logs_to_every_tracker_and_matches_the_detectors(tmp_path, tiny_
     assert step2["clid_mean_member"] == pytest.approx(scores[:8].mean(), rel=1e-6, abs=1e-9)
     assert step2["clid_mean_heldout"] == pytest.approx(scores[8:].mean(), rel=1e-6, abs=1e-9)
     assert step2["noise_auc"] == auroc(magnitude, labels)
-    assert step2["noise_mean_member"] == pytest.approx(magnitude[:8].mean(), rel=1e-6)
-    assert step2["noise_mean_novel"] == pytest.approx(magnitude[8:].mean(), rel=1e-6)
+    # float32 sums over differently composed batches: agreement to ~1e-6, not bit for bit
+    assert step2["noise_mean_member"] == pytest.approx(magnitude[:8].mean(), rel=1e-5)
+    assert step2["noise_mean_novel"] == pytest.approx(magnitude[8:].mean(), rel=1e-5)
 
 
 def test_resume_continues_the_curves_and_the_monitor_does_not_change_training(tmp_path, tiny_model, tiny_data):

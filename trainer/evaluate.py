@@ -294,6 +294,32 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
     return result
 
 
+def without_replicating_negatives(trigger: dict, replication: dict) -> dict | None:
+    """Detector AUROC and TPR@1%FPR again, leaving out the non-memorized (label 0) prompts whose own
+    generations replicate a training image (`replicated` in the replication section).
+
+    MemBench (Hong et al. 2025) verifies its prompt sets by generation; a prompt labelled not
+    memorized that reproduces a training image is a trigger the labels missed (in the toy world, a
+    novel caption sharing words with a duplicated one brings the duplicated image back). A
+    diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
+    the prompts are unlabelled or nothing was generated."""
+    from .metrics import auroc, tpr_at_fpr
+
+    if not trigger.get("labelled") or not trigger.get("detectors") or not replication:
+        return None
+    replicating = {g["text"] for g in replication["generations"] if g["group"] == "general" and g["replicated"]}
+    keep = [p for p in trigger["prompts"] if not (p["label"] == 0 and p["text"] in replicating)]
+    labels = np.array([p["label"] for p in keep], dtype=float)
+    result = {"excluded": sorted(replicating & {p["text"] for p in trigger["prompts"] if p["label"] == 0}),
+              "n_negative": int((labels == 0).sum()), "detectors": {}}
+    if result["n_negative"] == 0:
+        return result
+    for name in trigger["detectors"]:
+        scores = np.array([p["scores"][name] for p in keep])
+        result["detectors"][name] = {"auroc": auroc(scores, labels), "tpr_at_1fpr": tpr_at_fpr(scores, labels, 0.01)}
+    return result
+
+
 # ---------------------------------------------------------------- section 2: replication
 
 
@@ -654,6 +680,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
                 else:
                     report["replication"] = rep
                     references = rep.pop("_references")
+                    verified = without_replicating_negatives(report.get("trigger", {}), rep)
+                    if verified is not None:
+                        report["trigger"]["without_replicating_negatives"] = verified
                     figures["replicated"] = (generated, references)
                     cost["replication"] = {"seconds": round(time.perf_counter() - t0, 2)}
             stages.update()
@@ -883,6 +912,14 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
                              f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
                              f"{d['unet_evals_per_prompt']:g} |")
+            verified = trigger.get("without_replicating_negatives")
+            if verified and verified["excluded"] and verified["detectors"]:
+                lines += ["", f"Diagnostic: {len(verified['excluded'])} of the {trigger['n_negative']} non-memorized "
+                          "prompts have a generation that replicates a training image (ratio < 1/3; listed in report.json "
+                          "as `trigger.without_replicating_negatives`). Without them:", "",
+                          "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
+                lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
+                          for k, v in verified["detectors"].items()]
         else:
             lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`).", "",
                       "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]
