@@ -298,7 +298,7 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
     """Detector AUROC and TPR@1%FPR again, leaving out the non-memorized (label 0) prompts whose own
     generations replicate a training image (`replicated` in the replication section).
 
-    MemBench (Hong et al. 2025) verifies its prompt sets by generation; a prompt labelled not
+    MemBench (Hong et al. 2024) verifies its prompt sets by generation; a prompt labelled not
     memorized that reproduces a training image is a trigger the labels missed (in the toy world, a
     novel caption sharing words with a duplicated one brings the duplicated image back). A
     diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
