@@ -10,6 +10,7 @@ left is the core's own overhead. On a tiny model one text-encoder row costs a si
 a UNet eval, so 1-2-eval detectors (entropy, Wen first step) are bounded well below 1 by `ratio`.
 
     python scripts/bench_detect.py                         # tiny random SD-shaped model (TinySize())
+    python scripts/bench_detect.py --image-size 128        # the same at 32x32 latents (UNet-bound, as SD is)
     python scripts/bench_detect.py --model path/to/pipeline --device cuda --batch-size 32
 """
 
@@ -51,7 +52,7 @@ def load(args) -> dict | object:
     if args.model is None:
         from trainer.toy_model import TinySize, build_components, build_tokenizer
 
-        parts = build_components(build_tokenizer(WORDS), TinySize(), seed=0)
+        parts = build_components(build_tokenizer(WORDS), TinySize(image_size=args.image_size), seed=0)
         for name in ("unet", "text_encoder", "vae"):
             parts[name].to(args.device).eval()
         return parts
@@ -115,6 +116,11 @@ def raw_text_job(core: UNetCore, batch_size: int, forwards: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers StableDiffusionPipeline directory (default: tiny random model)")
+    p.add_argument(
+        "--image-size", type=int, default=32,
+        help="image side of the tiny random model (default 32: the toy base's 8x8 latents; 128 gives 32x32 latents, "
+        "where a UNet eval outweighs a text-encoder row as on SD)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="with --model"
