@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="detector names to run (default all)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.image_size < 8 or args.image_size % 4:
+        p.error(f"--image-size must be a multiple of 4 and at least 8 (the tiny VAE downsamples twice), got {args.image_size}")
     torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         detectors = {k: v for k, v in detectors.items() if k in args.only}
 
     print(
-        f"model={args.model or 'tiny TinySize()'} device={args.device} dtype={core.dtype} latent={core.latent_shape} "
+        f"model={args.model or f'tiny TinySize(image_size={args.image_size})'} device={args.device} dtype={core.dtype} latent={core.latent_shape} "
         f"batch={bs} prompts={len(prompts)} threads={args.threads}"
     )
     print(
