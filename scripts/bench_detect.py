@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from trainer import detectors as D  # noqa: E402
+from trainer.toy_model import TinySize  # noqa: E402
 from trainer.unet_core import UNetCore, count_evals  # noqa: E402
 
 WORDS = (
@@ -50,7 +51,7 @@ def make_prompts(count: int, seed: int = 0) -> list[str]:
 
 def load(args) -> dict | object:
     if args.model is None:
-        from trainer.toy_model import TinySize, build_components, build_tokenizer
+        from trainer.toy_model import build_components, build_tokenizer
 
         parts = build_components(build_tokenizer(WORDS), TinySize(image_size=args.image_size), seed=0)
         for name in ("unet", "text_encoder", "vae"):
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="detector names to run (default all)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.image_size < 8 or args.image_size % 4:
-        p.error(f"--image-size must be a multiple of 4 and at least 8 (the tiny VAE downsamples twice), got {args.image_size}")
+    factor = 2 ** (len(TinySize().vae_channels) - 1)  # the tiny VAE's downsampling
+    if args.image_size < 2 * factor or args.image_size % factor:
+        p.error(f"--image-size must be a multiple of {factor} and at least {2 * factor}, got {args.image_size}")
     torch.set_num_threads(args.threads)
     args.device = torch.device(args.device)
 

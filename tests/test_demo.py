@@ -40,7 +40,7 @@ def test_demo_replicates_duplicated_prompts_not_novel_ones(demo):
 def test_ground_truth_detectors_on_the_demo_model(demo, tmp_path):
     """Duplicated vs novel prompts (n = 1) and training vs held-out pairs on the demo's fine-tune.
     Measured here: Wen first step AUROC 0.973 (TPR@1%FPR 0.50), anisotropy 0.980 (0.56), CLiD_th
-    0.898; on an AMD EPYC machine 0.967 (0.50), 0.973 (0.50), 0.898. Issue 3 asks for AUROC >= 0.95
+    0.898; on one AMD EPYC machine 0.967 (0.50), 0.973 (0.50), 0.898. Issue 3 asks for AUROC >= 0.95
     with TPR >= 0.8, and CLiD >= 0.9 (see the README)."""
     from trainer.evaluate import evaluate
 
