@@ -18,7 +18,7 @@ def demo(tmp_path_factory):
 def test_demo_replicates_duplicated_prompts_not_novel_ones(demo):
     out, report = demo
     groups = report["groups"]
-    # measured on this machine (2400 steps): duplicated 94%, singleton 6%, novel 7% (ratio < 0.5, guidance 3)
+    # measured on an AMD EPYC (2400 steps, EMA): duplicated 97%, singleton 7%, novel 7% (ratio < 0.5, guidance 3)
     assert groups["duplicated"]["replication_rate"] >= 0.6
     assert groups["duplicated"]["replication_rate"] >= 4 * max(groups["novel"]["replication_rate"], 0.01)
     assert groups["singleton"]["replication_rate"] <= 0.15
@@ -38,19 +38,20 @@ def test_demo_replicates_duplicated_prompts_not_novel_ones(demo):
 
 @pytest.mark.slow
 def test_ground_truth_detectors_on_the_demo_model(demo, tmp_path):
-    """Duplicated vs novel prompts (n = 1) and training vs held-out pairs on the demo's fine-tune.
-    Measured here: Wen first step AUROC 0.973 (TPR@1%FPR 0.50), anisotropy 0.980 (0.56), CLiD_th
-    0.898; on one AMD EPYC machine 0.967 (0.50), 0.973 (0.50), 0.898. Issue 3 asks for AUROC >= 0.95
-    with TPR >= 0.8, and CLiD >= 0.9 (see the README)."""
+    """Duplicated vs novel prompts (n = 1) and training vs held-out pairs on the demo's fine-tune
+    (EMA weights). Measured on an AMD EPYC at seed 0: Wen first step AUROC 0.993 (TPR@1%FPR 0.81),
+    anisotropy 0.988 (0.56), CLiD_th 0.924. Issue 3 asks for AUROC >= 0.95 with TPR >= 0.8, and
+    CLiD >= 0.9 (see the README). The bounds leave room for machines that train differently: the
+    recipe without EMA gave Wen 0.973 / 0.967 AUROC on two machines with TPR 0.50 on both."""
     from trainer.evaluate import evaluate
 
     out, _ = demo
     report = evaluate(out / "train" / "pipeline", out / "data" / "labels.jsonl", out=tmp_path / "eval",
                       generate=False, detectors="noise,anisotropy,clid", progress=False)
     detectors = report["trigger"]["detectors"]
-    for name in ("noise", "anisotropy"):
+    for name, min_tpr in (("noise", 0.5), ("anisotropy", 0.4)):
         assert detectors[name]["auroc"] >= 0.95, (name, detectors[name])
-        assert detectors[name]["tpr_at_1fpr"] >= 0.4, (name, detectors[name])
+        assert detectors[name]["tpr_at_1fpr"] >= min_tpr, (name, detectors[name])
     membership = report["membership"]
-    assert membership["scores"]["clid_th"]["auroc"] >= 0.85
+    assert membership["scores"]["clid_th"]["auroc"] >= 0.88
     assert membership["by_group"]["duplicated"]["clid_th"] >= 0.99
