@@ -511,6 +511,7 @@ def main() -> int:
             f"data.path={data}",
             # diffusers' train_text_to_image.py trains the UNet only; so does the comparison
             "model.train_text_encoder=false",
+            "train.ema=false",  # ... and without --use_ema (the plain loop has no EMA; a variant row may set it)
             *args.set,
             f"train.max_steps={max(total + 10, 10 * total)}",  # the hook stops the run; keep the LR schedule long
             "checkpoint.every_steps=1000000000",
