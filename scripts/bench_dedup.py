@@ -32,7 +32,7 @@ def one(n: int, dim: int, block: int, search: str, threads: int | None, seed: in
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from trainer.dedup import near_duplicate_groups
+    from trainer.mitigate.dedup import near_duplicate_groups
 
     if threads:
         torch.set_num_threads(threads)

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer import detectors as D  # noqa: E402
-from trainer.toy_model import TinySize  # noqa: E402
-from trainer.unet_core import UNetCore, count_evals  # noqa: E402
+from trainer.core.unet_core import UNetCore, count_evals  # noqa: E402
+from trainer.detect import prompt as D  # noqa: E402
+from trainer.toy.base import TinySize  # noqa: E402
 
 WORDS = (
     "a an the photo painting drawing of with on in under near red blue green yellow black white small large "
@@ -51,7 +51,7 @@ def make_prompts(count: int, seed: int = 0) -> list[str]:
 
 def load(args) -> dict | object:
     if args.model is None:
-        from trainer.toy_model import build_components, build_tokenizer
+        from trainer.toy.base import build_components, build_tokenizer
 
         parts = build_components(build_tokenizer(WORDS), TinySize(image_size=args.image_size), seed=0)
         for name in ("unet", "text_encoder", "vae"):

@@ -54,7 +54,7 @@ MONITOR_RECIPE = ROOT / "recipes" / "toy-mitigated.yaml"  # the `monitor` row's 
 sys.path.insert(0, str(ROOT))
 
 # mitigation rows: name -> recipe overrides (a memtrain run each); shared with `memtrain compare --alone`
-from trainer.mitigations import PRESETS  # noqa: E402
+from trainer.mitigate.loss_mask import PRESETS  # noqa: E402
 
 # recipe features the plain loop does not implement (it is the minimal diffusers loop)
 UNSUPPORTED = {
@@ -109,7 +109,7 @@ def child_memtrain(job: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     from trainer.config import load_recipe
     from trainer.recipe import TrainRecipe
-    from trainer.train import train
+    from trainer.training.loop import train
 
     recipe = load_recipe(TrainRecipe, job["recipe"], job["overrides"])
     stamps, extra = install_step_clock(job["warmup"] + job["steps"], job["warmup"])
@@ -270,7 +270,7 @@ def run_child(job_path: str) -> int:
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     """Presets, NAME:key=value specs (`mitigations.parse_mitigation_specs`) and `monitor`."""
     from trainer.io import MemtrainError
-    from trainer.mitigations import parse_mitigation_specs
+    from trainer.mitigate.loss_mask import parse_mitigation_specs
 
     try:
         return [("monitor", []) if spec == "monitor" else  # built by monitor_variant once the data is known
@@ -300,8 +300,8 @@ def prepare_inputs(args, tmp: Path) -> tuple[str, str]:
     if args.model:
         model = str(Path(args.model).resolve())
     else:
-        from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
-        from trainer.toy_world import vocabulary
+        from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
+        from trainer.toy.world import vocabulary
 
         model = str(save_pipeline(build_components(build_tokenizer(vocabulary()), TinySize()), tmp / "model"))
     if args.data:
@@ -309,7 +309,7 @@ def prepare_inputs(args, tmp: Path) -> tuple[str, str]:
         if not (data / "metadata.jsonl").exists() and (data / "train" / "metadata.jsonl").exists():
             data = data / "train"
     else:
-        from trainer.toy_world import ToyDataConfig, make_toy_data
+        from trainer.toy.world import ToyDataConfig, make_toy_data
 
         make_toy_data(tmp / "data", ToyDataConfig())
         data = tmp / "data" / "train"

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer import toy_world
 from trainer.config import load_recipe
 from trainer.io import atomic_dir
 from trainer.recipe import TrainRecipe
-from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
-from trainer.train import train
+from trainer.toy import world as toy_world
+from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
+from trainer.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

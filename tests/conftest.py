@@ -14,8 +14,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from trainer import toy_world  # noqa: E402
-from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline  # noqa: E402
+from trainer.toy import world as toy_world  # noqa: E402
+from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline  # noqa: E402
 
 TINY = TinySize(image_size=16, vae_channels=(16, 32), latent_channels=4, unet_channels=(32, 32), text_dim=32, text_layers=1,
                 text_heads=2, attention_head_dim=2)

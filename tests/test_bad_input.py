@@ -8,9 +8,9 @@ import shutil
 import pytest
 from conftest import TINY, write_recipe
 
-from trainer import toy_world
 from trainer.cli import main
-from trainer.toy_model import build_components, build_tokenizer, save_pipeline
+from trainer.toy import world as toy_world
+from trainer.toy.base import build_components, build_tokenizer, save_pipeline
 
 
 def run_fails(capsys, *argv: str) -> str:

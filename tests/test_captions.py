@@ -4,15 +4,15 @@ from collections import Counter
 import pytest
 import torch
 
-from trainer.captions import (
+from trainer.io import MemtrainError
+from trainer.mitigate.captions import (
     RANDOM_NUMBER_HIGH,
     CaptionAugConfig,
     add_embedding_noise,
     augment_caption,
     token_pool,
 )
-from trainer.io import MemtrainError
-from trainer.toy_model import build_tokenizer
+from trainer.toy.base import build_tokenizer
 
 CAPTION = "a large red circle and a small blue ring"
 WORDS = CAPTION.split()

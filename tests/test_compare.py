@@ -9,14 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import toy_world
 from trainer.cli import main
-from trainer.compare import MITIGATED_RECIPE, PLAIN_RECIPE, compare, monitor_curves, parse_alone, plan_runs
 from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
-from trainer.mitigations import PRESETS
+from trainer.mitigate.loss_mask import PRESETS
 from trainer.recipe import TrainRecipe
-from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
+from trainer.toy import world as toy_world
+from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
+from trainer.toy.compare import (
+    MITIGATED_RECIPE,
+    PLAIN_RECIPE,
+    compare,
+    monitor_curves,
+    parse_alone,
+    plan_runs,
+)
 from trainer.tracking import read_jsonl
 
 # 32 px like the toy data (the replication study compares generations with the training images as they are)
@@ -139,7 +146,7 @@ def test_monitor_keeps_training_identical(compared):
     the RNG, so its final weights equal an unmonitored run's."""
     from safetensors.torch import load_file
 
-    from trainer.train import train
+    from trainer.training.loop import train
 
     out, report = compared
     plain = next(r for r in report["runs"] if r["name"] == "plain")

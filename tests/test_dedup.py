@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import dedup
 from trainer.data import Rows
 from trainer.io import MemtrainError
+from trainer.mitigate import dedup as dedup
 
 SIZE = 48
 
@@ -109,7 +109,7 @@ def test_many_distinct_images_make_no_groups():
 
 def test_toy_world_duplicates_are_exactly_the_planted_ones(tmp_path):
     from trainer.data import load_rows
-    from trainer.toy_world import ToyDataConfig, make_toy_data
+    from trainer.toy.world import ToyDataConfig, make_toy_data
 
     make_toy_data(
         tmp_path / "toy", ToyDataConfig(n_duplicated=4, copies=3, n_singletons=120, n_heldout=0, n_novel=0)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from trainer import detectors as D
-from trainer import unet_core as U
+from trainer.core import unet_core as U
+from trainer.detect import prompt as D
 from trainer.io import MemtrainError
-from trainer.toy_model import SD_SCHEDULE, TinySize, build_components, build_tokenizer
+from trainer.toy.base import SD_SCHEDULE, TinySize, build_components, build_tokenizer
 
 # SD 1.x's own scheduler config ("leading" spacing: 981, 961, ..., 1); the toy base samples "trailing"
 SD1_SCHEDULE = {**SD_SCHEDULE, "timestep_spacing": "leading"}

@@ -13,12 +13,12 @@ from test_dedup import TinySSCD
 from test_metrics import pairwise_auc
 from test_monitor import wandb_records
 
-from trainer import evaluate as E
-from trainer import toy_world
 from trainer.cli import main
 from trainer.io import MemtrainError
-from trainer.metrics import auroc, tpr_at_fpr
-from trainer.toy_model import build_tokenizer
+from trainer.measure.metrics import auroc, tpr_at_fpr
+from trainer.report import evaluate as E
+from trainer.toy import world as toy_world
+from trainer.toy.base import build_tokenizer
 
 FAST = ["--steps", "2", "-n", "2", "--batch-size", "64"]  # 2 DDIM steps keep the generations cheap
 
@@ -81,8 +81,8 @@ def offline_wandb(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, capsys):
-    from trainer import detectors as D
-    from trainer.generate import load_pipeline
+    from trainer.detect import prompt as D
+    from trainer.sample.generate import load_pipeline
 
     out = tmp_path / "eval"
     assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--out", out, *FAST, "--wandb") == 0
@@ -188,7 +188,7 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
 
 
 def test_without_replicating_negatives_leaves_out_the_novel_prompts_that_replicate():
-    from trainer.evaluate import without_replicating_negatives
+    from trainer.report.evaluate import without_replicating_negatives
 
     scores = {"a": 3.0, "b": 2.0, "x": 2.5, "y": 1.0, "z": 0.5}
     labels = {"a": 1, "b": 1, "x": 0, "y": 0, "z": 0}
@@ -239,7 +239,7 @@ def test_no_generate_keeps_detectors_and_membership(tmp_path, tiny_model, tiny_d
 def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_file):
     from transformers import CLIPModel
 
-    from trainer.dedup import embed_images, load_sscd
+    from trainer.mitigate.dedup import embed_images, load_sscd
 
     report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=2,
                         detectors="noise", sscd=sscd_file, clip=clip_dir, progress=False)

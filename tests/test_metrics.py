@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.io import MemtrainError
-from trainer.metrics import auroc, roc_points, tpr_at_fpr
+from trainer.measure.metrics import auroc, roc_points, tpr_at_fpr
 
 
 def pairwise_auc(scores, labels):

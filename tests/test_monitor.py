@@ -158,8 +158,8 @@ def test_monitor_logs_to_every_tracker_and_matches_the_detectors(tmp_path, tiny_
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from trainer import data as data_lib
-    from trainer.detectors import clid_features, clid_th_scores, noise_magnitude
-    from trainer.metrics import auroc, tpr_at_fpr
+    from trainer.detect.prompt import clid_features, clid_th_scores, noise_magnitude
+    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
     unet.load_state_dict(load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors")))
@@ -278,9 +278,9 @@ def test_member_probe_is_distinct_images_and_the_same_after_drop_dedup(tmp_path,
     very same member images; `distinct_members=false` draws among all rows (copies included)."""
     from trainer.config import load_recipe
     from trainer.data import load_rows
-    from trainer.dedup import apply_dedup_policy
-    from trainer.monitor import Monitor
+    from trainer.mitigate.dedup import apply_dedup_policy
     from trainer.recipe import TrainRecipe
+    from trainer.training.monitor import Monitor
 
     recipe_file = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
                                monitor=monitor_section(tiny_data, members=10))

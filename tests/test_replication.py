@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.io import MemtrainError
-from trainer.replication import (
+from trainer.measure.replication import (
     l2_matrix,
     replication_metrics,
     summarize_replication,

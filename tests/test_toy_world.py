@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from trainer import toy_world
 from trainer.io import MemtrainError
-from trainer.report import load_image_dir
-from trainer.toy_checker import alignment_scores, parse_caption
-from trainer.toy_model import build_tokenizer
+from trainer.toy import world as toy_world
+from trainer.toy.base import build_tokenizer
+from trainer.toy.checker import alignment_scores, parse_caption
+from trainer.toy.study import load_image_dir
 
 
 def digest(root):

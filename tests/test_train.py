@@ -112,7 +112,7 @@ def test_jsonl_metrics_and_recipe_are_written(tmp_path, tiny_model, tiny_data):
 def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data):
     """Wen et al. loss masking: with a threshold below every magnitude all samples are masked (and
     the weights do not move); with a huge one none are; the count is logged per step."""
-    from trainer.mitigations import conditional_magnitude
+    from trainer.mitigate.loss_mask import conditional_magnitude
 
     runs = {}
     for name, threshold in (("all", 1e-6), ("none", 1e6)):

@@ -8,10 +8,10 @@ import importlib
 import os
 import sys
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 # verb modules, in the order `memtrain --help` lists them
-COMMANDS = ["demo", "compare", "toy_world", "train", "generate", "evaluate", "dedup"]
+COMMANDS = ["toy.demo", "toy.compare", "toy.world", "training.loop", "sample.generate", "report.evaluate", "mitigate.dedup"]
 
 
 def build_parser() -> argparse.ArgumentParser:

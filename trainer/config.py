@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 
 @dataclass

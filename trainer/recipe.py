@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .captions import CaptionAugConfig
-from .io import MemtrainError
+from trainer.io import MemtrainError
+from trainer.mitigate.captions import CaptionAugConfig
 
 
 @dataclass

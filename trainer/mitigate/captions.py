@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 RANDOM_NUMBER_HIGH = 100_000  # RNA draws integers in [0, RANDOM_NUMBER_HIGH)
 PAPER_P = 0.1  # Somepalli et al.'s probability when a method is enabled (the recipes' value)

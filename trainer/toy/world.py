@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import MemtrainError, atomic_dir
+from trainer.io import MemtrainError, atomic_dir
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 DEFAULT_BATCH_SIZE = 16
 SPACES = ("epsilon", "model")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 DEFAULT_BLOCK = 256
 TILED_L2_THRESHOLD = 0.15  # Carlini et al. 2023: extracted when tiled L2 <= 0.15

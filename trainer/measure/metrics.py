@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .io import MemtrainError
+from trainer.io import MemtrainError
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 

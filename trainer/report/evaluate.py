@@ -72,8 +72,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .io import MemtrainError, atomic_dir, atomic_file, write_json
-from .replication import NL2_THRESHOLD, RATIO_THRESHOLD, TILED_L2_THRESHOLD
+from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
+from trainer.measure.replication import NL2_THRESHOLD, RATIO_THRESHOLD, TILED_L2_THRESHOLD
 
 DETECTORS = ("noise", "noise10", "anisotropy", "entropy", "clid")
 PROMPT_DETECTORS = {
@@ -135,7 +135,7 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
     row without a `text`/`prompt` string, a label or member that is not 0/1, a `member` row
     without `file_name`.
     """
-    from .generate import read_prompts
+    from trainer.sample.generate import read_prompts
 
     path = Path(path)
     rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
@@ -191,7 +191,7 @@ def model_resolution(pipe) -> int:
 def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: str = "load images",
                 progress: bool = True) -> torch.Tensor:
     """Images [N, 3, r, r] in [0, 1]: short side resized to `resolution`, center crop (as training)."""
-    from .data import image_to_tensor, open_image
+    from trainer.data import image_to_tensor, open_image
 
     out = [image_to_tensor(open_image(p, n), resolution, True, False, random.Random(0))
            for p, n in tqdm(list(zip(paths, names, strict=True)), desc=desc, disable=not progress, leave=False)]
@@ -206,7 +206,7 @@ def find_training_images(data: Path, rows: Sequence[PromptRow]) -> tuple[list, l
     The imagefolder `DATA/train` (a toy dataset's), else `DATA` itself when it is an imagefolder
     (`metadata.jsonl` / `metadata.csv`), else the images of the member rows of the prompt file.
     """
-    from .data import load_rows
+    from trainer.data import load_rows
 
     for root in (data / "train", data):
         if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
@@ -234,8 +234,8 @@ def _to_pil(images: torch.Tensor) -> list:
 def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: int = 0, batch_size: int = 32,
                     progress: bool = True) -> dict[str, dict]:
     """Per detector: `scores` [P] (float64 numpy), `unet_evals`, `seconds` (n = 1, paper defaults)."""
-    from .detectors import anisotropy, attention_entropy, noise_magnitude
-    from .unet_core import count_evals
+    from trainer.core.unet_core import count_evals
+    from trainer.detect.prompt import anisotropy, attention_entropy, noise_magnitude
 
     out = {}
     for name in tqdm([d for d in detectors if d in PROMPT_DETECTORS], desc="detectors", disable=not progress):
@@ -260,7 +260,7 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
                      seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
     """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
-    from .metrics import auroc, tpr_at_fpr
+    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
@@ -303,7 +303,7 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
     novel caption sharing words with a duplicated one brings the duplicated image back). A
     diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
     the prompts are unlabelled or nothing was generated."""
-    from .metrics import auroc, tpr_at_fpr
+    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     if not trigger.get("labelled") or not trigger.get("detectors") or not replication:
         return None
@@ -326,7 +326,7 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
 def sscd_similarity(model, generated: torch.Tensor, references: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Per generation, the max cosine of SSCD descriptors to any reference image (SSCD preprocessing of
     `dedup`: 288 x 288, ImageNet normalisation)."""
-    from .dedup import _sscd_batch
+    from trainer.mitigate.dedup import _sscd_batch
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         chunks = []
@@ -348,7 +348,7 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
 
     `sources[i]`: the index into `references` of generation i's own training image (-1: none).
     """
-    from .replication import replication_metrics, summarize_replication
+    from trainer.measure.replication import replication_metrics, summarize_replication
 
     metrics = replication_metrics(generated, references)
     vs_originals = replication_metrics(generated, originals)
@@ -404,9 +404,15 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from .detectors import clid_features, clid_th_scores, clid_vec_classifier, clid_vec_scores, fit_clid_alpha
-    from .metrics import auroc, tpr_at_fpr
-    from .unet_core import count_evals
+    from trainer.core.unet_core import count_evals
+    from trainer.detect.prompt import (
+        clid_features,
+        clid_th_scores,
+        clid_vec_classifier,
+        clid_vec_scores,
+        fit_clid_alpha,
+    )
+    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     y = np.asarray(members, dtype=np.int64)
     start = time.perf_counter()
@@ -436,7 +442,7 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
 def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
     """AUROC of each membership score for one member group (e.g. toy `duplicated`, `singleton`) against
     all non-members, from the pooled out-of-fold scores; {} when the members form a single group."""
-    from .metrics import auroc
+    from trainer.measure.metrics import auroc
 
     groups = np.asarray(membership["groups"])
     flags = np.asarray(membership["member_flags"])
@@ -458,7 +464,7 @@ def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
 def image_features(images: torch.Tensor) -> torch.Tensor:
     """The fixed "pix8+palette" feature [N, 200] of images in [0, 1]: 8x8 area-averaged RGB (192 values)
     then the 8 toy palette fractions (`toy_checker.palette_fractions`)."""
-    from .toy_checker import palette_fractions
+    from trainer.toy.checker import palette_fractions
 
     pixels = torch.nn.functional.adaptive_avg_pool2d(images.float(), FEATURE_SIDE).flatten(1)
     return torch.cat([pixels, palette_fractions(images)], dim=1).double()
@@ -484,7 +490,7 @@ def load_clip_scorer(path: str | Path):
     """(model, image processor, tokenizer) of a local full CLIPModel directory for the CLIP score."""
     from transformers import CLIPTokenizer
 
-    from .dedup import load_clip
+    from trainer.mitigate.dedup import load_clip
 
     model, processor, kind = load_clip(path)
     if kind != "clip":
@@ -520,7 +526,7 @@ def clip_scores(scorer, images: torch.Tensor, captions: Sequence[str], batch_siz
 
 
 def _toy_captions(captions: Sequence[str]) -> bool:
-    from .toy_checker import parse_caption
+    from trainer.toy.checker import parse_caption
 
     try:
         for c in dict.fromkeys(captions):
@@ -533,7 +539,7 @@ def _toy_captions(captions: Sequence[str]) -> bool:
 def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: torch.Tensor | None = None,
                      clip_scorer=None, batch_size: int = 32) -> dict:
     """Quality of one group of generations (images [G, 3, H, W] in [0, 1], one caption each)."""
-    from .toy_checker import alignment_scores
+    from trainer.toy.checker import alignment_scores
 
     result = {"generations": len(generated), "notes": []}
     if _toy_captions(captions):
@@ -589,7 +595,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
              steps: int = 50, guidance_scale: float = 7.5, device: str | None = None,
              progress: bool = True) -> dict:
     """Run the protocol of the module docstring; write OUT/report.json, report.md and PNGs; return the report."""
-    from .generate import generate_images, load_pipeline
+    from trainer.sample.generate import generate_images, load_pipeline
 
     t_start = time.perf_counter()
     for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
@@ -614,7 +620,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
         raise MemtrainError(f"--lora {lora}: no such file or directory")
     sscd_model = clip_scorer = None
     if sscd is not None:
-        from .dedup import load_sscd
+        from trainer.mitigate.dedup import load_sscd
 
         sscd_model = load_sscd(sscd)
     if clip is not None:
@@ -754,8 +760,8 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                         sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
     (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
-    from .replication import unique_images
-    from .report import vae_roundtrip
+    from trainer.measure.replication import unique_images
+    from trainer.toy.study import vae_roundtrip
 
     train = find_training_images(data, rows)
     if train is None:
@@ -820,8 +826,8 @@ def flat_summary(report: dict) -> dict[str, float]:
 
 def write_report(report: dict, out: str | Path, figures: dict | None = None) -> dict:
     """Write report.json, report.md and the PNGs into `out` (a directory); return the list of files."""
-    from .metrics import roc_points
-    from .plots import save_replication_grid, save_roc_curves, save_score_histograms
+    from trainer.measure.metrics import roc_points
+    from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

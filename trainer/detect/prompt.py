@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .io import MemtrainError
-from .unet_core import (
+from trainer.core.unet_core import (
     DEFAULT_BATCH_SIZE,
     UNetCore,
     cross_attention_modules,
@@ -38,6 +37,7 @@ from .unet_core import (
     resolve_cross_attention,
     stack_records,
 )
+from trainer.io import MemtrainError
 
 SD1_ENTROPY_LAYER = "down_blocks.1.attentions.1"  # Ren et al.: the 4th cross-attention layer of SD 1.x
 CLID_TIMESTEPS = (440, 450, 460)

@@ -63,7 +63,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .io import MemtrainError, atomic_file, write_json
+from trainer.io import MemtrainError, atomic_file, write_json
 
 EMBEDDINGS = ("pixels", "phash", "clip", "sscd")
 DEFAULT_THRESHOLD = 0.95
@@ -84,7 +84,7 @@ def default_threshold(embedding: str) -> float:
 
 
 def _open(source, name: str) -> Image.Image:
-    from .data import open_image  # names the file and row in its errors
+    from trainer.data import open_image  # names the file and row in its errors
 
     return open_image(source, name)
 
@@ -417,7 +417,7 @@ def row_groups(rows, threshold: float = DEFAULT_THRESHOLD, progress: bool = True
 def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
     """For training: (rows, None) with the extra copies dropped, or (rows, weights) for `reweight`
     (a float64 tensor for the epoch sampler). Uses the `pixels` embedding."""
-    from .data import Rows
+    from trainer.data import Rows
 
     if policy == "none":
         return rows, None
@@ -698,7 +698,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import load_rows
+    from trainer.data import load_rows
 
     root = Path(args.data)
     if not root.is_dir():

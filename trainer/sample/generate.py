@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .io import MemtrainError, atomic_dir
+from trainer.io import MemtrainError, atomic_dir
 
 
 def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str = "cpu",

@@ -38,7 +38,7 @@ def parse_mitigation_specs(specs: list[str], flag: str, reserved: tuple[str, ...
     Shared by `memtrain compare --alone` and `scripts/bench_train.py --variants`."""
     import shlex
 
-    from .io import MemtrainError
+    from trainer.io import MemtrainError
 
     out: list[tuple[str, list[str]]] = []
     for spec in (s.strip() for s in specs):

@@ -22,7 +22,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .io import MemtrainError, atomic_file
+from trainer.io import MemtrainError, atomic_file
 
 DPI = 100
 MIN_DISPLAY_PX = 128  # images smaller than this are upscaled (nearest) to at least this size

@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from .io import MemtrainError
-from .toy_world import COLORS
+from trainer.io import MemtrainError
+from trainer.toy.world import COLORS
 
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
 _NAMES = list(COLORS)

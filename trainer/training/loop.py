@@ -29,11 +29,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from . import data as data_lib
-from .config import describe_keys, dump_recipe, load_recipe, to_dict
-from .io import MemtrainError, atomic_dir
-from .recipe import TrainRecipe
-from .tracking import JsonlTracker
+from trainer import data as data_lib
+from trainer.config import describe_keys, dump_recipe, load_recipe, to_dict
+from trainer.io import MemtrainError, atomic_dir
+from trainer.recipe import TrainRecipe
+from trainer.tracking import JsonlTracker
 
 CHECKPOINT_INFO = "memtrain_checkpoint.json"
 
@@ -165,7 +165,7 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         clipped = torch.clamp(snr, max=opt.snr_gamma)
         weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     if opt.loss_mask_threshold is not None:
-        from .mitigations import memorization_mask
+        from trainer.mitigate.loss_mask import memorization_mask
 
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
                                             opt.loss_mask_threshold, pred, scheduler)
@@ -288,8 +288,8 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
     prompts = recipe.log.validation_prompts
     if not prompts or not accelerator.is_main_process or parts["vae"] is None:
         return
-    from .generate import generate_images, pipeline_from_components
-    from .plots import save_image_grid
+    from trainer.report.plots import save_image_grid
+    from trainer.sample.generate import generate_images, pipeline_from_components
 
     unet = accelerator.unwrap_model(parts["unet"])
     pipe = pipeline_from_components(dict(parts, unet=unet, text_encoder=accelerator.unwrap_model(parts["text_encoder"])))
@@ -329,7 +329,7 @@ def train(recipe: TrainRecipe) -> dict:
     sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
     monitor = None
     if recipe.monitor.every_steps:
-        from .monitor import Monitor
+        from trainer.training.monitor import Monitor
 
         monitor = Monitor.from_recipe(recipe, rows, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
@@ -413,7 +413,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
     # the monitor's history rides in the checkpoints; a checkpoint without it (monitor off) gets it afterwards
-    from .monitor import MonitorState, state_slot
+    from trainer.training.monitor import MonitorState, state_slot
 
     in_checkpoint = state_slot(resume_path, int(ema is not None))
     monitor_state = monitor if monitor is not None else MonitorState() if in_checkpoint else None
@@ -527,7 +527,7 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
     caps = recipe.data.captions
     augment = None
     if caps.enabled:
-        from .captions import augment_caption, token_pool
+        from trainer.mitigate.captions import augment_caption, token_pool
 
         pool = token_pool(tokenizer)
 
@@ -543,7 +543,7 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
 
     weights = None
     if recipe.data.dedup != "none":
-        from .dedup import apply_dedup_policy
+        from trainer.mitigate.dedup import apply_dedup_policy
 
         rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
     return caption_fn, rows, weights

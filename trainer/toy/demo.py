@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from .config import load_recipe
-from .io import MemtrainError
+from trainer.config import load_recipe
+from trainer.io import MemtrainError
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TOY_BASE = ROOT / "assets" / "toy_base"
 RECIPES = ROOT.parent / "recipes"
 # Classifier-free guidance of the demo's generations. The toy UNet (8x8 latents, ~2M parameters)
@@ -33,11 +33,11 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
              progress: bool = True) -> dict:
     import torch
 
-    from . import toy_world
-    from .generate import load_pipeline
-    from .recipe import TrainRecipe
-    from .report import replication_study, write_study
-    from .train import train
+    from trainer.recipe import TrainRecipe
+    from trainer.sample.generate import load_pipeline
+    from trainer.toy import world as toy_world
+    from trainer.toy.study import replication_study, write_study
+    from trainer.training.loop import train
 
     out = Path(out)
     if not Path(base).exists():

@@ -80,8 +80,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as data_lib
-from .io import MemtrainError, write_json
+from trainer import data as data_lib
+from trainer.io import MemtrainError, write_json
 
 PREFIX = "monitor/"
 CURVES = ("clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr")
@@ -138,7 +138,7 @@ def _choose(n: int, count: int, seed: int, salt: str) -> list[int]:
 def distinct_rows(rows: data_lib.Rows, threshold: float) -> list[int]:
     """Index of the first row of each near-duplicate group (and of every ungrouped row), in row
     order: the rows the `drop` de-duplication policy keeps (`dedup.apply_dedup_policy`)."""
-    from .dedup import dedup_weights, row_groups
+    from trainer.mitigate.dedup import dedup_weights, row_groups
 
     return np.flatnonzero(dedup_weights(row_groups(rows, threshold, False), len(rows.images), "drop")).tolist()
 
@@ -199,7 +199,7 @@ def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
 
 
 def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
-    from .generate import read_prompts
+    from trainer.sample.generate import read_prompts
 
     key = "monitor.novel_prompts"
     try:
@@ -283,9 +283,9 @@ class Monitor(MonitorState):
 
     def measure(self, components: dict) -> dict:
         """The monitor's numbers for the current weights (no tracker, no history)."""
-        from .detectors import clid_features, clid_th_scores, noise_magnitude
-        from .metrics import auroc, tpr_at_fpr
-        from .unet_core import encode_latents
+        from trainer.core.unet_core import encode_latents
+        from trainer.detect.prompt import clid_features, clid_th_scores, noise_magnitude
+        from trainer.measure.metrics import auroc, tpr_at_fpr
 
         cfg = self.cfg
         if self._latents is None:
@@ -318,7 +318,7 @@ class Monitor(MonitorState):
 
     def run(self, step: int, parts: dict, accelerator) -> dict:
         """Measure, log to every tracker, check the alarm. Main process only (others return {})."""
-        from .unet_core import count_evals
+        from trainer.core.unet_core import count_evals
 
         if not accelerator.is_main_process:
             return {}
@@ -359,7 +359,7 @@ class Monitor(MonitorState):
         message = (f"memorization alarm at step {entry['step']}: {PREFIX}{cfg.alarm_metric}={value:.4f} "
                    f">= {cfg.alarm_threshold}")
         if cfg.alarm_action == "stop":
-            from .train import list_checkpoints
+            from trainer.training.loop import list_checkpoints
 
             ckpts = list_checkpoints(self.out)
             alarm["last_good_checkpoint"] = str(ckpts[-1]) if ckpts else None
@@ -394,8 +394,8 @@ class Monitor(MonitorState):
         """(W&B table, UNet evals spent generating it: 2 per DDIM step per prompt)."""
         import wandb
 
-        from .generate import generate_images, pipeline_from_components
-        from .replication import l2_matrix
+        from trainer.measure.replication import l2_matrix
+        from trainer.sample.generate import generate_images, pipeline_from_components
 
         rows = {}
         for caption, row in zip(self.member_captions, self.member_index, strict=True):
@@ -450,7 +450,7 @@ class Monitor(MonitorState):
         if not accelerator.is_main_process:
             return None
         summary = self.summary()
-        from .plots import save_curves
+        from trainer.report.plots import save_curves
 
         out = Path(out)
         write_json({"config": asdict(self.cfg), "probe": self.describe_probe(), "history": self.history,

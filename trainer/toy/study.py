@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .generate import generate_images
-from .io import MemtrainError, atomic_file, write_json
-from .plots import save_replication_grid
-from .replication import RATIO_THRESHOLD, replication_metrics, unique_images
-from .toy_world import read_labels
+from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics, unique_images
+from trainer.report.plots import save_replication_grid
+from trainer.sample.generate import generate_images
+from trainer.toy.world import read_labels
 
 GROUPS = ("duplicated", "singleton", "novel")
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import apply_overrides, from_dict, read_recipe_tree
-from .io import MemtrainError, atomic_file, write_json
-from .mitigations import PRESETS, parse_mitigation_specs
+from trainer.config import apply_overrides, from_dict, read_recipe_tree
+from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.mitigate.loss_mask import PRESETS, parse_mitigation_specs
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TOY_BASE = ROOT / "assets" / "toy_base"
 RECIPES = ROOT.parent / "recipes"
 PLAIN_RECIPE = RECIPES / "toy.yaml"
@@ -62,7 +62,7 @@ def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[tuple[s
 def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrides: list[str], plain_recipe: Path,
               mitigated_recipe: Path, progress: bool) -> list[dict]:
     """The recipes of every run (name, recipe, its overrides), all validated before anything is written."""
-    from .recipe import TrainRecipe
+    from trainer.recipe import TrainRecipe
 
     plain_tree = read_recipe_tree(plain_recipe)
     mitigated_tree = read_recipe_tree(mitigated_recipe)
@@ -100,13 +100,13 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 def training_rows(recipe) -> dict:
     """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
     (the same `dedup.apply_dedup_policy` call as `train.make_caption_fn_and_weights`)."""
-    from . import data as data_lib
+    from trainer import data as data_lib
 
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)
     kept, weights = rows, None
     if recipe.data.dedup != "none":
-        from .dedup import apply_dedup_policy
+        from trainer.mitigate.dedup import apply_dedup_policy
 
         kept, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold, progress=False)
     return {"rows": len(rows.images), "trained_rows": len(kept.images), "dedup": recipe.data.dedup,
@@ -115,7 +115,7 @@ def training_rows(recipe) -> dict:
 
 def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
     """The monitor's entries of a run's JSONL metrics file: [{"step", "clid_auc", ...}] in step order."""
-    from .tracking import read_jsonl
+    from trainer.tracking import read_jsonl
 
     path = Path(metrics_jsonl)
     if not path.exists():
@@ -132,10 +132,10 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
     """Replication, general scenario and monitor curves of one trained run."""
     import torch
 
-    from . import demo
-    from .evaluate import general_scenario, image_features, kid
-    from .generate import load_pipeline
-    from .report import replication_study, summarize, write_study
+    from trainer.report.evaluate import general_scenario, image_features, kid
+    from trainer.sample.generate import load_pipeline
+    from trainer.toy import demo as demo
+    from trainer.toy.study import replication_study, summarize, write_study
 
     recipe = run["recipe"]
     out = Path(recipe.output.dir)
@@ -168,8 +168,8 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
             plain_recipe: str | Path = PLAIN_RECIPE, mitigated_recipe: str | Path = MITIGATED_RECIPE,
             progress: bool = True) -> dict:
     """Run the comparison of the module docstring; write OUT/compare.json, compare.md, clid_curves.png."""
-    from . import toy_world
-    from .train import train
+    from trainer.toy import world as toy_world
+    from trainer.training.loop import train
 
     out, base = Path(out), Path(base)
     names = parse_alone(alone)
@@ -229,7 +229,7 @@ def _alarms(monitor_json: Path) -> list[dict]:
 
 def save_clid_curves(results: list[dict], path: Path) -> Path:
     """CLiD AUC vs step of every run (from its JSONL metrics) in one PNG."""
-    from .plots import save_curves
+    from trainer.report.plots import save_curves
 
     series = {r["name"]: ([c["step"] for c in r["curves"]], [c["clid_auc"] for c in r["curves"]])
               for r in results if r["curves"]}

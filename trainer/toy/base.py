@@ -131,7 +131,7 @@ def make_pipeline(components: dict) -> StableDiffusionPipeline:
 
 def save_pipeline(components: dict, out: str | Path) -> Path:
     """Write a diffusers pipeline directory (safetensors) atomically: temp dir, then rename."""
-    from .io import atomic_dir
+    from trainer.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         make_pipeline(components).save_pretrained(tmp, safe_serialization=True)
