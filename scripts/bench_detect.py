@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import trainer.detect as D
 from trainer.core.unet_core import UNetCore, count_evals  # noqa: E402
-from trainer.detect import prompt as D  # noqa: E402
 from trainer.toy.base import TinySize  # noqa: E402
 
 WORDS = (

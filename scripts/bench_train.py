@@ -54,7 +54,7 @@ MONITOR_RECIPE = ROOT / "recipes" / "toy-mitigated.yaml"  # the `monitor` row's 
 sys.path.insert(0, str(ROOT))
 
 # mitigation rows: name -> recipe overrides (a memtrain run each); shared with `memtrain compare --alone`
-from trainer.mitigate.loss_mask import PRESETS  # noqa: E402
+from trainer.mitigate.presets import PRESETS  # noqa: E402
 
 # recipe features the plain loop does not implement (it is the minimal diffusers loop)
 UNSUPPORTED = {

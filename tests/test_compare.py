@@ -12,7 +12,7 @@ from PIL import Image
 from trainer.cli import main
 from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
-from trainer.mitigate.loss_mask import PRESETS
+from trainer.mitigate.presets import PRESETS
 from trainer.recipe import TrainRecipe
 from trainer.toy import world as toy_world
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline

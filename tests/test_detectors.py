@@ -13,8 +13,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+import trainer.detect as D
 from trainer.core import unet_core as U
-from trainer.detect import prompt as D
+from trainer.detect import clid as C
+from trainer.detect import prompt as P
 from trainer.io import MemtrainError
 from trainer.toy.base import SD_SCHEDULE, TinySize, build_components, build_tokenizer
 
@@ -256,7 +258,7 @@ def test_attention_layer_fallback(model):
     unet = model["unet"]
     names = U.cross_attention_modules(unet)
     assert names[0].startswith("down_blocks.0") and names[1].startswith("mid_block")
-    assert U.resolve_cross_attention(unet, D.SD1_ENTROPY_LAYER, default=D.SD1_ENTROPY_LAYER) == [names[3]]
+    assert U.resolve_cross_attention(unet, P.SD1_ENTROPY_LAYER, default=P.SD1_ENTROPY_LAYER) == [names[3]]
     assert U.resolve_cross_attention(unet, 1) == [names[1]]
     assert U.resolve_cross_attention(unet, "up_blocks.1.attentions.0") == [names[2]]
     with pytest.raises(MemtrainError):
@@ -374,7 +376,7 @@ def test_clid_default_importance_is_cross_attention_mass(model):
                 for m in modules
             ]
         ).mean(dim=0)
-        importance.append([float(mass[w].sum()) for w in D.caption_words(model["tokenizer"], cap)])
+        importance.append([float(mass[w].sum()) for w in C.caption_words(model["tokenizer"], cap)])
     explicit = D.clid_features(model, latents, captions, word_importance=importance)
     torch.testing.assert_close(D.clid_features(model, latents, captions), explicit, rtol=RTOL, atol=1e-4)
 
@@ -403,12 +405,12 @@ def test_clid_counts_batching_and_images(model):
 
 def test_clid_word_positions_and_reduction(model):
     tok = model["tokenizer"]
-    assert D.caption_words(tok, "a red dog") == [[1], [2], [3]]
+    assert C.caption_words(tok, "a red dog") == [[1], [2], [3]]
     assert (
-        D.caption_words(tok, "a zebra")[0] == [1] and len(D.caption_words(tok, "a zebra")[1]) == 5
+        C.caption_words(tok, "a zebra")[0] == [1] and len(C.caption_words(tok, "a zebra")[1]) == 5
     )  # byte tokens
     ids = tok("a red dog", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    r = D._reduced_ids(ids, [[1], [2], [3]], [0.2, 0.9, 0.5], (0.3, 0.5, 0.7), tok.eos_token_id)
+    r = C._reduced_ids(ids, [[1], [2], [3]], [0.2, 0.9, 0.5], (0.3, 0.5, 0.7), tok.eos_token_id)
     assert [int((x != ids).sum()) for x in r] == [1, 2, 2]
     assert r[0][2] == tok.eos_token_id and r[1][3] == tok.eos_token_id
 
@@ -473,9 +475,12 @@ def test_v_prediction_model(vmodel):
     with torch.no_grad():
         v = vmodel["unet"](x, torch.tensor([981]), encoder_hidden_states=c0).sample
     torch.testing.assert_close(raw, v)
-    a = D.anisotropy(vmodel, PROMPTS, n=1)
+    a = D.anisotropy(vmodel, PROMPTS, n=1, cos_space="epsilon")
     b = D.anisotropy(vmodel, PROMPTS, n=1, cos_space="model")
     torch.testing.assert_close(a.N, b.N)
+    # the reference code's definition (cosine on the raw v-prediction) is the default for v-models
+    torch.testing.assert_close(D.anisotropy(vmodel, PROMPTS, n=1).C, b.C)
+    assert not torch.allclose(a.C, b.C)
     assert torch.isfinite(a.M).all() and torch.isfinite(b.C).all()
     assert torch.isfinite(D.noise_magnitude(vmodel, PROMPTS[:1], steps=2)).all()
     f = D.clid_features(vmodel, _latents(vmodel, 2), PROMPTS[:2])

@@ -11,7 +11,7 @@ import sys
 from trainer.io import MemtrainError
 
 # verb modules, in the order `memtrain --help` lists them
-COMMANDS = ["toy.demo", "toy.compare", "toy.world", "training.loop", "sample.generate", "report.evaluate", "mitigate.dedup"]
+COMMANDS = ["demo", "compare", "toy_data", "recipes", "train", "generate", "evaluate", "dedup"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"trainer.{name}")
-        except ModuleNotFoundError as e:  # a verb not built yet
-            if e.name == f"trainer.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"trainer.commands.{name}").add_parser(sub)
     return parser
 
 

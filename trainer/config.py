@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -166,10 +167,37 @@ def apply_overrides(tree: dict, overrides: list[str] = ()) -> dict:
     return tree
 
 
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped with the package (`recipes/` in the source tree), by name (file stem)."""
+    root = Path(str(resources.files("trainer.recipes")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe file: what it is for."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a built-in recipe (`sd15-lora`, `toy`, ...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    builtin = builtin_recipes()
+    name = path.name.removesuffix(".yaml")
+    if name in builtin and path.parent == Path("."):
+        return builtin[name]
+    raise MemtrainError(f"recipe {name_or_path}: no such file and no built-in recipe of that name; "
+                        f"built-in: {', '.join(builtin)} (`memtrain recipes` lists them)")
+
+
 def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Read YAML recipe `path` (or start from defaults; `extends:` resolved), apply `key.sub=value`
-    overrides, build the typed recipe."""
-    tree = read_recipe_tree(path) if path is not None else {}
+    """Read YAML recipe `path` or built-in recipe name (or start from defaults; `extends:` resolved),
+    apply `key.sub=value` overrides, build the typed recipe."""
+    tree = read_recipe_tree(resolve_recipe(path)) if path is not None else {}
     where = str(path) if path is not None else "command line"
     return from_dict(cls, apply_overrides(tree, overrides), where=where)
 

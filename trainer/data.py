@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -96,7 +97,6 @@ def load_rows(path: str, caption_column: str = "text", image_column: str = "imag
             names.append(f"{where} ({row['file_name']})")
         return Rows(images, captions, str(meta), names)
 
-    import datasets
 
     try:
         if root.is_dir():

@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDIMScheduler
 
 from trainer.io import MemtrainError
 
@@ -216,7 +217,6 @@ class UNetCore:
 
     def ddim(self, num_inference_steps: int = 50):
         """A DDIM scheduler (eta=0) over the model's noise schedule; it is stepped with epsilon predictions."""
-        from diffusers import DDIMScheduler
 
         config = dict(self.parts.scheduler.config)
         config["prediction_type"] = "epsilon"
@@ -448,3 +448,37 @@ def groups(n: int, size: int) -> Iterator[slice]:
     size = max(1, int(size))
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise MemtrainError("no prompts given: pass at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise MemtrainError(f"prompts must be strings; entries {bad[:5]} are not")
+    return prompts
+
+
+def unique_prompts(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+    first: dict[str, int] = {}
+    inverse = torch.tensor([first.setdefault(p, len(first)) for p in prompts], dtype=torch.long)
+    return list(first), inverse
+
+
+def check_n(n: int) -> int:
+    if int(n) < 1:
+        raise MemtrainError(f"n (generations per prompt) must be >= 1, got {n}")
+    return int(n)
+
+
+def group_size(batch_size: int, evals_per_item: int) -> int:
+    """Items per group: about 32 full UNet batches, bounding memory for long prompt lists."""
+    return max(1, (32 * batch_size) // max(1, evals_per_item))
+
+
+def cond_uncond_pairs(x_index: torch.Tensor, e_index: torch.Tensor, e0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved (cond, uncond) requests for each job: x index twice, embedding (cond, c0)."""
+    return x_index.repeat_interleave(2), torch.stack([e_index, torch.full_like(e_index, e0)], 1).flatten()

@@ -46,7 +46,6 @@ singletons weigh 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -58,12 +57,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
+from scipy.fft import dctn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.cluster import MiniBatchKMeans
 from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.data import Rows, open_image
+from trainer.io import MemtrainError, atomic_file
 
 EMBEDDINGS = ("pixels", "phash", "clip", "sscd")
 DEFAULT_THRESHOLD = 0.95
@@ -84,7 +91,6 @@ def default_threshold(embedding: str) -> float:
 
 
 def _open(source, name: str) -> Image.Image:
-    from trainer.data import open_image  # names the file and row in its errors
 
     return open_image(source, name)
 
@@ -106,7 +112,6 @@ def pixel_embedding(image: Image.Image, side: int = PIXEL_SIDE) -> np.ndarray:
 
 def phash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash (bit 63 is the DC coefficient's)."""
-    from scipy.fft import dctn
 
     gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
     low = dctn(gray, norm="ortho")[:8, :8].reshape(-1)
@@ -131,7 +136,6 @@ def _check_path(path: str | None, flag: str, what: str) -> Path:
 
 def load_clip(path: str | Path):
     """(model, processor, kind) from a local CLIPModel / CLIPVisionModelWithProjection directory."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
     p = _check_path(str(path), "clip", "a local CLIP model directory")
     config = p / "config.json"
@@ -242,8 +246,6 @@ def embed_images(
 
 
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
 
     graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
@@ -314,7 +316,6 @@ def near_duplicate_groups(
     if search == "exact":
         i, j, n_pairs = _exact_links(emb, threshold, block, progress, "pairs")
     else:
-        from sklearn.cluster import MiniBatchKMeans
 
         k = min(n, clusters or max(1, round(math.sqrt(n))))
         km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=4096)
@@ -417,7 +418,6 @@ def row_groups(rows, threshold: float = DEFAULT_THRESHOLD, progress: bool = True
 def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
     """For training: (rows, None) with the extra copies dropped, or (rows, weights) for `reweight`
     (a float64 tensor for the epoch sampler). Uses the `pixels` embedding."""
-    from trainer.data import Rows
 
     if policy == "none":
         return rows, None
@@ -607,10 +607,8 @@ def plot_groups(
     max_members: int = 6,
 ) -> None:
     """A PNG grid: one row per image group (largest first), thumbnails of its first members."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     groups = report["image_groups"][:max_groups]
     title = (
@@ -651,100 +649,5 @@ def plot_groups(
 # ---------------------------------------------------------------- CLI
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "dedup",
-        help="find near-duplicate images and duplicated captions in an imagefolder dataset",
-        description="Embed every image of DATA (a diffusers imagefolder: metadata.jsonl with file_name "
-        "and text, text a string or a list of strings), group near-duplicates (cosine >= threshold, "
-        "connected components) and exact / normalized caption duplicates, and write OUT/report.json, "
-        "OUT/report.md and OUT/groups.png. Use data.dedup=drop|reweight in a recipe to act on them.",
-    )
-    p.add_argument("data", metavar="DATA", help="imagefolder directory with metadata.jsonl")
-    p.add_argument("--out", required=True, metavar="DIR", help="where report.json, report.md, groups.png go")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help=f"cosine similarity that links two images (default {DEFAULT_THRESHOLD}; "
-        f"{PHASH_THRESHOLD} for phash, i.e. <= 4 of 64 bits differ)",
-    )
-    p.add_argument(
-        "--embedding",
-        choices=EMBEDDINGS,
-        default=None,
-        help="pixels (default; 8x8 thumbnail), phash (64-bit DCT hash), clip (needs --clip), "
-        "sscd (needs --sscd); default clip/sscd when --clip/--sscd is given",
-    )
-    p.add_argument(
-        "--clip",
-        metavar="PATH",
-        help="local CLIP model directory (CLIPModel or CLIPVisionModelWithProjection)",
-    )
-    p.add_argument("--sscd", metavar="PATH", help="local SSCD TorchScript file")
-    p.add_argument(
-        "--search",
-        choices=("exact", "semdedup"),
-        default="exact",
-        help="exact: every pair, in blocks (default); semdedup: only pairs within k-means clusters",
-    )
-    p.add_argument(
-        "--clusters", type=int, default=None, help="k-means clusters for --search semdedup (default sqrt(n))"
-    )
-    p.add_argument("--caption-column", default="text", help="caption field of metadata.jsonl (default text)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for clip/sscd (default 32)")
-    p.add_argument("--device", default=None, help="torch device for clip/sscd (default cuda if available)")
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from trainer.data import load_rows
-
-    root = Path(args.data)
-    if not root.is_dir():
-        raise MemtrainError(f"{root} is not a directory (want a diffusers imagefolder with metadata.jsonl)")
-    if not (root / "metadata.jsonl").exists() and not (root / "metadata.csv").exists():
-        raise MemtrainError(
-            f"{root} has no metadata.jsonl (diffusers imagefolder: one JSON object per line "
-            "with file_name and text)"
-        )
-    embedding = args.embedding or ("clip" if args.clip else "sscd" if args.sscd else "pixels")
-    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
-        raise MemtrainError(f"--threshold must be in (0, 1], got {args.threshold}")
-    if args.clusters is not None and args.clusters < 1:
-        raise MemtrainError(f"--clusters must be >= 1, got {args.clusters}")
-    if args.batch_size < 1:
-        raise MemtrainError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if embedding == "clip":
-        _check_path(args.clip, "clip", "a local CLIP model directory")
-    if embedding == "sscd":
-        _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
-    rows = load_rows(str(root), caption_column=args.caption_column)
-    names = [str(n) for n in rows.names]
-    report = dedup_report(
-        rows.images,
-        rows.captions,
-        threshold=args.threshold,
-        embedding=embedding,
-        clip=args.clip,
-        sscd=args.sscd,
-        names=names,
-        search=args.search,
-        clusters=args.clusters,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    report["data"] = str(root)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(report, out / "report.json")
-    with atomic_file(out / "report.md") as f:
-        f.write(report_markdown(report, str(root)))
-    plot_groups(report, rows.images, names, out / "groups.png")
-    s = report["summary"]
-    print(
-        f"{report['n']} images: {s['image_groups']} near-duplicate groups ({s['duplicates_to_drop']} extra copies), "
-        f"{s.get('caption_groups_exact', 0)} exact / {s.get('caption_groups_normalized', 0)} normalized caption "
-        f"groups -> {out}/report.md"
-    )
-    return 0

@@ -57,9 +57,7 @@ Sections (every number is written with its convention; the README has the long f
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -70,18 +68,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import wandb
+from PIL import Image
+from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
+from trainer.core.components import load_pipeline
+from trainer.core.unet_core import count_evals
+from trainer.data import image_to_tensor, load_rows, open_image
+from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
+from trainer.detect.clid import (
+    clid_features,
+    clid_th_scores,
+    clid_vec_classifier,
+    clid_vec_scores,
+    fit_clid_alpha,
+)
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
-from trainer.measure.replication import NL2_THRESHOLD, RATIO_THRESHOLD, TILED_L2_THRESHOLD
+from trainer.measure.metrics import auroc, roc_points, tpr_at_fpr
+from trainer.measure.replication import (
+    NL2_THRESHOLD,
+    RATIO_THRESHOLD,
+    TILED_L2_THRESHOLD,
+    replication_metrics,
+    summarize_replication,
+    unique_images,
+)
+from trainer.mitigate.dedup import _sscd_batch, load_clip, load_sscd
+from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
+from trainer.sample.generate import generate_images, read_prompts
+from trainer.toy.checker import alignment_scores, palette_fractions, parse_caption
+from trainer.toy.study import vae_roundtrip
 
-DETECTORS = ("noise", "noise10", "anisotropy", "entropy", "clid")
-PROMPT_DETECTORS = {
-    "noise": "noise magnitude (Wen, first step)",
-    "noise10": "noise magnitude (Wen, first 10 steps)",
-    "anisotropy": "anisotropy M (Asthana & Belagiannis)",
-    "entropy": "attention entropy (Ren, first step)",
-}
 LABEL_GROUPS = {"duplicated": 1, "novel": 0}  # toy labels.jsonl group -> label (1 = memorized)
 MEMBER_GROUPS = {"duplicated": 1, "singleton": 1, "heldout": 0}  # group -> training member?
 LABEL_MAPPING = (
@@ -97,8 +116,6 @@ ROC_CONVENTION = (
 )
 SSCD_THRESHOLD = 0.5
 CLID_FOLDS = 2
-NOISE_STEPS = {"noise": "first", "noise10": 10}  # Wen et al.'s two variants: 2 and 20 UNet evals per prompt
-DETECTOR_STEPS = 50  # the detectors' DDIM schedule (first step t = 981 on SD 1.x), whatever --steps is
 FEATURE = "pix8+palette"
 FEATURE_SIDE = 8
 REPLICATED_GRID = 16
@@ -135,7 +152,6 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
     row without a `text`/`prompt` string, a label or member that is not 0/1, a `member` row
     without `file_name`.
     """
-    from trainer.sample.generate import read_prompts
 
     path = Path(path)
     rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
@@ -191,7 +207,6 @@ def model_resolution(pipe) -> int:
 def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: str = "load images",
                 progress: bool = True) -> torch.Tensor:
     """Images [N, 3, r, r] in [0, 1]: short side resized to `resolution`, center crop (as training)."""
-    from trainer.data import image_to_tensor, open_image
 
     out = [image_to_tensor(open_image(p, n), resolution, True, False, random.Random(0))
            for p, n in tqdm(list(zip(paths, names, strict=True)), desc=desc, disable=not progress, leave=False)]
@@ -206,7 +221,6 @@ def find_training_images(data: Path, rows: Sequence[PromptRow]) -> tuple[list, l
     The imagefolder `DATA/train` (a toy dataset's), else `DATA` itself when it is an imagefolder
     (`metadata.jsonl` / `metadata.csv`), else the images of the member rows of the prompt file.
     """
-    from trainer.data import load_rows
 
     for root in (data / "train", data):
         if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
@@ -222,7 +236,6 @@ def find_training_images(data: Path, rows: Sequence[PromptRow]) -> tuple[list, l
 
 
 def _to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
 
     arrays = (images.detach().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
@@ -233,34 +246,20 @@ def _to_pil(images: torch.Tensor) -> list:
 
 def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: int = 0, batch_size: int = 32,
                     progress: bool = True) -> dict[str, dict]:
-    """Per detector: `scores` [P] (float64 numpy), `unet_evals`, `seconds` (n = 1, paper defaults)."""
-    from trainer.core.unet_core import count_evals
-    from trainer.detect.prompt import anisotropy, attention_entropy, noise_magnitude
-
+    """Per registered prompt detector: `scores` [P] (float64 numpy), extra per-prompt arrays, `unet_evals`, `seconds`."""
     out = {}
     for name in tqdm([d for d in detectors if d in PROMPT_DETECTORS], desc="detectors", disable=not progress):
         start = time.perf_counter()
-        extra = {}
         with count_evals() as counter:
-            if name in NOISE_STEPS:
-                scores = noise_magnitude(pipe, texts, n=1, steps=NOISE_STEPS[name], num_inference_steps=DETECTOR_STEPS,
-                                         seed=seed, batch_size=batch_size)
-            elif name == "anisotropy":
-                result = anisotropy(pipe, texts, n=1, seed=seed, num_inference_steps=DETECTOR_STEPS,
-                                    batch_size=batch_size)
-                scores, extra = result.M, {"N": result.N.numpy(), "C": result.C.numpy()}
-            else:
-                scores = attention_entropy(pipe, texts, n=1, num_inference_steps=DETECTOR_STEPS, seed=seed,
-                                           batch_size=batch_size)
-        out[name] = {"scores": scores.double().numpy(), "unet_evals": counter.unet_evals,
-                     "seconds": time.perf_counter() - start, **extra}
+            result = PROMPT_DETECTORS[name].score(pipe, texts, seed, batch_size)
+        arrays = {k: v.double().numpy() for k, v in result.items()}
+        out[name] = {**arrays, "unet_evals": counter.unet_evals, "seconds": time.perf_counter() - start}
     return out
 
 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
                      seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
     """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
-    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
@@ -277,11 +276,12 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
     labels = np.array([r.label for r in scored], dtype=float) if labelled else None
     for name, d in raw.items():
         scores = d["scores"]
+        extras = [k for k in d if k not in ("scores", "unet_evals", "seconds")]
         for i, p in enumerate(result["prompts"]):
-            p["scores"][name] = float(scores[i])
-            if name == "anisotropy":
-                p["scores"]["anisotropy_N"], p["scores"]["anisotropy_C"] = float(d["N"][i]), float(d["C"][i])
-        entry = {"name": PROMPT_DETECTORS[name], "unet_evals": d["unet_evals"],
+            p["scores"][name] = float(d["scores"][i])
+            for k in extras:  # per-prompt parts of a score, e.g. anisotropy's N and C terms
+                p["scores"][f"{name}_{k}"] = float(d[k][i])
+        entry = {"name": PROMPT_DETECTORS[name].title, "unet_evals": d["unet_evals"],
                  "unet_evals_per_prompt": d["unet_evals"] / max(1, len(scored)), "seconds": round(d["seconds"], 2)}
         if labelled:
             try:
@@ -303,7 +303,6 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
     novel caption sharing words with a duplicated one brings the duplicated image back). A
     diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
     the prompts are unlabelled or nothing was generated."""
-    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     if not trigger.get("labelled") or not trigger.get("detectors") or not replication:
         return None
@@ -326,7 +325,6 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
 def sscd_similarity(model, generated: torch.Tensor, references: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Per generation, the max cosine of SSCD descriptors to any reference image (SSCD preprocessing of
     `dedup`: 288 x 288, ImageNet normalisation)."""
-    from trainer.mitigate.dedup import _sscd_batch
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         chunks = []
@@ -348,7 +346,6 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
 
     `sources[i]`: the index into `references` of generation i's own training image (-1: none).
     """
-    from trainer.measure.replication import replication_metrics, summarize_replication
 
     metrics = replication_metrics(generated, references)
     vs_originals = replication_metrics(generated, originals)
@@ -402,17 +399,7 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
     Returns per-sample scores (`clid_th`, `clid_vec`, `loss`), AUROC / TPR@1%FPR of each, the
     alphas chosen per fold, the CLiD features and the UNet evaluations spent.
     """
-    from sklearn.model_selection import StratifiedKFold
 
-    from trainer.core.unet_core import count_evals
-    from trainer.detect.prompt import (
-        clid_features,
-        clid_th_scores,
-        clid_vec_classifier,
-        clid_vec_scores,
-        fit_clid_alpha,
-    )
-    from trainer.measure.metrics import auroc, tpr_at_fpr
 
     y = np.asarray(members, dtype=np.int64)
     start = time.perf_counter()
@@ -442,7 +429,6 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
 def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
     """AUROC of each membership score for one member group (e.g. toy `duplicated`, `singleton`) against
     all non-members, from the pooled out-of-fold scores; {} when the members form a single group."""
-    from trainer.measure.metrics import auroc
 
     groups = np.asarray(membership["groups"])
     flags = np.asarray(membership["member_flags"])
@@ -464,7 +450,6 @@ def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
 def image_features(images: torch.Tensor) -> torch.Tensor:
     """The fixed "pix8+palette" feature [N, 200] of images in [0, 1]: 8x8 area-averaged RGB (192 values)
     then the 8 toy palette fractions (`toy_checker.palette_fractions`)."""
-    from trainer.toy.checker import palette_fractions
 
     pixels = torch.nn.functional.adaptive_avg_pool2d(images.float(), FEATURE_SIDE).flatten(1)
     return torch.cat([pixels, palette_fractions(images)], dim=1).double()
@@ -488,9 +473,7 @@ def kid(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def load_clip_scorer(path: str | Path):
     """(model, image processor, tokenizer) of a local full CLIPModel directory for the CLIP score."""
-    from transformers import CLIPTokenizer
 
-    from trainer.mitigate.dedup import load_clip
 
     model, processor, kind = load_clip(path)
     if kind != "clip":
@@ -526,7 +509,6 @@ def clip_scores(scorer, images: torch.Tensor, captions: Sequence[str], batch_siz
 
 
 def _toy_captions(captions: Sequence[str]) -> bool:
-    from trainer.toy.checker import parse_caption
 
     try:
         for c in dict.fromkeys(captions):
@@ -539,7 +521,6 @@ def _toy_captions(captions: Sequence[str]) -> bool:
 def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: torch.Tensor | None = None,
                      clip_scorer=None, batch_size: int = 32) -> dict:
     """Quality of one group of generations (images [G, 3, H, W] in [0, 1], one caption each)."""
-    from trainer.toy.checker import alignment_scores
 
     result = {"generations": len(generated), "notes": []}
     if _toy_captions(captions):
@@ -595,7 +576,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
              steps: int = 50, guidance_scale: float = 7.5, device: str | None = None,
              progress: bool = True) -> dict:
     """Run the protocol of the module docstring; write OUT/report.json, report.md and PNGs; return the report."""
-    from trainer.sample.generate import generate_images, load_pipeline
 
     t_start = time.perf_counter()
     for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
@@ -620,7 +600,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
         raise MemtrainError(f"--lora {lora}: no such file or directory")
     sscd_model = clip_scorer = None
     if sscd is not None:
-        from trainer.mitigate.dedup import load_sscd
 
         sscd_model = load_sscd(sscd)
     if clip is not None:
@@ -760,8 +739,6 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                         sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
     (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
-    from trainer.measure.replication import unique_images
-    from trainer.toy.study import vae_roundtrip
 
     train = find_training_images(data, rows)
     if train is None:
@@ -826,8 +803,6 @@ def flat_summary(report: dict) -> dict[str, float]:
 
 def write_report(report: dict, out: str | Path, figures: dict | None = None) -> dict:
     """Write report.json, report.md and the PNGs into `out` (a directory); return the list of files."""
-    from trainer.measure.metrics import roc_points
-    from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -841,7 +816,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
         curves = {}
         for name in names:
             fpr, tpr = roc_points([p["scores"][name] for p in prompt_rows], labels)
-            curves[PROMPT_DETECTORS[name]] = (fpr, tpr, trigger["detectors"][name]["auroc"])
+            curves[PROMPT_DETECTORS[name].title] = (fpr, tpr, trigger["detectors"][name]["auroc"])
         save_roc_curves(out / "roc.png", curves, title="trigger prompts (memorized = positive)", log_x=True)
         files.append("roc.png")
     membership = report.get("membership")
@@ -858,7 +833,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
         groups: dict = {}
         for p in prompt_rows:
             groups.setdefault(p["group"], []).append(p["scores"][name])
-        by_group[PROMPT_DETECTORS[name]] = groups
+        by_group[PROMPT_DETECTORS[name].title] = groups
     if membership:
         groups = {}
         for g, s in zip(membership["groups"], membership["per_sample"]["clid_th"], strict=True):
@@ -1003,7 +978,6 @@ def markdown(report: dict) -> str:
 
 def _start_wandb(tmp: Path, config: dict):
     """An offline-capable W&B run (WANDB_MODE and WANDB_DIR are respected; its files go into OUT/wandb)."""
-    import wandb
 
     directory = os.environ.get("WANDB_DIR") or str(tmp)
     try:
@@ -1015,7 +989,6 @@ def _start_wandb(tmp: Path, config: dict):
 
 
 def _log_wandb(run, report: dict, out: Path) -> None:
-    import wandb
 
     values: dict = dict(flat_summary(report))
     for name in report.get("files", []):
@@ -1027,40 +1000,6 @@ def _log_wandb(run, report: dict, out: Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate", help="memorization report of a checkpoint: detectors, replication, membership, quality",
-        description="MemBench-style evaluation of a diffusers checkpoint: detector AUROC / TPR at 1% FPR on labelled "
-        "prompts, replication of generations against the training images, CLiD membership inference and image "
-        "quality. Writes OUT/report.json, OUT/report.md and PNG figures (atomically).")
-    p.add_argument("checkpoint", help="diffusers pipeline directory (with model_index.json)")
-    p.add_argument("--prompts", required=True, help="plain text (one prompt a line) or JSONL with text/prompt and "
-                   "optional label (1 memorized, 0 not), group, file_name, member; a toy labels.jsonl works as is")
-    p.add_argument("--lora", help="LoRA weights (directory or pytorch_lora_weights.safetensors)")
-    p.add_argument("--out", default="runs/evaluate", help="output directory (default runs/evaluate; replaced)")
-    p.add_argument("-n", type=int, default=2, help="generations per prompt for replication / quality (default 2)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per UNet forward (default 32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50; the "
-                   "detectors always use the 50-step schedule)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--data", help="root that file_name paths resolve under, with the training images in "
-                   "DATA/train (default: the prompt file's directory)")
-    p.add_argument("--sscd", help="SSCD TorchScript file: adds SSCD similarity to the replication section")
-    p.add_argument("--clip", help="local CLIPModel directory (with tokenizer files): adds the CLIP score")
-    p.add_argument("--wandb", action="store_true", help="log the summary and figures to W&B (respects WANDB_MODE)")
-    p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
-    p.add_argument("--detectors", default=",".join(DETECTORS),
-                   help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
-    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    report = evaluate(args.checkpoint, args.prompts, out=args.out, lora=args.lora, n=args.n,
-                      batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
-                      wandb=args.wandb, generate=not args.no_generate, detectors=args.detectors, steps=args.steps,
-                      guidance_scale=args.guidance_scale, device=args.device)
-    print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
-    return 0
 

@@ -7,49 +7,13 @@ seed `seed + j`, so prompts are compared on the same initial noise.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from trainer.io import MemtrainError, atomic_dir
-
-
-def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """Load a diffusers SD pipeline from a local directory (or hub id), with optional LoRA weights."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    local = Path(path)
-    if local.exists() and not (local / "model_index.json").exists():
-        raise MemtrainError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise MemtrainError(f"{path}: cannot load a Stable Diffusion pipeline ({e})") from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if lora is not None:
-        if not Path(lora).exists():
-            raise MemtrainError(f"--lora {lora}: no such file or directory")
-        pipe.load_lora_weights(str(lora))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def pipeline_from_components(parts: dict):
-    """A StableDiffusionPipeline over live training components (for validation images)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=DDIMScheduler.from_config(parts["noise_scheduler"].config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from trainer.io import MemtrainError
 
 
 @torch.no_grad()
@@ -78,32 +42,8 @@ def _initial_noise(pipe, generator: torch.Generator) -> torch.Tensor:
     return torch.randn((unet.config.in_channels, size, size), generator=generator)
 
 
-def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
-    """Write PNGs (and `generations.jsonl` with each file's prompt) into `out`, atomically."""
-    from PIL import Image
-
-    with atomic_dir(out) as tmp:
-        with open(tmp / "generations.jsonl", "w") as meta:
-            for i, (image, name) in enumerate(zip(images, names, strict=True)):
-                file = f"{i:05d}.png"
-                array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                Image.fromarray(array).save(tmp / file)
-                meta.write(json.dumps({"file_name": file, "text": name}) + "\n")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images from a checkpoint for a prompt file",
-                       description="Generate images with DDIM from a diffusers pipeline directory.")
-    p.add_argument("checkpoint", help="diffusers pipeline directory")
-    p.add_argument("--lora", help="LoRA weights (directory or pytorch_lora_weights.safetensors)")
-    p.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with a `text` field")
-    p.add_argument("--out", required=True, help="output directory for PNGs and generations.jsonl")
-    p.add_argument("-n", type=int, default=1, help="generations per prompt (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(func=_run)
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -131,10 +71,3 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
-def _run(args: argparse.Namespace) -> int:
-    prompts = [r["text"] for r in read_prompts(args.prompts)]
-    pipe = load_pipeline(args.checkpoint, args.lora)
-    images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size)
-    save_images(images, [p for p in prompts for _ in range(args.n)], args.out)
-    print(json.dumps({"images": len(images), "out": args.out}))
-    return 0

@@ -10,6 +10,7 @@ that `StableDiffusionPipeline.from_pretrained` loads with no network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -17,12 +18,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from trainer.io import atomic_dir
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # SD 1.x noise schedule (scaled_linear, 1000 steps). Sampling uses "trailing" timestep spacing
 # (999, 979, ..., 19 at 50 steps; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
 # are Flawed"): SD's "leading" spacing starts at t=981 and, on 8x8 latents, left the toy generations'
 # layout and colours visibly off (median L2 to the replicated training image 0.19 -> 0.14, measured).
+TOY_BASE = Path(str(resources.files("trainer") / "assets" / "toy_base"))  # the committed toy base model
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -131,7 +135,6 @@ def make_pipeline(components: dict) -> StableDiffusionPipeline:
 
 def save_pipeline(components: dict, out: str | Path) -> Path:
     """Write a diffusers pipeline directory (safetensors) atomically: temp dir, then rename."""
-    from trainer.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         make_pipeline(components).save_pretrained(tmp, safe_serialization=True)

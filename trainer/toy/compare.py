@@ -26,23 +26,32 @@ replication report are under OUT/runs/NAME.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from trainer.config import apply_overrides, from_dict, read_recipe_tree
+from trainer import data as data_lib
+from trainer.config import apply_overrides, builtin_recipes, from_dict, read_recipe_tree
+from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError, atomic_file, write_json
-from trainer.mitigate.loss_mask import PRESETS, parse_mitigation_specs
+from trainer.mitigate.dedup import apply_dedup_policy
+from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
+from trainer.recipe import TrainRecipe
+from trainer.report.evaluate import general_scenario, image_features, kid
+from trainer.report.plots import save_curves
+from trainer.toy import demo as demo
+from trainer.toy import world as toy_world
+from trainer.toy.base import TOY_BASE
+from trainer.toy.study import replication_study, summarize, write_study
+from trainer.tracking import read_jsonl
+from trainer.training.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-TOY_BASE = ROOT / "assets" / "toy_base"
-RECIPES = ROOT.parent / "recipes"
-PLAIN_RECIPE = RECIPES / "toy.yaml"
-MITIGATED_RECIPE = RECIPES / "toy-mitigated.yaml"
+PLAIN_RECIPE = builtin_recipes()["toy"]
+MITIGATED_RECIPE = builtin_recipes()["toy-mitigated"]
 MONITOR_KEY = "monitor/"
 SAME_TRAINING = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed")
 
@@ -62,7 +71,6 @@ def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[tuple[s
 def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrides: list[str], plain_recipe: Path,
               mitigated_recipe: Path, progress: bool) -> list[dict]:
     """The recipes of every run (name, recipe, its overrides), all validated before anything is written."""
-    from trainer.recipe import TrainRecipe
 
     plain_tree = read_recipe_tree(plain_recipe)
     mitigated_tree = read_recipe_tree(mitigated_recipe)
@@ -100,13 +108,11 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 def training_rows(recipe) -> dict:
     """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
     (the same `dedup.apply_dedup_policy` call as `train.make_caption_fn_and_weights`)."""
-    from trainer import data as data_lib
 
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)
     kept, weights = rows, None
     if recipe.data.dedup != "none":
-        from trainer.mitigate.dedup import apply_dedup_policy
 
         kept, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold, progress=False)
     return {"rows": len(rows.images), "trained_rows": len(kept.images), "dedup": recipe.data.dedup,
@@ -115,7 +121,6 @@ def training_rows(recipe) -> dict:
 
 def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
     """The monitor's entries of a run's JSONL metrics file: [{"step", "clid_auc", ...}] in step order."""
-    from trainer.tracking import read_jsonl
 
     path = Path(metrics_jsonl)
     if not path.exists():
@@ -130,12 +135,7 @@ def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
 
 def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> dict:
     """Replication, general scenario and monitor curves of one trained run."""
-    import torch
 
-    from trainer.report.evaluate import general_scenario, image_features, kid
-    from trainer.sample.generate import load_pipeline
-    from trainer.toy import demo as demo
-    from trainer.toy.study import replication_study, summarize, write_study
 
     recipe = run["recipe"]
     out = Path(recipe.output.dir)
@@ -168,8 +168,6 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
             plain_recipe: str | Path = PLAIN_RECIPE, mitigated_recipe: str | Path = MITIGATED_RECIPE,
             progress: bool = True) -> dict:
     """Run the comparison of the module docstring; write OUT/compare.json, compare.md, clid_curves.png."""
-    from trainer.toy import world as toy_world
-    from trainer.training.loop import train
 
     out, base = Path(out), Path(base)
     names = parse_alone(alone)
@@ -229,7 +227,6 @@ def _alarms(monitor_json: Path) -> list[dict]:
 
 def save_clid_curves(results: list[dict], path: Path) -> Path:
     """CLiD AUC vs step of every run (from its JSONL metrics) in one PNG."""
-    from trainer.report.plots import save_curves
 
     series = {r["name"]: ([c["step"] for c in r["curves"]], [c["clid_auc"] for c in r["curves"]])
               for r in results if r["curves"]}
@@ -333,30 +330,5 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------- CLI
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare", help="plain vs mitigated fine-tune of the toy base on the same data, side by side (CPU)",
-        description="Make the toy data once, fine-tune the toy base on it with recipes/toy.yaml (plain) and "
-        "recipes/toy-mitigated.yaml (dedup + caption randomization) for the same steps, both with the CLiD "
-        "monitor on, then measure replication, toy alignment, KID and the CLiD curves. Writes OUT/compare.json, "
-        "OUT/compare.md and OUT/clid_curves.png.")
-    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("--base", default=str(TOY_BASE), help="base pipeline directory (default: the committed toy base)")
-    p.add_argument("--alone", default="", metavar="NAMES",
-                   help=f"also one run per mitigation on its own, comma-separated: {', '.join(PRESETS)}, all, or "
-                   "NAME:key=value[ key=value] for your own settings (e.g. mask3:train.loss_mask_threshold=3.0)")
-    p.add_argument("-n", type=int, default=2, help="generations per prompt (default 2)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps per generation (default 50)")
-    p.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. train.max_steps=100")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    report = compare(args.out, args.base, args.alone, n=args.n, overrides=args.overrides, steps=args.steps)
-    print(json.dumps({"report": str(Path(args.out) / "compare.md"),
-                      "runs": {r["name"]: {"duplicated_replication": r["replication"].get("duplicated", {}).get(
-                          "replication_rate"), "toy_alignment": r["general"].get("toy_alignment"),
-                          "kid": r["general"].get("kid"),
-                          "clid_auc": (r["final_monitor"] or {}).get("clid_auc")} for r in report["runs"]}},
-                     indent=2))
-    return 0

@@ -7,17 +7,20 @@ generate for duplicated, singleton and novel prompts -> replication report
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
-from trainer.config import load_recipe
-from trainer.io import MemtrainError
+import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-TOY_BASE = ROOT / "assets" / "toy_base"
-RECIPES = ROOT.parent / "recipes"
+from trainer.config import load_recipe
+from trainer.core.components import load_pipeline
+from trainer.io import MemtrainError
+from trainer.recipe import TrainRecipe
+from trainer.toy import world as toy_world
+from trainer.toy.base import TOY_BASE
+from trainer.toy.study import replication_study, write_study
+from trainer.training.loop import train
+
 # Classifier-free guidance of the demo's generations. The toy UNet (8x8 latents, ~2M parameters)
 # over-saturates at SD's usual 7.5; 3.0 gave the most faithful generations (measured on the demo's
 # fine-tune at 1, 3, 5 and 7.5; see the README, "The demo's numbers and its replication criterion").
@@ -28,16 +31,10 @@ GUIDANCE_SCALE = 3.0
 RATIO_THRESHOLD = 0.5
 
 
-def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Path = RECIPES / "toy.yaml",
+def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Path = "toy",
              overrides: list[str] = (), n: int = 2, guidance_scale: float = GUIDANCE_SCALE,
              progress: bool = True) -> dict:
-    import torch
 
-    from trainer.recipe import TrainRecipe
-    from trainer.sample.generate import load_pipeline
-    from trainer.toy import world as toy_world
-    from trainer.toy.study import replication_study, write_study
-    from trainer.training.loop import train
 
     out = Path(out)
     if not Path(base).exists():
@@ -66,22 +63,5 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
                        extra={"training": training, "timing": timing})
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="toy data -> fine-tune the toy base -> replication report (CPU, minutes)",
-                       description="Run the toy world end to end and write OUT/report.json, OUT/report.md and "
-                       "OUT/replication.png (generations beside their nearest training images).")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--base", default=str(TOY_BASE), help="base pipeline directory (default: the committed toy base)")
-    p.add_argument("--recipe", default=str(RECIPES / "toy.yaml"), help="training recipe (default recipes/toy.yaml)")
-    p.add_argument("-n", type=int, default=2, help="generations per prompt (default 2)")
-    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE,
-                   help=f"classifier-free guidance of the generations (default {GUIDANCE_SCALE})")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value, e.g. train.max_steps=100")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, args.base, args.recipe, args.overrides, n=args.n,
-                      guidance_scale=args.guidance_scale)
-    print(json.dumps({"report": str(Path(args.out) / "report.md"), "groups": report["groups"]}, indent=2))
-    return 0

@@ -15,91 +15,43 @@ three differences a user should know:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import wandb
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from trainer import data as data_lib
-from trainer.config import describe_keys, dump_recipe, load_recipe, to_dict
-from trainer.io import MemtrainError, atomic_dir
+from trainer.config import dump_recipe, to_dict
+from trainer.core.checkpoints import check_resume_compatible, export, resolve_resume, save_checkpoint
+from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
+from trainer.io import MemtrainError
+from trainer.mitigate.captions import augment_caption, token_pool
+from trainer.mitigate.dedup import apply_dedup_policy
+from trainer.mitigate.loss_mask import memorization_mask
 from trainer.recipe import TrainRecipe
+from trainer.report.plots import save_image_grid
+from trainer.sample.generate import generate_images
 from trainer.tracking import JsonlTracker
-
-CHECKPOINT_INFO = "memtrain_checkpoint.json"
-
+from trainer.training.monitor import Monitor, MonitorState, state_slot
 
 # ---------------------------------------------------------------- model loading
 
 
-def load_components(recipe: TrainRecipe) -> dict:
-    """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    m = recipe.model
-    path = m.pretrained
-    local = Path(path)
-    if local.exists() and not (local / "model_index.json").exists() and not (local / "unet").exists():
-        raise MemtrainError(f"model.pretrained={path}: not a diffusers pipeline directory (no model_index.json)")
-    kw = dict(revision=m.revision)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    except OSError as e:
-        raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
-    vae = None
-    if not local.exists() or (local / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw)
-    if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
-        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-    if m.prediction_type is not None:
-        scheduler.register_to_config(prediction_type=m.prediction_type)
-    check_dimensions(path, text_encoder, unet, vae)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=scheduler)
 
 
-def check_dimensions(path: str, text_encoder, unet, vae) -> None:
-    """The parts of a pipeline must fit together; say which ones don't."""
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise MemtrainError(
-            f"model.pretrained={path}: unet.cross_attention_dim={unet.config.cross_attention_dim} does not match "
-            f"text_encoder.hidden_size={text_encoder.config.hidden_size}; the text encoder is from another model"
-        )
-    channels = vae.config.latent_channels if vae is not None else 3
-    if unet.config.in_channels != channels:
-        raise MemtrainError(
-            f"model.pretrained={path}: unet.in_channels={unet.config.in_channels} but the "
-            f"{'VAE latents' if vae is not None else 'images (no VAE)'} have {channels} channels"
-        )
 
 
-def native_resolution(unet, vae) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    return unet.config.sample_size * factor
 
 
-def add_lora(unet, recipe: TrainRecipe) -> None:
-    from peft import LoraConfig
-
-    lora = recipe.model.lora
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                        init_lora_weights="gaussian", target_modules=lora.target_modules)
-    try:
-        unet.add_adapter(config)
-    except ValueError as e:
-        raise MemtrainError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
 
 
 # ---------------------------------------------------------------- the loss
@@ -159,13 +111,11 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
     stats = {}
     weights = torch.ones_like(per_sample)
     if opt.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=opt.snr_gamma)
         weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     if opt.loss_mask_threshold is not None:
-        from trainer.mitigate.loss_mask import memorization_mask
 
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
                                             opt.loss_mask_threshold, pred, scheduler)
@@ -179,106 +129,19 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_info(recipe: TrainRecipe, num_processes: int) -> dict:
-    return {
-        "model": recipe.model.pretrained,
-        "lora_rank": recipe.model.lora.rank,
-        "lora_target_modules": recipe.model.lora.target_modules,
-        "train_text_encoder": recipe.model.train_text_encoder,
-        "ema": recipe.train.ema,
-        "global_batch": recipe.train.batch_size * num_processes * recipe.train.gradient_accumulation_steps,
-    }
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int) -> Path:
-    """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done."""
-    root = out / "checkpoints"
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        existing = list_checkpoints(out)
-        limit = recipe.checkpoint.total_limit
-        if limit is not None and len(existing) >= limit:
-            for old in existing[: len(existing) - limit + 1]:
-                shutil.rmtree(old)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        info = dict(checkpoint_info(recipe, accelerator.num_processes), step=step)
-        (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-    return final
 
 
-def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:
-    resume = recipe.checkpoint.resume
-    if resume is None:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(out)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise MemtrainError(f"checkpoint.resume={resume}: no such checkpoint directory")
-    if not (path / CHECKPOINT_INFO).exists():
-        raise MemtrainError(f"checkpoint.resume={resume}: not a memtrain checkpoint directory (no {CHECKPOINT_INFO})")
-    return path
 
 
-def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int) -> int:
-    info = json.loads((path / CHECKPOINT_INFO).read_text())
-    expected = checkpoint_info(recipe, num_processes)
-    for key, value in expected.items():
-        if key in info and info[key] != value:
-            raise MemtrainError(
-                f"checkpoint.resume: {path} was trained with {key}={info[key]!r} but this recipe has {value!r}; "
-                "resume with the same settings or start a new output.dir"
-            )
-    return int(info["step"])
 
 
 # ---------------------------------------------------------------- export
 
 
-def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out: Path) -> Path | None:
-    """Write `out/pipeline` (a full diffusers pipeline) or `out/lora` (pytorch_lora_weights.safetensors)."""
-    kind = recipe.export
-    if kind == "none" or not accelerator.is_main_process:
-        return None
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-
-    unet = accelerator.unwrap_model(parts["unet"])
-    if kind == "lora":
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        target = out / "lora"
-        with atomic_dir(target) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
-        return target
-    if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    target = out / "pipeline"
-    overrides = {"unet": unet, "text_encoder": accelerator.unwrap_model(parts["text_encoder"])}
-    pipe = DiffusionPipeline.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision,
-                                             variant=recipe.model.variant, **overrides)
-    with atomic_dir(target) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    if ema is not None:
-        ema.restore(unet.parameters())
-    return target
 
 
 # ---------------------------------------------------------------- validation images
@@ -288,8 +151,6 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
     prompts = recipe.log.validation_prompts
     if not prompts or not accelerator.is_main_process or parts["vae"] is None:
         return
-    from trainer.report.plots import save_image_grid
-    from trainer.sample.generate import generate_images, pipeline_from_components
 
     unet = accelerator.unwrap_model(parts["unet"])
     pipe = pipeline_from_components(dict(parts, unet=unet, text_encoder=accelerator.unwrap_model(parts["text_encoder"])))
@@ -301,7 +162,6 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
     save_image_grid(path, images, [p[:40] for p in prompts for _ in range(recipe.log.validation_images)])
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-            import wandb
 
             tracker.log({"validation": [wandb.Image(str(path))]}, step=step)
         elif tracker.name == "tensorboard":
@@ -329,7 +189,6 @@ def train(recipe: TrainRecipe) -> dict:
     sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
     monitor = None
     if recipe.monitor.every_steps:
-        from trainer.training.monitor import Monitor
 
         monitor = Monitor.from_recipe(recipe, rows, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
@@ -379,7 +238,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         unet.enable_gradient_checkpointing()
     ema = None
     if opt.ema:
-        from diffusers.training_utils import EMAModel
 
         ema = EMAModel(unet.parameters(), decay=opt.ema_decay, model_cls=type(unet), model_config=unet.config)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -390,7 +248,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         lr *= opt.batch_size * opt.gradient_accumulation_steps * accelerator.num_processes
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(opt.adam_beta1, opt.adam_beta2),
                                   weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
-    from diffusers.optimization import get_scheduler
 
     try:
         lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer,
@@ -413,7 +270,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
     # the monitor's history rides in the checkpoints; a checkpoint without it (monitor off) gets it afterwards
-    from trainer.training.monitor import MonitorState, state_slot
 
     in_checkpoint = state_slot(resume_path, int(ema is not None))
     monitor_state = monitor if monitor is not None else MonitorState() if in_checkpoint else None
@@ -527,7 +383,6 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
     caps = recipe.data.captions
     augment = None
     if caps.enabled:
-        from trainer.mitigate.captions import augment_caption, token_pool
 
         pool = token_pool(tokenizer)
 
@@ -543,7 +398,6 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
 
     weights = None
     if recipe.data.dedup != "none":
-        from trainer.mitigate.dedup import apply_dedup_policy
 
         rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
     return caption_fn, rows, weights
@@ -552,34 +406,5 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
 # ---------------------------------------------------------------- CLI
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="fine-tune a diffusers SD checkpoint from a YAML recipe (full or LoRA)",
-        description="Fine-tune a Stable Diffusion checkpoint. RECIPE is a YAML file (see recipes/); "
-        "overrides are key.sub=value pairs, e.g. train.max_steps=200 model.lora.rank=8. "
-        "Run under `accelerate launch` for several GPUs. Sections: model (pretrained, prediction_type, "
-        "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
-        "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
-        "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
-        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
-        "log (trackers, validation_prompts), output (dir, export), monitor (every_steps, members, heldout, "
-        "novel_prompts, alarm_threshold, alarm_action: memorization curves, see trainer/monitor.py). "
-        "Every key is documented in trainer/recipe.py.",
-    )
-    p.epilog = "recipe keys (key = default):\n" + "\n".join(describe_keys(TrainRecipe))
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("recipe", help="YAML recipe file")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(TrainRecipe, args.recipe, args.overrides)
-    if args.print_recipe:
-        print(dump_recipe(recipe))
-        return 0
-    summary = train(recipe)
-    print(json.dumps(summary))
-    return 0

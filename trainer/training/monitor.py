@@ -79,9 +79,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import wandb
+from accelerate.utils import broadcast_object_list
 
 from trainer import data as data_lib
+from trainer.core.checkpoints import list_checkpoints
+from trainer.core.components import pipeline_from_components
+from trainer.core.unet_core import count_evals, encode_latents
+from trainer.detect.clid import clid_features, clid_th_scores
+from trainer.detect.prompt import noise_magnitude
 from trainer.io import MemtrainError, write_json
+from trainer.measure.metrics import auroc, tpr_at_fpr
+from trainer.measure.replication import l2_matrix
+from trainer.mitigate.dedup import dedup_weights, row_groups
+from trainer.report.plots import save_curves
+from trainer.sample.generate import generate_images, read_prompts
 
 PREFIX = "monitor/"
 CURVES = ("clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr")
@@ -138,7 +150,6 @@ def _choose(n: int, count: int, seed: int, salt: str) -> list[int]:
 def distinct_rows(rows: data_lib.Rows, threshold: float) -> list[int]:
     """Index of the first row of each near-duplicate group (and of every ungrouped row), in row
     order: the rows the `drop` de-duplication policy keeps (`dedup.apply_dedup_policy`)."""
-    from trainer.mitigate.dedup import dedup_weights, row_groups
 
     return np.flatnonzero(dedup_weights(row_groups(rows, threshold, False), len(rows.images), "drop")).tolist()
 
@@ -199,7 +210,6 @@ def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
 
 
 def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
-    from trainer.sample.generate import read_prompts
 
     key = "monitor.novel_prompts"
     try:
@@ -283,9 +293,6 @@ class Monitor(MonitorState):
 
     def measure(self, components: dict) -> dict:
         """The monitor's numbers for the current weights (no tracker, no history)."""
-        from trainer.core.unet_core import encode_latents
-        from trainer.detect.prompt import clid_features, clid_th_scores, noise_magnitude
-        from trainer.measure.metrics import auroc, tpr_at_fpr
 
         cfg = self.cfg
         if self._latents is None:
@@ -318,7 +325,6 @@ class Monitor(MonitorState):
 
     def run(self, step: int, parts: dict, accelerator) -> dict:
         """Measure, log to every tracker, check the alarm. Main process only (others return {})."""
-        from trainer.core.unet_core import count_evals
 
         if not accelerator.is_main_process:
             return {}
@@ -359,7 +365,6 @@ class Monitor(MonitorState):
         message = (f"memorization alarm at step {entry['step']}: {PREFIX}{cfg.alarm_metric}={value:.4f} "
                    f">= {cfg.alarm_threshold}")
         if cfg.alarm_action == "stop":
-            from trainer.training.loop import list_checkpoints
 
             ckpts = list_checkpoints(self.out)
             alarm["last_good_checkpoint"] = str(ckpts[-1]) if ckpts else None
@@ -373,7 +378,6 @@ class Monitor(MonitorState):
         """The main process's stop decision, on every process (call at the same step everywhere)."""
         if self.cfg.alarm_threshold is None or self.cfg.alarm_action != "stop":
             return False
-        from accelerate.utils import broadcast_object_list
 
         flag = broadcast_object_list([self.stopped])
         self.stopped = bool(flag[0])
@@ -392,10 +396,7 @@ class Monitor(MonitorState):
 
     def _table(self, step: int, components: dict):
         """(W&B table, UNet evals spent generating it: 2 per DDIM step per prompt)."""
-        import wandb
 
-        from trainer.measure.replication import l2_matrix
-        from trainer.sample.generate import generate_images, pipeline_from_components
 
         rows = {}
         for caption, row in zip(self.member_captions, self.member_index, strict=True):
@@ -450,7 +451,6 @@ class Monitor(MonitorState):
         if not accelerator.is_main_process:
             return None
         summary = self.summary()
-        from trainer.report.plots import save_curves
 
         out = Path(out)
         write_json({"config": asdict(self.cfg), "probe": self.describe_probe(), "history": self.history,
@@ -464,7 +464,6 @@ class Monitor(MonitorState):
                         thresholds=thresholds)
             for tracker in accelerator.trackers:
                 if tracker.name == "wandb":
-                    import wandb
 
                     chart = wandb.plot.line_series(xs=steps, ys=[series[n][1] for n in CURVES], keys=list(CURVES),
                                                    title="memorization monitor", xname="step")
