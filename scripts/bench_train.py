@@ -270,7 +270,7 @@ def run_child(job_path: str) -> int:
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
     """Presets, NAME:key=value specs (`mitigations.parse_mitigation_specs`) and `monitor`."""
     from trainer.io import MemtrainError
-    from trainer.mitigate.loss_mask import parse_mitigation_specs
+    from trainer.mitigate.presets import parse_mitigation_specs
 
     try:
         return [("monitor", []) if spec == "monitor" else  # built by monitor_variant once the data is known

@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from trainer.commands import dedup as dedup_command
 from trainer.data import Rows
 from trainer.io import MemtrainError
+from trainer.measure.features import embed_images
 from trainer.mitigate import dedup as dedup
 
 SIZE = 48
@@ -77,7 +79,7 @@ def write_imagefolder(root, images, captions):
 
 def run_cli(*argv) -> int:
     parser = argparse.ArgumentParser()
-    dedup.add_parser(parser.add_subparsers(dest="command"))
+    dedup_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["dedup", *map(str, argv)])
     return args.func(args)
 
@@ -102,7 +104,7 @@ def test_many_distinct_images_make_no_groups():
     rng = random.Random(1)
     images = [random_shapes(rng) for _ in range(150)]
     for embedding in ("pixels", "phash"):
-        emb = dedup.embed_images(images, embedding=embedding, progress=False)
+        emb = embed_images(images, embedding=embedding, progress=False)
         groups, pairs = dedup.near_duplicate_groups(emb, dedup.default_threshold(embedding))
         assert groups == [] and pairs == 0
 
@@ -126,7 +128,7 @@ def test_toy_world_duplicates_are_exactly_the_planted_ones(tmp_path):
 
 def test_flat_images_match_only_similar_colours():
     ims = [Image.new("RGB", (16, 16), c) for c in [(0, 0, 0), (2, 1, 0), (255, 255, 255), (200, 30, 30)]]
-    emb = dedup.embed_images(ims, progress=False)
+    emb = embed_images(ims, progress=False)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0)
     groups, _ = dedup.near_duplicate_groups(emb, 0.95)
     assert groups == [[0, 1]]
@@ -282,7 +284,7 @@ def test_sscd_torchscript_embedding(tmp_path, planted):
     images, captions, groups = planted
     path = tmp_path / "sscd.torchscript.pt"
     torch.jit.script(TinySSCD()).save(str(path))
-    emb = dedup.embed_images(
+    emb = embed_images(
         images[:3] + [images[0]], embedding="sscd", sscd=path, batch_size=2, progress=False
     )
     assert emb.shape == (4, 24) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -323,7 +325,7 @@ def test_clip_embedding_from_a_local_directory(tmp_path, planted, full):
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
     model.save_pretrained(tmp_path / "clip")
     images = planted[0]
-    emb = dedup.embed_images(
+    emb = embed_images(
         images[:2] + [images[0]], embedding="clip", clip=tmp_path / "clip", progress=False
     )
     assert emb.shape == (3, 16) and np.allclose(emb[0], emb[2], atol=1e-5)

@@ -13,8 +13,10 @@ from test_dedup import TinySSCD
 from test_metrics import pairwise_auc
 from test_monitor import wandb_records
 
+from trainer import prompts
 from trainer.cli import main
 from trainer.io import MemtrainError
+from trainer.measure import features as F
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.report import evaluate as E
 from trainer.toy import world as toy_world
@@ -81,8 +83,8 @@ def offline_wandb(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, capsys):
+    from trainer.core.components import load_pipeline
     from trainer.detect import prompt as D
-    from trainer.sample.generate import load_pipeline
 
     out = tmp_path / "eval"
     assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--out", out, *FAST, "--wandb") == 0
@@ -188,7 +190,7 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
 
 
 def test_without_replicating_negatives_leaves_out_the_novel_prompts_that_replicate():
-    from trainer.report.evaluate import without_replicating_negatives
+    from trainer.report.sections import without_replicating_negatives
 
     scores = {"a": 3.0, "b": 2.0, "x": 2.5, "y": 1.0, "z": 0.5}
     labels = {"a": 1, "b": 1, "x": 0, "y": 0, "z": 0}
@@ -239,7 +241,7 @@ def test_no_generate_keeps_detectors_and_membership(tmp_path, tiny_model, tiny_d
 def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_file):
     from transformers import CLIPModel
 
-    from trainer.mitigate.dedup import embed_images, load_sscd
+    from trainer.measure.features import embed_images, load_sscd
 
     report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=2,
                         detectors="noise", sscd=sscd_file, clip=clip_dir, progress=False)
@@ -252,24 +254,24 @@ def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_fil
     assert "SSCD p95" in (tmp_path / "eval" / "report.md").read_text()
 
     # the CLIP score against CLIPModel's own logits: logits_per_image = exp(logit_scale) * cos
-    scorer = E.load_clip_scorer(clip_dir)
+    scorer = F.load_clip_scorer(clip_dir)
     images = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     captions = ["a small red circle", "a large green ring", "a small black cross"]
     model, processor, tokenizer = scorer
-    pixels = processor(images=E._to_pil(images), return_tensors="pt")["pixel_values"]
+    pixels = processor(images=F.to_pil(images), return_tensors="pt")["pixel_values"]
     ids = tokenizer(captions, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = CLIPModel.from_pretrained(clip_dir)(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
                                                      pixel_values=pixels).logits_per_image
         cos = (logits.diagonal() / model.logit_scale.exp()).double().numpy()
-    np.testing.assert_allclose(E.clip_scores(scorer, images, captions), 100 * np.maximum(cos, 0), rtol=1e-4,
+    np.testing.assert_allclose(F.clip_scores(scorer, images, captions), 100 * np.maximum(cos, 0), rtol=1e-4,
                                atol=1e-4)
 
     # SSCD similarity against dedup's SSCD embedding of the same images
     gen, refs = images[:2], torch.rand((4, 3, 16, 16), generator=torch.Generator().manual_seed(1))
-    a = embed_images(E._to_pil(gen), embedding="sscd", sscd=sscd_file, progress=False)
-    b = embed_images(E._to_pil(refs), embedding="sscd", sscd=sscd_file, progress=False)
-    np.testing.assert_allclose(E.sscd_similarity(load_sscd(sscd_file), gen, refs), (a @ b.T).max(axis=1),
+    a = embed_images(F.to_pil(gen), embedding="sscd", sscd=sscd_file, progress=False)
+    b = embed_images(F.to_pil(refs), embedding="sscd", sscd=sscd_file, progress=False)
+    np.testing.assert_allclose(F.sscd_similarity(load_sscd(sscd_file), gen, refs), (a @ b.T).max(axis=1),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -286,15 +288,15 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
     yy = sum(k(y[i], y[j]) for i in range(7) for j in range(7) if i != j) / 42
     xy = sum(k(x[i], y[j]) for i in range(5) for j in range(7)) / 35
-    assert E.kid(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    assert F.kid(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
     with pytest.raises(MemtrainError, match="at least 2"):
-        E.kid(torch.from_numpy(x[:1]), torch.from_numpy(y))
+        F.kid(torch.from_numpy(x[:1]), torch.from_numpy(y))
     images = torch.rand((2, 3, 32, 32))
-    assert E.image_features(images).shape == (2, 8 * 8 * 3 + len(toy_world.COLORS))
+    assert F.image_features(images).shape == (2, 8 * 8 * 3 + len(toy_world.COLORS))
 
 
 def test_prompt_file_roles(tmp_path, tiny_data):
-    rows = E.read_labelled_prompts(tiny_data / "labels.jsonl")
+    rows = prompts.read_labelled_prompts(tiny_data / "labels.jsonl")
     by_group = {}
     for r in rows:
         by_group.setdefault(r.group, set()).add((r.label, r.member))
@@ -303,7 +305,7 @@ def test_prompt_file_roles(tmp_path, tiny_data):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "x", "group": "duplicated", "label": 0}\n\n{"text": "y", "label": true}\n'
                     '{"text": "z", "member": 0, "file_name": "a.png"}\n')
-    rows = E.read_labelled_prompts(path)
+    rows = prompts.read_labelled_prompts(path)
     assert [(r.text, r.line, r.label, r.member) for r in rows] == [("x", 1, 0, None), ("y", 3, 1, None),
                                                                    ("z", 4, None, 0)]
 

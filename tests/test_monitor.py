@@ -158,7 +158,8 @@ def test_monitor_logs_to_every_tracker_and_matches_the_detectors(tmp_path, tiny_
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from trainer import data as data_lib
-    from trainer.detect.prompt import clid_features, clid_th_scores, noise_magnitude
+    from trainer.detect.clid import clid_features, clid_th_scores
+    from trainer.detect.prompt import noise_magnitude
     from trainer.measure.metrics import auroc, tpr_at_fpr
 
     unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")

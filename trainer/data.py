@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,10 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from trainer.io import MemtrainError
+from trainer.prompts import PromptRow
 
 
 @dataclass
@@ -225,3 +227,34 @@ def make_collate(tokenizer) -> Callable[[list[dict]], dict]:
         }
 
     return collate
+
+
+def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: str = "load images",
+                progress: bool = True) -> torch.Tensor:
+    """Images [N, 3, r, r] in [0, 1]: short side resized to `resolution`, center crop (as training)."""
+
+    out = [image_to_tensor(open_image(p, n), resolution, True, False, random.Random(0))
+           for p, n in tqdm(list(zip(paths, names, strict=True)), desc=desc, disable=not progress, leave=False)]
+    if not out:
+        return torch.empty(0, 3, resolution, resolution)
+    return ((torch.stack(out) + 1) / 2).clamp(0, 1)
+
+
+def find_training_images(data: Path, rows: Sequence[PromptRow]) -> tuple[list, list[str], str] | None:
+    """(paths, names, description) of the training images replication is measured against.
+
+    The imagefolder `DATA/train` (a toy dataset's), else `DATA` itself when it is an imagefolder
+    (`metadata.jsonl` / `metadata.csv`), else the images of the member rows of the prompt file.
+    """
+
+    for root in (data / "train", data):
+        if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
+            found = load_rows(str(root))
+            return list(found.images), list(found.names), f"{found.source} ({len(found.images)} rows)"
+    member_files = {}
+    for r in rows:
+        if r.file_name and (r.member == 1 or r.label == 1):
+            member_files.setdefault(data / r.file_name, f"line {r.line} ({r.file_name})")
+    if member_files:
+        return list(member_files), list(member_files.values()), f"the {len(member_files)} member images of the prompt file"
+    return None

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import wandb
 from accelerate.tracking import GeneralTracker
+
+from trainer.io import MemtrainError
 
 
 class JsonlTracker(GeneralTracker):
@@ -58,3 +62,24 @@ def _plain(value: Any):
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def start_wandb_run(out: Path, config: dict, job_type: str, name: str):
+    """An offline-capable W&B run for a one-shot command (WANDB_MODE, WANDB_DIR, WANDB_PROJECT are respected;
+    without WANDB_DIR its files go into `out`)."""
+    directory = os.environ.get("WANDB_DIR") or str(out)
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "memtrain"), job_type=job_type, dir=directory,
+                          config=config, name=name)
+    except Exception as e:  # wandb raises its own error types (no login, no network)
+        raise MemtrainError(f"--wandb: cannot start a W&B run ({e}); WANDB_MODE=offline logs without an account")\
+            from None
+
+
+def log_wandb_summary(run, values: dict[str, float], out: Path, files: list[str]) -> None:
+    """Log flat numbers and every PNG of `files` (relative to `out`) as `figures/<name>`."""
+    logged: dict = dict(values)
+    for name in files:
+        if name.endswith(".png"):
+            logged[f"figures/{name[:-4]}"] = wandb.Image(str(out / name))
+    run.log(logged)

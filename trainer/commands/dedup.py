@@ -7,15 +7,10 @@ from pathlib import Path
 
 from trainer.data import load_rows
 from trainer.io import MemtrainError, atomic_file, write_json
-from trainer.mitigate.dedup import (
-    DEFAULT_THRESHOLD,
-    EMBEDDINGS,
-    PHASH_THRESHOLD,
-    _check_path,
-    dedup_report,
-    plot_groups,
-    report_markdown,
-)
+from trainer.measure.features import EMBEDDINGS, _check_path
+from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
+from trainer.report.plots import plot_groups
+from trainer.report.render import dedup_markdown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "report.json")
     with atomic_file(out / "report.md") as f:
-        f.write(report_markdown(report, str(root)))
+        f.write(dedup_markdown(report, str(root)))
     plot_groups(report, rows.images, names, out / "groups.png")
     s = report["summary"]
     print(

@@ -11,7 +11,8 @@ from PIL import Image
 
 from trainer.core.components import load_pipeline
 from trainer.io import atomic_dir
-from trainer.sample.generate import generate_images, read_prompts
+from trainer.prompts import read_prompts
+from trainer.sample.generate import generate_images
 
 
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:

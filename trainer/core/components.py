@@ -109,3 +109,7 @@ def pipeline_from_components(parts: dict):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1) or 1)

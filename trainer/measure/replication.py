@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from trainer.io import MemtrainError
+from trainer.measure.features import sscd_similarity
 
 DEFAULT_BLOCK = 256
 TILED_L2_THRESHOLD = 0.15  # Carlini et al. 2023: extracted when tiled L2 <= 0.15
@@ -321,3 +322,67 @@ def summarize_replication(
         "threshold": float(threshold),
         "fraction": float(past.mean()),
     }
+
+
+SSCD_THRESHOLD = 0.5
+
+
+def replication_stats(generated: torch.Tensor, groups: Sequence[str], references: torch.Tensor,
+                      originals: torch.Tensor, sources: Sequence[int] | None = None, sscd_model=None,
+                      batch_size: int = 32) -> dict:
+    """Replication of each generation against the unique training images (`references`, as the VAE
+    reproduces them; `originals`: the same images as stored), summarized per group.
+
+    `sources[i]`: the index into `references` of generation i's own training image (-1: none).
+    """
+
+    metrics = replication_metrics(generated, references)
+    vs_originals = replication_metrics(generated, originals)
+    ratio = metrics["ratio"].double().numpy()
+    similarity = 1.0 - ratio
+    sscd = sscd_similarity(sscd_model, generated, references, batch_size) if sscd_model is not None else None
+    per_gen = []
+    for i in range(len(generated)):
+        row = {"group": groups[i], "nn_index": int(metrics["nn_index"][i]), "l2": float(metrics["l2"][i]),
+               "ratio": float(ratio[i]), "similarity": float(similarity[i]),
+               "replicated": bool(metrics["ratio_memorized"][i]),
+               "replicated_vs_originals": bool(vs_originals["ratio_memorized"][i]),
+               "tiled_l2": float(metrics["tiled_l2"][i]), "nl2": float(metrics["nl2"][i])}
+        if sources is not None and sources[i] >= 0:
+            row["nearest_is_own_image"] = row["nn_index"] == int(sources[i])
+        if sscd is not None:
+            row["sscd"] = float(sscd[i])
+        per_gen.append(row)
+    summary = {}
+    for group in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        sim = summarize_replication(similarity[idx], 1 - RATIO_THRESHOLD, higher_is_replication=True)
+        s = {
+            "generations": len(idx),
+            "similarity_p95": sim["p95"], "similarity_max": sim["max"], "similarity_mean": sim["mean"],
+            "fraction_replicated": summarize_replication(ratio[idx], RATIO_THRESHOLD, False)["fraction"],
+            "fraction_replicated_vs_originals": summarize_replication(
+                vs_originals["ratio"][idx], RATIO_THRESHOLD, False)["fraction"],
+            "fraction_tiled_l2": summarize_replication(metrics["tiled_l2"][idx], TILED_L2_THRESHOLD, False,
+                                                       inclusive=True)["fraction"],
+            "fraction_nl2": summarize_replication(metrics["nl2"][idx], NL2_THRESHOLD, False)["fraction"],
+            "l2_p5": summarize_replication(metrics["l2"][idx], 0.0, False)["p5"],
+        }
+        own = [per_gen[i]["nearest_is_own_image"] for i in idx if "nearest_is_own_image" in per_gen[i]]
+        s["nearest_is_own_image"] = float(np.mean(own)) if own else None
+        if sscd is not None:
+            sc = summarize_replication(sscd[idx], SSCD_THRESHOLD, higher_is_replication=True)
+            s.update(sscd_p95=sc["p95"], sscd_max=sc["max"], sscd_fraction=sc["fraction"])
+        summary[group] = s
+    return {"groups": summary, "generations": per_gen}
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """decode(encode(x)) with the posterior mean, images in [0, 1] -> [0, 1]."""
+    vae = pipe.vae
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(vae.device, vae.dtype) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)

@@ -46,40 +46,28 @@ singletons weigh 1).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
 import time
 import unicodedata
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
-from scipy.fft import dctn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import MiniBatchKMeans
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from trainer.data import Rows, open_image
-from trainer.io import MemtrainError, atomic_file
+from trainer.data import Rows
+from trainer.io import MemtrainError
+from trainer.measure.features import _default_names, embed_images
 
-EMBEDDINGS = ("pixels", "phash", "clip", "sscd")
 DEFAULT_THRESHOLD = 0.95
 PHASH_THRESHOLD = 0.875  # <= 4 of 64 bits differ
-PIXEL_SIDE = 8
-FLAT_STD = 2.0 / 255.0
-SSCD_SIZE = 288
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _COMPRESS_EDGES = 1_000_000
 
 
@@ -90,156 +78,24 @@ def default_threshold(embedding: str) -> float:
 # ---------------------------------------------------------------- image embeddings
 
 
-def _open(source, name: str) -> Image.Image:
-
-    return open_image(source, name)
 
 
-def pixel_embedding(image: Image.Image, side: int = PIXEL_SIDE) -> np.ndarray:
-    """Per-channel mean-centred, L2-normalised side x side RGB thumbnail (+ 6 colour dims for flat images)."""
-    x = np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255.0
-    x = x.reshape(-1, 3)
-    rgb = x.mean(axis=0)
-    centred = (x - rgb).reshape(-1)
-    out = np.zeros(centred.size + 6, dtype=np.float32)
-    if centred.std() < FLAT_STD:
-        colour = np.concatenate([rgb, 1.0 - rgb])
-        out[centred.size :] = colour / np.linalg.norm(colour)
-    else:
-        out[: centred.size] = centred / np.linalg.norm(centred)
-    return out
 
 
-def phash(image: Image.Image) -> int:
-    """64-bit DCT perceptual hash (bit 63 is the DC coefficient's)."""
-
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
-    low = dctn(gray, norm="ortho")[:8, :8].reshape(-1)
-    bits = low > np.median(low)
-    return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def phash_embedding(image: Image.Image) -> np.ndarray:
-    h = phash(image)
-    bits = np.array([(h >> (63 - k)) & 1 for k in range(64)], dtype=np.float32)
-    return (2.0 * bits - 1.0) / 8.0
 
 
-def _check_path(path: str | None, flag: str, what: str) -> Path:
-    if not path:
-        raise MemtrainError(f"--embedding {flag} needs --{flag} PATH ({what}); nothing is downloaded")
-    p = Path(path)
-    if not p.exists():
-        raise MemtrainError(f"--{flag} {path}: no such file or directory ({what})")
-    return p
 
 
-def load_clip(path: str | Path):
-    """(model, processor, kind) from a local CLIPModel / CLIPVisionModelWithProjection directory."""
-
-    p = _check_path(str(path), "clip", "a local CLIP model directory")
-    config = p / "config.json"
-    if not p.is_dir() or not config.exists():
-        raise MemtrainError(f"--clip {p}: not a transformers model directory (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise MemtrainError(f"{config}: not valid JSON ({e.msg})") from None
-    try:
-        if model_type == "clip":
-            model, kind = CLIPModel.from_pretrained(p, local_files_only=True), "clip"
-            image_size = model.config.vision_config.image_size
-        elif model_type == "clip_vision_model":
-            model, kind = CLIPVisionModelWithProjection.from_pretrained(p, local_files_only=True), "vision"
-            image_size = model.config.image_size
-        else:
-            raise MemtrainError(
-                f"{config}: model_type {model_type!r} is not a CLIP model (want clip or clip_vision_model)"
-            )
-        if (p / "preprocessor_config.json").exists():
-            processor = CLIPImageProcessor.from_pretrained(p, local_files_only=True)
-        else:
-            processor = CLIPImageProcessor(
-                size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-            )
-    except (OSError, ValueError) as e:
-        raise MemtrainError(f"--clip {p}: cannot load the CLIP model ({e})") from None
-    return model.eval(), processor, kind
 
 
-def load_sscd(path: str | Path):
-    p = _check_path(str(path), "sscd", "an SSCD TorchScript file")
-    try:
-        with warnings.catch_warnings():  # SSCD ships as TorchScript; torch >= 2.10 flags jit as deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.load(str(p), map_location="cpu").eval()
-    except (RuntimeError, ValueError, OSError) as e:
-        raise MemtrainError(f"--sscd {p}: cannot load it as a TorchScript model ({e})") from None
 
 
-def _sscd_batch(images: list[Image.Image]) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    out = []
-    for im in images:
-        arr = (
-            np.asarray(im.resize((SSCD_SIZE, SSCD_SIZE), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-        )
-        out.append((torch.from_numpy(arr).permute(2, 0, 1) - mean) / std)
-    return torch.stack(out)
 
 
-def _default_names(images: Sequence) -> list[str]:
-    return [str(s) if isinstance(s, str | Path) else f"image {i}" for i, s in enumerate(images)]
 
 
-def embed_images(
-    images: Sequence,
-    names: Sequence[str] | None = None,
-    embedding: str = "pixels",
-    clip: str | Path | None = None,
-    sscd: str | Path | None = None,
-    batch_size: int = 32,
-    device: str | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """(n, d) float32 L2-normalised embeddings of images (PIL images, paths or `datasets` image dicts)."""
-    if embedding not in EMBEDDINGS:
-        raise MemtrainError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-    names = list(names) if names is not None else _default_names(images)
-    bar = dict(desc=f"embed ({embedding})", disable=not progress, unit="img")
-    if embedding in ("pixels", "phash"):
-        fn = pixel_embedding if embedding == "pixels" else phash_embedding
-        rows = [fn(_open(s, n)) for s, n in tqdm(list(zip(images, names, strict=True)), **bar)]
-        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 1), np.float32)
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if embedding == "clip":
-        model, processor, kind = load_clip(clip)
-    else:
-        model, processor, kind = load_sscd(sscd), None, "sscd"
-    model = model.to(device)
-    chunks = []
-    with torch.inference_mode(), tqdm(total=len(names), **bar) as pbar:
-        for start in range(0, len(names), batch_size):
-            batch = [
-                _open(s, n)
-                for s, n in zip(
-                    images[start : start + batch_size], names[start : start + batch_size], strict=True
-                )
-            ]
-            if kind == "sscd":
-                out = model(_sscd_batch(batch).to(device))
-            else:
-                pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-                if kind == "clip":
-                    out = model.get_image_features(pixel_values=pixels)
-                    out = out if isinstance(out, torch.Tensor) else out.pooler_output
-                else:
-                    out = model(pixel_values=pixels).image_embeds
-            chunks.append(torch.nn.functional.normalize(out.float().reshape(len(batch), -1), dim=1).cpu())
-            pbar.update(len(batch))
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 1), np.float32)
 
 
 # ---------------------------------------------------------------- near-duplicate search
@@ -538,112 +394,10 @@ def dedup_report(
     return report
 
 
-def _short(name: str) -> str:
-    return re.sub(r"^.*metadata\.(jsonl|csv), ", "", name)
 
 
-def report_markdown(report: dict[str, Any], data: str = "", max_groups: int = 50) -> str:
-    s = report["summary"]
-    lines = [
-        f"# De-duplication report{f': {data}' if data else ''}",
-        "",
-        f"{report['n']} images; embedding `{report['embedding']}`, cosine threshold {report['threshold']}, "
-        f"search `{report['search']}`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| image near-duplicate groups | {s['image_groups']} |",
-        f"| images in groups | {s['images_in_groups']} |",
-        f"| extra copies (`drop` removes these) | {s['duplicates_to_drop']} ({100 * s['duplicate_fraction']:.1f}%) |",
-        f"| largest group | {s['largest_group']} |",
-        f"| linked pairs | {s['linked_pairs']} |",
-    ]
-    if "caption_groups_exact" in s:
-        lines += [
-            f"| exact caption duplicate groups | {s['caption_groups_exact']} |",
-            f"| normalized caption duplicate groups | {s['caption_groups_normalized']} |",
-        ]
-    lines += [
-        "",
-        "Training policies: `data.dedup=drop` keeps the first image of each group; `data.dedup=reweight` "
-        "keeps all images and gives each group total sampling weight 1.",
-        "",
-        "## Image near-duplicate groups",
-        "",
-    ]
-    if not report["image_groups"]:
-        lines.append("None found.")
-    for k, g in enumerate(report["image_groups"][:max_groups]):
-        ex = ", ".join(f"`{_short(e['name'])}`" for e in g["examples"])
-        more = f" and {g['size'] - len(g['examples'])} more" if g["size"] > len(g["examples"]) else ""
-        lines.append(
-            f"{k + 1}. {g['size']} images (min cos to first {g['min_similarity_to_representative']}): "
-            f"{ex}{more}"
-        )
-    if len(report["image_groups"]) > max_groups:
-        lines.append(f"\n... {len(report['image_groups']) - max_groups} more groups in report.json")
-    for kind in ("exact", "normalized"):
-        key = f"caption_groups_{kind}"
-        if key not in report:
-            continue
-        lines += ["", f"## Caption duplicate groups ({kind})", ""]
-        if not report[key]:
-            lines.append("None found.")
-        for k, g in enumerate(report[key][:max_groups]):
-            ex = ", ".join(f"`{_short(e['name'])}`" for e in g["examples"])
-            more = f" and {g['size'] - len(g['examples'])} more" if g["size"] > len(g["examples"]) else ""
-            lines.append(f'{k + 1}. {g["size"]} rows with "{g["text"]}": {ex}{more}')
-        if len(report[key]) > max_groups:
-            lines.append(f"\n... {len(report[key]) - max_groups} more groups in report.json")
-    return "\n".join(lines) + "\n"
 
 
-def plot_groups(
-    report: dict[str, Any],
-    images: Sequence,
-    names: Sequence[str],
-    out: str | Path,
-    max_groups: int = 8,
-    max_members: int = 6,
-) -> None:
-    """A PNG grid: one row per image group (largest first), thumbnails of its first members."""
-
-    matplotlib.use("Agg")
-
-    groups = report["image_groups"][:max_groups]
-    title = (
-        f"{report['summary']['image_groups']} near-duplicate groups among {report['n']} images "
-        f"({report['embedding']}, cos >= {report['threshold']})"
-    )
-    if not groups:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no near-duplicate groups found", ha="center", va="center")
-    else:
-        cols = max(min(max_members, g["size"]) for g in groups)
-        fig, axes = plt.subplots(
-            len(groups), cols, figsize=(1.6 * cols + 0.6, 1.7 * len(groups)), squeeze=False
-        )
-        for r, g in enumerate(groups):
-            for c in range(cols):
-                ax = axes[r][c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c >= min(max_members, g["size"]):
-                    ax.axis("off")
-                    continue
-                i = g["members"][c]
-                im = _open(images[i], names[i])
-                im.thumbnail((128, 128))
-                ax.imshow(np.asarray(im))
-                ax.set_title(f"#{i}", fontsize=7)
-                if c == 0:
-                    ax.set_ylabel(f"{g['size']} images", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_file(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- CLI

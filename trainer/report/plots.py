@@ -16,12 +16,14 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trainer.data import open_image
 from trainer.io import MemtrainError, atomic_file
 
 DPI = 100
@@ -253,3 +255,47 @@ def save_curves(
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_groups(
+    report: dict[str, Any],
+    images: Sequence,
+    names: Sequence[str],
+    out: str | Path,
+    max_groups: int = 8,
+    max_members: int = 6,
+) -> None:
+    """A PNG grid: one row per image group (largest first), thumbnails of its first members."""
+    groups = report["image_groups"][:max_groups]
+    title = (
+        f"{report['summary']['image_groups']} near-duplicate groups among {report['n']} images "
+        f"({report['embedding']}, cos >= {report['threshold']})"
+    )
+    if not groups:
+        fig = _figure(6, 1.5)
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no near-duplicate groups found", ha="center", va="center")
+    else:
+        cols = max(min(max_members, g["size"]) for g in groups)
+        fig = _figure(1.6 * cols + 0.6, 1.7 * len(groups))
+        axes = fig.subplots(len(groups), cols, squeeze=False)
+        for r, g in enumerate(groups):
+            for c in range(cols):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= min(max_members, g["size"]):
+                    ax.axis("off")
+                    continue
+                i = g["members"][c]
+                im = open_image(images[i], names[i])
+                im.thumbnail((128, 128))
+                ax.imshow(np.asarray(im))
+                ax.set_title(f"#{i}", fontsize=7)
+                if c == 0:
+                    ax.set_ylabel(f"{g['size']} images", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)

@@ -7,13 +7,8 @@ seed `seed + j`, so prompts are compared on the same initial noise.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
-
-from trainer.io import MemtrainError
 
 
 @torch.no_grad()
@@ -46,28 +41,5 @@ def _initial_noise(pipe, generator: torch.Generator) -> torch.Tensor:
 
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    """Plain text (one prompt a line) or JSONL rows with `text` (or `prompt`) and optional labels."""
-    path = Path(path)
-    if not path.exists():
-        raise MemtrainError(f"prompt file {path} does not exist")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl" or line.lstrip().startswith("{"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MemtrainError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-            text = row.get("text", row.get("prompt")) if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise MemtrainError(f"{path}, line {i}: needs a non-empty `text` (or `prompt`) string")
-            rows.append(dict(row, text=text))
-        else:
-            rows.append({"text": line.strip()})
-    if not rows:
-        raise MemtrainError(f"prompt file {path} has no prompts")
-    return rows
 
 

@@ -38,11 +38,13 @@ from trainer import data as data_lib
 from trainer.config import apply_overrides, builtin_recipes, from_dict, read_recipe_tree
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.measure.features import image_features, kid
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
 from trainer.recipe import TrainRecipe
-from trainer.report.evaluate import general_scenario, image_features, kid
 from trainer.report.plots import save_curves
+from trainer.report.render import compare_markdown
+from trainer.report.sections import general_scenario
 from trainer.toy import demo as demo
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
@@ -216,7 +218,7 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
     save_clid_curves(results, out / "clid_curves.png")
     write_json(report, out / "compare.json")
     with atomic_file(out / "compare.md") as f:
-        f.write(markdown(report))
+        f.write(compare_markdown(report))
     return report
 
 
@@ -237,94 +239,14 @@ def save_clid_curves(results: list[dict], path: Path) -> Path:
 # ---------------------------------------------------------------- Markdown
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _num(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
-def table(results: list[dict]) -> list[str]:
-    """The side-by-side Markdown table, one row per run."""
-    lines = ["| run | steps | trained rows | dup. replication | dup. nL2 < 1.4 | dup. nearest is own | "
-             "singleton replication | novel replication | novel toy alignment | novel KID x100 | "
-             "CLiD AUC (final) | CLiD TPR@1%FPR | train s | monitor s (calls, % of train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        rep, gen, mon, cost = r["replication"], r["general"], r["final_monitor"] or {}, r["monitor_cost"]
-        dup, single, novel = (rep.get(g, {}) for g in ("duplicated", "singleton", "novel"))
-        kid = gen.get("kid")
-        monitor = (f"{_num(cost['seconds'], '.0f')} ({cost['calls']}, {_pct(cost['fraction_of_training'])})"
-                   if cost.get("seconds") is not None else "-")
-        lines.append(
-            f"| {r['name']} | {r['steps']} | {r['data']['trained_rows']} | {_pct(dup.get('replication_rate'))} | "
-            f"{_pct(dup.get('nl2_rate'))} | {_pct(dup.get('nearest_is_own_image'))} | "
-            f"{_pct(single.get('replication_rate'))} | {_pct(novel.get('replication_rate'))} | "
-            f"{_pct(gen.get('toy_alignment'))} | {_num(None if kid is None else 100 * kid)} | "
-            f"{_num(mon.get('clid_auc'))} | {_num(mon.get('clid_tpr_at_1fpr'))} | {r['train_s']:.0f} | {monitor} |")
-    return lines
 
 
-def _deltas(ref: dict, other: dict) -> str:
-    parts = []
-    a, b = ref["general"].get("toy_alignment"), other["general"].get("toy_alignment")
-    if a is not None and b is not None:
-        parts.append(f"toy alignment {100 * (b - a):+.1f} points")
-    a, b = ref["general"].get("kid"), other["general"].get("kid")
-    if a is not None and b is not None:
-        parts.append(f"KID x100 {100 * (b - a):+.2f}")
-    a = ref["replication"].get("duplicated", {}).get("replication_rate")
-    b = other["replication"].get("duplicated", {}).get("replication_rate")
-    if a is not None and b is not None:
-        parts.append(f"duplicated-prompt replication {100 * a:.1f}% -> {100 * b:.1f}%")
-    return f"{other['name']} vs {ref['name']}: " + ", ".join(parts)
 
 
-def markdown(report: dict) -> str:
-    runs = report["runs"]
-    main = [r for r in runs if r["name"] in ("plain", "mitigated")]
-    alone = [r for r in runs if r["name"] not in ("plain", "mitigated")]
-    first = runs[0]
-    mon = report["monitor"]
-    lines = [f"# {report['title']}", "",
-             f"Toy data {report['data']['path']} ({first['data']['rows']} training rows: "
-             f"{report['data']['config'].get('n_duplicated')} images x {report['data']['config'].get('copies')} "
-             f"copies + {report['data']['config'].get('n_singletons')} singletons), base {report['base']}. "
-             f"Every run: {first['max_steps']} steps, batch {first['batch_size']}, lr {first['learning_rate']}; "
-             f"{report['n_per_prompt']} generation(s) per prompt (DDIM {report['generation_steps']} steps, guidance "
-             f"{first['guidance_scale']}).", "",
-             f"Replicated: NN1/NN2 L2 ratio < {first['ratio_threshold']:g} against the "
-             "VAE-reproduced unique training images (Gu et al. 2023 use 1/3; see memtrain demo); nL2 < 1.4 (Carlini et al. 2023); nearest is own: the prompt's own training image is the "
-             "nearest. Toy alignment (toy_checker) and KID (unbiased MMD^2, kernel (x.y/d+1)^3 over the "
-             "pix8+palette feature, x100) of the novel prompts' generations against the held-out images (MemBench's "
-             "general scenario). CLiD: the monitor's CLiD_th AUC / TPR at 1% FPR at the last step (Zhai et al.; "
-             f"{mon['members']} members vs {mon['heldout_count']} held-out pairs, every {mon['every_steps']} steps). "
-             "Every run probes the same member images: distinct training images (one row per near-duplicate "
-             "group, `monitor.distinct_members`), which a `drop`-de-duplicated run trains on too.", "",
-             "## Plain vs mitigated", "", *table(main), ""]
-    ref = next((r for r in runs if r["name"] == "plain"), None)
-    if ref is not None:
-        lines += [f"- {_deltas(ref, r)}" for r in runs if r is not ref and r["name"] == "mitigated"]
-        kid_ref = ref["general"].get("kid_reference")
-        if kid_ref is not None:
-            lines.append(f"- KID x100 of the training images (through the VAE) vs held-out, for scale: "
-                         f"{100 * kid_ref:.2f}")
-        lines.append("")
-    for r in main:
-        if r["name"] == "mitigated":
-            lines += [f"Mitigated recipe {r['recipe']}: dedup={r['data']['dedup']}, captions "
-                      f"{', '.join(f'{k}={v}' for k, v in r['captions'].items()) or 'unchanged'}.", ""]
-    if alone:
-        lines += ["## Each mitigation on its own", "", *table(([ref] if ref else []) + alone), ""]
-        lines += [f"- {r['name']}: {' '.join(r['mitigation'])}" for r in alone]
-        if ref is not None:
-            lines += [f"- {_deltas(ref, r)}" for r in alone]
-        lines.append("")
-    lines += ["![CLiD AUC vs step](clid_curves.png)", "",
-              f"Total {report['timing']['total_s']:.0f} s. Per run: OUT/runs/NAME (logs/metrics.jsonl, monitor.json, "
-              "monitor.png, report/report.md).", ""]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- CLI

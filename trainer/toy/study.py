@@ -33,8 +33,9 @@ import torch
 from PIL import Image
 
 from trainer.io import MemtrainError, atomic_file, write_json
-from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics, unique_images
+from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics, unique_images, vae_roundtrip
 from trainer.report.plots import save_replication_grid
+from trainer.report.render import _fraction, study_markdown
 from trainer.sample.generate import generate_images
 from trainer.toy.world import read_labels
 
@@ -101,15 +102,6 @@ def heldout_calibration(heldout: torch.Tensor, references: torch.Tensor, ratio_t
             "ratio_median": float(np.median(ratio))}
 
 
-@torch.no_grad()
-def vae_roundtrip(pipe, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """decode(encode(x)) with the posterior mean, images in [0, 1] -> [0, 1]."""
-    vae = pipe.vae
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(vae.device, vae.dtype) * 2 - 1
-        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) + 1) / 2).cpu())
-    return torch.cat(out)
 
 
 def summarize(study: dict) -> dict:
@@ -164,36 +156,9 @@ def write_study(study: dict, out: str | Path, title: str, extra: dict | None = N
         save_replication_grid(out / "replication.png", study["images"][picks], nearest, titles, ncols=4)
     write_json(report, out / "report.json")
     with atomic_file(out / "report.md") as f:
-        f.write(markdown(report))
+        f.write(study_markdown(report))
     return report
 
 
-def _fraction(x: float) -> str:
-    return "1/3" if abs(x - 1 / 3) < 1e-9 else f"{x:g}"
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# {report['title']}", "", f"Replication criterion: {report['criterion']}.",
-             f"{report['n_per_prompt']} generation(s) per prompt (DDIM {report['sampler_steps']} steps, "
-             f"guidance {report['guidance_scale']:g}), "
-             f"{report['unique_train_images']} unique training images ({report['train_images']} with duplicates).", ""]
-    cal = report.get("calibration")
-    if cal:
-        lines += [f"Calibration: the criterion flags {cal['flagged_rate']:.0%} of the {cal['heldout_images']} held-out "
-                  f"images (never trained on; their NN1/NN2 ratio: min {cal['ratio_min']:.2f}, 5th percentile "
-                  f"{cal['ratio_p5']:.2f}, median {cal['ratio_median']:.2f}).", ""]
-    for key in ("training", "timing"):
-        if key in report:
-            lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
-    threshold = _fraction(report["ratio_threshold"])
-    lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | replicated: a duplicated "
-              "image | (vs originals) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for group, s in report["groups"].items():
-        own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
-        lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
-                     f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
-                     f"{s['replication_rate_vs_originals']:.0%} | {s['gu_rate']:.0%} | "
-                     f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
-    lines += ["", "![generations beside their nearest training images](replication.png)", ""]
-    return "\n".join(lines)

@@ -92,8 +92,9 @@ from trainer.io import MemtrainError, write_json
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
+from trainer.prompts import read_prompts
 from trainer.report.plots import save_curves
-from trainer.sample.generate import generate_images, read_prompts
+from trainer.sample.generate import generate_images
 
 PREFIX = "monitor/"
 CURVES = ("clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr")
