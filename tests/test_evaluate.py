@@ -21,6 +21,7 @@ from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.report import evaluate as E
 from trainer.toy import world as toy_world
 from trainer.toy.base import build_tokenizer
+from trainer.toy.checker import toy_features
 
 FAST = ["--steps", "2", "-n", "2", "--batch-size", "64"]  # 2 DDIM steps keep the generations cheap
 
@@ -87,7 +88,8 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     from trainer.detect import prompt as D
 
     out = tmp_path / "eval"
-    assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--out", out, *FAST, "--wandb") == 0
+    assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--train-data", tiny_data / "train",
+                        "--out", out, *FAST, "--wandb") == 0
     assert "report.md" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     for key in ("config", "label_mapping", "roc_convention", "counts", "trigger", "replication", "membership",
@@ -243,7 +245,8 @@ def test_clip_score_and_sscd(tmp_path, tiny_model, tiny_data, clip_dir, sscd_fil
 
     from trainer.measure.features import embed_images, load_sscd
 
-    report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=2,
+    report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", train_data=str(tiny_data / "train"),
+                        out=tmp_path / "eval", n=1, steps=2,
                         detectors="noise", sscd=sscd_file, clip=clip_dir, progress=False)
     assert "membership" not in report and any("clid not in --detectors" in n for n in report["notes"])
     for group, s in report["replication"]["groups"].items():
@@ -292,7 +295,7 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     with pytest.raises(MemtrainError, match="at least 2"):
         F.kid(torch.from_numpy(x[:1]), torch.from_numpy(y))
     images = torch.rand((2, 3, 32, 32))
-    assert F.image_features(images).shape == (2, 8 * 8 * 3 + len(toy_world.COLORS))
+    assert toy_features(images).shape == (2, 8 * 8 * 3 + len(toy_world.COLORS))
 
 
 def test_prompt_file_roles(tmp_path, tiny_data):

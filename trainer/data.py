@@ -240,17 +240,15 @@ def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: st
     return ((torch.stack(out) + 1) / 2).clamp(0, 1)
 
 
-def find_training_images(data: Path, rows: Sequence[PromptRow]) -> tuple[list, list[str], str] | None:
-    """(paths, names, description) of the training images replication is measured against.
-
-    The imagefolder `DATA/train` (a toy dataset's), else `DATA` itself when it is an imagefolder
-    (`metadata.jsonl` / `metadata.csv`), else the images of the member rows of the prompt file.
-    """
-
-    for root in (data / "train", data):
-        if (root / "metadata.jsonl").exists() or (root / "metadata.csv").exists():
-            found = load_rows(str(root))
-            return list(found.images), list(found.names), f"{found.source} ({len(found.images)} rows)"
+def find_training_images(train_data: str | None, data: Path, rows: Sequence[PromptRow]) -> tuple[list, list[str], str] | None:
+    """(paths, names, description) of the training images replication is measured against: the rows of
+    `train_data` (any `load_rows` source), else the images of the member rows of the prompt file."""
+    if train_data is not None:
+        try:
+            found = load_rows(str(train_data))
+        except OSError as e:  # e.g. not a local path, and the Hub is unreachable or offline
+            raise MemtrainError(f"--train-data {train_data}: cannot load the training set ({e})") from None
+        return list(found.images), list(found.names), f"{found.source} ({len(found.images)} rows)"
     member_files = {}
     for r in rows:
         if r.file_name and (r.member == 1 or r.label == 1):

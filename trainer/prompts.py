@@ -96,8 +96,12 @@ def _group_name(row: PromptRow) -> str:
     return {1: "memorized", 0: "not memorized"}.get(row.label, "unlabelled")
 
 
+TEXT_KEYS = ("text", "prompt", "caption")
+
+
 def read_prompts(path: str | Path) -> list[dict]:
-    """Plain text (one prompt a line) or JSONL rows with `text` (or `prompt`) and optional labels."""
+    """Plain text (one prompt a line) or JSONL rows with `text` (or `prompt`, or `caption` as in Wen et al.'s
+    published `sdv1_500_memorized.jsonl`) and optional labels."""
     path = Path(path)
     if not path.exists():
         raise MemtrainError(f"prompt file {path} does not exist")
@@ -110,12 +114,20 @@ def read_prompts(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MemtrainError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-            text = row.get("text", row.get("prompt")) if isinstance(row, dict) else None
+            text = next((row[k] for k in TEXT_KEYS if k in row), None) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise MemtrainError(f"{path}, line {i}: needs a non-empty `text` (or `prompt`) string")
+                raise MemtrainError(f"{path}, line {i}: needs a non-empty `text` (or `prompt`, `caption`) string")
             rows.append(dict(row, text=text))
         else:
             rows.append({"text": line.strip()})
     if not rows:
         raise MemtrainError(f"prompt file {path} has no prompts")
+    return rows
+
+
+def rows_from_lists(memorized: str | Path, not_memorized: str | Path | None = None) -> list[PromptRow]:
+    """Labelled rows from two prompt lists (plain text or JSONL): label 1 for `memorized`, 0 for the other."""
+    rows = [PromptRow(r["text"], i, 1) for i, r in enumerate(read_prompts(memorized), 1)]
+    if not_memorized is not None:
+        rows += [PromptRow(r["text"], i, 0) for i, r in enumerate(read_prompts(not_memorized), 1)]
     return rows

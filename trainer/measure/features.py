@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,6 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisio
 
 from trainer.data import open_image
 from trainer.io import MemtrainError
-from trainer.toy.checker import palette_fractions
 
 EMBEDDINGS = ("pixels", "phash", "clip", "sscd")
 
@@ -175,8 +175,7 @@ def embed_images(
             else:
                 pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
                 if kind == "clip":
-                    out = model.get_image_features(pixel_values=pixels)
-                    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+                    out = clip_image_embedding(model, pixels)
                 else:
                     out = model(pixel_values=pixels).image_embeds
             chunks.append(torch.nn.functional.normalize(out.float().reshape(len(batch), -1), dim=1).cpu())
@@ -185,6 +184,12 @@ def embed_images(
 
 
 FEATURE_SIDE = 8
+
+
+def clip_image_embedding(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A CLIPModel's projected image embedding (transformers 4.x returns a tensor, 5.x an output object)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -209,12 +214,54 @@ def sscd_similarity(model, generated: torch.Tensor, references: torch.Tensor, ba
     return (embed(generated) @ embed(references).T).max(dim=1).values.double().numpy()
 
 
-def image_features(images: torch.Tensor) -> torch.Tensor:
-    """The fixed "pix8+palette" feature [N, 200] of images in [0, 1]: 8x8 area-averaged RGB (192 values)
-    then the 8 toy palette fractions (`toy_checker.palette_fractions`)."""
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """The "pix8" feature [N, 192] of images in [0, 1]: 8x8 area-averaged RGB."""
+    return torch.nn.functional.adaptive_avg_pool2d(images.float(), FEATURE_SIDE).flatten(1)
 
-    pixels = torch.nn.functional.adaptive_avg_pool2d(images.float(), FEATURE_SIDE).flatten(1)
-    return torch.cat([pixels, palette_fractions(images)], dim=1).double()
+
+@dataclass(frozen=True)
+class QualityFeature:
+    """How the general scenario scores image quality: a KID feature space and, optionally, a per-image
+    text-alignment score in [0, 1] (reported as `alignment_key`). `claims(captions)` says whether the
+    feature applies to a caption set (a domain-specific feature claims only its own captions)."""
+
+    name: str
+    description: str
+    features: Callable[[torch.Tensor], torch.Tensor]
+    alignment: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None
+    alignment_key: str | None = None
+    claims: Callable[[Sequence[str]], bool] = lambda captions: True
+
+
+PIXELS = QualityFeature("pix8", "8x8 area-averaged RGB (192 values)", pixel_features)
+_REGISTERED: list[QualityFeature] = []
+
+
+def register_quality_feature(feature: QualityFeature) -> None:
+    """Add a domain-specific quality feature; `choose_quality_feature` prefers the latest registered."""
+    _REGISTERED.insert(0, feature)
+
+
+def choose_quality_feature(captions: Sequence[str]) -> QualityFeature:
+    """The first registered feature that claims every caption, else the generic pixel feature."""
+    return next((q for q in _REGISTERED if q.claims(captions)), PIXELS)
+
+
+def clip_quality_feature(scorer, batch_size: int = 32) -> QualityFeature:
+    """KID in the CLIP image-embedding space of a local CLIPModel (`load_clip_scorer`)."""
+    model, processor, _ = scorer
+    device = next(model.parameters()).device
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                pixels = processor(images=to_pil(images[start : start + batch_size]), return_tensors="pt")
+                embedding = clip_image_embedding(model, pixels["pixel_values"].to(device))
+                out.append(torch.nn.functional.normalize(embedding.float(), dim=1).cpu())
+        return torch.cat(out)
+
+    return QualityFeature("clip", "CLIP image embeddings (L2-normalised)", features)
 
 
 def kid(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -263,7 +310,7 @@ def clip_scores(scorer, images: torch.Tensor, captions: Sequence[str], batch_siz
             pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
             text = tokenizer(list(captions[start : start + batch_size]), padding=True, truncation=True,
                              max_length=max_length, return_tensors="pt")
-            img = features(model.get_image_features(pixel_values=pixels))
+            img = clip_image_embedding(model, pixels)
             txt = features(model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))
             cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=1)
             out.append(100 * cos.clamp_min(0))

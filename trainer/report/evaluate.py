@@ -1,58 +1,9 @@
-"""`memtrain evaluate`: a MemBench-style memorization report for one checkpoint.
+"""`memtrain evaluate`: a MemBench-style memorization report for one checkpoint (Hong et al. 2024).
 
-    memtrain evaluate CKPT --prompts labels.jsonl [--lora DIR] [--out runs/evaluate] [-n 2] [--sscd F] [--clip D]
-
-Writes OUT/report.json (every number, the configuration and the per-prompt scores), OUT/report.md
-(tables) and PNG figures, all into a temporary directory that replaces OUT at the end
-(`io.atomic_dir`), so an interrupted run leaves nothing half written.
-
-The prompt file (`read_labelled_prompts`) is plain text (one prompt a line: scores only) or JSONL
-rows with `text` (or `prompt`) and optional `label` (1 = memorized, 0 = not), `group`, `file_name`
-and `member`. A toy-world `labels.jsonl` (`memtrain toy-data`) works as is: group `duplicated` ->
-label 1 (memorized), `novel` -> label 0; `singleton` and `heldout` rows get no label and are used
-for membership only (`duplicated`/`singleton` with a `file_name` -> members, `heldout` ->
-non-members). An explicit `label` / `member` overrides the group. `file_name` paths resolve under
-`--data` (default: the prompt file's directory).
-
-Sections (every number is written with its convention; the README has the long form):
-
-1. Trigger scenario (`trigger_scenario`): per prompt, with n = 1 and the same x_T for every
-   prompt (seed `--seed`), each detector of `trainer.detectors` with its paper defaults on the
-   50-step DDIM schedule: Wen et al. noise magnitude of the first step (`noise`) and its mean
-   over the first 10 steps (`noise10`, the paper's second variant), the anisotropy metric M
-   (g_norm = 1, g_cos by model family), the first-step cross-attention entropy. AUROC
-   (`metrics.auroc`) and TPR at 1% FPR (`metrics.tpr_at_fpr`): positive = memorized (label 1),
-   a higher score = more memorized; the TPR of the last ROC point whose FPR is <= 1% (the best TPR
-   any threshold reaches without exceeding 1% FPR, no interpolation; with fewer than 100
-   negatives that is the TPR at 0% FPR).
-2. Replication (`replication_stats`): `-n` generations per prompt (stock pipeline, DDIM `--steps`,
-   guidance 7.5, generation j of every prompt from seed `--seed + j`) compared with the unique
-   training images as the model's own VAE reproduces them (`report.vae_roundtrip`, the reason is in
-   `trainer.report`), by `replication.replication_metrics`. Similarity = 1 - NN1/NN2 (the L2
-   ratio of Gu et al.; 1 = an exact copy of one training image, 0 = equidistant from two);
-   replicated when the ratio is < 1/3 (similarity > 2/3). Summaries by
-   `replication.summarize_replication`: p95, max, fraction. With `--sscd`: the cosine of SSCD
-   descriptors of each generation to its most similar training image (same references); p95, max
-   and the fraction > 0.5. Reported for the memorized prompts (trigger) and, as the baseline, the
-   non-memorized prompts (general).
-3. Membership (`membership_scenario`): `detectors.clid_features` of each (image, caption) pair,
-   then 2-fold cross-fitting (stratified, seed `--seed`): on one fold `detectors.fit_clid_alpha`
-   chooses alpha (AUROC, grid 0, 0.05, ..., 1) with the robust scaler fitted on that fold, and
-   `detectors.clid_th_scores` scores the other fold; CLiD_vec: `detectors.clid_vec_classifier`
-   trained on one fold scores the other. AUROC / TPR at 1% FPR of the pooled out-of-fold scores
-   (positive = member). DEVIATION: the paper fits alpha, the scaler and the classifier on a
-   separate shadow split; there is none here, so each half is scored by a fit on the other half.
-   The loss-only baseline (L = -loss, no fitting) is reported beside them. When the members
-   come in several groups (toy: duplicated, singleton), each group's AUROC against all
-   non-members too (`membership_by_group`).
-4. General scenario (`general_scenario`): image quality of the generations of each group:
-   toy-world text alignment (`toy_checker.alignment_scores`, mean; only when every caption is a
-   toy caption), KID (`kid`): the unbiased MMD^2 (polynomial kernel (x.y/d + 1)^3, as in
-   Binkowski et al. 2018) between the generations and the held-out images in the fixed feature
-   space "pix8+palette" (`image_features`: 8x8 area-averaged RGB, 192 values in [0, 1], then the 8
-   toy palette fractions of `toy_checker.palette_fractions`, d = 200; not Inception features, so
-   values are comparable only within memtrain), and with `--clip` the CLIP score
-   100 * max(cos(image, text), 0) of a user-supplied local CLIPModel.
+Trigger scenario (registered prompt detectors: AUROC, TPR at 1% FPR), replication of generations
+against the training images, membership (CLiD, Zhai et al. 2024, cross-fitted) and the general
+scenario (KID, alignment / CLIP score). Writes OUT/report.json, report.md and PNGs atomically.
+docs/methods.md gives every convention; `trainer.report.sections` computes each section.
 """
 
 from __future__ import annotations
@@ -70,9 +21,15 @@ from trainer.core.components import load_pipeline, model_resolution
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
-from trainer.measure.features import image_features, kid, load_clip_scorer, load_sscd
+from trainer.measure.features import (
+    choose_quality_feature,
+    clip_quality_feature,
+    kid,
+    load_clip_scorer,
+    load_sscd,
+)
 from trainer.measure.metrics import roc_points
-from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts
+from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
 from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 from trainer.report.render import evaluate_markdown
 from trainer.report.sections import (
@@ -94,21 +51,7 @@ ROC_CONVENTION = (
     "without exceeding 1% FPR, no interpolation, metrics.tpr_at_fpr); with fewer than 100 negatives it is "
     "the TPR at 0% FPR"
 )
-FEATURE = "pix8+palette"
 REPLICATED_GRID = 16
-
-
-# ---------------------------------------------------------------- prompts
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- images
@@ -122,23 +65,7 @@ REPLICATED_GRID = 16
 
 
 
-# ---------------------------------------------------------------- section 1: detectors
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- section 2: replication
-
-
-
-
-
-
-# ---------------------------------------------------------------- section 3: membership
 
 
 
@@ -192,21 +119,34 @@ def _check_file(path: Path, where: str, data: Path) -> None:
         raise MemtrainError(f"{where}: image {path} does not exist (file_name paths resolve under --data {data})")
 
 
-def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "runs/evaluate",
+def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str | Path = "runs/evaluate",
              lora: str | Path | None = None, n: int = 2, batch_size: int = 32, seed: int = 0,
-             data: str | Path | None = None, sscd: str | Path | None = None, clip: str | Path | None = None,
-             wandb: bool = False, generate: bool = True, detectors: str | Sequence[str] = DETECTORS,
-             steps: int = 50, guidance_scale: float = 7.5, device: str | None = None,
-             progress: bool = True) -> dict:
-    """Run the protocol of the module docstring; write OUT/report.json, report.md and PNGs; return the report."""
+             data: str | Path | None = None, train_data: str | None = None, sscd: str | Path | None = None,
+             clip: str | Path | None = None, wandb: bool = False, generate: bool = True,
+             detectors: str | Sequence[str] = DETECTORS, steps: int = 50, guidance_scale: float = 7.5,
+             device: str | None = None, memorized: str | Path | None = None,
+             not_memorized: str | Path | None = None, progress: bool = True) -> dict:
+    """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
+
+    Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
+    `not_memorized`. `train_data`: the training set replication is measured against (an imagefolder,
+    a `save_to_disk` directory or a local datasets path; default: the member images of the prompt
+    file). `data`: the root that `file_name` paths resolve under (default: the prompt file's directory).
+    """
 
     t_start = time.perf_counter()
     for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     detectors = parse_detectors(detectors)
-    prompts = Path(prompts)
-    rows = read_labelled_prompts(prompts)
+    if (prompts is None) == (memorized is None):
+        raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
+    if prompts is not None:
+        prompts = Path(prompts)
+        rows = read_labelled_prompts(prompts)
+    else:
+        rows = rows_from_lists(memorized, not_memorized)
+        prompts = Path(memorized)
     labelled = check_labels(rows, prompts)
     data = Path(data) if data is not None else prompts.parent
     if not data.is_dir():
@@ -235,7 +175,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
     notes: list[str] = []
     cost: dict[str, dict] = {}
     config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),
-              "data": str(data), "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+              "data": str(data), "train_data": str(train_data) if train_data else None, "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
               "batch_size": batch_size, "detectors": detectors, "generate": generate,
               "sscd": str(sscd) if sscd else None, "clip": str(clip) if clip else None, "device": device,
               "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1"}
@@ -281,8 +221,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
             stages.set_postfix_str("replication")
             if generated is not None:
                 t0 = time.perf_counter()
-                rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, resolution,
-                                                sscd_model, batch_size, progress)
+                rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, train_data,
+                                                resolution, sscd_model, batch_size, progress)
                 if rep is None:
                     notes.append(note)
                 else:
@@ -328,15 +268,17 @@ def evaluate(checkpoint: str | Path, prompts: str | Path, out: str | Path = "run
                                       resolution, "held-out images", progress) if heldout_rows else None
                 if heldout is None:
                     notes.append("KID skipped: the prompt file has no held-out images (member 0 / group heldout)")
-                quality = {"feature": f"{FEATURE}: 8x8 area-averaged RGB (192) + 8 toy palette fractions",
-                           "groups": {}}
                 captions = captions_of(gen_rows, n)
+                feature = (clip_quality_feature(clip_scorer, batch_size) if clip_scorer is not None
+                           else choose_quality_feature(captions))
+                quality = {"feature": f"{feature.name}: {feature.description}", "groups": {}}
                 for group in dict.fromkeys(gen_groups):
                     idx = [i for i, g in enumerate(gen_groups) if g == group]
                     quality["groups"][group] = general_scenario(
-                        generated[idx], [captions[i] for i in idx], heldout, clip_scorer, batch_size)
+                        generated[idx], [captions[i] for i in idx], heldout, clip_scorer, batch_size, feature)
                 if heldout is not None and "replication" in report and len(heldout) >= 2:
-                    quality["kid_reference"] = kid(image_features(figures["replicated"][1]), image_features(heldout))
+                    quality["kid_reference"] = kid(feature.features(figures["replicated"][1]),
+                                                   feature.features(heldout))
                 report["quality"] = quality
                 cost["quality"] = {"seconds": round(time.perf_counter() - t0, 2)}
             stages.update()

@@ -23,11 +23,10 @@ from trainer.detect.clid import (
     fit_clid_alpha,
 )
 from trainer.io import MemtrainError
-from trainer.measure.features import clip_scores, image_features, kid
+from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import replication_stats, unique_images, vae_roundtrip
 from trainer.prompts import PromptRow, _group_name, check_labels
-from trainer.toy.checker import alignment_scores, parse_caption
 
 CLID_FOLDS = 2
 
@@ -160,29 +159,17 @@ def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def _toy_captions(captions: Sequence[str]) -> bool:
-
-    try:
-        for c in dict.fromkeys(captions):
-            parse_caption(c)
-    except MemtrainError:
-        return False
-    return True
-
-
 def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: torch.Tensor | None = None,
-                     clip_scorer=None, batch_size: int = 32) -> dict:
-    """Quality of one group of generations (images [G, 3, H, W] in [0, 1], one caption each)."""
-
+                     clip_scorer=None, batch_size: int = 32, quality: QualityFeature = PIXELS) -> dict:
+    """Quality of one group of generations (images [G, 3, H, W] in [0, 1], one caption each): KID against
+    the held-out images in `quality`'s feature space, its alignment score when it has one, CLIP score."""
     result = {"generations": len(generated), "notes": []}
-    if _toy_captions(captions):
-        result["toy_alignment"] = float(alignment_scores(generated, list(captions)).mean())
-    else:
-        result["notes"].append("toy alignment skipped: not every caption is a toy-world caption")
+    if quality.alignment is not None:
+        result[quality.alignment_key] = float(quality.alignment(generated, list(captions)).mean())
     if heldout is None or len(heldout) < 2 or len(generated) < 2:
         result["notes"].append("KID skipped: needs at least 2 generations and 2 held-out images")
     else:
-        result["kid"] = kid(image_features(generated), image_features(heldout))
+        result["kid"] = kid(quality.features(generated), quality.features(heldout))
     if clip_scorer is not None:
         scores = clip_scores(clip_scorer, generated, captions, batch_size)
         result["clip_score"] = float(scores.mean())
@@ -190,12 +177,13 @@ def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: 
 
 
 def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[PromptRow], n: int,
-                        gen_groups: Sequence[str], rows: Sequence[PromptRow], data: Path, resolution: int,
+                        gen_groups: Sequence[str], rows: Sequence[PromptRow], data: Path, train_data: str | None,
+                        resolution: int,
                         sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
     (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
 
-    train = find_training_images(data, rows)
+    train = find_training_images(train_data, data, rows)
     if train is None:
         return None, (f"replication skipped: no training images found (no imagefolder at {data / 'train'} or "
                       f"{data}, and no member rows with file_name)")

@@ -17,6 +17,7 @@ import re
 import torch
 
 from trainer.io import MemtrainError
+from trainer.measure.features import QualityFeature, pixel_features
 from trainer.toy.world import COLORS
 
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255
@@ -53,3 +54,22 @@ def alignment_scores(images: torch.Tensor, captions: list[str], min_fraction: fl
         checks.append(_NAMES[int(frac.argmax())] not in colors)
         scores.append(sum(checks) / len(checks))
     return torch.tensor(scores)
+
+
+def is_toy_caption_set(captions) -> bool:
+    """True when every caption is a toy-world caption."""
+    try:
+        for caption in dict.fromkeys(captions):
+            parse_caption(caption)
+    except MemtrainError:
+        return False
+    return True
+
+
+def toy_features(images: torch.Tensor) -> torch.Tensor:
+    """The "pix8+palette" KID feature [N, 200]: 8x8 area-averaged RGB, then the 8 palette fractions."""
+    return torch.cat([pixel_features(images), palette_fractions(images)], dim=1)
+
+
+TOY_QUALITY = QualityFeature("pix8+palette", "8x8 area-averaged RGB (192) + 8 toy palette fractions",
+                             toy_features, alignment_scores, "toy_alignment", is_toy_caption_set)

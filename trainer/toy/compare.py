@@ -38,7 +38,7 @@ from trainer import data as data_lib
 from trainer.config import apply_overrides, builtin_recipes, from_dict, read_recipe_tree
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError, atomic_file, write_json
-from trainer.measure.features import image_features, kid
+from trainer.measure.features import kid
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
 from trainer.recipe import TrainRecipe
@@ -48,6 +48,7 @@ from trainer.report.sections import general_scenario
 from trainer.toy import demo as demo
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
+from trainer.toy.checker import TOY_QUALITY, toy_features
 from trainer.toy.study import replication_study, summarize, write_study
 from trainer.tracking import read_jsonl
 from trainer.training.loop import train
@@ -154,8 +155,9 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
     heldout = study["heldout_images"]  # loaded once by replication_study for its calibration
     if heldout is None:
         raise MemtrainError(f"{data}: no held-out images (heldout/metadata.jsonl); the general scenario needs them")
-    general = general_scenario(study["images"][novel], [study["generations"][i]["text"] for i in novel], heldout)
-    general["kid_reference"] = kid(image_features(study["unique_train"]), image_features(heldout))
+    general = general_scenario(study["images"][novel], [study["generations"][i]["text"] for i in novel], heldout,
+                               quality=TOY_QUALITY)
+    general["kid_reference"] = kid(toy_features(study["unique_train"]), toy_features(heldout))
     write_study(study, out / "report", f"memtrain compare: replication after the {run['name']} fine-tune",
                 extra={"recipe": run["recipe_path"], "mitigation": run["mitigation"]})
     measure_s = time.time() - t0
