@@ -1,0 +1,1 @@
+"""Checkpoint edits that remove memorized content from a loaded Stable Diffusion pipeline, in memory."""
