@@ -77,12 +77,17 @@ def _params(pipe) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
 
 
-def _general_change(pipe, edit) -> tuple[float, float]:
-    """(mean |pixel change| of GENERAL's generation at seed 0 from `edit`, seed-to-seed mean |difference|)."""
-    before = generate_images(pipe, [GENERAL], n=2, seed=0, steps=20, progress=False)
+def _image_changes(pipe, caption, edit) -> tuple[float, float, float]:
+    """Mean |pixel change| made by `edit` to the seed-0 generation of GENERAL and of `caption`, and the
+    mean |difference| between GENERAL's generations at seeds 0 and 1 (what resampling moves)."""
+    before = generate_images(pipe, [GENERAL, caption], n=2, seed=0, steps=20, progress=False)
     edit()
-    after = generate_images(pipe, [GENERAL], n=1, seed=0, steps=20, progress=False)
-    return float((after[0] - before[0]).abs().mean()), float((before[1] - before[0]).abs().mean())
+    after = generate_images(pipe, [GENERAL, caption], n=1, seed=0, steps=20, progress=False)
+    return (
+        float((after[0] - before[0]).abs().mean()),
+        float((after[1] - before[2]).abs().mean()),
+        float((before[1] - before[0]).abs().mean()),
+    )
 
 
 def test_model_memorized_the_caption(memorized_model):
@@ -97,7 +102,9 @@ def test_subspace_prune(memorized_model):
     weights = _params(pipe)
     before = noise_magnitude(pipe, [caption, GENERAL], n=4)
     result = {}
-    change, spread = _general_change(pipe, lambda: result.update(subspace_prune(pipe, [caption])))
+    general, named, spread = _image_changes(
+        pipe, caption, lambda: result.update(subspace_prune(pipe, [caption]))
+    )
     after = noise_magnitude(pipe, [caption, GENERAL], n=4)
 
     # only ff.net.2 weights changed; each changed entry is now zero; the counts are what changed
@@ -116,12 +123,13 @@ def test_subspace_prune(memorized_model):
     assert result["unet_evals"] == 2 * 10 * (1 + 1)  # CFG pairs, 10 steps, memorized + the empty caption
     # the memorized prompt's first-step ||d(c)|| drops
     assert after[0] < before[0]
-    # the general prompt's image at a fixed seed moves far less than changing the seed moves it:
-    # the edit must not act like resampling the general prompt
-    assert change < 0.1 * spread
+    # the general prompt's image at a fixed seed moves far less than changing the seed moves it (the
+    # edit must not act like resampling it), and less than the memorized prompt's image moves
+    assert general < 0.1 * spread
+    assert named > general
     print(
         f"prune: ||d(c)|| {before[0]:.3f} -> {after[0]:.3f}, general {before[1]:.3f} -> {after[1]:.3f}, "
-        f"{result['total_changed']} weights, {result['seconds']:.2f} s, general image change {change:.4f} "
+        f"{result['total_changed']} weights, {result['seconds']:.2f} s, general image change {general:.4f}, memorized {named:.4f} "
         f"vs seed spread {spread:.4f}"
     )
 
@@ -162,7 +170,10 @@ def test_nemo_blocks_memorized_neurons(memorized_model):
     assert len(found[caption]) >= 1
     layers = value_layers(pipe.unet)
     assert {name for name, _ in found[caption]} <= set(layers)
-    changed = block_neurons(pipe.unet, found)
+    changed = {}
+    general, named, spread = _image_changes(
+        pipe, caption, lambda: changed.update(block_neurons(pipe.unet, found))
+    )
     after = noise_magnitude(pipe, [caption, GENERAL], n=4)
     for name, module in layers.items():
         rows = sorted(c for n, c in found[caption] if n == name)
@@ -172,9 +183,10 @@ def test_nemo_blocks_memorized_neurons(memorized_model):
         assert torch.equal(w[keep], weights[f"{name}.weight"][keep])
         assert changed.get(f"{name}.weight", 0) == len(rows) * module.in_features
     assert after[0] < before[0]
+    assert general < 0.1 * spread and named > general  # the same bounds as for pruning
     print(
         f"nemo: {len(found[caption])} neurons, ||d(c)|| {before[0]:.3f} -> {after[0]:.3f}, "
-        f"general {before[1]:.3f} -> {after[1]:.3f}"
+        f"general {before[1]:.3f} -> {after[1]:.3f}, image change general {general:.4f}, memorized {named:.4f}"
     )
 
 

@@ -388,6 +388,7 @@ def nemo_block(
     "skipped": {prompt: why nothing was blocked}, "ssim": {prompt: max SSIM with its neurons blocked},
     "unet_evals", "seconds"}.
     """
+    memorized = check_prompts(memorized, "memorized")
     start = time.perf_counter()
     with count_evals() as counter:
         found, skipped, ssim = _localize(
