@@ -134,6 +134,25 @@ def test_subspace_prune(memorized_model):
     )
 
 
+def test_subspace_prune_batching_and_base_count(memorized_model):
+    """The masks do not depend on how requests are batched (the hooks sum over every chunk), and
+    repeating the base prompt (the authors pair one empty caption with every target) changes nothing."""
+    path, caption = memorized_model
+    runs = []
+    for kwargs in (dict(batch_size=16), dict(batch_size=1), dict(base=["", ""], batch_size=3)):
+        pipe = load_pipeline(path)
+        result = subspace_prune(pipe, [caption, GENERAL], steps=3, **kwargs)
+        runs.append((result, {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}))
+    (first, weights), others = runs[0], runs[1:]
+    assert first["total_changed"] > 0
+    for result, other in others:
+        assert set(result["changed"]) == set(first["changed"])
+        # the same entries are zeroed, up to float ties (differently batched sums round differently)
+        differ = sum(int((other[n] != weights[n]).sum()) for n in weights)
+        assert differ <= max(1, first["total_changed"] // 100)
+    assert [r["unet_evals"] for r, _ in runs] == [2 * 3 * 3, 2 * 3 * 3, 2 * 3 * 4]
+
+
 def test_subspace_prune_bad_input(memorized_model):
     path, caption = memorized_model
     pipe = load_pipeline(path)
