@@ -73,6 +73,10 @@ def memorized_model(tmp_path_factory):
     return out, memorized.caption()
 
 
+def _no_hooks(pipe) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.unet.modules())
+
+
 def _params(pipe) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
 
@@ -120,6 +124,7 @@ def test_subspace_prune(memorized_model):
         per_step = module.out_features * max(1, int(0.01 * module.in_features))
         assert result["changed"].get(f"{name}.weight", 0) <= result["steps"] * per_step
     assert result["total_changed"] == sum(result["changed"].values())
+    assert _no_hooks(pipe)
     assert result["unet_evals"] == 2 * 10 * (1 + 1)  # CFG pairs, 10 steps, memorized + the empty caption
     # the memorized prompt's first-step ||d(c)|| drops
     assert after[0] < before[0]
@@ -186,6 +191,7 @@ def test_nemo_blocks_memorized_neurons(memorized_model):
     # noise-magnitude check against the reference prompts
     found = localize_neurons(pipe, [caption], REFERENCE, n=4, check="magnitude")
     assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters())  # search used hooks only
+    assert _no_hooks(pipe)
     assert len(found[caption]) >= 1
     layers = value_layers(pipe.unet)
     assert {name for name, _ in found[caption]} <= set(layers)

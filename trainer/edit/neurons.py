@@ -31,8 +31,8 @@ d(c) keeps only the prompt's contribution, which on small models is otherwise bu
 prompt-independent part, and is the quantity the rest of memtrain measures; the 0.428 threshold was
 calibrated by the authors on their difference for SD 1.4. (b) The "magnitude" check is an addition.
 (c) On latents too small for three scales with an 11-pixel window, the number of scales and the window
-shrink (equal weights over the scales used). (d) Activations are recorded during a UNet call on the
-first generation's x_T (to_v sees only the text, so they do not depend on x_T or t).
+shrink (`ms_ssim`). (d) Activations are recorded during a UNet call on the first generation's x_T (to_v
+sees only the text, so they do not depend on x_T or t).
 """
 
 from __future__ import annotations
@@ -73,23 +73,23 @@ def ms_ssim(
 ) -> torch.Tensor:
     """Multi-scale SSIM [N] of images a, b [N, C, H, W] with values in [0, 1] (data range 1).
 
-    Gaussian window, "valid" filtering, ReLU on every term, equal weights over the scales. Scales are
-    dropped (and the window shrunk, odd, >= 3) until the coarsest scale holds the window.
+    Gaussian window, "valid" filtering, ReLU on every term, equal weights over the scales. On small
+    images scales are dropped (the coarsest keeps at least 4 pixels a side) and the window is cut to
+    the coarsest scale's side (odd size, same sigma).
     """
     a, b = a.float(), b.float()
     side = min(a.shape[-2:])
     scales = max(1, min(int(scales), int(math.log2(max(side, 1) / 4)) + 1))
-    coarsest = side // 2 ** (scales - 1)
-    size = min(int(kernel_size), coarsest)
+    size = min(int(kernel_size), side // 2 ** (scales - 1))
     size -= 1 - size % 2  # odd
-    window = _gaussian_window(size, sigma * size / kernel_size, a.shape[1], a.device, a.dtype)
+    window = _gaussian_window(size, sigma, a.shape[1], a.device, a.dtype)
+
+    def blur(x):
+        return F.conv2d(x, window, groups=x.shape[1])
+
     c1, c2 = 0.01**2, 0.03**2
     out = torch.ones(len(a), device=a.device)
     for s in range(scales):
-
-        def blur(x):
-            return F.conv2d(x, window, groups=x.shape[1])
-
         mu_a, mu_b = blur(a), blur(b)
         var_a = blur(a * a) - mu_a**2
         var_b = blur(b * b) - mu_b**2
