@@ -135,8 +135,9 @@ def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data)
     sched = DDPMScheduler(prediction_type="v_prediction")
     cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     t = torch.tensor([10, 500, 990])
+    noisy = torch.randn(3, 4, 2, 2)
     expected = (cond - uncond).flatten(1).norm(dim=1) * sched.alphas_cumprod[t].sqrt()
-    assert torch.allclose(conditional_magnitude(cond, uncond, t, sched), expected)
+    assert torch.allclose(conditional_magnitude(cond, uncond, noisy, t, sched), expected, atol=1e-6)
 
 
 def test_datasets_dataset_with_caption_lists_and_validation_images(tmp_path, tiny_model, tiny_data):

@@ -34,8 +34,10 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int) -> Path:
-    """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done."""
+def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int,
+                    state: dict[str, dict] | None = None) -> Path:
+    """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done. `state`:
+    extra JSON documents (name -> dict) written beside it, read back with `read_checkpoint_state`."""
     root = out / "checkpoints"
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
@@ -53,10 +55,23 @@ def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, st
     if accelerator.is_main_process:
         info = dict(checkpoint_info(recipe, accelerator.num_processes), step=step)
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+        for name, document in (state or {}).items():
+            (tmp / f"{name}.json").write_text(json.dumps(document))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_checkpoint_state(path: Path, name: str) -> dict | None:
+    """A JSON document saved with `save_checkpoint(state={name: ...})`, or None when the checkpoint has none."""
+    file = Path(path) / f"{name}.json"
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MemtrainError(f"checkpoint.resume: {file} is not valid JSON ({e.msg}); the checkpoint is damaged") from None
 
 
 def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:

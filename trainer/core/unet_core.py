@@ -209,11 +209,7 @@ class UNetCore:
 
         DDIM's `init_noise_sigma` is 1, so this is the pipeline's initial latent as-is.
         """
-        out = [
-            torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(seed) + j))
-            for j in range(n)
-        ]
-        return torch.stack(out).to(self.device)
+        return initial_latents(self.parts.unet, [int(seed) + j for j in range(n)]).to(self.device)
 
     def ddim(self, num_inference_steps: int = 50):
         """A DDIM scheduler (eta=0) over the model's noise schedule; it is stepped with epsilon predictions."""
@@ -289,15 +285,39 @@ class UNetCore:
         self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, space: str = "epsilon"
     ) -> torch.Tensor:
         """Convert a raw UNet output to epsilon (identity for epsilon models or `space="model"`)."""
-        if space == "model" or self.prediction_type == "epsilon":
+        if space == "model":
             return out
-        a = self.alphas_cumprod[t].view(-1, *([1] * (out.dim() - 1)))
-        if self.prediction_type == "v_prediction":
-            return a.sqrt() * out + (1 - a).sqrt() * x
-        return (x - a.sqrt() * out) / (1 - a).sqrt()  # "sample": out is x0
+        return to_epsilon(out, x, t, self.alphas_cumprod, self.prediction_type)
+
+
+def to_epsilon(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """A raw UNet output in epsilon space: v -> sqrt(abar_t) v + sqrt(1 - abar_t) x_t, x0 -> (x_t - sqrt(abar_t)
+    x0) / sqrt(1 - abar_t), epsilon as-is (per-sample timesteps `t`)."""
+    if prediction_type == "epsilon":
+        return out
+    a = alphas_cumprod.to(out.device)[t.to(out.device)].view(-1, *([1] * (out.dim() - 1)))
+    if prediction_type == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * x
+    return (x - a.sqrt() * out) / (1 - a).sqrt()  # "sample": out is x0
 
 
 # ---------------------------------------------------------------- VAE
+
+
+def posterior_latents(vae, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The UNet's latent of a VAE posterior sample: (mean + std * noise - shift_factor) * scaling_factor."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (mean + std * noise - shift) * vae.config.scaling_factor
+
+
+def initial_latents(unet, seeds) -> torch.Tensor:
+    """x_T [len(seeds), C, H, W] (float32, CPU): latent i from `torch.Generator("cpu").manual_seed(seeds[i])`.
+    The convention of every sampler and detector here, so a detector scores the trajectory a generation takes."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(unet.config.in_channels), int(h), int(w))
+    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
 def encode_latents(
@@ -320,9 +340,8 @@ def encode_latents(
             x = images[start : start + core.batch_size].to(vae_param.device, vae_param.dtype)
             dist = vae.encode(x).latent_dist
             noise = torch.randn(dist.mean.shape[1:], generator=torch.Generator("cpu").manual_seed(int(seed)))
-            z = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            out.append(((z - shift) * vae.config.scaling_factor).to(core.device))
+            z = posterior_latents(vae, dist.mean.float(), dist.std.float(), noise.to(dist.mean.device))
+            out.append(z.to(core.device))
     return torch.cat(out)
 
 

@@ -182,17 +182,21 @@ def augment_caption(captions: list[str] | str, cfg: Any, rng: random.Random, poo
 
 
 def add_embedding_noise(
-    embeddings: torch.Tensor, scale: float, generator: torch.Generator | None = None
+    embeddings: torch.Tensor, scale: float, generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GNI: `c + scale * N(0, I)`, scale (lambda) in [0, 1]; returns `embeddings` itself when scale is 0.
+    """GNI (Somepalli et al. 2023): `c + scale * N(0, I)`, scale (lambda) in [0, 1]; returns `embeddings`
+    itself when scale is 0.
 
-    The noise is drawn in float32 on the generator's device (the global RNG when `generator` is None)
-    and cast to the embeddings' dtype and device.
+    The noise is `noise` when given (the training loop draws it for the global batch), else drawn in
+    float32 on the generator's device (the global RNG when `generator` is None); it is cast to the
+    embeddings' dtype and device.
     """
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 <= scale <= 1.0:
         raise MemtrainError(f"`data.captions.embedding_noise` (GNI lambda) must be in [0, 1], got {scale!r}")
     if scale == 0:
         return embeddings
-    device = generator.device if generator is not None else embeddings.device
-    noise = torch.randn(embeddings.shape, generator=generator, dtype=torch.float32, device=device)
+    if noise is None:
+        device = generator.device if generator is not None else embeddings.device
+        noise = torch.randn(embeddings.shape, generator=generator, dtype=torch.float32, device=device)
     return embeddings + scale * noise.to(device=embeddings.device, dtype=embeddings.dtype)

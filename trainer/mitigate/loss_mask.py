@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from trainer.core.unet_core import to_epsilon
 
-def conditional_magnitude(cond: torch.Tensor, uncond: torch.Tensor, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
-    """||d(c)|| per sample from two raw UNet outputs, in epsilon units.
 
-    For v-prediction, eps = sqrt(abar) v + sqrt(1 - abar) x_t, so the x_t terms cancel in the
-    difference and d_eps = sqrt(abar_t) * d_v (the convention of `trainer.unet_core.UNetCore.to_space`).
-    """
-    diff = (cond.detach().float() - uncond.float()).flatten(1)
-    if scheduler.config.prediction_type == "v_prediction":
-        abar = scheduler.alphas_cumprod.to(diff.device)[timesteps].float()
-        diff = diff * abar.sqrt()[:, None]
-    return diff.norm(dim=1)
+def conditional_magnitude(cond: torch.Tensor, uncond: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                          scheduler) -> torch.Tensor:
+    """||d(c)|| per sample from two raw UNet outputs at the noisy latents, in epsilon units (`to_epsilon`)."""
+    alphas, kind = scheduler.alphas_cumprod, scheduler.config.prediction_type
+    x = noisy.detach().float()
+    d = to_epsilon(cond.detach().float(), x, timesteps, alphas, kind) - to_epsilon(uncond.float(), x, timesteps, alphas, kind)
+    return d.flatten(1).norm(dim=1)
 
 
 @torch.no_grad()
@@ -36,5 +34,5 @@ def memorization_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, hidden
                       scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep weights in {0, 1}, magnitudes) for one micro-batch; `cond_pred` is the training forward."""
     uncond = unet(noisy, timesteps, empty_hidden.expand(len(noisy), -1, -1).to(hidden.dtype), return_dict=False)[0]
-    magnitude = conditional_magnitude(cond_pred, uncond, timesteps, scheduler)
+    magnitude = conditional_magnitude(cond_pred, uncond, noisy, timesteps, scheduler)
     return (magnitude < threshold).float(), magnitude

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from trainer.core.unet_core import initial_latents
+
 
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: int = 50,
@@ -21,8 +23,7 @@ def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: 
     device = pipe.device
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        latents = torch.stack([_initial_noise(pipe, g) for g in generators]).to(device, pipe.unet.dtype)
+        latents = initial_latents(pipe.unet, [s for _, s in chunk]).to(device, pipe.unet.dtype)
         images = pipe(prompt=[p for p, _ in chunk], latents=latents, num_inference_steps=steps,
                       guidance_scale=guidance_scale, output_type="pt").images
         out.append(images.float().cpu())
@@ -30,11 +31,6 @@ def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: 
     bar.close()
     return torch.cat(out).clamp(0, 1)
 
-
-def _initial_noise(pipe, generator: torch.Generator) -> torch.Tensor:
-    unet = pipe.unet
-    size = unet.config.sample_size
-    return torch.randn((unet.config.in_channels, size, size), generator=generator)
 
 
 

@@ -31,17 +31,24 @@ from tqdm.auto import tqdm
 
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
-from trainer.core.checkpoints import check_resume_compatible, export, resolve_resume, save_checkpoint
+from trainer.core.checkpoints import (
+    check_resume_compatible,
+    export,
+    read_checkpoint_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
+from trainer.core.unet_core import posterior_latents
 from trainer.io import MemtrainError
-from trainer.mitigate.captions import augment_caption, token_pool
+from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.loss_mask import memorization_mask
 from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_image_grid
 from trainer.sample.generate import generate_images
 from trainer.tracking import JsonlTracker
-from trainer.training.monitor import Monitor, MonitorState, state_slot
+from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
 # ---------------------------------------------------------------- model loading
 
@@ -86,8 +93,7 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
     with torch.no_grad():
         if vae is not None:
             dist = vae.encode(pixels).latent_dist
-            latents = dist.mean + dist.std * posterior_noise.to(device, dist.mean.dtype)
-            latents = latents * vae.config.scaling_factor
+            latents = posterior_latents(vae, dist.mean, dist.std, posterior_noise.to(device, dist.mean.dtype))
         else:
             latents = pixels
     latents = latents.float()
@@ -99,7 +105,7 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
     if recipe.data.captions.embedding_noise:  # GNI (Somepalli et al. 2023): c + lambda * N(0, I)
         gni = torch.randn((global_batch,) + tuple(hidden.shape[1:]), generator=generator)[rows]
-        hidden = hidden + recipe.data.captions.embedding_noise * gni.to(hidden.device, hidden.dtype)
+        hidden = add_embedding_noise(hidden, recipe.data.captions.embedding_noise, noise=gni)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -269,19 +275,16 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         with torch.no_grad():
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
-    # the monitor's history rides in the checkpoints; a checkpoint without it (monitor off) gets it afterwards
-
-    in_checkpoint = state_slot(resume_path, int(ema is not None))
-    monitor_state = monitor if monitor is not None else MonitorState() if in_checkpoint else None
-    if monitor_state is not None and (resume_path is None or in_checkpoint):
-        accelerator.register_for_checkpointing(monitor_state)
     if resume_path is not None:
         try:
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
-        if monitor_state is not None and not in_checkpoint:
-            accelerator.register_for_checkpointing(monitor_state)
+    # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
+    saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
+    monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
+    if saved is not None:
+        monitor_state.load_state_dict(saved)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +346,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                 if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
                     break
             if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
-                save_checkpoint(accelerator, recipe, out, global_step)
+                save_checkpoint(accelerator, recipe, out, global_step,
+                                {MONITOR_STATE: monitor_state.state_dict()} if monitor_state is not None else None)
             if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
                 validation_images(accelerator, recipe, parts, global_step, out)
             if global_step >= opt.max_steps:

@@ -106,6 +106,9 @@ TABLE_STEPS = 50  # DDIM steps of a table generation (guidance 7.5)
 # ---------------------------------------------------------------- checkpointed state
 
 
+MONITOR_STATE = "monitor_state"  # checkpoint file (JSON) of the history, alarms and training seconds
+
+
 class MonitorState:
     """What a checkpoint keeps of the monitor: the history of its calls, its alarms and the training
     wall time so far. Also registered (without a monitor) when resuming a checkpoint that has it,
@@ -134,11 +137,6 @@ class MonitorState:
         self.train_seconds_before = float(state.get("train_seconds", 0.0))
         if self._t0 is not None:
             self._t0 = time.perf_counter()
-
-
-def state_slot(resume_path: Path | None, index: int) -> bool:
-    """Whether the checkpoint being resumed holds a monitor state at custom-object `index`."""
-    return resume_path is not None and (Path(resume_path) / f"custom_checkpoint_{index}.pkl").exists()
 
 
 # ---------------------------------------------------------------- the probe

@@ -1,0 +1,1 @@
+"""One thin module per `memtrain` verb: argparse wiring over the library functions."""

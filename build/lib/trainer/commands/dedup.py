@@ -1,0 +1,111 @@
+"""`memtrain dedup`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.data import load_rows
+from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.measure.features import EMBEDDINGS, _check_path
+from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
+from trainer.report.plots import plot_groups
+from trainer.report.render import dedup_markdown
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dedup",
+        help="find near-duplicate images and duplicated captions in an imagefolder dataset",
+        description="Embed every image of DATA (a diffusers imagefolder: metadata.jsonl with file_name "
+        "and text, text a string or a list of strings), group near-duplicates (cosine >= threshold, "
+        "connected components) and exact / normalized caption duplicates, and write OUT/report.json, "
+        "OUT/report.md and OUT/groups.png. Use data.dedup=drop|reweight in a recipe to act on them.",
+    )
+    p.add_argument("data", metavar="DATA", help="imagefolder directory with metadata.jsonl")
+    p.add_argument("--out", required=True, metavar="DIR", help="where report.json, report.md, groups.png go")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help=f"cosine similarity that links two images (default {DEFAULT_THRESHOLD}; "
+        f"{PHASH_THRESHOLD} for phash, i.e. <= 4 of 64 bits differ)",
+    )
+    p.add_argument(
+        "--embedding",
+        choices=EMBEDDINGS,
+        default=None,
+        help="pixels (default; 8x8 thumbnail), phash (64-bit DCT hash), clip (needs --clip), "
+        "sscd (needs --sscd); default clip/sscd when --clip/--sscd is given",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="PATH",
+        help="local CLIP model directory (CLIPModel or CLIPVisionModelWithProjection)",
+    )
+    p.add_argument("--sscd", metavar="PATH", help="local SSCD TorchScript file")
+    p.add_argument(
+        "--search",
+        choices=("exact", "semdedup"),
+        default="exact",
+        help="exact: every pair, in blocks (default); semdedup: only pairs within k-means clusters",
+    )
+    p.add_argument(
+        "--clusters", type=int, default=None, help="k-means clusters for --search semdedup (default sqrt(n))"
+    )
+    p.add_argument("--caption-column", default="text", help="caption field of metadata.jsonl (default text)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for clip/sscd (default 32)")
+    p.add_argument("--device", default=None, help="torch device for clip/sscd (default cuda if available)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    root = Path(args.data)
+    if not root.is_dir():
+        raise MemtrainError(f"{root} is not a directory (want a diffusers imagefolder with metadata.jsonl)")
+    if not (root / "metadata.jsonl").exists() and not (root / "metadata.csv").exists():
+        raise MemtrainError(
+            f"{root} has no metadata.jsonl (diffusers imagefolder: one JSON object per line "
+            "with file_name and text)"
+        )
+    embedding = args.embedding or ("clip" if args.clip else "sscd" if args.sscd else "pixels")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        raise MemtrainError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.clusters is not None and args.clusters < 1:
+        raise MemtrainError(f"--clusters must be >= 1, got {args.clusters}")
+    if args.batch_size < 1:
+        raise MemtrainError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if embedding == "clip":
+        _check_path(args.clip, "clip", "a local CLIP model directory")
+    if embedding == "sscd":
+        _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
+    rows = load_rows(str(root), caption_column=args.caption_column)
+    names = [str(n) for n in rows.names]
+    report = dedup_report(
+        rows.images,
+        rows.captions,
+        threshold=args.threshold,
+        embedding=embedding,
+        clip=args.clip,
+        sscd=args.sscd,
+        names=names,
+        search=args.search,
+        clusters=args.clusters,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    report["data"] = str(root)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(report, out / "report.json")
+    with atomic_file(out / "report.md") as f:
+        f.write(dedup_markdown(report, str(root)))
+    plot_groups(report, rows.images, names, out / "groups.png")
+    s = report["summary"]
+    print(
+        f"{report['n']} images: {s['image_groups']} near-duplicate groups ({s['duplicates_to_drop']} extra copies), "
+        f"{s.get('caption_groups_exact', 0)} exact / {s.get('caption_groups_normalized', 0)} normalized caption "
+        f"groups -> {out}/report.md"
+    )
+    return 0

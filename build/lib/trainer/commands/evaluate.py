@@ -1,0 +1,54 @@
+"""`memtrain evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trainer.detect import DETECTORS
+from trainer.report.evaluate import evaluate, flat_summary
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="memorization report of a checkpoint: detectors, replication, membership, quality",
+        description="MemBench-style evaluation of a diffusers checkpoint: detector AUROC / TPR at 1% FPR on labelled "
+        "prompts, replication of generations against the training images, CLiD membership inference and image "
+        "quality. Writes OUT/report.json, OUT/report.md and PNG figures (atomically).")
+    p.add_argument("checkpoint", help="diffusers pipeline directory (with model_index.json)")
+    p.add_argument("--prompts", help="plain text (one prompt a line) or JSONL with text/prompt/caption and "
+                   "optional label (1 memorized, 0 not), group, file_name, member; a toy labels.jsonl works as is")
+    p.add_argument("--memorized", help="instead of --prompts: a list of memorized prompts (text or JSONL, e.g. "
+                   "Wen et al.'s sdv1_500_memorized.jsonl)")
+    p.add_argument("--not-memorized", help="with --memorized: a list of non-memorized prompts")
+    p.add_argument("--train-data", help="the training set replication is measured against: an imagefolder "
+                   "(metadata.jsonl/csv), a datasets save_to_disk directory or a local datasets path "
+                   "(default: the member images named in the prompt file)")
+    p.add_argument("--lora", help="LoRA weights (directory or pytorch_lora_weights.safetensors)")
+    p.add_argument("--out", default="runs/evaluate", help="output directory (default runs/evaluate; replaced)")
+    p.add_argument("-n", type=int, default=2, help="generations per prompt for replication / quality (default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per UNet forward (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generations (default 50; the "
+                   "detectors always use the 50-step schedule)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--data", help="root that file_name paths resolve under (default: the prompt file's directory)")
+    p.add_argument("--sscd", help="SSCD TorchScript file: adds SSCD similarity to the replication section")
+    p.add_argument("--clip", help="local CLIPModel directory (with tokenizer files): CLIP score, and KID in CLIP features")
+    p.add_argument("--wandb", action="store_true", help="log the summary and figures to W&B (respects WANDB_MODE)")
+    p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
+    p.add_argument("--detectors", default=",".join(DETECTORS),
+                   help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = evaluate(args.checkpoint, args.prompts, memorized=args.memorized, not_memorized=args.not_memorized,
+                      train_data=args.train_data, out=args.out, lora=args.lora, n=args.n,
+                      batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
+                      wandb=args.wandb, generate=not args.no_generate, detectors=args.detectors, steps=args.steps,
+                      guidance_scale=args.guidance_scale, device=args.device)
+    print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
+    return 0

@@ -1,0 +1,43 @@
+"""`memtrain train RECIPE [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from trainer.config import describe_keys, dump_recipe, load_recipe
+from trainer.recipe import TrainRecipe
+from trainer.training.loop import train
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a diffusers SD checkpoint from a YAML recipe (full or LoRA)",
+        description="Fine-tune a Stable Diffusion checkpoint. RECIPE is a YAML file (see recipes/); "
+        "overrides are key.sub=value pairs, e.g. train.max_steps=200 model.lora.rank=8. "
+        "Run under `accelerate launch` for several GPUs. Sections: model (pretrained, prediction_type, "
+        "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
+        "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
+        "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
+        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
+        "log (trackers, validation_prompts), output (dir, export), monitor (every_steps, members, heldout, "
+        "novel_prompts, alarm_threshold, alarm_action: memorization curves, see trainer/monitor.py). "
+        "Every key is documented in trainer/recipe.py.",
+    )
+    p.epilog = "recipe keys (key = default):\n" + "\n".join(describe_keys(TrainRecipe))
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("recipe", help="YAML recipe file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(TrainRecipe, args.recipe, args.overrides)
+    if args.print_recipe:
+        print(dump_recipe(recipe))
+        return 0
+    summary = train(recipe)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,129 @@
+"""Training checkpoints: save (atomically, every rank), find, resume (with a compatibility check) and
+export (a diffusers pipeline directory or LoRA weights)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+
+from trainer.io import MemtrainError, atomic_dir
+from trainer.recipe import TrainRecipe
+
+CHECKPOINT_INFO = "memtrain_checkpoint.json"
+
+
+def checkpoint_info(recipe: TrainRecipe, num_processes: int) -> dict:
+    return {
+        "model": recipe.model.pretrained,
+        "lora_rank": recipe.model.lora.rank,
+        "lora_target_modules": recipe.model.lora.target_modules,
+        "train_text_encoder": recipe.model.train_text_encoder,
+        "ema": recipe.train.ema,
+        "global_batch": recipe.train.batch_size * num_processes * recipe.train.gradient_accumulation_steps,
+    }
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int,
+                    state: dict[str, dict] | None = None) -> Path:
+    """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done. `state`:
+    extra JSON documents (name -> dict) written beside it, read back with `read_checkpoint_state`."""
+    root = out / "checkpoints"
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        existing = list_checkpoints(out)
+        limit = recipe.checkpoint.total_limit
+        if limit is not None and len(existing) >= limit:
+            for old in existing[: len(existing) - limit + 1]:
+                shutil.rmtree(old)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = dict(checkpoint_info(recipe, accelerator.num_processes), step=step)
+        (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+        for name, document in (state or {}).items():
+            (tmp / f"{name}.json").write_text(json.dumps(document))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint_state(path: Path, name: str) -> dict | None:
+    """A JSON document saved with `save_checkpoint(state={name: ...})`, or None when the checkpoint has none."""
+    file = Path(path) / f"{name}.json"
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MemtrainError(f"checkpoint.resume: {file} is not valid JSON ({e.msg}); the checkpoint is damaged") from None
+
+
+def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:
+    resume = recipe.checkpoint.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(out)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise MemtrainError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    if not (path / CHECKPOINT_INFO).exists():
+        raise MemtrainError(f"checkpoint.resume={resume}: not a memtrain checkpoint directory (no {CHECKPOINT_INFO})")
+    return path
+
+
+def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int) -> int:
+    info = json.loads((path / CHECKPOINT_INFO).read_text())
+    expected = checkpoint_info(recipe, num_processes)
+    for key, value in expected.items():
+        if key in info and info[key] != value:
+            raise MemtrainError(
+                f"checkpoint.resume: {path} was trained with {key}={info[key]!r} but this recipe has {value!r}; "
+                "resume with the same settings or start a new output.dir"
+            )
+    return int(info["step"])
+
+
+def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out: Path) -> Path | None:
+    """Write `out/pipeline` (a full diffusers pipeline) or `out/lora` (pytorch_lora_weights.safetensors)."""
+    kind = recipe.export
+    if kind == "none" or not accelerator.is_main_process:
+        return None
+
+    unet = accelerator.unwrap_model(parts["unet"])
+    if kind == "lora":
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        target = out / "lora"
+        with atomic_dir(target) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        return target
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    target = out / "pipeline"
+    overrides = {"unet": unet, "text_encoder": accelerator.unwrap_model(parts["text_encoder"])}
+    pipe = DiffusionPipeline.from_pretrained(recipe.model.pretrained, revision=recipe.model.revision,
+                                             variant=recipe.model.variant, **overrides)
+    with atomic_dir(target) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    if ema is not None:
+        ema.restore(unet.parameters())
+    return target

@@ -1,0 +1,258 @@
+"""Training data: image-caption rows from an imagefolder directory or a `datasets` dataset, the
+per-sample transforms, and a deterministic epoch sampler.
+
+Every random choice for a sample (crop, flip, which caption, caption randomization) comes from
+an RNG seeded by (seed, epoch, index), and the epoch order from (seed, epoch): a run is the same
+whatever the number of processes, and a resumed run is the same as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from trainer.io import MemtrainError
+from trainer.prompts import PromptRow
+
+
+@dataclass
+class Rows:
+    """Image sources (paths or PIL images) and caption lists, plus where they came from."""
+
+    images: list
+    captions: list[list[str]]
+    source: str
+    names: list[str]  # per row, what an error message should name (file name or row index)
+
+
+def _read_metadata(root: Path) -> tuple[Path, list[dict]]:
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.exists():
+        rows = []
+        for i, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MemtrainError(f"{jsonl}, line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MemtrainError(f"{jsonl}, line {i}: each line must be a JSON object")
+            row["_line"] = i
+            rows.append(row)
+        return jsonl, rows
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            rows = [dict(r, _line=i) for i, r in enumerate(csv.DictReader(f), 2)]
+        return csv_path, rows
+    raise MemtrainError(f"{root} has no metadata.jsonl or metadata.csv (diffusers imagefolder format)")
+
+
+def _caption_list(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
+        raise MemtrainError(f"{where}: the caption must be a string or a non-empty list of strings, got {value!r}")
+    if not all(v.strip() for v in value):
+        raise MemtrainError(f"{where}: empty caption; fill it in or drop the row")
+    return list(value)
+
+
+def load_rows(path: str, caption_column: str = "text", image_column: str = "image", split: str = "train",
+              max_samples: int | None = None) -> Rows:
+    """Read image-caption rows.
+
+    A local directory with `metadata.jsonl`/`metadata.csv` is read as a diffusers imagefolder
+    (`file_name` + caption column) by this function, so errors name the exact line; any other
+    local directory is `datasets.load_from_disk`, and a name is `datasets.load_dataset(name)`.
+    """
+    root = Path(path)
+    if root.is_dir() and ((root / "metadata.jsonl").exists() or (root / "metadata.csv").exists()):
+        meta, rows = _read_metadata(root)
+        if max_samples:
+            rows = rows[:max_samples]
+        if not rows:
+            raise MemtrainError(f"{meta} has no rows")
+        images, captions, names = [], [], []
+        for row in rows:
+            where = f"{meta}, line {row['_line']}"
+            if "file_name" not in row:
+                raise MemtrainError(f"{where}: no `file_name` field")
+            if caption_column not in row:
+                columns = sorted(k for k in row if k != "_line")
+                raise MemtrainError(f"{where}: no caption column `{caption_column}` (columns: {columns}); "
+                                    "set data.caption_column")
+            file = root / row["file_name"]
+            images.append(file)
+            captions.append(_caption_list(row[caption_column], where))
+            names.append(f"{where} ({row['file_name']})")
+        return Rows(images, captions, str(meta), names)
+
+
+    try:
+        if root.is_dir():
+            ds = datasets.load_from_disk(str(root))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(path, split=split)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise MemtrainError(f"cannot load dataset {path!r} (split {split!r}): {e}") from None
+    for column, key in ((caption_column, "caption_column"), (image_column, "image_column")):
+        if column not in ds.column_names:
+            raise MemtrainError(f"dataset {path!r} has no column `{column}` (columns: {ds.column_names}); "
+                                f"set data.{key}")
+    if max_samples:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    names = [f"{path}, row {i}" for i in range(len(ds))]
+    captions = [_caption_list(c, names[i]) for i, c in enumerate(ds[caption_column])]
+    return Rows(list(ds[image_column]), captions, path, names)
+
+
+def open_image(source, name: str) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, dict) and "path" in source:  # datasets Image(decode=False)
+        source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise MemtrainError(f"{name}: image file is missing") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+
+
+def check_images(rows: Rows) -> None:
+    """Open every image header once before training, so a missing or corrupt file fails at start-up."""
+    for source, name in zip(rows.images, rows.names, strict=True):
+        if isinstance(source, Image.Image):
+            continue
+        try:
+            with Image.open(source) as im:
+                im.verify()
+        except FileNotFoundError:
+            raise MemtrainError(f"{name}: image file is missing") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    return random.Random(f"memtrain/{seed}/{epoch}/{index}")
+
+
+def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                    rng: random.Random) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop (center or random), maybe flip; to [-1, 1] CHW."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if (w, h) != (resolution, resolution):
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.Resampling.BILINEAR)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """Rows -> {pixel_values, caption, index}; the epoch is set by the training loop."""
+
+    def __init__(self, rows: Rows, resolution: int, center_crop: bool = False, random_flip: bool = False,
+                 seed: int = 0, caption_fn: Callable[[list[str], random.Random], str] | None = None):
+        self.rows, self.resolution = rows, resolution
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        self.caption_fn = caption_fn or (lambda captions, rng: captions[0])
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows.images)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = sample_rng(self.seed, self.epoch, index)
+        image = open_image(self.rows.images[index], self.rows.names[index])
+        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, rng)
+        return {"pixel_values": pixels, "caption": self.caption_fn(self.rows.captions[index], rng), "index": index}
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A permutation of the dataset drawn from (seed, epoch); with `weights`, a weighted draw with
+    replacement of the same length (used by the `reweight` de-duplication policy)."""
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.weights, self.epoch = n, seed, weights, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        return iter(order.tolist())
+
+
+def make_collate(tokenizer) -> Callable[[list[dict]], dict]:
+    def collate(examples: list[dict]) -> dict:
+        captions = [e["caption"] for e in examples]
+        ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                        truncation=True, return_tensors="pt").input_ids
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "input_ids": ids,
+            "index": torch.tensor([e["index"] for e in examples]),
+            "captions": captions,
+        }
+
+    return collate
+
+
+def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: str = "load images",
+                progress: bool = True) -> torch.Tensor:
+    """Images [N, 3, r, r] in [0, 1]: short side resized to `resolution`, center crop (as training)."""
+
+    out = [image_to_tensor(open_image(p, n), resolution, True, False, random.Random(0))
+           for p, n in tqdm(list(zip(paths, names, strict=True)), desc=desc, disable=not progress, leave=False)]
+    if not out:
+        return torch.empty(0, 3, resolution, resolution)
+    return ((torch.stack(out) + 1) / 2).clamp(0, 1)
+
+
+def find_training_images(train_data: str | None, data: Path, rows: Sequence[PromptRow]) -> tuple[list, list[str], str] | None:
+    """(paths, names, description) of the training images replication is measured against: the rows of
+    `train_data` (any `load_rows` source), else the images of the member rows of the prompt file."""
+    if train_data is not None:
+        try:
+            found = load_rows(str(train_data))
+        except OSError as e:  # e.g. not a local path, and the Hub is unreachable or offline
+            raise MemtrainError(f"--train-data {train_data}: cannot load the training set ({e})") from None
+        return list(found.images), list(found.names), f"{found.source} ({len(found.images)} rows)"
+    member_files = {}
+    for r in rows:
+        if r.file_name and (r.member == 1 or r.label == 1):
+            member_files.setdefault(data / r.file_name, f"line {r.line} ({r.file_name})")
+    if member_files:
+        return list(member_files), list(member_files.values()), f"the {len(member_files)} member images of the prompt file"
+    return None

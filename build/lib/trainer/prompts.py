@@ -1,0 +1,133 @@
+"""Prompt files: plain text (one prompt a line) or JSONL rows with `text` (or `prompt`, or `caption`), and
+the roles a labelled prompt plays in `memtrain evaluate` (memorized label, training member, its image)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.io import MemtrainError
+
+LABEL_GROUPS = {"duplicated": 1, "novel": 0}  # toy labels.jsonl group -> label (1 = memorized)
+
+
+MEMBER_GROUPS = {"duplicated": 1, "singleton": 1, "heldout": 0}  # group -> training member?
+
+
+LABEL_MAPPING = (
+    "label 1 (memorized) = `label: 1` or group duplicated; label 0 (not memorized) = `label: 0` or group "
+    "novel; membership: members = `member: 1` or group duplicated/singleton with a file_name, "
+    "non-members = `member: 0` or group heldout; other rows are not scored in the trigger scenario"
+)
+
+
+@dataclass
+class PromptRow:
+    """One prompt of the prompt file and its roles."""
+
+    text: str
+    line: int
+    label: int | None = None  # 1 memorized, 0 not; None: not in the trigger scenario's AUROC
+    group: str | None = None
+    file_name: str | None = None  # the row's image, relative to --data
+    member: int | None = None  # 1 training member, 0 non-member; None: not in the membership scenario
+
+
+def _binary(row: dict, key: str, where: str) -> int | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return int(value)
+    raise MemtrainError(f"{where}: `{key}` must be 0 or 1 (or true/false), got {value!r}")
+
+
+def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
+    """The rows of a prompt file (plain text or JSONL), with their label, group, image and member role.
+
+    Errors (`MemtrainError`, naming the file and line): missing or empty file, malformed JSON, a
+    row without a `text`/`prompt` string, a label or member that is not 0/1, a `member` row
+    without `file_name`.
+    """
+
+    path = Path(path)
+    rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
+    lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]  # as read_prompts
+    out = []
+    for row, line in zip(rows, lines, strict=True):
+        where = f"{path}, line {line}"
+        group = row.get("group")
+        if group is not None and not isinstance(group, str):
+            raise MemtrainError(f"{where}: `group` must be a string, got {group!r}")
+        file_name = row.get("file_name")
+        if file_name is not None and (not isinstance(file_name, str) or not file_name.strip()):
+            raise MemtrainError(f"{where}: `file_name` must be a non-empty path string, got {file_name!r}")
+        label = _binary(row, "label", where) if "label" in row else LABEL_GROUPS.get(group)
+        if "member" in row:
+            member = _binary(row, "member", where)
+            if member is not None and file_name is None:
+                raise MemtrainError(f"{where}: a `member` row needs the `file_name` of its image")
+        else:
+            member = MEMBER_GROUPS.get(group) if file_name else None
+        out.append(PromptRow(row["text"], line, label, group, file_name, member))
+    return out
+
+
+def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
+    """True when the prompts carry labels; a MemtrainError naming the file when one class is missing."""
+    labels = [r.label for r in rows if r.label is not None]
+    if not labels:
+        return False
+    missing = "negatives (label 0 / group novel)" if all(labels) else (
+        "positives (label 1 / group duplicated)" if not any(labels) else None)
+    if missing:
+        raise MemtrainError(
+            f"{source}: the labelled prompts have no {missing}; AUROC and TPR at 1% FPR need memorized and "
+            "non-memorized prompts (or pass a plain prompt list for scores only)"
+        )
+    return True
+
+
+def _group_name(row: PromptRow) -> str:
+    if row.group:
+        return row.group
+    return {1: "memorized", 0: "not memorized"}.get(row.label, "unlabelled")
+
+
+TEXT_KEYS = ("text", "prompt", "caption")
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Plain text (one prompt a line) or JSONL rows with `text` (or `prompt`, or `caption` as in Wen et al.'s
+    published `sdv1_500_memorized.jsonl`) and optional labels."""
+    path = Path(path)
+    if not path.exists():
+        raise MemtrainError(f"prompt file {path} does not exist")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl" or line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MemtrainError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+            text = next((row[k] for k in TEXT_KEYS if k in row), None) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise MemtrainError(f"{path}, line {i}: needs a non-empty `text` (or `prompt`, `caption`) string")
+            rows.append(dict(row, text=text))
+        else:
+            rows.append({"text": line.strip()})
+    if not rows:
+        raise MemtrainError(f"prompt file {path} has no prompts")
+    return rows
+
+
+def rows_from_lists(memorized: str | Path, not_memorized: str | Path | None = None) -> list[PromptRow]:
+    """Labelled rows from two prompt lists (plain text or JSONL): label 1 for `memorized`, 0 for the other."""
+    rows = [PromptRow(r["text"], i, 1) for i, r in enumerate(read_prompts(memorized), 1)]
+    if not_memorized is not None:
+        rows += [PromptRow(r["text"], i, 0) for i, r in enumerate(read_prompts(not_memorized), 1)]
+    return rows

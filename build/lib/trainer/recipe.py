@@ -1,0 +1,200 @@
+"""The schema of a training recipe (`memtrain train RECIPE.yaml key=value ...`).
+
+Every key is documented here; `recipes/*.yaml` set them. Defaults follow diffusers'
+`train_text_to_image.py` / `train_text_to_image_lora.py` unless said otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.io import MemtrainError
+from trainer.mitigate.captions import CaptionAugConfig
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0 = full UNet fine-tune; > 0 = LoRA adapters of this rank (peft)
+    alpha: int | None = None  # lora_alpha; default = rank (diffusers' example)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass
+class ModelSection:
+    pretrained: str = ""  # diffusers-format SD 1.x/2.x directory or hub id
+    revision: str | None = None
+    variant: str | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
+    lora: LoraSection = field(default_factory=LoraSection)
+    train_text_encoder: bool = False  # full fine-tunes only
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # imagefolder directory (metadata.jsonl / .csv), `datasets` save_to_disk dir, or hub name
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"  # a string or a list of strings per row
+    caption_dropout: float = 0.0  # p of training on the empty caption (keeps classifier-free guidance working)
+    resolution: int | None = None  # None: the model's native resolution
+    center_crop: bool = False
+    random_flip: bool = False
+    max_samples: int | None = None
+    captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/captions.py
+    dedup: Literal["none", "drop", "reweight"] = "none"
+    dedup_threshold: float = 0.95
+
+
+@dataclass
+class OptimSection:
+    seed: int = 0
+    batch_size: int = 16  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    scale_lr: bool = False  # lr *= batch_size * accumulation * processes
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 recommended
+    noise_offset: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9999
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+    loss_mask_threshold: float | None = None  # Wen et al.: drop samples with ||d(c)|| >= this (2.0)
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 500
+    total_limit: int | None = None
+    resume: str | None = None  # "latest" or a checkpoint directory
+
+
+@dataclass
+class LogSection:
+    trackers: list[str] = field(default_factory=list)  # "wandb", "tensorboard"; JSONL is always written
+    project: str = "memtrain"
+    run_name: str | None = None
+    every_steps: int = 10
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # 0: only at the end
+    validation_images: int = 1  # images per prompt
+    progress: bool = True
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/train"
+    export: Literal["auto", "pipeline", "lora", "none"] = "auto"  # auto: lora if lora.rank > 0
+
+
+@dataclass
+class MonitorSection:
+    """The memorization monitor (trainer/monitor.py): CLiD membership inference (Zhai et al.) and the
+    Wen et al. noise magnitude on a fixed probe, logged as curves; optional alarm."""
+
+    every_steps: int = 0  # 0 = off; > 0 = run the monitor every this many optimizer steps (and at the end)
+    members: int = 32  # member probe: training rows drawn once from train.seed
+    distinct_members: bool = True  # draw members among distinct images (one row per near-duplicate group)
+    heldout: str | None = None  # held-out (non-member) pairs: imagefolder dir, toy labels.jsonl, or a dataset
+    heldout_split: str = "test"  # split of a `datasets` held-out dataset (e.g. heldout = data.path)
+    heldout_count: int = 32
+    novel_prompts: str | None = None  # text / JSONL prompt file (JSONL rows with `group` keep "novel"); None: held-out captions
+    novel_count: int = 32
+    clid_alpha: float = 0.5  # CLiD_th weight of S(mean D) vs S(L); fixed, scaler fitted on the held-out probe
+    batch_size: int = 16  # samples per UNet forward inside the monitor
+    alarm_metric: Literal["clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr"] = "clid_auc"
+    alarm_threshold: float | None = None  # alarm when alarm_metric >= this (in [0, 1]); None: no alarm
+    alarm_action: Literal["warn", "stop"] = "warn"  # stop: end training, keep the last checkpoint, skip export
+    table_generations: int = 4  # W&B only: probe generations logged beside their nearest training image
+
+    def validate(self, prefix: str = "monitor") -> None:
+        """Raise MemtrainError naming the key of a bad value (checks that need no data)."""
+        if self.every_steps < 0:
+            raise MemtrainError(f"recipe: `{prefix}.every_steps` must be >= 0 (0 = off), got {self.every_steps}")
+        for name in ("members", "heldout_count", "novel_count", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MemtrainError(f"recipe: `{prefix}.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.table_generations < 0:
+            raise MemtrainError(f"recipe: `{prefix}.table_generations` must be >= 0, got {self.table_generations}")
+        if not 0.0 <= self.clid_alpha <= 1.0:
+            raise MemtrainError(f"recipe: `{prefix}.clid_alpha` must be in [0, 1], got {self.clid_alpha}")
+        if self.alarm_threshold is not None and not 0.0 <= self.alarm_threshold <= 1.0:
+            raise MemtrainError(
+                f"recipe: `{prefix}.alarm_threshold` must be in [0, 1] ({self.alarm_metric} is an AUC or a TPR), "
+                f"got {self.alarm_threshold}"
+            )
+        if self.every_steps and not self.heldout:
+            raise MemtrainError(
+                f"recipe: `{prefix}.heldout` is required when `{prefix}.every_steps` > 0: the monitor compares "
+                "training members with held-out (never trained on) pairs; set it to an imagefolder directory, "
+                "a toy labels.jsonl or a dataset with such pairs"
+            )
+
+
+@dataclass
+class TrainRecipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+    def validate(self) -> None:
+        """Checks that need no model or data; run before anything is loaded."""
+        if not self.model.pretrained:
+            raise MemtrainError("recipe: `model.pretrained` is required (a diffusers model directory or hub id)")
+        if not self.data.path:
+            raise MemtrainError("recipe: `data.path` is required (an imagefolder directory or a dataset)")
+        positive = {
+            "train.batch_size": self.train.batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "train.max_steps": self.train.max_steps,
+            "checkpoint.every_steps": self.checkpoint.every_steps,
+            "log.every_steps": self.log.every_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise MemtrainError(f"recipe: `{key}` must be >= 1, got {value}")
+        if self.train.learning_rate <= 0:
+            raise MemtrainError(f"recipe: `train.learning_rate` must be > 0, got {self.train.learning_rate}")
+        if self.model.lora.rank < 0:
+            raise MemtrainError(f"recipe: `model.lora.rank` must be >= 0, got {self.model.lora.rank}")
+        if self.model.lora.rank > 0 and self.model.train_text_encoder:
+            raise MemtrainError("recipe: `model.train_text_encoder` is only supported for full fine-tunes (lora.rank=0)")
+        if self.model.lora.rank > 0 and self.train.ema:
+            raise MemtrainError("recipe: `train.ema` is for full fine-tunes; set train.ema=false with LoRA")
+        if self.checkpoint.total_limit is not None and self.checkpoint.total_limit < 1:
+            raise MemtrainError(f"recipe: `checkpoint.total_limit` must be >= 1, got {self.checkpoint.total_limit}")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise MemtrainError(f"recipe: `train.ema_decay` must be in [0, 1), got {self.train.ema_decay}")
+        if self.train.loss_mask_threshold is not None and self.train.loss_mask_threshold <= 0:
+            raise MemtrainError(
+                f"recipe: `train.loss_mask_threshold` must be > 0 (Wen et al. use 2.0), got {self.train.loss_mask_threshold}"
+            )
+        if not 0.0 < self.data.dedup_threshold <= 1.0:
+            raise MemtrainError(f"recipe: `data.dedup_threshold` must be in (0, 1], got {self.data.dedup_threshold}")
+        if not 0.0 <= self.data.caption_dropout <= 1.0:
+            raise MemtrainError(f"recipe: `data.caption_dropout` must be in [0, 1], got {self.data.caption_dropout}")
+        self.data.captions.validate("data.captions")
+        self.monitor.validate("monitor")
+        unknown = set(self.log.trackers) - {"wandb", "tensorboard"}
+        if unknown:
+            raise MemtrainError(f"recipe: `log.trackers` knows wandb and tensorboard, not {sorted(unknown)}")
+
+    @property
+    def export(self) -> str:
+        if self.output.export == "auto":
+            return "lora" if self.model.lora.rank > 0 else "pipeline"
+        return self.output.export

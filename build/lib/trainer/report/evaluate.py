@@ -1,0 +1,414 @@
+"""`memtrain evaluate`: a MemBench-style memorization report for one checkpoint (Hong et al. 2024).
+
+Trigger scenario (registered prompt detectors: AUROC, TPR at 1% FPR), replication of generations
+against the training images, membership (CLiD, Zhai et al. 2024, cross-fitted) and the general
+scenario (KID, alignment / CLIP score). Writes OUT/report.json, report.md and PNGs atomically.
+docs/methods.md gives every convention; `trainer.report.sections` computes each section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer.core.components import load_pipeline, model_resolution
+from trainer.data import load_images
+from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
+from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
+from trainer.measure.features import (
+    choose_quality_feature,
+    clip_quality_feature,
+    kid,
+    load_clip_scorer,
+    load_sscd,
+)
+from trainer.measure.metrics import roc_points
+from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
+from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
+from trainer.report.render import evaluate_markdown
+from trainer.report.sections import (
+    CLID_FOLDS,
+    captions_of,
+    general_scenario,
+    membership_by_group,
+    membership_scenario,
+    replication_section,
+    trigger_scenario,
+    without_replicating_negatives,
+)
+from trainer.sample.generate import generate_images
+from trainer.tracking import log_wandb_summary, start_wandb_run
+
+ROC_CONVENTION = (
+    "positive = memorized prompt (membership: training member), higher score = more memorized; "
+    "TPR at 1% FPR = the TPR of the last ROC point whose FPR is <= 1% (the best TPR any threshold reaches "
+    "without exceeding 1% FPR, no interpolation, metrics.tpr_at_fpr); with fewer than 100 negatives it is "
+    "the TPR at 0% FPR"
+)
+REPLICATED_GRID = 16
+
+
+# ---------------------------------------------------------------- images
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- section 2: replication
+
+
+
+
+
+
+# ---------------------------------------------------------------- section 4: quality
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+@contextlib.contextmanager
+def _count_unet_samples(unet) -> Iterator[list[int]]:
+    """Count the samples passed through `unet` (UNet evaluations) while the block runs."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        count[0] += int(sample.shape[0])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def parse_detectors(value: str | Sequence[str]) -> list[str]:
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown or not names:
+        raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(DETECTORS)}")
+    return list(dict.fromkeys(names))
+
+
+def _check_file(path: Path, where: str, data: Path) -> None:
+    if not path.is_file():
+        raise MemtrainError(f"{where}: image {path} does not exist (file_name paths resolve under --data {data})")
+
+
+def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str | Path = "runs/evaluate",
+             lora: str | Path | None = None, n: int = 2, batch_size: int = 32, seed: int = 0,
+             data: str | Path | None = None, train_data: str | None = None, sscd: str | Path | None = None,
+             clip: str | Path | None = None, wandb: bool = False, generate: bool = True,
+             detectors: str | Sequence[str] = DETECTORS, steps: int = 50, guidance_scale: float = 7.5,
+             device: str | None = None, memorized: str | Path | None = None,
+             not_memorized: str | Path | None = None, progress: bool = True) -> dict:
+    """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
+
+    Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
+    `not_memorized`. `train_data`: the training set replication is measured against (an imagefolder,
+    a `save_to_disk` directory or a local datasets path; default: the member images of the prompt
+    file). `data`: the root that `file_name` paths resolve under (default: the prompt file's directory).
+    """
+
+    t_start = time.perf_counter()
+    for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
+        if int(value) < 1:
+            raise MemtrainError(f"{flag} must be >= 1, got {value}")
+    detectors = parse_detectors(detectors)
+    if (prompts is None) == (memorized is None):
+        raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
+    if prompts is not None:
+        prompts = Path(prompts)
+        rows = read_labelled_prompts(prompts)
+    else:
+        rows = rows_from_lists(memorized, not_memorized)
+        prompts = Path(memorized)
+    labelled = check_labels(rows, prompts)
+    data = Path(data) if data is not None else prompts.parent
+    if not data.is_dir():
+        raise MemtrainError(f"--data {data}: not a directory (the root that file_name paths resolve under)")
+    for r in rows:
+        if r.file_name and (r.member is not None or r.label == 1):
+            _check_file(data / r.file_name, f"{prompts}, line {r.line}", data)
+    checkpoint_path = Path(checkpoint)
+    if not checkpoint_path.exists():
+        raise MemtrainError(f"checkpoint {checkpoint}: no such directory (want a diffusers pipeline directory)")
+    if not (checkpoint_path / "model_index.json").is_file():
+        raise MemtrainError(f"checkpoint {checkpoint}: not a diffusers pipeline directory (no model_index.json)")
+    if lora is not None and not Path(lora).exists():
+        raise MemtrainError(f"--lora {lora}: no such file or directory")
+    sscd_model = clip_scorer = None
+    if sscd is not None:
+
+        sscd_model = load_sscd(sscd)
+    if clip is not None:
+        clip_scorer = load_clip_scorer(clip)
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(checkpoint_path, lora, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    resolution = model_resolution(pipe)
+    notes: list[str] = []
+    cost: dict[str, dict] = {}
+    config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),
+              "data": str(data), "train_data": str(train_data) if train_data else None, "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+              "batch_size": batch_size, "detectors": detectors, "generate": generate,
+              "sscd": str(sscd) if sscd else None, "clip": str(clip) if clip else None, "device": device,
+              "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1"}
+    report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
+                    "config": config, "label_mapping": LABEL_MAPPING, "roc_convention": ROC_CONVENTION,
+                    "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
+                               "memorized": sum(r.label == 1 for r in rows),
+                               "not_memorized": sum(r.label == 0 for r in rows),
+                               "members": sum(r.member == 1 for r in rows),
+                               "non_members": sum(r.member == 0 for r in rows)}}
+    figures: dict = {}
+
+    with atomic_dir(out) as tmp, tqdm(total=4, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
+        run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb else None
+        try:
+            # 1. trigger scenario: detectors
+            stages.set_postfix_str("detectors")
+            t0 = time.perf_counter()
+            trigger = trigger_scenario(pipe, rows, detectors, prompts, seed, batch_size, progress)
+            report["trigger"] = trigger
+            cost["detectors"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                 "unet_evals": sum(d["unet_evals"] for d in trigger["detectors"].values())}
+            stages.update()
+
+            # 2. generation and replication
+            stages.set_postfix_str("generate")
+            gen_rows = ([r for r in rows if r.label is not None] if labelled else list(rows)) if generate else []
+            scenario = {1: "trigger", 0: "general"}
+            gen_groups = [scenario[r.label] if labelled else "all" for r in gen_rows for _ in range(n)]
+            generated = None
+            if gen_rows:
+                t0 = time.perf_counter()
+                with _count_unet_samples(pipe.unet) as counted:
+                    generated = generate_images(pipe, [r.text for r in gen_rows], n=n, seed=seed, steps=steps,
+                                                guidance_scale=guidance_scale, batch_size=batch_size,
+                                                progress=progress)
+                cost["generation"] = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": counted[0],
+                                      "images": len(generated)}
+            elif not generate:
+                notes.append("--no-generate: replication and quality sections skipped")
+            stages.update()
+
+            stages.set_postfix_str("replication")
+            if generated is not None:
+                t0 = time.perf_counter()
+                rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, train_data,
+                                                resolution, sscd_model, batch_size, progress)
+                if rep is None:
+                    notes.append(note)
+                else:
+                    report["replication"] = rep
+                    references = rep.pop("_references")
+                    verified = without_replicating_negatives(report.get("trigger", {}), rep)
+                    if verified is not None:
+                        report["trigger"]["without_replicating_negatives"] = verified
+                    figures["replicated"] = (generated, references)
+                    cost["replication"] = {"seconds": round(time.perf_counter() - t0, 2)}
+            stages.update()
+
+            # 3. membership
+            stages.set_postfix_str("membership")
+            member_rows = [r for r in rows if r.member is not None]
+            n_mem = sum(r.member == 1 for r in member_rows)
+            if "clid" not in detectors:
+                notes.append("membership skipped: clid not in --detectors")
+            elif min(n_mem, len(member_rows) - n_mem) < CLID_FOLDS:
+                notes.append(f"membership skipped: needs at least {CLID_FOLDS} members and {CLID_FOLDS} "
+                             f"non-members with images, found {n_mem} and {len(member_rows) - n_mem}")
+            else:
+                images = load_images([data / r.file_name for r in member_rows],
+                                     [f"{prompts}, line {r.line} ({r.file_name})" for r in member_rows],
+                                     resolution, "membership images", progress)
+                membership = membership_scenario(pipe, images, [r.text for r in member_rows],
+                                                 [r.member for r in member_rows], seed, batch_size)
+                membership["groups"] = [_group_name(r) if r.group else ("member" if r.member else "non-member")
+                                        for r in member_rows]
+                membership["texts"] = [r.text for r in member_rows]
+                membership["by_group"] = membership_by_group(membership)
+                report["membership"] = membership
+                cost["membership"] = {"seconds": membership["seconds"], "unet_evals": membership["unet_evals"]}
+            stages.update()
+
+            # 4. general scenario: quality
+            stages.set_postfix_str("quality")
+            if generated is not None:
+                t0 = time.perf_counter()
+                heldout_rows = [r for r in rows if r.member == 0]
+                heldout = load_images([data / r.file_name for r in heldout_rows],
+                                      [f"{prompts}, line {r.line} ({r.file_name})" for r in heldout_rows],
+                                      resolution, "held-out images", progress) if heldout_rows else None
+                if heldout is None:
+                    notes.append("KID skipped: the prompt file has no held-out images (member 0 / group heldout)")
+                captions = captions_of(gen_rows, n)
+                feature = (clip_quality_feature(clip_scorer, batch_size) if clip_scorer is not None
+                           else choose_quality_feature(captions))
+                quality = {"feature": f"{feature.name}: {feature.description}", "groups": {}}
+                for group in dict.fromkeys(gen_groups):
+                    idx = [i for i, g in enumerate(gen_groups) if g == group]
+                    quality["groups"][group] = general_scenario(
+                        generated[idx], [captions[i] for i in idx], heldout, clip_scorer, batch_size, feature)
+                if heldout is not None and "replication" in report and len(heldout) >= 2:
+                    quality["kid_reference"] = kid(feature.features(figures["replicated"][1]),
+                                                   feature.features(heldout))
+                report["quality"] = quality
+                cost["quality"] = {"seconds": round(time.perf_counter() - t0, 2)}
+            stages.update()
+
+            cost["total"] = {"seconds": round(time.perf_counter() - t_start, 2),
+                             "unet_evals": sum(c.get("unet_evals", 0) for c in cost.values())}
+            report["cost"] = cost
+            report["notes"] = notes
+            write_report(report, tmp, figures)
+            if run is not None:
+                log_wandb_summary(run, flat_summary(report), tmp, report.get("files", []))
+                run.finish()
+                run = None
+        except BaseException:
+            if run is not None:
+                run.finish(exit_code=1)
+            raise
+    return report
+
+
+
+
+
+
+# ---------------------------------------------------------------- output
+
+
+def flat_summary(report: dict) -> dict[str, float]:
+    """The headline numbers as flat `section/name/metric` keys (W&B summary)."""
+    flat = {}
+    for name, d in report.get("trigger", {}).get("detectors", {}).items():
+        for k in ("auroc", "tpr_at_1fpr"):
+            if k in d:
+                flat[f"trigger/{name}/{k}"] = d[k]
+    for group, s in report.get("replication", {}).get("groups", {}).items():
+        for k, v in s.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                flat[f"replication/{group}/{k}"] = v
+    for name, s in report.get("membership", {}).get("scores", {}).items():
+        flat[f"membership/{name}/auroc"] = s["auroc"]
+        flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
+    for group, g in report.get("membership", {}).get("by_group", {}).items():
+        for name, v in g.items():
+            if name != "members":
+                flat[f"membership/{group}/{name}/auroc"] = v
+    for group, q in report.get("quality", {}).get("groups", {}).items():
+        for k in ("toy_alignment", "kid", "clip_score"):
+            if k in q:
+                flat[f"quality/{group}/{k}"] = q[k]
+    for section, c in report.get("cost", {}).items():
+        for k, v in c.items():
+            flat[f"cost/{section}/{k}"] = v
+    return {k: float(v) for k, v in flat.items() if v is not None}
+
+
+def write_report(report: dict, out: str | Path, figures: dict | None = None) -> dict:
+    """Write report.json, report.md and the PNGs into `out` (a directory); return the list of files."""
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = figures or {}
+    files = []
+    trigger = report.get("trigger", {})
+    prompt_rows = trigger.get("prompts", [])
+    names = list(trigger.get("detectors", {}))
+    if trigger.get("labelled") and names:
+        labels = [p["label"] for p in prompt_rows]
+        curves = {}
+        for name in names:
+            fpr, tpr = roc_points([p["scores"][name] for p in prompt_rows], labels)
+            curves[PROMPT_DETECTORS[name].title] = (fpr, tpr, trigger["detectors"][name]["auroc"])
+        save_roc_curves(out / "roc.png", curves, title="trigger prompts (memorized = positive)", log_x=True)
+        files.append("roc.png")
+    membership = report.get("membership")
+    if membership:
+        labels = membership["member_flags"]
+        curves = {}
+        for name, s in membership["scores"].items():
+            fpr, tpr = roc_points(membership["per_sample"][name], labels)
+            curves[{"clid_th": "CLiD_th", "clid_vec": "CLiD_vec", "loss": "loss only"}[name]] = (fpr, tpr, s["auroc"])
+        save_roc_curves(out / "roc_membership.png", curves, title="membership (member = positive)", log_x=True)
+        files.append("roc_membership.png")
+    by_group: dict = {}
+    for name in names:
+        groups: dict = {}
+        for p in prompt_rows:
+            groups.setdefault(p["group"], []).append(p["scores"][name])
+        by_group[PROMPT_DETECTORS[name].title] = groups
+    if membership:
+        groups = {}
+        for g, s in zip(membership["groups"], membership["per_sample"]["clid_th"], strict=True):
+            groups.setdefault(g, []).append(s)
+        by_group["CLiD_th (membership, out-of-fold)"] = groups
+    if by_group:
+        save_score_histograms(out / "scores_by_group.png", by_group, title="scores by group")
+        files.append("scores_by_group.png")
+    replication = report.get("replication")
+    if replication and "replicated" in figures:
+        generated, references = figures["replicated"]
+        gens = replication["generations"]
+        order = sorted((i for i, g in enumerate(gens) if not math.isnan(g["ratio"])), key=lambda i: gens[i]["ratio"])
+        picks = order[:REPLICATED_GRID]
+        if picks:
+            titles = [f"{gens[i]['group']} r={gens[i]['ratio']:.2f} L2={gens[i]['l2']:.3f}" for i in picks]
+            nearest = references[[gens[i]["nn_index"] for i in picks]]
+            save_replication_grid(out / "replicated.png", generated[picks], nearest, titles, ncols=4)
+            files.append("replicated.png")
+    report["files"] = ["report.json", "report.md", *files]
+    write_json(report, out / "report.json")
+    with atomic_file(out / "report.md") as f:
+        f.write(evaluate_markdown(report))
+    return report
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- W&B
+
+
+
+
+
+
+# ---------------------------------------------------------------- CLI
+
+
+
+
+

@@ -1,0 +1,304 @@
+"""Every Markdown report memtrain writes, rendered from the report dicts (evaluate, dedup, the toy
+replication study, compare). No numbers are computed here."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+
+def _figure(report: dict, name: str, alt: str) -> str:
+    return f"![{alt}]({name})" if name in report.get("files", []) else ""
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if spec == "%":
+        return f"{value:.1%}"
+    return format(value, spec)
+
+
+def evaluate_markdown(report: dict) -> str:
+    c = report["config"]
+    counts = report["counts"]
+    lines = [f"# {report['title']}", "",
+             f"Prompts: `{c['prompts']}` ({counts['prompts']} rows: {counts['memorized']} memorized, "
+             f"{counts['not_memorized']} not memorized, {counts['members']} members, {counts['non_members']} "
+             f"non-members). Data root: `{c['data']}`. Generations: {c['n']} per prompt, DDIM {c['steps']} steps, "
+             f"guidance {c['guidance_scale']}, seed {c['seed']}; detectors: {c['detector_schedule']}.", "",
+             f"Label mapping: {report['label_mapping']}.", "",
+             f"ROC convention: {report['roc_convention']}.", ""]
+    trigger = report.get("trigger", {})
+    if trigger.get("detectors"):
+        lines += ["## Trigger scenario: detectors", ""]
+        if trigger["labelled"]:
+            lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", ""]
+            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |",
+                      "|---|---|---|---|---|---|"]
+            for d in trigger["detectors"].values():
+                lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
+                             f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
+                             f"{d['unet_evals_per_prompt']:g} |")
+            verified = trigger.get("without_replicating_negatives")
+            if verified and verified["excluded"] and verified["detectors"]:
+                lines += ["", f"Diagnostic: {len(verified['excluded'])} of the {trigger['n_negative']} non-memorized "
+                          "prompts have a generation that replicates a training image (ratio < 1/3; listed in report.json "
+                          "as `trigger.without_replicating_negatives`). Without them:", "",
+                          "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
+                lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
+                          for k, v in verified["detectors"].items()]
+        else:
+            lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`).", "",
+                      "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]
+            for name, d in trigger["detectors"].items():
+                mean = float(np.mean([p["scores"][name] for p in trigger["prompts"]]))
+                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} |")
+        lines += ["", _figure(report, "roc.png", "ROC"), ""]
+    rep = report.get("replication")
+    if rep:
+        sscd = any("sscd_p95" in s for s in rep["groups"].values())
+        lines += ["## Replication", "",
+                  f"Generations against the {rep['unique_train_images']} {rep['reference']} "
+                  f"({rep['train_images']} training images from {rep['training_images']}). Similarity = "
+                  f"{rep['similarity']}." + (" SSCD: max cosine to any reference image; replicated when > 0.5."
+                                             if sscd else ""), "",
+                  "| group | generations | similarity p95 | similarity max | replicated | (vs originals) | "
+                  "tiled L2 <= 0.15 | nL2 < 1.4 | nearest is own image |" + (" SSCD p95 | SSCD max | SSCD > 0.5 |"
+                                                                           if sscd else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if sscd else "")]
+        for group, s in rep["groups"].items():
+            row = (f"| {group} | {s['generations']} | {_fmt(s['similarity_p95'])} | {_fmt(s['similarity_max'])} | "
+                   f"{_fmt(s['fraction_replicated'], '%')} | {_fmt(s['fraction_replicated_vs_originals'], '%')} | "
+                   f"{_fmt(s['fraction_tiled_l2'], '%')} | {_fmt(s['fraction_nl2'], '%')} | "
+                   f"{_fmt(s['nearest_is_own_image'], '%')} |")
+            if sscd:
+                row += f" {_fmt(s['sscd_p95'])} | {_fmt(s['sscd_max'])} | {_fmt(s['sscd_fraction'], '%')} |"
+            lines.append(row)
+        lines += ["", _figure(report, "replicated.png", "most replicated generations"), ""]
+    mem = report.get("membership")
+    if mem:
+        lines += ["## Membership (CLiD)", "",
+                  f"{mem['members']} members vs {mem['non_members']} non-members; {mem['folds']}-fold cross-fitting "
+                  f"(alpha per fold: {', '.join(f'{a:g}' for a in mem['alphas'])}). Deviation: the paper fits alpha, "
+                  "the scaler and CLiD_vec on a separate shadow split; here each half is scored by a fit on the "
+                  "other half.", "",
+                  "| score | AUROC | TPR@1%FPR |", "|---|---|---|"]
+        for name, label in (("clid_th", "CLiD_th"), ("clid_vec", "CLiD_vec"), ("loss", "loss only (L)")):
+            s = mem["scores"][name]
+            lines.append(f"| {label} | {_fmt(s['auroc'])} | {_fmt(s['tpr_at_1fpr'])} |")
+        if mem.get("by_group"):
+            lines += ["", "AUROC of each member group against all non-members (same out-of-fold scores):", "",
+                      "| member group | members | CLiD_th | CLiD_vec | loss only (L) |", "|---|---|---|---|---|"]
+            for group, g in mem["by_group"].items():
+                lines.append(f"| {group} | {g['members']} | {_fmt(g['clid_th'])} | {_fmt(g['clid_vec'])} | "
+                             f"{_fmt(g['loss'])} |")
+        lines += ["", _figure(report, "roc_membership.png", "membership ROC"), ""]
+    quality = report.get("quality")
+    if quality:
+        lines += ["## Quality (general scenario)", "",
+                  f"KID: unbiased MMD^2, kernel (x.y/d + 1)^3, generations vs held-out images in the fixed feature "
+                  f"{quality['feature']} (lower = closer; unbiased, so it can be slightly negative; comparable "
+                  "only within memtrain). The general row is MemBench's general scenario; the trigger row shows "
+                  "the same measures for the memorized prompts."
+                  + (f" Reference: training images (through the VAE) vs held-out: {quality['kid_reference']:.4g}."
+                     if "kid_reference" in quality else ""), "",
+                  "| group | generations | toy alignment | KID | CLIP score |", "|---|---|---|---|---|"]
+        for group, q in quality["groups"].items():
+            lines.append(f"| {group} | {q['generations']} | {_fmt(q.get('toy_alignment'))} | "
+                         f"{_fmt(q.get('kid'), '.4g')} | {_fmt(q.get('clip_score'), '.2f')} |")
+        lines.append("")
+    lines += [_figure(report, "scores_by_group.png", "scores by group"), ""]
+    lines += ["## Cost", "", "| section | seconds | UNet evals |", "|---|---|---|"]
+    for section, cst in report.get("cost", {}).items():
+        evals = cst.get("unet_evals")
+        lines.append(f"| {section} | {cst['seconds']:.1f} | {evals if evals is not None else '-'} |")
+    if report.get("notes"):
+        lines += ["", "Notes:", *[f"- {note}" for note in report["notes"]]]
+    lines.append("")
+    kept = [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]  # no double blank lines
+    return "\n".join(kept)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict]) -> list[str]:
+    """The side-by-side Markdown table, one row per run."""
+    lines = ["| run | steps | trained rows | dup. replication | dup. nL2 < 1.4 | dup. nearest is own | "
+             "singleton replication | novel replication | novel toy alignment | novel KID x100 | "
+             "CLiD AUC (final) | CLiD TPR@1%FPR | train s | monitor s (calls, % of train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rep, gen, mon, cost = r["replication"], r["general"], r["final_monitor"] or {}, r["monitor_cost"]
+        dup, single, novel = (rep.get(g, {}) for g in ("duplicated", "singleton", "novel"))
+        kid = gen.get("kid")
+        monitor = (f"{_num(cost['seconds'], '.0f')} ({cost['calls']}, {_pct(cost['fraction_of_training'])})"
+                   if cost.get("seconds") is not None else "-")
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['data']['trained_rows']} | {_pct(dup.get('replication_rate'))} | "
+            f"{_pct(dup.get('nl2_rate'))} | {_pct(dup.get('nearest_is_own_image'))} | "
+            f"{_pct(single.get('replication_rate'))} | {_pct(novel.get('replication_rate'))} | "
+            f"{_pct(gen.get('toy_alignment'))} | {_num(None if kid is None else 100 * kid)} | "
+            f"{_num(mon.get('clid_auc'))} | {_num(mon.get('clid_tpr_at_1fpr'))} | {r['train_s']:.0f} | {monitor} |")
+    return lines
+
+
+def _deltas(ref: dict, other: dict) -> str:
+    parts = []
+    a, b = ref["general"].get("toy_alignment"), other["general"].get("toy_alignment")
+    if a is not None and b is not None:
+        parts.append(f"toy alignment {100 * (b - a):+.1f} points")
+    a, b = ref["general"].get("kid"), other["general"].get("kid")
+    if a is not None and b is not None:
+        parts.append(f"KID x100 {100 * (b - a):+.2f}")
+    a = ref["replication"].get("duplicated", {}).get("replication_rate")
+    b = other["replication"].get("duplicated", {}).get("replication_rate")
+    if a is not None and b is not None:
+        parts.append(f"duplicated-prompt replication {100 * a:.1f}% -> {100 * b:.1f}%")
+    return f"{other['name']} vs {ref['name']}: " + ", ".join(parts)
+
+
+def compare_markdown(report: dict) -> str:
+    runs = report["runs"]
+    main = [r for r in runs if r["name"] in ("plain", "mitigated")]
+    alone = [r for r in runs if r["name"] not in ("plain", "mitigated")]
+    first = runs[0]
+    mon = report["monitor"]
+    lines = [f"# {report['title']}", "",
+             f"Toy data {report['data']['path']} ({first['data']['rows']} training rows: "
+             f"{report['data']['config'].get('n_duplicated')} images x {report['data']['config'].get('copies')} "
+             f"copies + {report['data']['config'].get('n_singletons')} singletons), base {report['base']}. "
+             f"Every run: {first['max_steps']} steps, batch {first['batch_size']}, lr {first['learning_rate']}; "
+             f"{report['n_per_prompt']} generation(s) per prompt (DDIM {report['generation_steps']} steps, guidance "
+             f"{first['guidance_scale']}).", "",
+             f"Replicated: NN1/NN2 L2 ratio < {first['ratio_threshold']:g} against the "
+             "VAE-reproduced unique training images (Gu et al. 2023 use 1/3; see memtrain demo); nL2 < 1.4 (Carlini et al. 2023); nearest is own: the prompt's own training image is the "
+             "nearest. Toy alignment (toy_checker) and KID (unbiased MMD^2, kernel (x.y/d+1)^3 over the "
+             "pix8+palette feature, x100) of the novel prompts' generations against the held-out images (MemBench's "
+             "general scenario). CLiD: the monitor's CLiD_th AUC / TPR at 1% FPR at the last step (Zhai et al.; "
+             f"{mon['members']} members vs {mon['heldout_count']} held-out pairs, every {mon['every_steps']} steps). "
+             "Every run probes the same member images: distinct training images (one row per near-duplicate "
+             "group, `monitor.distinct_members`), which a `drop`-de-duplicated run trains on too.", "",
+             "## Plain vs mitigated", "", *table(main), ""]
+    ref = next((r for r in runs if r["name"] == "plain"), None)
+    if ref is not None:
+        lines += [f"- {_deltas(ref, r)}" for r in runs if r is not ref and r["name"] == "mitigated"]
+        kid_ref = ref["general"].get("kid_reference")
+        if kid_ref is not None:
+            lines.append(f"- KID x100 of the training images (through the VAE) vs held-out, for scale: "
+                         f"{100 * kid_ref:.2f}")
+        lines.append("")
+    for r in main:
+        if r["name"] == "mitigated":
+            lines += [f"Mitigated recipe {r['recipe']}: dedup={r['data']['dedup']}, captions "
+                      f"{', '.join(f'{k}={v}' for k, v in r['captions'].items()) or 'unchanged'}.", ""]
+    if alone:
+        lines += ["## Each mitigation on its own", "", *table(([ref] if ref else []) + alone), ""]
+        lines += [f"- {r['name']}: {' '.join(r['mitigation'])}" for r in alone]
+        if ref is not None:
+            lines += [f"- {_deltas(ref, r)}" for r in alone]
+        lines.append("")
+    lines += ["![CLiD AUC vs step](clid_curves.png)", "",
+              f"Total {report['timing']['total_s']:.0f} s. Per run: OUT/runs/NAME (logs/metrics.jsonl, monitor.json, "
+              "monitor.png, report/report.md).", ""]
+    return "\n".join(lines)
+
+
+def _fraction(x: float) -> str:
+    return "1/3" if abs(x - 1 / 3) < 1e-9 else f"{x:g}"
+
+
+def study_markdown(report: dict) -> str:
+    lines = [f"# {report['title']}", "", f"Replication criterion: {report['criterion']}.",
+             f"{report['n_per_prompt']} generation(s) per prompt (DDIM {report['sampler_steps']} steps, "
+             f"guidance {report['guidance_scale']:g}), "
+             f"{report['unique_train_images']} unique training images ({report['train_images']} with duplicates).", ""]
+    cal = report.get("calibration")
+    if cal:
+        lines += [f"Calibration: the criterion flags {cal['flagged_rate']:.0%} of the {cal['heldout_images']} held-out "
+                  f"images (never trained on; their NN1/NN2 ratio: min {cal['ratio_min']:.2f}, 5th percentile "
+                  f"{cal['ratio_p5']:.2f}, median {cal['ratio_median']:.2f}).", ""]
+    for key in ("training", "timing"):
+        if key in report:
+            lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
+    threshold = _fraction(report["ratio_threshold"])
+    lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | replicated: a duplicated "
+              "image | (vs originals) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for group, s in report["groups"].items():
+        own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
+        lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
+                     f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
+                     f"{s['replication_rate_vs_originals']:.0%} | {s['gu_rate']:.0%} | "
+                     f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
+    lines += ["", "![generations beside their nearest training images](replication.png)", ""]
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return re.sub(r"^.*metadata\.(jsonl|csv), ", "", name)
+
+
+def dedup_markdown(report: dict[str, Any], data: str = "", max_groups: int = 50) -> str:
+    s = report["summary"]
+    lines = [
+        f"# De-duplication report{f': {data}' if data else ''}",
+        "",
+        f"{report['n']} images; embedding `{report['embedding']}`, cosine threshold {report['threshold']}, "
+        f"search `{report['search']}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| image near-duplicate groups | {s['image_groups']} |",
+        f"| images in groups | {s['images_in_groups']} |",
+        f"| extra copies (`drop` removes these) | {s['duplicates_to_drop']} ({100 * s['duplicate_fraction']:.1f}%) |",
+        f"| largest group | {s['largest_group']} |",
+        f"| linked pairs | {s['linked_pairs']} |",
+    ]
+    if "caption_groups_exact" in s:
+        lines += [
+            f"| exact caption duplicate groups | {s['caption_groups_exact']} |",
+            f"| normalized caption duplicate groups | {s['caption_groups_normalized']} |",
+        ]
+    lines += [
+        "",
+        "Training policies: `data.dedup=drop` keeps the first image of each group; `data.dedup=reweight` "
+        "keeps all images and gives each group total sampling weight 1.",
+        "",
+        "## Image near-duplicate groups",
+        "",
+    ]
+    if not report["image_groups"]:
+        lines.append("None found.")
+    for k, g in enumerate(report["image_groups"][:max_groups]):
+        ex = ", ".join(f"`{_short(e['name'])}`" for e in g["examples"])
+        more = f" and {g['size'] - len(g['examples'])} more" if g["size"] > len(g["examples"]) else ""
+        lines.append(
+            f"{k + 1}. {g['size']} images (min cos to first {g['min_similarity_to_representative']}): "
+            f"{ex}{more}"
+        )
+    if len(report["image_groups"]) > max_groups:
+        lines.append(f"\n... {len(report['image_groups']) - max_groups} more groups in report.json")
+    for kind in ("exact", "normalized"):
+        key = f"caption_groups_{kind}"
+        if key not in report:
+            continue
+        lines += ["", f"## Caption duplicate groups ({kind})", ""]
+        if not report[key]:
+            lines.append("None found.")
+        for k, g in enumerate(report[key][:max_groups]):
+            ex = ", ".join(f"`{_short(e['name'])}`" for e in g["examples"])
+            more = f" and {g['size'] - len(g['examples'])} more" if g["size"] > len(g["examples"]) else ""
+            lines.append(f'{k + 1}. {g["size"]} rows with "{g["text"]}": {ex}{more}')
+        if len(report[key]) > max_groups:
+            lines.append(f"\n... {len(report[key]) - max_groups} more groups in report.json")
+    return "\n".join(lines) + "\n"

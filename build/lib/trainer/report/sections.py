@@ -1,0 +1,213 @@
+"""The sections of `memtrain evaluate` (MemBench protocol, Hong et al. 2024): trigger scenario (detectors),
+replication, membership (CLiD) and the general scenario (quality). Each returns a JSON-ready dict."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+from trainer.core.unet_core import count_evals
+from trainer.data import find_training_images, load_images
+from trainer.detect import PROMPT_DETECTORS
+from trainer.detect.clid import (
+    clid_features,
+    clid_th_scores,
+    clid_vec_classifier,
+    clid_vec_scores,
+    fit_clid_alpha,
+)
+from trainer.io import MemtrainError
+from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
+from trainer.measure.metrics import auroc, tpr_at_fpr
+from trainer.measure.replication import replication_stats, unique_images, vae_roundtrip
+from trainer.prompts import PromptRow, _group_name, check_labels
+
+CLID_FOLDS = 2
+
+
+def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: int = 0, batch_size: int = 32,
+                    progress: bool = True) -> dict[str, dict]:
+    """Per registered prompt detector: `scores` [P] (float64 numpy), extra per-prompt arrays, `unet_evals`, `seconds`."""
+    out = {}
+    for name in tqdm([d for d in detectors if d in PROMPT_DETECTORS], desc="detectors", disable=not progress):
+        start = time.perf_counter()
+        with count_evals() as counter:
+            result = PROMPT_DETECTORS[name].score(pipe, texts, seed, batch_size)
+        arrays = {k: v.double().numpy() for k, v in result.items()}
+        out[name] = {**arrays, "unet_evals": counter.unet_evals, "seconds": time.perf_counter() - start}
+    return out
+
+
+def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
+                     seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
+    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
+
+    labelled = check_labels(rows, source)
+    scored = [r for r in rows if r.label is not None] if labelled else list(rows)
+    names = [d for d in detectors if d in PROMPT_DETECTORS]
+    result = {"labelled": labelled, "n_prompts": len(scored), "detectors": {},
+              "prompts": [{"text": r.text, "line": r.line, "label": r.label, "group": _group_name(r), "scores": {}}
+                          for r in scored]}
+    if labelled:
+        result["n_positive"] = sum(r.label == 1 for r in scored)
+        result["n_negative"] = sum(r.label == 0 for r in scored)
+    if not names:
+        return result
+    raw = detector_scores(pipe, [r.text for r in scored], names, seed, batch_size, progress)
+    labels = np.array([r.label for r in scored], dtype=float) if labelled else None
+    for name, d in raw.items():
+        scores = d["scores"]
+        extras = [k for k in d if k not in ("scores", "unet_evals", "seconds")]
+        for i, p in enumerate(result["prompts"]):
+            p["scores"][name] = float(d["scores"][i])
+            for k in extras:  # per-prompt parts of a score, e.g. anisotropy's N and C terms
+                p["scores"][f"{name}_{k}"] = float(d[k][i])
+        entry = {"name": PROMPT_DETECTORS[name].title, "unet_evals": d["unet_evals"],
+                 "unet_evals_per_prompt": d["unet_evals"] / max(1, len(scored)), "seconds": round(d["seconds"], 2)}
+        if labelled:
+            try:
+                entry.update(auroc=auroc(scores, labels), tpr_at_1fpr=tpr_at_fpr(scores, labels, 0.01),
+                             mean_positive=float(scores[labels == 1].mean()),
+                             mean_negative=float(scores[labels == 0].mean()))
+            except MemtrainError as e:
+                raise MemtrainError(f"{source}: {name}: {e}") from None
+        result["detectors"][name] = entry
+    return result
+
+
+def without_replicating_negatives(trigger: dict, replication: dict) -> dict | None:
+    """Detector AUROC and TPR@1%FPR again, leaving out the non-memorized (label 0) prompts whose own
+    generations replicate a training image (`replicated` in the replication section).
+
+    MemBench (Hong et al. 2024) verifies its prompt sets by generation; a prompt labelled not
+    memorized that reproduces a training image is a trigger the labels missed (in the toy world, a
+    novel caption sharing words with a duplicated one brings the duplicated image back). A
+    diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
+    the prompts are unlabelled or nothing was generated."""
+
+    if not trigger.get("labelled") or not trigger.get("detectors") or not replication:
+        return None
+    replicating = {g["text"] for g in replication["generations"] if g["group"] == "general" and g["replicated"]}
+    keep = [p for p in trigger["prompts"] if not (p["label"] == 0 and p["text"] in replicating)]
+    labels = np.array([p["label"] for p in keep], dtype=float)
+    result = {"excluded": sorted(replicating & {p["text"] for p in trigger["prompts"] if p["label"] == 0}),
+              "n_negative": int((labels == 0).sum()), "detectors": {}}
+    if result["n_negative"] == 0:
+        return result
+    for name in trigger["detectors"]:
+        scores = np.array([p["scores"][name] for p in keep])
+        result["detectors"][name] = {"auroc": auroc(scores, labels), "tpr_at_1fpr": tpr_at_fpr(scores, labels, 0.01)}
+    return result
+
+
+def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], members: Sequence[int],
+                        seed: int = 0, batch_size: int = 32, folds: int = CLID_FOLDS) -> dict:
+    """CLiD_th and CLiD_vec with `folds`-fold cross-fitting (see the module docstring).
+
+    `images` [N, 3, H, W] in [0, 1]; `members[i]` 1 for a training member, 0 for a non-member.
+    Returns per-sample scores (`clid_th`, `clid_vec`, `loss`), AUROC / TPR@1%FPR of each, the
+    alphas chosen per fold, the CLiD features and the UNet evaluations spent.
+    """
+
+
+    y = np.asarray(members, dtype=np.int64)
+    start = time.perf_counter()
+    with count_evals() as counter:
+        features = clid_features(pipe, images * 2 - 1, list(captions), seed=seed, batch_size=batch_size,
+                                 is_latents=False).numpy()
+    th, vec = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    alphas = []
+    for fit, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, y):
+        alpha = fit_clid_alpha(features[fit], y[fit])  # the scaler is fitted on the same fold
+        alphas.append(alpha)
+        th[held] = clid_th_scores(features[held], features[fit], alpha)
+        vec[held] = clid_vec_scores(clid_vec_classifier(features[fit], y[fit], seed=seed), features[held])
+    scores = {"clid_th": th, "clid_vec": vec, "loss": features[:, -1]}
+    result = {"members": int(y.sum()), "non_members": int(len(y) - y.sum()), "folds": folds,
+              "alphas": alphas, "unet_evals": counter.unet_evals, "seconds": round(time.perf_counter() - start, 2),
+              "scores": {}}
+    for name, s in scores.items():
+        result["scores"][name] = {"auroc": auroc(s, y), "tpr_at_1fpr": tpr_at_fpr(s, y, 0.01),
+                                  "mean_member": float(s[y == 1].mean()), "mean_non_member": float(s[y == 0].mean())}
+    result["member_flags"] = y.tolist()
+    result["per_sample"] = {name: s.tolist() for name, s in scores.items()}
+    result["features"] = features.tolist()
+    return result
+
+
+def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
+    """AUROC of each membership score for one member group (e.g. toy `duplicated`, `singleton`) against
+    all non-members, from the pooled out-of-fold scores; {} when the members form a single group."""
+
+    groups = np.asarray(membership["groups"])
+    flags = np.asarray(membership["member_flags"])
+    member_groups = list(dict.fromkeys(groups[flags == 1].tolist()))
+    if len(member_groups) < 2:
+        return {}
+    out = {}
+    for group in member_groups:
+        pick = (flags == 0) | (groups == group)
+        out[group] = {"members": int((groups[pick] == group).sum())}
+        for name, values in membership["per_sample"].items():
+            out[group][name] = auroc(np.asarray(values)[pick], (groups[pick] == group).astype(int))
+    return out
+
+
+def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: torch.Tensor | None = None,
+                     clip_scorer=None, batch_size: int = 32, quality: QualityFeature = PIXELS) -> dict:
+    """Quality of one group of generations (images [G, 3, H, W] in [0, 1], one caption each): KID against
+    the held-out images in `quality`'s feature space, its alignment score when it has one, CLIP score."""
+    result = {"generations": len(generated), "notes": []}
+    if quality.alignment is not None:
+        result[quality.alignment_key] = float(quality.alignment(generated, list(captions)).mean())
+    if heldout is None or len(heldout) < 2 or len(generated) < 2:
+        result["notes"].append("KID skipped: needs at least 2 generations and 2 held-out images")
+    else:
+        result["kid"] = kid(quality.features(generated), quality.features(heldout))
+    if clip_scorer is not None:
+        scores = clip_scores(clip_scorer, generated, captions, batch_size)
+        result["clip_score"] = float(scores.mean())
+    return result
+
+
+def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[PromptRow], n: int,
+                        gen_groups: Sequence[str], rows: Sequence[PromptRow], data: Path, train_data: str | None,
+                        resolution: int,
+                        sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
+    """Replication of the generations against the training images of `data` (`find_training_images`):
+    (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
+
+    train = find_training_images(train_data, data, rows)
+    if train is None:
+        return None, (f"replication skipped: no training images found (no imagefolder at {data / 'train'} or "
+                      f"{data}, and no member rows with file_name)")
+    paths, names, described = train
+    if len(set(map(str, paths))) < 2:
+        return None, f"replication skipped: the NN1/NN2 ratio needs at least 2 training images, found {described}"
+    originals_all = load_images(paths, names, resolution, "training images", progress)
+    originals, inverse = unique_images(originals_all)
+    references = vae_roundtrip(pipe, originals)
+    # the unique training image each generation's own prompt was trained on (toy: duplicated rows)
+    index_of = {Path(p).resolve(): int(inverse[i]) for i, p in enumerate(paths) if isinstance(p, Path)}
+    sources = [index_of.get((data / r.file_name).resolve(), -1) if r.file_name else -1
+               for r in gen_rows for _ in range(n)]
+    rep = replication_stats(generated, gen_groups, references, originals, sources, sscd_model, batch_size)
+    for text, row in zip(captions_of(gen_rows, n), rep["generations"], strict=True):
+        row["text"] = text
+    rep.update(training_images=described, train_images=len(originals_all), unique_train_images=len(originals),
+               reference="unique training images as reproduced by the model's VAE (decode(encode(x)), posterior "
+                         "mean)",
+               similarity="1 - NN1/NN2 (L2 ratio of Gu et al.); replicated when the ratio < 1/3",
+               _references=references)
+    return rep, ""
+
+
+def captions_of(rows: Sequence[PromptRow], n: int) -> list[str]:
+    """The caption of each generation (prompt-major, as `generate_images` orders them)."""
+    return [r.text for r in rows for _ in range(n)]

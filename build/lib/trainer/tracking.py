@@ -1,0 +1,85 @@
+"""Logging through accelerate trackers: W&B and TensorBoard when asked, a JSONL file always."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import wandb
+from accelerate.tracking import GeneralTracker
+
+from trainer.io import MemtrainError
+
+
+class JsonlTracker(GeneralTracker):
+    """An accelerate tracker that appends one JSON object per `log` call to `metrics.jsonl`.
+
+    Accelerate calls trackers on the main process only. The constructor must not touch
+    `PartialState` (accelerate's `on_main_process` would), since it runs before the Accelerator
+    decides how many processes there are.
+    """
+
+    name = "jsonl"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str | Path):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+        self._file = None  # opened at the first write, so a run that fails its checks leaves nothing
+
+    @property
+    def tracker(self):
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+        return self._file
+
+    def store_init_configuration(self, values: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        scalars = {k: _plain(v) for k, v in values.items() if _plain(v) is not None}
+        self.tracker.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self.tracker.flush()
+
+    def finish(self):
+        if self._file is not None:
+            self._file.close()
+
+
+def _plain(value: Any):
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool | int | float | str):
+        return value
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def start_wandb_run(out: Path, config: dict, job_type: str, name: str):
+    """An offline-capable W&B run for a one-shot command (WANDB_MODE, WANDB_DIR, WANDB_PROJECT are respected;
+    without WANDB_DIR its files go into `out`)."""
+    directory = os.environ.get("WANDB_DIR") or str(out)
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "memtrain"), job_type=job_type, dir=directory,
+                          config=config, name=name)
+    except Exception as e:  # wandb raises its own error types (no login, no network)
+        raise MemtrainError(f"--wandb: cannot start a W&B run ({e}); WANDB_MODE=offline logs without an account")\
+            from None
+
+
+def log_wandb_summary(run, values: dict[str, float], out: Path, files: list[str]) -> None:
+    """Log flat numbers and every PNG of `files` (relative to `out`) as `figures/<name>`."""
+    logged: dict = dict(values)
+    for name in files:
+        if name.endswith(".png"):
+            logged[f"figures/{name[:-4]}"] = wandb.Image(str(out / name))
+    run.log(logged)

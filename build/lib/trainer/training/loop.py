@@ -1,0 +1,414 @@
+"""`memtrain train`: the Accelerate fine-tuning loop for diffusers Stable Diffusion checkpoints.
+
+It follows diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py` (same loss, noise
+schedule, min-SNR weighting, noise offset, EMA, LR schedule scaling across processes), with
+three differences a user should know:
+- the noise, timesteps and VAE posterior sample of micro-step m come from a generator seeded by
+  (seed, m) for the GLOBAL batch, each process taking its rows; with the (seed, epoch) sample
+  order of `data.EpochSampler`, a run on N processes equals a run on 1 process with the same
+  global batch, and a resumed run equals an uninterrupted one;
+- each checkpoint records what it was trained with, and resuming from an incompatible one
+  fails with a message instead of a tensor-shape traceback;
+- per-sample losses are kept, so per-sample masks (Wen et al. loss masking) and weights
+  compose with min-SNR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import wandb
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from trainer import data as data_lib
+from trainer.config import dump_recipe, to_dict
+from trainer.core.checkpoints import (
+    check_resume_compatible,
+    export,
+    read_checkpoint_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
+from trainer.core.unet_core import posterior_latents
+from trainer.io import MemtrainError
+from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
+from trainer.mitigate.dedup import apply_dedup_policy
+from trainer.mitigate.loss_mask import memorization_mask
+from trainer.recipe import TrainRecipe
+from trainer.report.plots import save_image_grid
+from trainer.sample.generate import generate_images
+from trainer.tracking import JsonlTracker
+from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
+
+# ---------------------------------------------------------------- model loading
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + micro_step) % 2**63)
+
+
+def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> slice:
+    start = accelerator.process_index * per_process
+    return slice(start, start + actual)
+
+
+def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
+                   global_batch: int, weight_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss)."""
+    unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
+    opt = recipe.train
+    pixels = batch["pixel_values"].to(weight_dtype)
+    device = pixels.device
+    shape = (global_batch,) + ((vae.config.latent_channels,) if vae is not None else (pixels.shape[1],))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    spatial = (pixels.shape[2] // factor, pixels.shape[3] // factor)
+    # all randomness of this micro-step, drawn for the global batch on the CPU
+    posterior_noise = torch.randn(shape + spatial, generator=generator)[rows]
+    noise = torch.randn(shape + spatial, generator=generator)[rows]
+    offset = torch.randn(shape + (1, 1), generator=generator)[rows]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator)[rows]
+    noise, offset, timesteps = noise.to(device), offset.to(device), timesteps.to(device)
+
+    with torch.no_grad():
+        if vae is not None:
+            dist = vae.encode(pixels).latent_dist
+            latents = posterior_latents(vae, dist.mean, dist.std, posterior_noise.to(device, dist.mean.dtype))
+        else:
+            latents = pixels
+    latents = latents.float()
+    if opt.noise_offset:
+        noise = noise + opt.noise_offset * offset
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    context = contextlib.nullcontext() if recipe.model.train_text_encoder else torch.no_grad()
+    with context:
+        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+    if recipe.data.captions.embedding_noise:  # GNI (Somepalli et al. 2023): c + lambda * N(0, I)
+        gni = torch.randn((global_batch,) + tuple(hidden.shape[1:]), generator=generator)[rows]
+        hidden = add_embedding_noise(hidden, recipe.data.captions.embedding_noise, noise=gni)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise MemtrainError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
+    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    stats = {}
+    weights = torch.ones_like(per_sample)
+    if opt.snr_gamma is not None:
+
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=opt.snr_gamma)
+        weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
+    if opt.loss_mask_threshold is not None:
+
+        keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
+                                            opt.loss_mask_threshold, pred, scheduler)
+        weights = weights * keep
+        stats["masked"] = (1 - keep).sum()
+        stats["noise_magnitude"] = magnitude.mean()
+    loss = (per_sample * weights).sum() / per_sample.numel()
+    return loss, stats
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- export
+
+
+
+
+# ---------------------------------------------------------------- validation images
+
+
+def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, step: int, out: Path) -> None:
+    prompts = recipe.log.validation_prompts
+    if not prompts or not accelerator.is_main_process or parts["vae"] is None:
+        return
+
+    unet = accelerator.unwrap_model(parts["unet"])
+    pipe = pipeline_from_components(dict(parts, unet=unet, text_encoder=accelerator.unwrap_model(parts["text_encoder"])))
+    was_training = unet.training
+    unet.eval()
+    images = generate_images(pipe, prompts, n=recipe.log.validation_images, seed=recipe.train.seed, progress=False)
+    unet.train(was_training)
+    path = out / "validation" / f"step-{step:06d}.png"
+    save_image_grid(path, images, [p[:40] for p in prompts for _ in range(recipe.log.validation_images)])
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+
+            tracker.log({"validation": [wandb.Image(str(path))]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images.numpy(), step, dataformats="NCHW")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(recipe: TrainRecipe) -> dict:
+    """Run a recipe; return a summary (steps, final loss, export path)."""
+    recipe.validate()
+    opt = recipe.train
+    out = Path(recipe.output.dir)
+    # ---- everything that can be wrong with the inputs is checked before anything is written
+    parts = load_components(recipe)
+    tokenizer = parts["tokenizer"]
+    rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
+                              recipe.data.split, recipe.data.max_samples)
+    data_lib.check_images(rows)
+    resolution = recipe.data.resolution or native_resolution(parts["unet"], parts["vae"])
+    caption_fn, rows, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
+    dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
+                                           seed=opt.seed, caption_fn=caption_fn)
+    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
+    monitor = None
+    if recipe.monitor.every_steps:
+
+        monitor = Monitor.from_recipe(recipe, rows, resolution)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
+                                         collate_fn=data_lib.make_collate(tokenizer),
+                                         num_workers=opt.dataloader_num_workers)
+    resume_path = resolve_resume(recipe, out)
+
+    trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        mixed_precision=opt.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        step_scheduler_with_optimizer=True,
+    )
+    try:
+        global_step = 0
+        if resume_path is not None:
+            global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
+        return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+    finally:
+        # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
+        # mixed precision, say) can run in the same Python process, e.g. from the Python API
+        AcceleratorState._reset_state()
+
+
+def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, dataset, sampler, loader,
+                resume_path: Path | None, global_step: int, monitor=None) -> dict:
+    opt = recipe.train
+    out = Path(recipe.output.dir)
+    set_seed(opt.seed)
+    unet, text_encoder, vae, tokenizer = parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"]
+
+    # ---- model
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
+    if vae is not None:
+        vae.requires_grad_(False)
+        vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.requires_grad_(recipe.model.train_text_encoder)
+    if not recipe.model.train_text_encoder:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if recipe.model.lora.rank > 0:
+        unet.requires_grad_(False)
+        add_lora(unet, recipe)
+    if opt.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = None
+    if opt.ema:
+
+        ema = EMAModel(unet.parameters(), decay=opt.ema_decay, model_cls=type(unet), model_config=unet.config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if recipe.model.train_text_encoder:
+        params += list(text_encoder.parameters())
+    lr = opt.learning_rate
+    if opt.scale_lr:
+        lr *= opt.batch_size * opt.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(opt.adam_beta1, opt.adam_beta2),
+                                  weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
+
+    try:
+        lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer,
+                                     num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
+                                     num_training_steps=opt.max_steps * accelerator.num_processes)
+    except ValueError as e:
+        raise MemtrainError(f"recipe: `train.lr_scheduler`: {e}") from None
+    if recipe.model.train_text_encoder:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    parts.update(unet=unet, text_encoder=text_encoder)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if opt.loss_mask_threshold is not None:
+        empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
+        with torch.no_grad():
+            parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
+
+    if resume_path is not None:
+        try:
+            accelerator.load_state(str(resume_path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+    # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
+    saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
+    monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
+    if saved is not None:
+        monitor_state.load_state_dict(saved)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    accelerator.init_trackers(recipe.log.project, config=flat_config(recipe),
+                              init_kwargs={"wandb": {"name": recipe.log.run_name or out.name,
+                                                     "dir": str(out)}})
+
+    accum = opt.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(loader) / accum)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * accum
+    num_epochs = math.ceil(opt.max_steps / updates_per_epoch)
+    global_batch = opt.batch_size * accelerator.num_processes
+    micro_step = global_step * accum
+
+    progress = tqdm(total=opt.max_steps, initial=global_step, desc="train", disable=not (
+        recipe.log.progress and accelerator.is_local_main_process), dynamic_ncols=True)
+    unet.train()
+    if recipe.model.train_text_encoder:
+        text_encoder.train()
+    running, last_logged = [], {}
+    if monitor_state is not None:
+        monitor_state.begin()
+    for epoch in range(first_epoch, num_epochs):
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                generator = step_generator(opt.seed, micro_step)
+                rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
+                loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opt.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+            for k, v in stats.items():
+                stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
+                    accelerator.gather(v.detach().reshape(1)).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            global_step += 1
+            progress.update(1)
+            if global_step % recipe.log.every_steps == 0 or global_step == opt.max_steps:
+                last_logged = {"loss": sum(running) / len(running), "lr": lr_scheduler.get_last_lr()[0],
+                               "epoch": epoch, **stats}
+                accelerator.log(last_logged, step=global_step)
+                progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                running = []
+            if monitor is not None and monitor.due(global_step, opt.max_steps):
+                monitor.run(global_step, parts, accelerator)
+                if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
+                    break
+            if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
+                save_checkpoint(accelerator, recipe, out, global_step,
+                                {MONITOR_STATE: monitor_state.state_dict()} if monitor_state is not None else None)
+            if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
+                validation_images(accelerator, recipe, parts, global_step, out)
+            if global_step >= opt.max_steps:
+                break
+        if global_step >= opt.max_steps or (monitor is not None and monitor.stopped):
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    if not recipe.log.validation_every or global_step % recipe.log.validation_every:
+        validation_images(accelerator, recipe, parts, global_step, out)
+    monitored = monitor.finish(accelerator, out) if monitor is not None else None
+    exported = None if monitor is not None and monitor.stopped else export(accelerator, recipe, parts, ema, out)
+    accelerator.end_training()
+    summary = {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
+               "output_dir": str(out)}
+    return dict(summary, monitor=monitored) if monitored is not None else summary
+
+
+def flat_config(recipe: TrainRecipe) -> dict:
+    flat = {}
+
+    def walk(prefix: str, node):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(key, v)
+            else:
+                flat[key] = v if isinstance(v, int | float | str | bool) else str(v)
+
+    walk("", to_dict(recipe))
+    return flat
+
+
+def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokenizer):
+    """The per-sample caption choice (with caption randomization when enabled) and the
+    de-duplication sampling weights (None when every row is drawn once per epoch)."""
+    caps = recipe.data.captions
+    augment = None
+    if caps.enabled:
+
+        pool = token_pool(tokenizer)
+
+        def augment(captions, rng):
+            return augment_caption(captions, caps, rng, pool)
+
+    dropout = recipe.data.caption_dropout
+
+    def caption_fn(captions: list[str], rng) -> str:
+        if dropout and rng.random() < dropout:
+            return ""
+        return augment(captions, rng) if augment else captions[0]
+
+    weights = None
+    if recipe.data.dedup != "none":
+
+        rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
+    return caption_fn, rows, weights
+
+
+# ---------------------------------------------------------------- CLI
+
+
+
+
