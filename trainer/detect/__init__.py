@@ -1,0 +1,1 @@
+"""Memorization detectors and tests that probe a checkpoint for memorized content."""
