@@ -1,0 +1,1 @@
+"""Edits of released checkpoints that remove memorized content."""
