@@ -7,6 +7,9 @@ generations, while a preserved prompt keeps both.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,42 @@ def test_bad_input(tiny_model):
     unlearn(pipe, ["a small red circle"], steps=1, sample_steps=2, batch_size=1, progress=False)
     with pytest.raises(MemtrainError, match="already carries a LoRA"):
         unlearn(pipe, ["a small red circle"], steps=1, progress=False)
+
+
+SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from trainer.edit.unlearn import unlearn
+from trainer.generate import load_pipeline
+from accelerate import PartialState
+
+torch.set_num_threads(1)
+pipe = load_pipeline(sys.argv[1])
+result = unlearn(pipe, ["a small red circle"], preserved=["", "a large blue square"], steps=3, lr=1e-2,
+                 batch_size=int(sys.argv[3]), sample_steps=2, progress=False)
+if PartialState().is_main_process:
+    save_file(result["lora_state_dict"], sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, tiny_model):
+    script = tmp_path / "run_unlearn.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(tiny_model), str(two), "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model), str(one), "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w2, w1 = load_file(str(two)), load_file(str(one))
+    assert w2.keys() == w1.keys()
+    diff = torch.cat([(w2[k] - w1[k]).flatten() for k in w1]).norm()
+    ups = [k for k in w1 if "up" in k]  # B starts at 0: its norm is how far training moved
+    moved = torch.cat([w1[k].flatten() for k in ups]).norm()
+    assert moved > 0 and diff / moved < 1e-2, (float(diff), float(moved))

@@ -174,8 +174,10 @@ def unlearn(
             pool_evals += len(pres_emb) * pool_n * sample_steps * passes
 
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
+            torch.manual_seed(int(seed))
+            unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS))
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr)
         trained, optimizer = accelerator.prepare(unet, optimizer)
