@@ -7,6 +7,8 @@ generations, while a preserved prompt keeps both.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +20,14 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from trainer.detectors import noise_magnitude
-from trainer.edit.unlearn import LORA_FILE, merged_unet, save_unlearn_lora, save_unlearned_pipeline, unlearn
+from trainer.edit.unlearn import (
+    LORA_FILE,
+    add_parser,
+    merged_unet,
+    save_unlearn_lora,
+    save_unlearned_pipeline,
+    unlearn,
+)
 from trainer.generate import generate_images, load_pipeline
 from trainer.io import MemtrainError
 from trainer.unet_core import UNetCore
@@ -168,3 +177,33 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
     ups = [k for k in w1 if "up" in k]  # B starts at 0: its norm is how far training moved
     moved = torch.cat([w1[k].flatten() for k in ups]).norm()
     assert moved > 0 and diff / moved < 1e-2, (float(diff), float(moved))
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="memtrain edit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli(tiny_model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["unlearn", "--help"])
+    assert exit_info.value.code == 0 and "--adversarial" in capsys.readouterr().out
+    prompts = tmp_path / "memorized.txt"
+    prompts.write_text("a small red circle\n")
+    out = tmp_path / "lora"
+    assert _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(out), "--steps", "2",
+                 "--sample-steps", "2", "--batch-size", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Path(summary["out"]) == out / LORA_FILE and (out / LORA_FILE).exists()
+    merged = tmp_path / "merged"
+    assert _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(merged), "--merge",
+                 "--lora", str(out), "--steps", "1", "--sample-steps", "2", "--batch-size", "1"]) == 0
+    assert (merged / "model_index.json").exists()
+    with pytest.raises(MemtrainError, match="source checkpoint"):
+        _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tiny_model)])
+    with pytest.raises(MemtrainError, match="--merge"):
+        _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tmp_path / "x"),
+              "--lora", str(out)])
+    assert not (tmp_path / "x").exists()
