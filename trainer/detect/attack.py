@@ -22,8 +22,9 @@ onto the ball. `lr` defaults to 2.5 / steps (Madry et al.'s step-size rule), `d`
 every token position (BOS included) may move. For `"noise"` the objective is deterministic, so the
 best iterate (including d = 0) is returned; for `"image"` the last iterate is returned and the
 before/after objectives are measured on a separate fixed set of `4 * n_noise` draws, so the
-reported decrease is not the one the optimizer fitted. The paper's budget and step counts for
-SD 1.4 are larger than the defaults here; `steps` and `lr` are the knobs.
+reported decrease is not the one the optimizer fitted. The optimizer, the step rule, the start at
+d = 0 and the relative-norm budget are this implementation's choices (`attack_section` reports
+eps = 0.05, 0.1, 0.2 by default); `steps`, `lr` and `n_noise` set the attacker's strength.
 
 `generate_from_embeddings` samples from (perturbed) embeddings with the stock pipeline and the
 same x_T as `trainer.generate.generate_images`, and `attack_section` is the report section:
