@@ -1,0 +1,1 @@
+"""Checkpoint edits that remove memorized content from a released Stable Diffusion model."""
