@@ -1,0 +1,1 @@
+"""Command-line verbs that live in their own package (`memtrain edit`)."""
