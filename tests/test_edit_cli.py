@@ -148,3 +148,17 @@ def test_bad_input_fails_before_writing(tiny_model, prompts, tmp_path, capsys):
     assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
     assert not out.exists() and not list(tmp_path.glob(".*tmp-*"))
     assert files_digest(tiny_model) == source_files
+
+
+def test_an_edit_that_changes_nothing_says_so(tiny_model, prompts, tmp_path, capsys):
+    """A memorized prompt anchored to itself: UCE's solution is W0, so nothing is removed; the report says so
+    and OUT still holds a loadable (unchanged) model."""
+    out = tmp_path / "unchanged"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--anchors", prompts / "memorized.txt",
+                "--out", out) == 0
+    assert "warning: nothing was changed" in capsys.readouterr().err
+    report = json.loads((out / "edit.json").read_text())
+    assert report["nothing_changed"] is True and report["total_changed"] == 0 and report["changed"] == {}
+    assert "Warning: nothing was changed" in (out / "edit.md").read_text()
+    before, after = (load_pipeline(d).unet.state_dict() for d in (tiny_model, out))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
