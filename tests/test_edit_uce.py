@@ -4,10 +4,13 @@ and its LoRA form reproduces the edited weights to the reported residual and loa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+import trainer
 from trainer import toy_world
 from trainer.edit.save import LORA_FILE, check_lora_base, load_for_edit, save_lora
 from trainer.edit.uce import edited_linears, token_embeddings, uce_edit, uce_lora
@@ -16,6 +19,7 @@ from trainer.io import MemtrainError
 from trainer.toy_model import TinySize, build_components, build_tokenizer, save_pipeline
 
 MEMORIZED = ["a large green ring and a small orange ring"]
+TOY_BASE = Path(trainer.__file__).parent / "assets" / "toy_base"  # committed; layers of widths 32 and 64
 PRESERVED = ["small purple diamond"]  # no common prefix with the memorized prompt (a shared prefix is the same tokens)
 
 
@@ -116,6 +120,30 @@ def test_uce_lora_reproduces_the_edit_and_loads_with_stock_diffusers(tiny_model,
         true = float((w0[name] + up @ down - target[name]).norm() / (target[name] - w0[name]).norm())
         assert low["lora"]["layers"][f"{name}.weight"]["residual"] == pytest.approx(true, rel=1e-3, abs=1e-6)
         assert true > 1e-3  # rank 1 is not enough here, so the automatic rank was needed
+
+
+def test_uce_lora_with_layers_of_different_widths(tmp_path):
+    """One rank r for every layer; a layer whose update has full rank below r is exact, padded with zeros."""
+    edited = load_pipeline(TOY_BASE)
+    uce_edit(edited, MEMORIZED, preserved=PRESERVED)
+    target = _weights(edited)
+    result = uce_lora(load_pipeline(TOY_BASE), MEMORIZED, preserved=PRESERVED)
+    lora = result["lora"]
+    small = [n for n, w in target.items() if min(w.shape) < lora["rank"]]
+    assert small and len(small) < len(target)  # the case this test is about
+    assert all(lora["layers"][f"{n}.weight"]["residual"] < 1e-9 for n in small)
+    assert lora["max_residual"] <= 1e-3 and {v.shape[0] for k, v in result["lora_state_dict"].items()
+                                             if ".lora.down." in k} == {lora["rank"]}
+    save_lora(result["lora_state_dict"], tmp_path)
+    stock = StableDiffusionPipeline.from_pretrained(str(TOY_BASE), safety_checker=None)
+    w0 = _weights(stock)
+    stock.load_lora_weights(str(tmp_path))
+    stock.fuse_lora()
+    stock.unload_lora_weights()
+    fused = _weights(stock)
+    for name in target:
+        residual = float((fused[name] - target[name]).norm() / (target[name] - w0[name]).norm())
+        assert residual <= lora["layers"][f"{name}.weight"]["residual"] * 1.01 + 1e-5, name
 
 
 def test_lora_of_another_base_is_refused(tiny_model, wide_model, tmp_path):

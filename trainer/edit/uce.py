@@ -23,7 +23,8 @@ min(D, tokens); its truncated SVD B A (B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T) a
 layers (the smallest rank at which every layer's relative residual ||Delta - B A||_F / ||Delta||_F is
 <= `tol`, or a given rank) is returned as a diffusers-format LoRA state dict (lora_alpha = r, scale 1)
 that stock `pipe.load_lora_weights` loads. One rank for all layers because the diffusers loader gives
-modules of a different rank a different alpha / rank scale when the file carries no alphas.
+modules of a different rank a different alpha / rank scale when the file carries no alphas; a layer
+whose update has full rank below r is stored exactly, padded with zero components to rank r.
 """
 
 from __future__ import annotations
@@ -145,12 +146,15 @@ def lora_from_delta(before: dict[str, torch.Tensor], unet, modules: Sequence[str
         rank = max(1, max(s["rank_for_tol"] for s in summaries.values()))
     elif int(rank) < 1:
         raise MemtrainError(f"uce: LoRA rank must be >= 1, got {rank}")
-    rank = min(int(rank), min(min(d.shape) for d in deltas.values()))
+    rank = min(int(rank), max(min(d.shape) for d in deltas.values()))
     peft_state, layers = {}, {}
     for name, d in deltas.items():
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         root = s[:rank].sqrt()
         up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
+        if len(root) < rank:  # a layer of full rank below r: exact, padded with zero components to rank r
+            up = torch.cat([up, up.new_zeros(up.shape[0], rank - len(root))], dim=1)
+            down = torch.cat([down, down.new_zeros(rank - len(root), down.shape[1])], dim=0)
         norm = float(d.norm())
         residual = float((d - up @ down).norm() / norm) if norm > 0 else 0.0
         dtype = current[name].weight.dtype
