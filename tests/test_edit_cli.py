@@ -52,6 +52,7 @@ def test_uce_writes_a_loadable_pipeline_with_per_layer_counts(tiny_model, prompt
     assert files_digest(tiny_model) == source_files  # the source is never modified
     report = json.loads((out / "edit.json").read_text())
     assert report["method"] == "uce" and report["output"] == "pipeline" and report["unet_evals"] == 0
+    assert report["files"] == sorted(p.name for p in out.iterdir())
     assert (out / "edit.md").read_text().count(".attn2.to_") == len(report["changed"])
 
     before = load_pipeline(tiny_model).unet.state_dict()
@@ -100,6 +101,7 @@ def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
         assert s["replication"]["general"]["generations"] >= 2
         assert {"toy_alignment", "kid"} <= set(s["quality"]["general"])
         assert set(s["detectors"]) == {"noise"} and {"clid_th", "clid_vec", "loss"} <= set(s["membership"])
+        assert {"forgotten/clid_th", "other members/clid_th"} <= set(s["membership"])
     # the after side measured the edited model: the named prompt's detector score moved, a general one's less
     scores = {side: {p["text"]: p["scores"]["noise"] for p in
                      json.loads((out / f"eval_{side}" / "report.json").read_text())["trigger"]["prompts"]}

@@ -48,6 +48,7 @@ from trainer.edit.uce import LAYERS, LORA_TOL, uce_edit, uce_lora
 from trainer.evaluate import DETECTORS, evaluate, parse_detectors, read_labelled_prompts
 from trainer.generate import generate_images, load_pipeline, read_prompts
 from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.metrics import auroc
 from trainer.replication import l2_matrix
 
 
@@ -317,7 +318,6 @@ def run(args: argparse.Namespace) -> int:
     report = {"tool": EDIT_TOOL, "method": args.method, "description": METHODS[args.method],
               "source": str(source), "source_lora": args.lora, "out": str(out),
               "output": "lora" if lora_out else "pipeline",
-              "files": [LORA_FILE] if lora_out else ["model_index.json", "unet", "..."],
               "parameters": _parameters(args),
               "prompts": {k: len(v) for k, v in texts.items() if k != "evaluate"},
               "changed": changed, "total_changed": sum(changed.values()), "layers_changed": len(changed),
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
             write_pipeline(pipe, tmp, source)
         if args.method == "neurons":
             write_json(_plain(result.get("neurons", {})), tmp / "neurons.json")
-            report["files"].append("neurons.json")
+        report["files"] = sorted([p.name for p in tmp.iterdir()] + ["edit.json", "edit.md"])
         del pipe
         if evaluating:
             report["evaluation"] = evaluate_edit(args, source, tmp, lora_out, general, general_before, gen_kw)
@@ -391,6 +391,14 @@ def eval_summary(report: dict, named: set[str]) -> dict:
         for name, v in g.items():
             if name != "members":
                 out["membership"][f"{group}/{name}"] = v
+    if membership.get("per_sample"):  # the forgotten (named) members vs the non-members, the other members too
+        flags, texts = np.asarray(membership["member_flags"]), membership["texts"]
+        forgotten = np.array([t in named for t in texts]) & (flags == 1)
+        for split, members in (("forgotten", forgotten), ("other members", (flags == 1) & ~forgotten)):
+            keep = members | (flags == 0)
+            if members.any() and (flags == 0).any():
+                for name, values in membership["per_sample"].items():
+                    out["membership"][f"{split}/{name}"] = auroc(np.asarray(values)[keep], members[keep].astype(int))
     return out
 
 
