@@ -12,8 +12,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from trainer.cli import main
-from trainer.edit.save import LORA_FILE, save_lora
+from trainer.edit.save import (
+    LORA_FILE,
+    changed_weights,
+    load_for_edit,
+    save_edited_pipeline,
+    save_lora,
+    snapshot,
+)
+from trainer.edit.uce import uce_edit
 from trainer.generate import load_pipeline
+from trainer.io import MemtrainError
 from trainer.unet_core import cross_attention_modules
 
 MEMORIZED = "a large green ring and a small orange ring"
@@ -164,3 +173,17 @@ def test_an_edit_that_changes_nothing_says_so(tiny_model, prompts, tmp_path, cap
     assert "Warning: nothing was changed" in (out / "edit.md").read_text()
     before, after = (load_pipeline(d).unet.state_dict() for d in (tiny_model, out))
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_save_edited_pipeline(tiny_model, tmp_path):
+    pipe = load_for_edit(tiny_model, device="cpu")
+    before = snapshot(pipe.unet)
+    assert changed_weights(before, pipe.unet) == {}
+    result = uce_edit(pipe, [MEMORIZED])
+    assert changed_weights(before, pipe.unet) == result["changed"]
+    with pytest.raises(MemtrainError, match="is the source"):
+        save_edited_pipeline(pipe, tiny_model, tiny_model)
+    out = save_edited_pipeline(pipe, tmp_path / "saved", tiny_model, {"method": "uce"})
+    assert json.loads((out / "edit.json").read_text())["tool"] == "memtrain edit"
+    assert changed_weights(before, load_pipeline(out).unet) == result["changed"]
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
