@@ -327,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
     if not changed:
         why = ("no memorization neurons were found: the prompts may not be memorized"
                if args.method == "neurons" else "the edit left every weight as it was")
+        if result.get("skipped"):
+            why += f"; {len(result['skipped'])} prompts skipped, reasons in edit.json result.skipped"
         report["nothing_changed"] = True
         report["warning"] = f"nothing was changed ({why}); OUT holds the unchanged model"
         print(f"memtrain edit {args.method}: warning: {report['warning']}", file=sys.stderr)
