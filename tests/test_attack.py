@@ -10,10 +10,11 @@ import json
 import pytest
 import torch
 
+from trainer.core.components import load_pipeline
+from trainer.core.unet_core import UNetCore
 from trainer.detect.attack import attack_section, generate_from_embeddings, retrigger_attack
-from trainer.generate import generate_images, load_pipeline
 from trainer.io import MemtrainError
-from trainer.unet_core import UNetCore
+from trainer.sample.generate import generate_images
 
 PROMPTS = ["a small red circle", "a large blue square and a small green ring"]
 

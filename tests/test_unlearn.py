@@ -7,8 +7,6 @@ generations, while a preserved prompt keeps both.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,18 +17,14 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from trainer.detectors import noise_magnitude
-from trainer.edit.unlearn import (
-    LORA_FILE,
-    add_parser,
-    merged_unet,
-    save_unlearn_lora,
-    save_unlearned_pipeline,
-    unlearn,
-)
-from trainer.generate import generate_images, load_pipeline
+from trainer.cli import main
+from trainer.core.components import load_pipeline
+from trainer.core.unet_core import UNetCore
+from trainer.detect import noise_magnitude
+from trainer.edit.save import LORA_FILE, save_edited_pipeline, save_lora
+from trainer.edit.unlearn import merged_unet, unlearn
 from trainer.io import MemtrainError
-from trainer.unet_core import UNetCore
+from trainer.sample.generate import generate_images
 
 TOY_BASE = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "toy_base"
 NAMED = "a large red circle and a small blue square"
@@ -49,7 +43,7 @@ def edited(tmp_path_factory):
     after = noise_magnitude(pipe, prompts, n=2, num_inference_steps=10)
     g1 = generate_images(pipe, prompts, **GEN)
     out = tmp_path_factory.mktemp("unlearn") / "lora"
-    path = save_unlearn_lora(result["lora_state_dict"], out)
+    path = save_lora(result["lora_state_dict"], out)
     return dict(pipe=pipe, result=result, before=before, after=after, g0=g0, g1=g1, out=out, path=path)
 
 
@@ -79,12 +73,6 @@ def test_lora_loads_in_stock_pipeline(edited):
     stock.load_lora_weights(str(edited["out"]))
     images = generate_images(stock, [NAMED, KEPT], **GEN)
     assert (images - edited["g1"]).abs().max() <= 1e-5
-    # rewriting the LoRA directory is allowed; a directory with other files is not overwritten
-    save_unlearn_lora(edited["result"]["lora_state_dict"], edited["out"])
-    with pytest.raises(MemtrainError, match="other files"):
-        save_unlearn_lora(edited["result"]["lora_state_dict"], TOY_BASE)
-    with pytest.raises(MemtrainError, match="empty"):
-        save_unlearn_lora({}, edited["out"].parent / "empty")
 
 
 def test_merge_gives_a_plain_unet_and_pipeline(edited, tmp_path):
@@ -99,13 +87,14 @@ def test_merge_gives_a_plain_unet_and_pipeline(edited, tmp_path):
         lora = pipe.unet(x, 500, encoder_hidden_states=table[index].expand(2, -1, -1)).sample
         fused = merged(x, 500, encoder_hidden_states=table[index].expand(2, -1, -1)).sample
     assert (lora - fused).abs().max() <= 1e-4
-    out = save_unlearned_pipeline(pipe, tmp_path / "merged")
+    plain = type(pipe)(**{**pipe.components, "unet": merged})
+    out = save_edited_pipeline(plain, tmp_path / "merged", TOY_BASE)
     reloaded = load_pipeline(out)
     assert not getattr(reloaded.unet, "_hf_peft_config_loaded", False)
     images = generate_images(reloaded, [NAMED, KEPT], **GEN)
     assert (images - edited["g1"]).abs().max() <= 1e-3
-    with pytest.raises(MemtrainError, match="source checkpoint"):
-        save_unlearned_pipeline(pipe, TOY_BASE)
+    with pytest.raises(MemtrainError, match="source"):
+        save_edited_pipeline(plain, TOY_BASE, TOY_BASE)
 
 
 def test_adversarial_adds_perturbed_embeddings(tiny_model):
@@ -145,7 +134,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from trainer.edit.unlearn import unlearn
-from trainer.generate import load_pipeline
+from trainer.core.components import load_pipeline
 from accelerate import PartialState
 
 torch.set_num_threads(1)
@@ -179,31 +168,24 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
     assert moved > 0 and diff / moved < 1e-2, (float(diff), float(moved))
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="memtrain edit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli(["unlearn", "--help"])
+        main(["edit", "unlearn", "--help"])
     assert exit_info.value.code == 0 and "--adversarial" in capsys.readouterr().out
     prompts = tmp_path / "memorized.txt"
     prompts.write_text("a small red circle\n")
     out = tmp_path / "lora"
-    assert _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(out), "--steps", "2",
-                 "--sample-steps", "2", "--batch-size", "1"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert Path(summary["out"]) == out / LORA_FILE and (out / LORA_FILE).exists()
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(out),
+                 "--steps", "2"]) == 0
+    assert (out / LORA_FILE).exists() and (out / "edit.json").exists()
     merged = tmp_path / "merged"
-    assert _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(merged), "--merge",
-                 "--lora", str(out), "--steps", "1", "--sample-steps", "2", "--batch-size", "1"]) == 0
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(merged), "--merge",
+                 "--lora", str(out), "--steps", "1"]) == 0
     assert (merged / "model_index.json").exists()
-    with pytest.raises(MemtrainError, match="source checkpoint"):
-        _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tiny_model)])
-    with pytest.raises(MemtrainError, match="--merge"):
-        _cli(["unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tmp_path / "x"),
-              "--lora", str(out)])
+    capsys.readouterr()
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tiny_model)]) == 2
+    assert "source" in capsys.readouterr().err
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tmp_path / "x"),
+                 "--lora", str(out)]) == 2
+    assert "--merge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

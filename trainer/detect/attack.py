@@ -39,10 +39,10 @@ from collections.abc import Sequence
 
 import torch
 
-from trainer.generate import generate_images
+from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, encode_latents, groups
 from trainer.io import MemtrainError
-from trainer.replication import RATIO_THRESHOLD, replication_metrics
-from trainer.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, encode_latents, groups
+from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics
+from trainer.sample.generate import generate_images
 
 ATTACKERS = ("noise", "image")
 EVAL_DRAWS_PER_NOISE = 4  # "image": held-out draws for objective_before / objective_after, per n_noise

@@ -35,29 +35,24 @@ process runs the attacks (identical, deterministic) itself. The UNet is trained 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from trainer.core.unet_core import UNetCore, count_evals
 from trainer.detect.attack import generate_from_embeddings, retrigger_attack
-from trainer.generate import load_pipeline, read_prompts
-from trainer.io import MemtrainError, atomic_dir
-from trainer.unet_core import UNetCore, count_evals
+from trainer.io import MemtrainError
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-LORA_FILE = "pytorch_lora_weights.safetensors"
+
 
 
 def _strings(values, what: str, allow_empty_list: bool = False) -> list[str]:
@@ -262,18 +257,6 @@ def unlearn(
     }
 
 
-def save_unlearn_lora(state_dict: dict, out: str | Path) -> Path:
-    """Write `out/pytorch_lora_weights.safetensors` atomically; stock `pipe.load_lora_weights(out)` loads it."""
-    if not state_dict:
-        raise MemtrainError("the LoRA state dict is empty: run unlearn() first and pass its lora_state_dict")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(p.name != LORA_FILE for p in out.iterdir())):
-        raise MemtrainError(f"{out} exists and holds other files: choose a new output directory for the LoRA")
-    with atomic_dir(out) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state_dict, safe_serialization=True)
-    return out / LORA_FILE
-
-
 def merged_unet(unet):
     """A copy of `unet` with its LoRA adapter fused into the weights and the LoRA layers removed."""
     if not getattr(unet, "_hf_peft_config_loaded", False):
@@ -282,74 +265,3 @@ def merged_unet(unet):
     merged.fuse_lora()
     merged.unload_lora()
     return merged
-
-
-def save_unlearned_pipeline(pipe, out: str | Path) -> Path:
-    """Write the full pipeline with the unlearning LoRA merged into its UNet (safetensors, atomically)."""
-    out = Path(out)
-    source = getattr(pipe, "name_or_path", None)
-    if source and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise MemtrainError(f"{out} is the source checkpoint: write the edited pipeline to a new directory")
-    merged = type(pipe)(**{**pipe.components, "unet": merged_unet(pipe.unet)})
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-    return out
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """The `unlearn` verb (meant to sit under `memtrain edit`)."""
-    p = sub.add_parser(
-        "unlearn", help="LoRA unlearning edit: pull memorized prompts to an anchor (concept ablation)",
-        description="Fine-tune a LoRA so that the memorized prompts' noise predictions match the frozen model's "
-        "prediction for an anchor (default: the empty prompt) while preserved prompts keep theirs. Writes "
-        "pytorch_lora_weights.safetensors (stock `pipe.load_lora_weights(OUT)`), or the merged pipeline with "
-        "--merge. The source checkpoint is never modified.")
-    p.add_argument("checkpoint", help="diffusers pipeline directory")
-    p.add_argument("--lora", help="LoRA of the checkpoint to fuse before editing (requires --merge)")
-    p.add_argument("--memorized", required=True, help="prompts to remove: text (one a line) or JSONL with `text`")
-    p.add_argument("--anchors", help="anchor prompts: one, or one per memorized prompt (default: the empty prompt)")
-    p.add_argument("--preserved", help="prompts whose predictions must not change (default: the anchors)")
-    p.add_argument("--out", required=True, help="output directory (LoRA, or a pipeline with --merge)")
-    p.add_argument("--merge", action="store_true", help="write the full pipeline with the LoRA fused into the UNet")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--preserve-weight", type=float, default=1.0)
-    p.add_argument("--adversarial", action="store_true",
-                   help="robust edit: add re-trigger attack embeddings to the forget set (Kowalczuk et al. 2025)")
-    p.add_argument("--adversarial-every", type=int, default=25)
-    p.add_argument("--attack-eps", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the frozen model's x0 pool")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    out, source = Path(args.out), Path(args.checkpoint)
-    if source.exists() and out.exists() and out.resolve() == source.resolve():
-        raise MemtrainError(f"--out {out} is the source checkpoint: choose a new directory")
-    if args.lora and not args.merge:
-        raise MemtrainError("--lora: an edit of base + LoRA is written as a merged pipeline; add --merge")
-    memorized = [r["text"] for r in read_prompts(args.memorized)]
-    anchors = [r["text"] for r in read_prompts(args.anchors)] if args.anchors else None
-    preserved = [r["text"] for r in read_prompts(args.preserved)] if args.preserved else None
-    pipe = load_pipeline(args.checkpoint, args.lora, args.device)
-    if args.lora:
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    result = unlearn(pipe, memorized, anchors, preserved, rank=args.rank, steps=args.steps, lr=args.lr,
-                     preserve_weight=args.preserve_weight, adversarial=args.adversarial,
-                     adversarial_every=args.adversarial_every, attack_eps=args.attack_eps,
-                     batch_size=args.batch_size, seed=args.seed, sample_steps=args.sample_steps,
-                     guidance_scale=args.guidance_scale)
-    if args.merge:
-        written = save_unlearned_pipeline(pipe, out)
-    else:
-        written = save_unlearn_lora(result["lora_state_dict"], out)
-    summary = {k: result[k] for k in ("forget_set", "unet_evals", "seconds")}
-    summary.update(out=str(written), first_loss=result["losses"][0], last_loss=result["losses"][-1])
-    print(json.dumps(summary))
-    return 0

@@ -1,0 +1,189 @@
+"""`memtrain edit` on the tiny pipeline: `uce` writes a loadable pipeline (or LoRA) whose changed weights
+are the ones edit.json counts, `--evaluate` puts evaluate reports of the source and the edit side by side,
+and bad input fails with one clear error (exit code 2) before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from trainer.cli import main
+from trainer.core.components import load_pipeline
+from trainer.core.unet_core import cross_attention_modules
+from trainer.edit.save import (
+    LORA_FILE,
+    changed_weights,
+    load_for_edit,
+    save_edited_pipeline,
+    save_lora,
+    snapshot,
+)
+from trainer.edit.uce import uce_edit
+from trainer.io import MemtrainError
+
+MEMORIZED = "a large green ring and a small orange ring"
+
+
+def files_digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    (tmp_path / "memorized.txt").write_text(MEMORIZED + "\n")
+    (tmp_path / "preserved.txt").write_text("small purple diamond\na large yellow triangle and a large blue cross\n")
+    return tmp_path
+
+
+def edit(*argv) -> int:
+    return main(["edit", *map(str, argv)])
+
+
+def test_help_of_every_method(capsys):
+    for method in ("prune", "neurons", "unlearn", "uce"):
+        with pytest.raises(SystemExit) as exit_info:
+            edit(method, "--help")
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: memtrain edit {method}" in out and "--memorized" in out and "--out" in out
+
+
+def test_uce_writes_a_loadable_pipeline_with_per_layer_counts(tiny_model, prompts, tmp_path):
+    source_files = files_digest(tiny_model)
+    out = tmp_path / "edited"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--preserved",
+                prompts / "preserved.txt", "--out", out) == 0
+    assert files_digest(tiny_model) == source_files  # the source is never modified
+    report = json.loads((out / "edit.json").read_text())
+    assert report["method"] == "uce" and report["output"] == "pipeline" and report["unet_evals"] == 0
+    assert report["files"] == sorted(p.name for p in out.iterdir())
+    assert (out / "edit.md").read_text().count(".attn2.to_") == len(report["changed"])
+
+    before = load_pipeline(tiny_model).unet.state_dict()
+    after = load_pipeline(out).unet.state_dict()  # loads
+    actual = {k: int((after[k] != v).sum()) for k, v in before.items() if not torch.equal(after[k], v)}
+    expected = {f"{m}.{p}.weight" for m in cross_attention_modules(load_pipeline(tiny_model).unet)
+                for p in ("to_k", "to_v")}
+    assert set(actual) == expected and actual == report["changed"]
+    assert report["total_changed"] == sum(actual.values())
+    index, source_index = (json.loads((d / "model_index.json").read_text()) for d in (out, tiny_model))
+    assert index["scheduler"] == source_index["scheduler"]  # the source's own scheduler is kept
+
+    # writing again into an earlier edit output replaces it
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--lam", "0.5") == 0
+    assert json.loads((out / "edit.json").read_text())["parameters"]["lam"] == 0.5  # an earlier edit is replaced
+
+
+def test_uce_as_lora_loads_in_a_stock_pipeline(tiny_model, prompts, tmp_path):
+    out = tmp_path / "lora"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--as-lora") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["edit.json", "edit.md", LORA_FILE]
+    report = json.loads((out / "edit.json").read_text())
+    assert report["output"] == "lora" and report["result"]["lora"]["max_residual"] <= 1e-3
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    changed = {k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == set(report["changed"]) and len(changed) == 2 * len(cross_attention_modules(pipe.unet))
+
+
+def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
+    out = tmp_path / "evaluated"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--evaluate",
+                tiny_data / "labels.jsonl", "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid",
+                "--batch-size", "64", "--wandb") == 0
+    report = json.loads((out / "edit.json").read_text())
+    ev = report["evaluation"]
+    assert ev["named_in_prompts"] == 1
+    for side in ("before", "after"):
+        assert (out / f"eval_{side}" / "report.json").is_file()
+        s = ev[side]
+        assert s["replication"]["named"]["generations"] == 1  # the named duplicated prompt
+        assert s["replication"]["unnamed"]["generations"] >= 1  # the other duplicated prompt(s)
+        assert s["replication"]["general"]["generations"] >= 2
+        assert {"toy_alignment", "kid"} <= set(s["quality"]["general"])
+        assert set(s["detectors"]) == {"noise"} and {"clid_th", "clid_vec", "loss"} <= set(s["membership"])
+        assert {"forgotten/clid_th", "other members/clid_th"} <= set(s["membership"])
+    # the after side measured the edited model: the named prompt's detector score moved, a general one's less
+    scores = {side: {p["text"]: p["scores"]["noise"] for p in
+                     json.loads((out / f"eval_{side}" / "report.json").read_text())["trigger"]["prompts"]}
+              for side in ("before", "after")}
+    assert scores["after"][MEMORIZED] != scores["before"][MEMORIZED]
+    change = ev["general_l2_change"]
+    assert change["generations"] >= 2 and 0 < change["mean"] <= change["max"] < 1
+    md = (out / "edit.md").read_text()
+    assert "| replication named: fraction_replicated |" in md and "General prompts' generations" in md
+    assert (out / "wandb").is_dir()  # the offline W&B run went into OUT
+
+
+def run_fails(capsys, *argv) -> str:
+    assert edit(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    return err
+
+
+def test_bad_input_fails_before_writing(tiny_model, prompts, tmp_path, capsys):
+    source_files = files_digest(tiny_model)
+    out = tmp_path / "never"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    mem = prompts / "memorized.txt"
+    assert "--memorized" in run_fails(capsys, "uce", tiny_model, "--memorized", empty, "--out", out)
+    assert "is the source" in run_fails(capsys, "uce", tiny_model, "--memorized", mem, "--out", tiny_model)
+    assert "inside the source" in run_fails(capsys, "uce", tiny_model, "--memorized", mem, "--out",
+                                            tiny_model / "unet" / "edited")
+    assert "--lam must be > 0" in run_fails(capsys, "uce", tiny_model, "--memorized", mem, "--out", out, "--lam", "0")
+    for eps in ("0", "-0.1"):
+        assert "--attack-eps must be > 0" in run_fails(capsys, "unlearn", tiny_model, "--memorized", mem, "--out",
+                                                       out, "--attack-eps", eps)
+    # a LoRA of another base: its to_k takes 48-dim inputs, the tiny model's 32
+    module = cross_attention_modules(load_pipeline(tiny_model).unet)[0] + ".to_k"
+    foreign = save_lora({f"unet.{module}.lora.down.weight": torch.zeros(2, 48),
+                         f"unet.{module}.lora.up.weight": torch.zeros(32, 2)}, tmp_path / "foreign")
+    err = run_fails(capsys, "uce", tiny_model, "--memorized", mem, "--out", out, "--lora", foreign)
+    assert str(foreign) in err and "input size 48 != 32" in err
+    # an unrelated non-empty directory is not replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert "not an earlier `memtrain edit` output" in run_fails(capsys, "uce", tiny_model, "--memorized", mem,
+                                                                "--out", other)
+    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*tmp-*"))
+    assert files_digest(tiny_model) == source_files
+
+
+def test_an_edit_that_changes_nothing_says_so(tiny_model, prompts, tmp_path, capsys):
+    """A memorized prompt anchored to itself: UCE's solution is W0, so nothing is removed; the report says so
+    and OUT still holds a loadable (unchanged) model."""
+    out = tmp_path / "unchanged"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--anchors", prompts / "memorized.txt",
+                "--out", out) == 0
+    assert "warning: nothing was changed" in capsys.readouterr().err
+    report = json.loads((out / "edit.json").read_text())
+    assert report["nothing_changed"] is True and report["total_changed"] == 0 and report["changed"] == {}
+    assert "Warning: nothing was changed" in (out / "edit.md").read_text()
+    before, after = (load_pipeline(d).unet.state_dict() for d in (tiny_model, out))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_save_edited_pipeline(tiny_model, tmp_path):
+    pipe = load_for_edit(tiny_model, device="cpu")
+    before = snapshot(pipe.unet)
+    assert changed_weights(before, pipe.unet) == {}
+    result = uce_edit(pipe, [MEMORIZED])
+    assert changed_weights(before, pipe.unet) == result["changed"]
+    with pytest.raises(MemtrainError, match="is the source"):
+        save_edited_pipeline(pipe, tiny_model, tiny_model)
+    out = save_edited_pipeline(pipe, tmp_path / "saved", tiny_model, {"method": "uce"})
+    assert json.loads((out / "edit.json").read_text())["tool"] == "memtrain edit"
+    assert changed_weights(before, load_pipeline(out).unet) == result["changed"]
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
