@@ -11,7 +11,7 @@ import sys
 from .io import MemtrainError
 
 # verb modules, in the order `memtrain --help` lists them
-COMMANDS = ["demo", "compare", "toy_world", "train", "generate", "evaluate", "dedup"]
+COMMANDS = ["demo", "compare", "toy_world", "train", "generate", "evaluate", "dedup", "commands.index"]
 
 
 def build_parser() -> argparse.ArgumentParser:
