@@ -336,7 +336,7 @@ class TrainingIndex:
                 best_v, best_i = v, i
             else:  # merge the running top-k with this chunk's
                 v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
-                best_v, sel = v.topk(k, dim=1)
+                best_v, sel = v.topk(min(k, v.shape[1]), dim=1)
                 best_i = i.gather(1, sel)
         return best_v, best_i
 

@@ -1,0 +1,175 @@
+"""Benchmark the training-image index (trainer.measure.index), all in one run:
+
+1. build rate: `build_index` on a few hundred synthetic images (random shapes, an imagefolder written to
+   a temporary directory) with the `pixels` embedding, in images per second (reading, resizing,
+   embedding and writing the index included);
+2. query latency: milliseconds per batch of 64 queries (k=1) against 10k, 100k and 1M synthetic 512-d
+   float16 embeddings (CLIP ViT-B / SSCD size), exact torch search vs faiss when it is importable. The
+   queries are noisy copies of index rows, so both backends must return those rows; the table says
+   whether they agree. Each latency is the best of --repeats runs after one warm-up.
+
+Memory: the 1M case holds 1M x 512 float16 = 1 GB of embeddings (generated in chunks, never as one
+float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured.
+
+    OMP_NUM_THREADS=1 python scripts/bench_index.py                  # everything, one thread
+    OMP_NUM_THREADS=1 python scripts/bench_index.py --sizes 10000 100000 --images 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.measure.index import TrainingIndex, build_index, faiss_available  # noqa: E402
+
+try:
+    import faiss
+except ImportError:
+    faiss = None
+
+
+def synthetic_imagefolder(root: Path, n: int, size: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            im = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(im)
+            for _ in range(rng.randint(2, 5)):
+                x0, y0 = rng.randrange(size - 8), rng.randrange(size - 8)
+                box = [x0, y0, rng.randint(x0 + 6, size), rng.randint(y0 + 6, size)]
+                getattr(draw, rng.choice(["ellipse", "rectangle"]))(
+                    box, fill=tuple(rng.randrange(256) for _ in range(3))
+                )
+            im.save(root / "images" / f"{i:05d}.png")
+            f.write(
+                json.dumps({"file_name": f"images/{i:05d}.png", "text": f"synthetic image {i % (n // 2)}"})
+                + "\n"
+            )
+    return root
+
+
+def bench_build(n: int, size: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_imagefolder(Path(tmp) / "data", n, size)
+        t0 = time.perf_counter()
+        index = build_index(
+            str(data), str(Path(tmp) / "index"), "pixels", batch_size=batch_size, progress=False
+        )
+        seconds = time.perf_counter() - t0
+    return dict(
+        images=n, size=size, seconds=round(seconds, 3), images_per_second=round(n / seconds, 1), dim=index.dim
+    )
+
+
+def synthetic_index(n: int, dim: int, seed: int, chunk: int = 65536) -> TrainingIndex:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.empty((n, dim), dtype=torch.float16)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        emb[s:e] = F.normalize(torch.randn(e - s, dim, generator=g), dim=1).half()
+    empty = [""] * n
+    return TrainingIndex(emb, empty, empty, [], "synthetic", 0)
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (and, for faiss, nothing lazy left to build)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * min(times)
+
+
+def bench_query(n: int, dim: int, batch: int, repeats: int, seed: int) -> dict:
+    index = synthetic_index(n, dim, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    targets = torch.randint(0, n, (batch,), generator=g)
+    queries = index.embeddings[targets].float() + 0.5 / dim**0.5 * torch.randn(
+        batch, dim, generator=g
+    )  # cos ~0.9
+    row = dict(n=n, dim=dim, queries=batch, size_gb=round(n * dim * 2 / 2**30, 2))
+    _, exact = index.search(queries, k=1, backend="torch")
+    row["torch_ms"] = round(best_ms(lambda: index.search(queries, k=1, backend="torch"), repeats), 2)
+    row["torch_found"] = int((exact[:, 0] == targets).sum())
+    if faiss_available():
+        t0 = time.perf_counter()
+        _, approx = index.search(queries, k=1, backend="faiss")  # builds the faiss index once
+        row["faiss_build_s"] = round(time.perf_counter() - t0, 2)
+        row["faiss_ms"] = round(best_ms(lambda: index.search(queries, k=1, backend="faiss"), repeats), 2)
+        row["faiss_agrees"] = bool(torch.equal(approx, exact))
+        row["torch_over_faiss"] = round(row["torch_ms"] / row["faiss_ms"], 2)
+    return row  # the index (and its faiss copy) is freed on return
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300, help="synthetic training images for the build rate")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if faiss is not None:
+        faiss.omp_set_num_threads(args.threads)
+
+    build = bench_build(args.images, args.image_size, args.batch_size)
+    print(
+        f"build (pixels, {build['images']} synthetic {build['size']}x{build['size']} PNGs, batch {args.batch_size}, "
+        f"{args.threads} thread(s)): {build['seconds']} s = {build['images_per_second']} images/s"
+    )
+    rows = []
+    for n in args.sizes:
+        rows.append(bench_query(n, args.dim, args.queries, args.repeats, args.seed))
+        gc.collect()
+    print(
+        f"\nquery latency: {args.queries} queries, k=1, {args.dim}-d float16, best of {args.repeats}, "
+        f"{args.threads} thread(s)"
+    )
+    if faiss is None:
+        print("faiss not installed (pip install faiss-cpu): exact torch search only")
+        print(f"{'n':>9} | {'GB':>5} | {'torch ms':>9} | found")
+        for r in rows:
+            print(f"{r['n']:>9} | {r['size_gb']:>5} | {r['torch_ms']:>9} | {r['torch_found']}/{r['queries']}")
+    else:
+        print(f"faiss {faiss.__version__}: IndexScalarQuantizer(QT_fp16, inner product), exhaustive")
+        print(
+            f"{'n':>9} | {'GB':>5} | {'torch ms':>9} | {'faiss ms':>9} | {'torch/faiss':>11} | "
+            f"{'faiss build s':>13} | found | same result"
+        )
+        for r in rows:
+            print(
+                f"{r['n']:>9} | {r['size_gb']:>5} | {r['torch_ms']:>9} | {r['faiss_ms']:>9} | "
+                f"{r['torch_over_faiss']:>11} | {r['faiss_build_s']:>13} | {r['torch_found']}/{r['queries']} | "
+                f"{r['faiss_agrees']}"
+            )
+    for a, b in zip(rows, rows[1:], strict=False):
+        print(
+            f"torch {b['n']}/{a['n']}: {b['torch_ms'] / a['torch_ms']:.1f}x the time for {b['n'] / a['n']:.0f}x the images"
+            + (f"; faiss {b['faiss_ms'] / a['faiss_ms']:.1f}x" if "faiss_ms" in a else "")
+        )
+    if args.json:
+        print(json.dumps(dict(build=build, query=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
