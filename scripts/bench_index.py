@@ -2,14 +2,15 @@
 
 1. build rate: `build_index` on a few hundred synthetic images (random shapes, an imagefolder written to
    a temporary directory) with the `pixels` embedding, in images per second (reading, resizing,
-   embedding and writing the index included);
+   embedding and writing the index included, after an untimed warm-up build of 8 images);
 2. query latency: milliseconds per batch of 64 queries (k=1) against 10k, 100k and 1M synthetic 512-d
    float16 embeddings (CLIP ViT-B / SSCD size), exact torch search vs faiss when it is importable. The
    queries are noisy copies of index rows, so both backends must return those rows; the table says
    whether they agree. Each latency is the best of --repeats runs after one warm-up.
 
 Memory: the 1M case holds 1M x 512 float16 = 1 GB of embeddings (generated in chunks, never as one
-float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured.
+float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured; the float32 variants (a 2 GB
+copy at 1M) only run up to --f32-max images (100k by default).
 
     OMP_NUM_THREADS=1 python scripts/bench_index.py                  # everything, one thread
     OMP_NUM_THREADS=1 python scripts/bench_index.py --sizes 10000 100000 --images 200
@@ -64,6 +65,8 @@ def synthetic_imagefolder(root: Path, n: int, size: int, seed: int = 0) -> Path:
 def bench_build(n: int, size: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_imagefolder(Path(tmp) / "data", n, size)
+        warm = synthetic_imagefolder(Path(tmp) / "warm", 8, size, seed=1)
+        build_index(str(warm), str(Path(tmp) / "warm-index"), "pixels", progress=False)  # one-off imports
         t0 = time.perf_counter()
         index = build_index(
             str(data), str(Path(tmp) / "index"), "pixels", batch_size=batch_size, progress=False
@@ -94,25 +97,40 @@ def best_ms(fn, repeats: int) -> float:
     return 1000 * min(times)
 
 
-def bench_query(n: int, dim: int, batch: int, repeats: int, seed: int) -> dict:
+def time_backend(
+    index: TrainingIndex, queries, backend: str, repeats: int
+) -> tuple[float, float, torch.Tensor]:
+    """(first call seconds (builds faiss' copy), best ms per call, indices)."""
+    t0 = time.perf_counter()
+    _, idx = index.search(queries, k=1, backend=backend)
+    first = time.perf_counter() - t0
+    return first, best_ms(lambda: index.search(queries, k=1, backend=backend), repeats), idx
+
+
+def bench_query(n: int, dim: int, batch: int, repeats: int, seed: int, f32_max: int) -> dict:
+    """Latency of the float16 index (torch, faiss fp16) and, for n <= f32_max, of a float32 copy (torch,
+    faiss IndexFlatIP); one index in memory at a time."""
     index = synthetic_index(n, dim, seed)
     g = torch.Generator().manual_seed(seed + 1)
     targets = torch.randint(0, n, (batch,), generator=g)
-    queries = index.embeddings[targets].float() + 0.5 / dim**0.5 * torch.randn(
-        batch, dim, generator=g
-    )  # cos ~0.9
-    row = dict(n=n, dim=dim, queries=batch, size_gb=round(n * dim * 2 / 2**30, 2))
-    _, exact = index.search(queries, k=1, backend="torch")
-    row["torch_ms"] = round(best_ms(lambda: index.search(queries, k=1, backend="torch"), repeats), 2)
-    row["torch_found"] = int((exact[:, 0] == targets).sum())
+    noise = 0.5 / dim**0.5 * torch.randn(batch, dim, generator=g)
+    queries = index.embeddings[targets].float() + noise  # cosine ~0.9 to its target, ~0.2 at most to others
+    row = dict(n=n, dim=dim, queries=batch, gb_f16=round(n * dim * 2 / 2**30, 2))
+    _, row["torch16_ms"], exact = time_backend(index, queries, "torch", repeats)
+    row["found"] = int((exact[:, 0] == targets).sum())
     if faiss_available():
-        t0 = time.perf_counter()
-        _, approx = index.search(queries, k=1, backend="faiss")  # builds the faiss index once
-        row["faiss_build_s"] = round(time.perf_counter() - t0, 2)
-        row["faiss_ms"] = round(best_ms(lambda: index.search(queries, k=1, backend="faiss"), repeats), 2)
-        row["faiss_agrees"] = bool(torch.equal(approx, exact))
-        row["torch_over_faiss"] = round(row["torch_ms"] / row["faiss_ms"], 2)
-    return row  # the index (and its faiss copy) is freed on return
+        row["faiss16_build_s"], row["faiss16_ms"], idx = time_backend(index, queries, "faiss", repeats)
+        row["same"] = bool(torch.equal(idx, exact))
+    if n <= f32_max:
+        index = TrainingIndex(index.embeddings.float(), index.captions, index.file_names, [], "synthetic", 0)
+        _, row["torch32_ms"], idx = time_backend(index, queries, "torch", repeats)
+        row["same"] = row.get("same", True) and bool(torch.equal(idx, exact))
+        if faiss_available():
+            row["faiss32_build_s"], row["faiss32_ms"], idx = time_backend(index, queries, "faiss", repeats)
+            row["same"] = row["same"] and bool(torch.equal(idx, exact))
+    return {
+        k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()
+    }  # the index is freed on return
 
 
 def main() -> None:
@@ -125,6 +143,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--f32-max", type=int, default=100_000, help="also time a float32 copy up to this size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = ap.parse_args()
@@ -139,33 +158,34 @@ def main() -> None:
     )
     rows = []
     for n in args.sizes:
-        rows.append(bench_query(n, args.dim, args.queries, args.repeats, args.seed))
+        rows.append(bench_query(n, args.dim, args.queries, args.repeats, args.seed, args.f32_max))
         gc.collect()
     print(
-        f"\nquery latency: {args.queries} queries, k=1, {args.dim}-d float16, best of {args.repeats}, "
-        f"{args.threads} thread(s)"
+        f"\nquery latency, ms per batch of {args.queries} queries (k=1, {args.dim}-d, best of {args.repeats}, "
+        f"{args.threads} thread(s)); 16 = float16 index (faiss: IndexScalarQuantizer QT_fp16), "
+        f"32 = float32 copy (faiss: IndexFlatIP); all exhaustive"
     )
     if faiss is None:
         print("faiss not installed (pip install faiss-cpu): exact torch search only")
-        print(f"{'n':>9} | {'GB':>5} | {'torch ms':>9} | found")
-        for r in rows:
-            print(f"{r['n']:>9} | {r['size_gb']:>5} | {r['torch_ms']:>9} | {r['torch_found']}/{r['queries']}")
     else:
-        print(f"faiss {faiss.__version__}: IndexScalarQuantizer(QT_fp16, inner product), exhaustive")
+        print(f"faiss {faiss.__version__}")
+    cols = ["torch16_ms", "faiss16_ms", "torch32_ms", "faiss32_ms", "faiss16_build_s"]
+    print(
+        f"{'n':>9} | {'GB f16':>6} | "
+        + " | ".join(f"{c:>15}" for c in cols)
+        + " | faiss/torch 16 | found | same"
+    )
+    for r in rows:
+        ratio = f"{r['faiss16_ms'] / r['torch16_ms']:.2f}" if "faiss16_ms" in r else "-"
         print(
-            f"{'n':>9} | {'GB':>5} | {'torch ms':>9} | {'faiss ms':>9} | {'torch/faiss':>11} | "
-            f"{'faiss build s':>13} | found | same result"
+            f"{r['n']:>9} | {r['gb_f16']:>6} | "
+            + " | ".join(f"{r.get(c, '-'):>15}" for c in cols)
+            + f" | {ratio:>14} | {r['found']}/{r['queries']} | {r.get('same', '-')}"
         )
-        for r in rows:
-            print(
-                f"{r['n']:>9} | {r['size_gb']:>5} | {r['torch_ms']:>9} | {r['faiss_ms']:>9} | "
-                f"{r['torch_over_faiss']:>11} | {r['faiss_build_s']:>13} | {r['torch_found']}/{r['queries']} | "
-                f"{r['faiss_agrees']}"
-            )
     for a, b in zip(rows, rows[1:], strict=False):
         print(
-            f"torch {b['n']}/{a['n']}: {b['torch_ms'] / a['torch_ms']:.1f}x the time for {b['n'] / a['n']:.0f}x the images"
-            + (f"; faiss {b['faiss_ms'] / a['faiss_ms']:.1f}x" if "faiss_ms" in a else "")
+            f"{b['n']} vs {a['n']} images ({b['n'] / a['n']:.0f}x): torch16 {b['torch16_ms'] / a['torch16_ms']:.1f}x "
+            "the time" + (f", faiss16 {b['faiss16_ms'] / a['faiss16_ms']:.1f}x" if "faiss16_ms" in a else "")
         )
     if args.json:
         print(json.dumps(dict(build=build, query=rows), indent=2))

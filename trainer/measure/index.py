@@ -25,11 +25,14 @@ Index images are the training images at the index's `resolution` (short side res
 trainer.data.image_to_tensor), the view a model trained at that resolution sees. The index stores the
 embeddings (safetensors, float16 by default), the first caption of each row, and the rows' duplicate-
 caption groups (trainer.dedup.caption_groups: rows sharing a caption exactly or after normalisation; the
-normalised groups contain the exact ones). Search is exact: chunked matrix products and a running top-k
-on the index's device; with faiss installed (`pip install faiss-cpu`), a CPU index of more than
-`FAISS_AUTO_MIN` images is searched with a faiss flat (exhaustive) inner-product index instead; a float16
-index uses faiss' fp16 scalar-quantizer flat index, which holds the same float16 values, so results are
-the same exact search. Ties between identical training images are returned in an unspecified order.
+normalised groups contain the exact ones). Search is exact: chunked matrix products (each float16 chunk
+cast to float32) and a running top-k on the index's device; on CPU the chunks are small (1024 rows) so
+the cast stays in cache. With faiss installed (`pip install faiss-cpu`), `backend="faiss"` searches an
+exhaustive faiss index instead (IndexFlatIP for float32; for float16, IndexScalarQuantizer QT_fp16,
+which holds the same float16 values, so the result is the same exact search). `backend="auto"` would use
+faiss above `FAISS_AUTO_MIN` images; that is off (None) by default because faiss' exhaustive search
+measured slower than the torch path at 10k to 1M images (scripts/bench_index.py, CPU), so only an
+explicit `backend="faiss"` uses it. Ties between identical training images are returned in an unspecified order.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 EMBEDDINGS = ("pixels", "clip", "sscd")
 INDEX_VERSION = 1
-FAISS_AUTO_MIN = 200_000  # backend="auto" uses faiss above this many images (CPU index, faiss installed)
+# backend="auto" uses faiss above this many images (CPU index, faiss installed); None: never (see above)
+FAISS_AUTO_MIN: int | None = None
+CPU_CHUNK, DEVICE_CHUNK = 1024, 65536  # default rows per matrix product
+_MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this often
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -285,11 +291,12 @@ class TrainingIndex:
         return self
 
     def search(
-        self, queries: torch.Tensor, k: int = 1, chunk: int = 65536, backend: str = "auto"
+        self, queries: torch.Tensor, k: int = 1, chunk: int | None = None, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k cosine neighbours: (similarities [M, k] float32, indices [M, k] int64), best first,
         on the queries' device. Queries are L2-normalised here; no gradient flows (re-score the winner
-        with the embedder's output for that). backend: auto | torch | faiss."""
+        with the embedder's output for that). `chunk`: index rows per matrix product (default 1024 on
+        CPU, 65536 on a GPU). backend: auto | torch | faiss."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise MemtrainError(
                 f"queries must be [M, {self.dim}] ({self.embedding} embeddings), got {list(queries.shape)}; "
@@ -298,6 +305,8 @@ class TrainingIndex:
         n = len(self)
         if not 1 <= k <= n:
             raise MemtrainError(f"k must be in 1..{n} (the index has {n} images), got {k}")
+        if chunk is None:
+            chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         if chunk < 1:
             raise MemtrainError(f"chunk must be >= 1, got {chunk}")
         if backend not in ("auto", "torch", "faiss"):
@@ -307,7 +316,8 @@ class TrainingIndex:
                 "backend='faiss' needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)"
             )
         if backend == "auto":
-            use_faiss = faiss is not None and n > FAISS_AUTO_MIN and self.device.type == "cpu"
+            use_faiss = faiss is not None and FAISS_AUTO_MIN is not None and n > FAISS_AUTO_MIN
+            use_faiss = use_faiss and self.device.type == "cpu"
             backend = "faiss" if use_faiss else "torch"
         out_device = queries.device
         q = F.normalize(queries.detach().float(), dim=1)
@@ -326,19 +336,18 @@ class TrainingIndex:
 
     @torch.no_grad()
     def _torch_search(self, q: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        best_v = best_i = None
+        values: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
         for start in range(0, len(self), chunk):
-            block = self.embeddings[start : start + chunk]
-            sims = q @ block.to(torch.float32).T
+            sims = q @ self.embeddings[start : start + chunk].to(torch.float32).T
             v, i = sims.topk(min(k, sims.shape[1]), dim=1)
-            i += start
-            if best_v is None:
-                best_v, best_i = v, i
-            else:  # merge the running top-k with this chunk's
-                v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
-                best_v, sel = v.topk(min(k, v.shape[1]), dim=1)
-                best_i = i.gather(1, sel)
-        return best_v, best_i
+            values.append(v)
+            indices.append(i + start)
+            if len(values) == _MERGE_EVERY or start + chunk >= len(self):  # fold the candidates into a top-k
+                v, i = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+                v, sel = v.topk(min(k, v.shape[1]), dim=1)
+                values, indices = [v], [i.gather(1, sel)]
+        return values[0], indices[0]
 
     def _faiss_index(self):
         if self._faiss is None:
@@ -498,13 +507,16 @@ def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) 
     return w
 
 
-def _file_name(source, root: Path, fallback: str) -> str:
+def _file_name(source, root: Path, row: int) -> str:
+    """The image's path relative to the data directory, or "row i" for an image stored in a dataset."""
+    if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
+        source = source["path"]
     if isinstance(source, str | Path):
         try:
             return Path(source).relative_to(root).as_posix()
         except ValueError:
             return str(source)
-    return fallback
+    return f"row {row}"
 
 
 def build_index(
@@ -574,7 +586,7 @@ def build_index(
     index = TrainingIndex(
         embeddings=emb,
         captions=[c[0] for c in rows.captions],
-        file_names=[_file_name(s, root, name) for s, name in zip(rows.images, rows.names, strict=True)],
+        file_names=[_file_name(s, root, i) for i, s in enumerate(rows.images)],
         duplicate_caption_groups=groups["normalized"],
         embedding=embedding,
         resolution=int(resolution),
