@@ -3,14 +3,15 @@
 1. build rate: `build_index` on a few hundred synthetic images (random shapes, an imagefolder written to
    a temporary directory) with the `pixels` embedding, in images per second (reading, resizing,
    embedding and writing the index included, after an untimed warm-up build of 8 images);
-2. query latency: milliseconds per batch of 64 queries (k=1) against 10k, 100k and 1M synthetic 512-d
-   float16 embeddings (CLIP ViT-B / SSCD size), exact torch search vs faiss when it is importable. The
+2. query latency: milliseconds per batch of 64 queries and per single query (k=1) against 10k, 100k
+   and 1M synthetic 512-d float16 embeddings (CLIP ViT-B / SSCD size), exact torch search vs faiss when
+   it is importable. The
    queries are noisy copies of index rows, so both backends must return those rows; the table says
    whether they agree. Each latency is the best of --repeats runs after one warm-up.
 
 Memory: the 1M case holds 1M x 512 float16 = 1 GB of embeddings (generated in chunks, never as one
-float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured; the float32 variants (a 2 GB
-copy at 1M) only run up to --f32-max images (100k by default).
+float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured; the float32
+variants (a 2 GB copy at 1M) only run up to --f32-max images (100k by default).
 
     OMP_NUM_THREADS=1 python scripts/bench_index.py                  # everything, one thread
     OMP_NUM_THREADS=1 python scripts/bench_index.py --sizes 10000 100000 --images 200
@@ -107,30 +108,34 @@ def time_backend(
     return first, best_ms(lambda: index.search(queries, k=1, backend=backend), repeats), idx
 
 
-def bench_query(n: int, dim: int, batch: int, repeats: int, seed: int, f32_max: int) -> dict:
-    """Latency of the float16 index (torch, faiss fp16) and, for n <= f32_max, of a float32 copy (torch,
-    faiss IndexFlatIP); one index in memory at a time."""
+def bench_query(n: int, dim: int, batches: list[int], repeats: int, seed: int, f32_max: int) -> list[dict]:
+    """One row per query batch size: latency of the float16 index (torch, faiss fp16) and, for
+    n <= f32_max, of a float32 copy (torch, faiss IndexFlatIP); one index in memory at a time."""
     index = synthetic_index(n, dim, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    targets = torch.randint(0, n, (batch,), generator=g)
-    noise = 0.5 / dim**0.5 * torch.randn(batch, dim, generator=g)
+    targets = torch.randint(0, n, (max(batches),), generator=g)
+    noise = 0.5 / dim**0.5 * torch.randn(len(targets), dim, generator=g)
     queries = index.embeddings[targets].float() + noise  # cosine ~0.9 to its target, ~0.2 at most to others
-    row = dict(n=n, dim=dim, queries=batch, gb_f16=round(n * dim * 2 / 2**30, 2))
-    _, row["torch16_ms"], exact = time_backend(index, queries, "torch", repeats)
-    row["found"] = int((exact[:, 0] == targets).sum())
-    if faiss_available():
-        row["faiss16_build_s"], row["faiss16_ms"], idx = time_backend(index, queries, "faiss", repeats)
-        row["same"] = bool(torch.equal(idx, exact))
+    rows = [dict(n=n, dim=dim, queries=b, gb_f16=round(n * dim * 2 / 2**30, 2)) for b in batches]
+    exact = {}
+    for row in rows:
+        b = row["queries"]
+        _, row["torch16_ms"], exact[b] = time_backend(index, queries[:b], "torch", repeats)
+        row["found"] = int((exact[b][:, 0] == targets[:b]).sum())
+        if faiss_available():
+            first, row["faiss16_ms"], idx = time_backend(index, queries[:b], "faiss", repeats)
+            row["faiss16_build_s"] = first if row is rows[0] else "-"  # the first call builds faiss' copy
+            row["same"] = bool(torch.equal(idx, exact[b]))
     if n <= f32_max:
         index = TrainingIndex(index.embeddings.float(), index.captions, index.file_names, [], "synthetic", 0)
-        _, row["torch32_ms"], idx = time_backend(index, queries, "torch", repeats)
-        row["same"] = row.get("same", True) and bool(torch.equal(idx, exact))
-        if faiss_available():
-            row["faiss32_build_s"], row["faiss32_ms"], idx = time_backend(index, queries, "faiss", repeats)
-            row["same"] = row["same"] and bool(torch.equal(idx, exact))
-    return {
-        k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()
-    }  # the index is freed on return
+        for row in rows:
+            b = row["queries"]
+            _, row["torch32_ms"], idx = time_backend(index, queries[:b], "torch", repeats)
+            row["same"] = row.get("same", True) and bool(torch.equal(idx, exact[b]))
+            if faiss_available():
+                _, row["faiss32_ms"], idx = time_backend(index, queries[:b], "faiss", repeats)
+                row["same"] = row["same"] and bool(torch.equal(idx, exact[b]))
+    return [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
 def main() -> None:
@@ -140,7 +145,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--queries", type=int, nargs="+", default=[64, 1], help="query batch sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--f32-max", type=int, default=100_000, help="also time a float32 copy up to this size")
@@ -158,35 +163,37 @@ def main() -> None:
     )
     rows = []
     for n in args.sizes:
-        rows.append(bench_query(n, args.dim, args.queries, args.repeats, args.seed, args.f32_max))
+        rows += bench_query(n, args.dim, args.queries, args.repeats, args.seed, args.f32_max)
         gc.collect()
     print(
-        f"\nquery latency, ms per batch of {args.queries} queries (k=1, {args.dim}-d, best of {args.repeats}, "
-        f"{args.threads} thread(s)); 16 = float16 index (faiss: IndexScalarQuantizer QT_fp16), "
-        f"32 = float32 copy (faiss: IndexFlatIP); all exhaustive"
+        f"\nquery latency, ms per query batch (k=1, {args.dim}-d, best of {args.repeats}, {args.threads} thread(s)); "
+        "16 = float16 index (faiss: IndexScalarQuantizer QT_fp16), 32 = float32 copy (faiss: IndexFlatIP); "
+        "all exhaustive"
     )
-    if faiss is None:
-        print("faiss not installed (pip install faiss-cpu): exact torch search only")
-    else:
-        print(f"faiss {faiss.__version__}")
+    print(
+        f"faiss {faiss.__version__}" if faiss is not None else "faiss not installed (pip install faiss-cpu)"
+    )
     cols = ["torch16_ms", "faiss16_ms", "torch32_ms", "faiss32_ms", "faiss16_build_s"]
     print(
-        f"{'n':>9} | {'GB f16':>6} | "
+        f"{'n':>9} | {'batch':>5} | {'GB f16':>6} | "
         + " | ".join(f"{c:>15}" for c in cols)
         + " | faiss/torch 16 | found | same"
     )
     for r in rows:
         ratio = f"{r['faiss16_ms'] / r['torch16_ms']:.2f}" if "faiss16_ms" in r else "-"
         print(
-            f"{r['n']:>9} | {r['gb_f16']:>6} | "
+            f"{r['n']:>9} | {r['queries']:>5} | {r['gb_f16']:>6} | "
             + " | ".join(f"{r.get(c, '-'):>15}" for c in cols)
             + f" | {ratio:>14} | {r['found']}/{r['queries']} | {r.get('same', '-')}"
         )
-    for a, b in zip(rows, rows[1:], strict=False):
-        print(
-            f"{b['n']} vs {a['n']} images ({b['n'] / a['n']:.0f}x): torch16 {b['torch16_ms'] / a['torch16_ms']:.1f}x "
-            "the time" + (f", faiss16 {b['faiss16_ms'] / a['faiss16_ms']:.1f}x" if "faiss16_ms" in a else "")
-        )
+    for b in args.queries:
+        sub = [r for r in rows if r["queries"] == b]
+        for x, y in zip(sub, sub[1:], strict=False):
+            print(
+                f"batch {b}: {y['n']} vs {x['n']} images ({y['n'] / x['n']:.0f}x): torch16 "
+                f"{y['torch16_ms'] / x['torch16_ms']:.1f}x the time"
+                + (f", faiss16 {y['faiss16_ms'] / x['faiss16_ms']:.1f}x" if "faiss16_ms" in x else "")
+            )
     if args.json:
         print(json.dumps(dict(build=build, query=rows), indent=2))
 

@@ -15,6 +15,7 @@ from trainer import cli
 from trainer.data import image_to_tensor, open_image
 from trainer.dedup import embed_images, pixel_embedding
 from trainer.io import MemtrainError
+from trainer.measure import index as index_module
 from trainer.measure.index import TrainingIndex, build_index, faiss_available, make_embedder
 
 
@@ -121,6 +122,19 @@ def test_faiss_equals_exact(dtype, built):
     queries = real.embeddings.float()
     a, b = real.search(queries, k=1, backend="torch"), real.search(queries, k=1, backend="faiss")
     assert torch.allclose(a[0], b[0], atol=1e-5)  # identical copies may tie: compare similarities
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed (optional extra)")
+def test_auto_backend_uses_faiss_for_few_queries_on_a_large_index(monkeypatch):
+    monkeypatch.setattr(index_module, "FAISS_AUTO_MIN", 500)  # "large" for this test
+    q = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))
+    small, large = random_index(400, 16), random_index(600, 16)
+    small.search(q[:2])
+    large.search(q)
+    assert small._faiss is None and large._faiss is None  # few images, or many queries: torch
+    exact = large.search(q[:2], k=2, backend="torch")
+    auto = large.search(q[:2], k=2)
+    assert large._faiss is not None and torch.equal(auto[1], exact[1])
 
 
 def test_pixel_embedder_matches_dedup_and_is_differentiable():

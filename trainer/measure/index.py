@@ -29,10 +29,12 @@ normalised groups contain the exact ones). Search is exact: chunked matrix produ
 cast to float32) and a running top-k on the index's device; on CPU the chunks are small (1024 rows) so
 the cast stays in cache. With faiss installed (`pip install faiss-cpu`), `backend="faiss"` searches an
 exhaustive faiss index instead (IndexFlatIP for float32; for float16, IndexScalarQuantizer QT_fp16,
-which holds the same float16 values, so the result is the same exact search). `backend="auto"` would use
-faiss above `FAISS_AUTO_MIN` images; that is off (None) by default because faiss' exhaustive search
-measured slower than the torch path at 10k to 1M images (scripts/bench_index.py, CPU), so only an
-explicit `backend="faiss"` uses it. Ties between identical training images are returned in an unspecified order.
+which holds the same float16 values, so the result is the same exact search). `backend="auto"` uses
+it for a CPU index of more than `FAISS_AUTO_MIN` images searched with at most `FAISS_AUTO_MAX_QUERIES`
+queries (AMG's per-step lookups), where scripts/bench_index.py measured it faster than the torch path;
+for larger query batches the torch path's matrix products were faster. The first faiss search builds
+faiss' own copy of the embeddings (as large as the index). Ties between identical training images are
+returned in an unspecified order.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 EMBEDDINGS = ("pixels", "clip", "sscd")
 INDEX_VERSION = 1
-# backend="auto" uses faiss above this many images (CPU index, faiss installed); None: never (see above)
-FAISS_AUTO_MIN: int | None = None
+# backend="auto" uses faiss (when installed) for a CPU index above this many images, queried with at most
+# FAISS_AUTO_MAX_QUERIES queries at a time
+FAISS_AUTO_MIN, FAISS_AUTO_MAX_QUERIES = 200_000, 8
 CPU_CHUNK, DEVICE_CHUNK = 1024, 65536  # default rows per matrix product
 _MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this often
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -316,8 +319,8 @@ class TrainingIndex:
                 "backend='faiss' needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)"
             )
         if backend == "auto":
-            use_faiss = faiss is not None and FAISS_AUTO_MIN is not None and n > FAISS_AUTO_MIN
-            use_faiss = use_faiss and self.device.type == "cpu"
+            use_faiss = faiss is not None and self.device.type == "cpu" and n > FAISS_AUTO_MIN
+            use_faiss = use_faiss and queries.shape[0] <= FAISS_AUTO_MAX_QUERIES
             backend = "faiss" if use_faiss else "torch"
         out_device = queries.device
         q = F.normalize(queries.detach().float(), dim=1)
