@@ -236,7 +236,7 @@ def test_sscd_and_clip_embedders(tmp_path, tiny_data):
     assert index.embeddings.dtype == torch.float32 and index.dim == 24
 
 
-def test_bad_input(built, tiny_data, tmp_path, capsys):
+def test_bad_input(built, tiny_data, tmp_path, capsys, monkeypatch):
     out = built[0]
     with pytest.raises(MemtrainError, match="does not exist; build one with `memtrain index"):
         TrainingIndex.load(tmp_path / "missing")
@@ -261,6 +261,9 @@ def test_bad_input(built, tiny_data, tmp_path, capsys):
         build_index(str(tiny_data / "train"), str(tmp_path / "junk"), progress=False)
     with pytest.raises(MemtrainError, match=r"queries must be \[M, 198\]"):
         TrainingIndex.load(out).search(torch.randn(2, 10))
+    monkeypatch.setattr(index_module, "faiss", None)  # as without the optional extra
+    with pytest.raises(MemtrainError, match="needs faiss: pip install faiss-cpu"):
+        TrainingIndex.load(out).search(torch.randn(2, 198), backend="faiss")
     assert not (tmp_path / "ix").exists() and not (tiny_data / "train" / "ix").exists()
     # through the CLI: exit code 2 and one line naming the problem
     assert cli.main(["index", str(tmp_path / "missing"), "--out", str(tmp_path / "ix")]) == 2
