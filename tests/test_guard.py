@@ -7,6 +7,7 @@ decoded image; the index holds the decoded training images under the 8x8 pixel e
 
 import argparse
 import importlib
+import json
 
 import pytest
 import torch
@@ -292,3 +293,28 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     with pytest.raises(MemtrainError, match="--index"):
         cli.run_guarded(args)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
+    guard_module()
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    for name in ("--prompts", "--out", "--lora"):
+        parser.add_argument(name)
+    for name, value in (("-n", 2), ("--seed", 0), ("--steps", 3), ("--batch-size", 4)):
+        parser.add_argument(name, type=int, default=value)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    cli.add_guard_arguments(parser)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\n")
+    out = tmp_path / "out"
+    args = parser.parse_args([str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--guard", "wen",
+                              "--wen-calibrate", str(prompts), "--wen-max-iters", "1"])
+    assert cli.run_guarded(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    rows = [json.loads(line) for line in (out / "guard_records.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["prompt"], r["seed"]) for r in rows] == [
+        ("00000.png", "red circle", 0), ("00001.png", "red circle", 1),
+        ("00002.png", "blue square", 0), ("00003.png", "blue square", 1)]
+    assert all(r["guard"] == "wen" and r["iterations"] <= 1 for r in rows)

@@ -42,11 +42,13 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--embedder-path", help="CLIP model directory / SSCD TorchScript file for a clip/sscd index")
     g.add_argument("--guard-threshold", type=float,
                    help="AMG similarity threshold lambda (constant); default: the paper's schedule for sscd, "
-                        "0.9 for pixels; required for clip")
+                        "0.95 for pixels; required for clip")
     g.add_argument("--amg-c1", type=float, default=C1_DEFAULT, help=f"despecification scale (default {C1_DEFAULT:g})")
     g.add_argument("--amg-c2", type=float, default=C2_DEFAULT,
                    help=f"caption-deduplication scale (default {C2_DEFAULT:g})")
     g.add_argument("--amg-c3", type=float, default=C3_DEFAULT, help=f"dissimilarity scale (default {C3_DEFAULT:g})")
+    g.add_argument("--amg-check-every", type=int, default=1,
+                   help="check the similarity every k-th step only (default 1: every step, as the paper)")
     g.add_argument("--wen-target", type=float,
                    help=f"first-step magnitude target (default {WEN_TARGET:g}, or calibrated with --wen-calibrate)")
     g.add_argument("--wen-calibrate", metavar="PROMPTS",
@@ -59,7 +61,7 @@ def guard_options(args: argparse.Namespace, pipe) -> dict:
     """Keyword options for `guarded_generate` from the parsed arguments."""
     if args.guard == "amg":
         return dict(threshold=args.guard_threshold, c1=args.amg_c1, c2=args.amg_c2, c3=args.amg_c3,
-                    embedder_path=args.embedder_path)
+                    check_every=args.amg_check_every, embedder_path=args.embedder_path)
     if args.guard == "wen":
         if args.wen_target is not None and args.wen_calibrate:
             raise MemtrainError("give either --wen-target or --wen-calibrate, not both")

@@ -3,7 +3,8 @@
 
 `GuardedPipeline.from_pipe(pipe, index=..., guard="amg" | "wen" | "none", **options)` holds the pipeline
 (composition; every attribute it does not define is the pipeline's) and samples with the loop of
-`trainer.sample.guidance` (DDIM, classifier-free guidance), so a LoRA loaded into the pipe, a
+`trainer.sample.guidance`: always DDIM (eta 0, the sampler of the papers) over the noise schedule of
+the pipeline's scheduler config, with classifier-free guidance, so a LoRA loaded into the pipe, a
 float16 or a v-prediction model work as they do in the pipeline. `__call__` takes the usual
 arguments and returns the usual `StableDiffusionPipelineOutput`, with `guard_records` (one dict per
 image) set on it. The formulas and their defaults are documented in `trainer.sample.guidance`.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from trainer.generate import generate_images
@@ -71,7 +73,7 @@ class GuardedPipeline:
     def __init__(
         self, pipe, index=None, guard: str = "amg", embedder=None, embedder_path=None, threshold=None,
         c1: float = C1_DEFAULT, c2: float = C2_DEFAULT, c3: float = C3_DEFAULT, despecification: bool = True,
-        deduplication: bool = True, dissimilarity: bool = True, target: float = WEN_TARGET, lr: float = WEN_LR,
+        deduplication: bool = True, dissimilarity: bool = True, check_every: int = 1, target: float = WEN_TARGET, lr: float = WEN_LR,
         max_iters: int = WEN_MAX_ITERS, batch_size: int | None = None,
     ):
         if guard not in GUARDS:
@@ -82,7 +84,7 @@ class GuardedPipeline:
         if guard == "amg":
             check_index(index, pipe)
             self.amg = AMGConfig(as_threshold(threshold, index.embedding), c1, c2, c3, despecification,
-                                 deduplication, dissimilarity)
+                                 deduplication, dissimilarity, check_every)
             if self.embedder is None:
                 path = embedder_path or (index.meta or {}).get("embedder_path")
                 self.embedder = make_embedder(index.embedding, path, pipe.device)
@@ -118,9 +120,11 @@ class GuardedPipeline:
         cond, uncond = pipe.encode_prompt(prompts, device, n, True, negative_prompt)
         b = len(cond)
         res = model_resolution(pipe)
-        latents = pipe.prepare_latents(b, pipe.unet.config.in_channels, res, res, cond.dtype, device, generator,
-                                       latents)
-        latents = latents * pipe.scheduler.init_noise_sigma
+        shape = (b, pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
+        if latents is None:  # as `prepare_latents` draws them; DDIM's init_noise_sigma is 1
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        elif tuple(latents.shape) != shape:
+            raise MemtrainError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         core = UNetCore(pipe, self.batch_size or 2 * b)
         guard = None
         records: list[dict] = [{"guard": "none", "intervened": False} for _ in range(b)]

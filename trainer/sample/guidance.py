@@ -30,7 +30,9 @@ embedder (pixels outside that range get no gradient). Defaults: c1 = 13 and the 
 lambda_t = 0.3 + 0.1 exp(-0.005 t) are the paper's. The authors' code was not available to us and
 the values of c2 and c3 are not in the method summary we worked from: `C2_DEFAULT` (= c1; s2 is
 capped at s0 - s1 - 1 anyway) and `C3_DEFAULT` are our choices, to be overridden for a real model.
-The threshold for the 8x8 pixel embedding is `PIXEL_THRESHOLD` (see its comment).
+The threshold for the 8x8 pixel embedding is `PIXEL_THRESHOLD` (see its comment). The paper checks
+every step; `check_every = k` (default 1) checks only every k-th step, a cost option of ours: the
+per-step VAE decode is the guard's main overhead.
 
 Wen et al. (ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion models"),
 inference-time mitigation: optimise the prompt's text-encoder output with AdamW (lr 0.05, at most 10
@@ -71,11 +73,11 @@ class Threshold:
 
 
 SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)  # Chen et al., for SSCD cosine similarity
-# For the "pixels" embedding (8x8 area average, mean-subtracted, L2-normalised): a constant 0.9. It
-# sits above the pixel cosine of held-out toy-world images to their nearest training image (the
-# false-alarm side) and below that of generations the demo's replication criterion counts as copies;
-# recalibrate on your own held-out images (`memtrain evaluate` reports both distributions).
-PIXEL_THRESHOLD = Threshold(0.9, 0.0, 0.0)
+# For the "pixels" embedding (8x8 area average, mean-subtracted, L2-normalised): a constant 0.95,
+# calibrated on the toy world between the nearest-training similarity of held-out images (99th
+# percentile, the false-alarm side) and that of VAE round-tripped training images (5th percentile,
+# copies as the model can produce them). Recalibrate on your own held-out images.
+PIXEL_THRESHOLD = Threshold(0.95, 0.0, 0.0)
 DEFAULT_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD}
 
 
@@ -170,6 +172,7 @@ class AMGConfig:
     despecification: bool = True
     deduplication: bool = True
     dissimilarity: bool = True
+    check_every: int = 1  # 1 = the paper (every step); k > 1 checks only every k-th step (cheaper)
 
 
 @dataclass
@@ -177,7 +180,7 @@ class GuardRecord:
     """What the guard saw for one image."""
 
     steps: list[int] = field(default_factory=list)  # sampling steps (0 = first) where the guard intervened
-    sigmas: list[float] = field(default_factory=list)  # sigma_t at every step
+    sigmas: list[float] = field(default_factory=list)  # sigma_t at every checked step
     max_sigma: float = float("-inf")
     nearest_index: int = -1  # nearest training image at the step of max sigma
     nearest_file: str | None = None
@@ -251,6 +254,8 @@ class AMGGuard:
         eps_hat: torch.Tensor, table: torch.Tensor, guidance_scale: float,
     ) -> torch.Tensor:
         cfg = self.config
+        if step % max(1, int(cfg.check_every)):
+            return eps_hat
         sigma, n0 = self.nearest(latents, eps_hat, t)
         for r, rec in enumerate(self.records):
             s = float(sigma[r])
