@@ -169,6 +169,46 @@ def test_unfired_guard_is_the_plain_loop_bit_for_bit_and_the_stock_pipeline(pipe
     assert not torch.equal(plain, fired)
 
 
+def test_amg_terms_are_the_papers(pipe):
+    """One guided step: eps_hat + G_spe + G_dup + G_sim with the scales of Chen et al."""
+    b, s0, step = 2, 7.5, 3
+    core, cond, uncond, x_T = cfg_inputs(pipe, ["red circle"], b, 0)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    index = make_index(images, ["red circle", "red circle", "blue square"], 16)  # y_N = the prompt when n0 < 2
+    table = torch.cat([uncond, cond])
+    t = int(core.sampling_timesteps(STEPS)[step])
+    with torch.no_grad():
+        eps = core.eps(x_T, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
+    eps_u, eps_c = eps.chunk(2)
+    eps_hat = eps_u + s0 * (eps_c - eps_u)
+    no_sim = AMGGuard(core, index, pixels, encoder(pipe), AMGConfig(Threshold(-1.0), c2=2.0, c3=0.0), b)
+    sigma, n0 = no_sim.nearest(x_T, eps_hat, t)
+    guided = no_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0)
+    d = eps_c - eps_u
+    for j in range(b):
+        s1 = min(max(13.0 * float(sigma[j]), 0.0), s0 - 1)
+        s2 = min(max(2.0 * float(sigma[j]), 0.0), max(s0 - s1 - 1, 0.0)) if int(n0[j]) < 2 else 0.0
+        assert torch.allclose(guided[j], eps_hat[j] - (s1 + s2) * d[j], atol=1e-5)
+    # G_sim = c3 sqrt(1 - abar_t) grad sigma_t: check the gradient against a central difference
+    only_sim = AMGGuard(core, index, pixels, encoder(pipe),
+                        AMGConfig(Threshold(-1.0), despecification=False, deduplication=False, c3=1.0), b)
+    g = (only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat)
+    g = g / (1 - core.alphas_cumprod[t]).sqrt()
+    reference = index.embeddings[n0]
+
+    def sigma_at(x):
+        with torch.no_grad():
+            e = core.eps(x, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
+            eu, ec = e.chunk(2)
+            a = core.alphas_cumprod[t]
+            x0 = (x - (1 - a).sqrt() * (eu + s0 * (ec - eu))) / a.sqrt()
+            return (pixels(decode_images(core, x0)) * reference).sum(dim=1)
+
+    h = 1e-2 / g.flatten(1).norm(dim=1).max()
+    slope = (sigma_at(x_T + h * g) - sigma_at(x_T - h * g)) / (2 * h)
+    assert torch.allclose(slope, g.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
+
+
 # ---------------------------------------------------------------- AMG on a replicating model
 
 
