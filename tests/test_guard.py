@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from peft import LoraConfig
 from PIL import Image
@@ -207,6 +208,14 @@ def test_amg_terms_are_the_papers(pipe):
     h = 1e-2 / g.flatten(1).norm(dim=1).max()
     slope = (sigma_at(x_T + h * g) - sigma_at(x_T - h * g)) / (2 * h)
     assert torch.allclose(slope, g.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
+
+
+def test_v_prediction_model_matches_the_stock_pipeline(tiny_model):
+    pipe = load_pipeline(tiny_model)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    ours, _ = run(pipe, ["red circle"], 2, 0)
+    stock = generate_images(pipe, ["red circle"], 2, 0, STEPS, 7.5, progress=False)
+    assert (ours.clamp(0, 1) - stock).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------- AMG on a replicating model
