@@ -63,6 +63,12 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
 
 
+try:  # the real embedder once trainer.measure.index is merged, else the stand-in
+    EMBED = importlib.import_module("trainer.measure.index").make_embedder("pixels")
+except ModuleNotFoundError:
+    EMBED = pixels
+
+
 def guard_module():
     pytest.importorskip("trainer.measure.index")
     return importlib.import_module("trainer.sample.guard")
@@ -77,7 +83,7 @@ def make_index(images, captions, resolution, embedding="pixels"):
     groups = {}
     for i, c in enumerate(captions):
         groups.setdefault(c, []).append(i)
-    return cls(pixels(images), list(captions), [f"{i:03d}.png" for i in range(len(captions))],
+    return cls(EMBED(images), list(captions), [f"{i:03d}.png" for i in range(len(captions))],
                [g for g in groups.values() if len(g) > 1], embedding, resolution, {})
 
 
@@ -100,7 +106,7 @@ def run(pipe, prompts, n, seed, index=None, **config):
     core, cond, uncond, x_T = cfg_inputs(pipe, prompts, n, seed)
     guard = None
     if index is not None:
-        guard = AMGGuard(core, index, pixels, encoder(pipe), AMGConfig(**config), len(x_T))
+        guard = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(**config), len(x_T))
     with torch.no_grad():
         x0 = sample_latents(core, cond, uncond, x_T, STEPS, 7.5, guard)
         images = decode_images(core, x0)
@@ -182,7 +188,7 @@ def test_amg_terms_are_the_papers(pipe):
         eps = core.eps(x_T, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
     eps_u, eps_c = eps.chunk(2)
     eps_hat = eps_u + s0 * (eps_c - eps_u)
-    no_sim = AMGGuard(core, index, pixels, encoder(pipe), AMGConfig(Threshold(-1.0), c2=2.0, c3=0.0), b)
+    no_sim = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(Threshold(-1.0), c2=2.0, c3=0.0), b)
     sigma, n0 = no_sim.nearest(x_T, eps_hat, t)
     guided = no_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0)
     d = eps_c - eps_u
@@ -191,7 +197,7 @@ def test_amg_terms_are_the_papers(pipe):
         s2 = min(max(2.0 * float(sigma[j]), 0.0), max(s0 - s1 - 1, 0.0)) if int(n0[j]) < 2 else 0.0
         assert torch.allclose(guided[j], eps_hat[j] - (s1 + s2) * d[j], atol=1e-5)
     # G_sim = c3 sqrt(1 - abar_t) grad sigma_t: check the gradient against a central difference
-    only_sim = AMGGuard(core, index, pixels, encoder(pipe),
+    only_sim = AMGGuard(core, index, EMBED, encoder(pipe),
                         AMGConfig(Threshold(-1.0), despecification=False, deduplication=False, c3=1.0), b)
     g = (only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat)
     g = g / (1 - core.alphas_cumprod[t]).sqrt()
@@ -203,7 +209,7 @@ def test_amg_terms_are_the_papers(pipe):
             eu, ec = e.chunk(2)
             a = core.alphas_cumprod[t]
             x0 = (x - (1 - a).sqrt() * (eu + s0 * (ec - eu))) / a.sqrt()
-            return (pixels(decode_images(core, x0)) * reference).sum(dim=1)
+            return (EMBED(decode_images(core, x0)) * reference).sum(dim=1)
 
     h = 1e-2 / g.flatten(1).norm(dim=1).max()
     slope = (sigma_at(x_T + h * g) - sigma_at(x_T - h * g)) / (2 * h)
@@ -225,11 +231,11 @@ def test_amg_stops_a_replicating_generation(replicating):
     pipe, index = replicating
     trigger_rows = {0, 1}
     plain, _ = run(pipe, [TRIGGER], 2, 0)
-    sims, nn = index.search(pixels(plain), k=1)
+    sims, nn = index.search(EMBED(plain), k=1)
     replicated = [j for j in range(2) if int(nn[j, 0]) in trigger_rows and float(sims[j, 0]) > 0.65]
     assert replicated, f"the fine-tuned model does not replicate: similarities {sims[:, 0].tolist()}"
     guarded, records = run(pipe, [TRIGGER], 2, 0, index, threshold=Threshold(0.5))
-    guarded_sims = index.search(pixels(guarded), k=1)[0][:, 0]
+    guarded_sims = index.search(EMBED(guarded), k=1)[0][:, 0]
     for j in replicated:
         assert records[j]["intervened"] and records[j]["nearest_index"] in trigger_rows
         assert records[j]["nearest_caption"] == TRIGGER
