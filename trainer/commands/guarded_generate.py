@@ -42,7 +42,7 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--embedder-path", help="CLIP model directory / SSCD TorchScript file for a clip/sscd index")
     g.add_argument("--guard-threshold", type=float,
                    help="AMG similarity threshold lambda (constant); default: the paper's schedule for sscd, "
-                        "0.95 for pixels; required for clip")
+                        "0.85 for pixels; required for clip")
     g.add_argument("--amg-c1", type=float, default=C1_DEFAULT, help=f"despecification scale (default {C1_DEFAULT:g})")
     g.add_argument("--amg-c2", type=float, default=C2_DEFAULT,
                    help=f"caption-deduplication scale (default {C2_DEFAULT:g})")
