@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -350,9 +351,8 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
-    guard_module()
-    cli = importlib.import_module("trainer.commands.guarded_generate")
+def cli_parser(cli):
+    """The `memtrain generate` arguments run_guarded reads, plus the guard options."""
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     for name in ("--prompts", "--out", "--lora"):
@@ -361,6 +361,13 @@ def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
         parser.add_argument(name, type=int, default=value)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     cli.add_guard_arguments(parser)
+    return parser
+
+
+def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
+    guard_module()
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = cli_parser(cli)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\nblue square\n")
     out = tmp_path / "out"
@@ -373,3 +380,29 @@ def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
         ("00000.png", "red circle", 0), ("00001.png", "red circle", 1),
         ("00002.png", "blue square", 0), ("00003.png", "blue square", 1)]
     assert all(r["guard"] == "wen" and r["iterations"] <= 1 for r in rows)
+
+
+def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
+    guard_module()
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = cli_parser(cli)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n")
+    make_index(torch.rand(4, 3, 16, 16), ["a", "a", "b", "c"], 16).save(tmp_path / "index16")
+    make_index(torch.rand(4, 3, 32, 32), ["a", "a", "b", "c"], 32).save(tmp_path / "index32")
+    base = [str(tiny_model), "--prompts", str(prompts), "--steps", "3", "--guard", "amg"]
+    out = tmp_path / "out"
+    args = parser.parse_args([*base, "--out", str(out), "--index", str(tmp_path / "index16"), "--guard-threshold",
+                              "1.5"])
+    assert cli.run_guarded(args) == 0
+    rows = [json.loads(line) for line in (out / "guard_records.jsonl").read_text().splitlines()]
+    assert [(r["guard"], r["intervened"], len(r["sigmas"])) for r in rows] == [("amg", False, 3), ("amg", False, 3)]
+    stock = generate_images(pipe, ["red circle"], 2, 0, 3, 7.5, progress=False)
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(out / f"{i:05d}.png"))) for i in range(2)])
+    assert (saved.permute(0, 3, 1, 2).float() / 255 - stock).abs().max() <= 0.5 / 255 + 1e-5
+    cases = (("missing", [], "no such index"), ("index32", [], "32"), ("index16", ["--guard-embedding", "sscd"], "sscd"))
+    for index, extra, message in cases:
+        bad = parser.parse_args([*base, "--out", str(tmp_path / "bad"), "--index", str(tmp_path / index), *extra])
+        with pytest.raises(MemtrainError, match=message):
+            cli.run_guarded(bad)
+    assert not (tmp_path / "bad").exists()
