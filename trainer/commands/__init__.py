@@ -1,1 +1,1 @@
-"""CLI verbs and their option groups (each module exposes `add_parser(sub)` or argument helpers)."""
+"""`memtrain` verbs, one module each (`add_parser(sub)` + a run function returning an exit code)."""
