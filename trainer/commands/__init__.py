@@ -1,1 +1,1 @@
-"""`memtrain` verbs, one module each (`add_parser(sub)` + a run function returning an exit code)."""
+"""One thin module per `memtrain` verb: argparse wiring over the library functions."""
