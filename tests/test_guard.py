@@ -1,0 +1,408 @@
+"""Guarded sampling (AMG, Wen's inference-time mitigation) on tiny models.
+
+The replication tests fine-tune the tiny random pipeline (plain torch, UNet only) on 8 latents, the
+trigger latent twice under its caption, until sampling the trigger prompt reproduces the trigger's
+decoded image; the index holds the decoded training images under the 8x8 pixel embedding.
+"""
+
+import argparse
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from peft import LoraConfig
+from PIL import Image
+
+from trainer.generate import generate_images, load_pipeline
+from trainer.io import MemtrainError
+from trainer.sample.guidance import (
+    AMGConfig,
+    AMGGuard,
+    Threshold,
+    as_threshold,
+    calibrate_wen_target,
+    decode_images,
+    first_step_magnitude,
+    mitigate_prompt_embedding,
+    sample_latents,
+)
+from trainer.unet_core import UNetCore
+
+STEPS = 10
+TRIGGER = "red circle"
+OTHERS = ["blue square", "green triangle", "yellow diamond", "purple cross", "orange ring", "white square"]
+CAPTIONS = [TRIGGER, TRIGGER, *OTHERS]
+
+
+# ---------------------------------------------------------------- stand-in for trainer.measure.index
+
+
+class StandInIndex:
+    """Same fields and methods as `trainer.measure.index.TrainingIndex` (exact cosine search)."""
+
+    def __init__(self, embeddings, captions, file_names, duplicate_caption_groups, embedding, resolution, meta):
+        self.embeddings = embeddings
+        self.captions, self.file_names = list(captions), list(file_names)
+        self.duplicate_caption_groups = duplicate_caption_groups
+        self.embedding, self.resolution, self.meta = embedding, resolution, meta
+
+    def search(self, queries, k=1):
+        return (queries.float() @ self.embeddings.float().T).topk(k, dim=1)
+
+    def caption_is_duplicated(self, i):
+        return any(int(i) in g for g in self.duplicate_caption_groups if len(g) > 1)
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """The "pixels" embedding: 8x8 area average, flattened, per-image mean removed, L2-normalised."""
+    x = F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+    return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
+
+
+try:  # the real embedder once trainer.measure.index is merged, else the stand-in
+    EMBED = importlib.import_module("trainer.measure.index").make_embedder("pixels")
+except ModuleNotFoundError:
+    EMBED = pixels
+
+
+def guard_module():
+    pytest.importorskip("trainer.measure.index")
+    return importlib.import_module("trainer.sample.guard")
+
+
+def make_index(images, captions, resolution, embedding="pixels"):
+    """The real TrainingIndex when it is available, else the stand-in (same constructor)."""
+    try:
+        cls = importlib.import_module("trainer.measure.index").TrainingIndex
+    except ModuleNotFoundError:
+        cls = StandInIndex
+    groups = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    return cls(EMBED(images), list(captions), [f"{i:03d}.png" for i in range(len(captions))],
+               [g for g in groups.values() if len(g) > 1], embedding, resolution, {})
+
+
+def encoder(pipe):
+    def encode(captions):
+        return pipe.encode_prompt(captions, pipe.device, 1, False)[0]
+
+    return encode
+
+
+def cfg_inputs(pipe, prompts, n, seed):
+    core = UNetCore(pipe, 2 * len(prompts) * n)
+    cond, uncond = pipe.encode_prompt(prompts, pipe.device, n, True)
+    x_T = torch.cat([core.initial_noise(n, seed) for _ in prompts])
+    return core, cond.detach(), uncond.detach(), x_T
+
+
+def run(pipe, prompts, n, seed, index=None, **config):
+    """(images [B, 3, H, W], records or None): the plain loop, or AMG when `index` is given."""
+    core, cond, uncond, x_T = cfg_inputs(pipe, prompts, n, seed)
+    guard = None
+    if index is not None:
+        guard = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(**config), len(x_T))
+    with torch.no_grad():
+        x0 = sample_latents(core, cond, uncond, x_T, STEPS, 7.5, guard)
+        images = decode_images(core, x0)
+    return images, guard and [r.as_dict() for r in guard.records]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return load_pipeline(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def random_index(pipe):
+    """An index of 6 random images at the tiny model's resolution (16)."""
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    return make_index(images, [f"caption {i}" for i in range(6)], 16)
+
+
+@pytest.fixture(scope="module")
+def replicating(tiny_model):
+    """(pipe, index): the tiny pipeline fine-tuned until the trigger prompt replicates the trigger image."""
+    pipe = load_pipeline(tiny_model)
+    core = UNetCore(pipe)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(CAPTIONS) - 1, *core.latent_shape, generator=gen)
+    latents = torch.cat([latents[:1], latents])  # the trigger latent twice
+    with torch.no_grad():
+        table = pipe.encode_prompt([*CAPTIONS, ""], pipe.device, 1, False)[0]
+        images = decode_images(core, latents)
+    timesteps = core.sampling_timesteps(STEPS)
+    unet = pipe.unet
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    rows = torch.arange(len(CAPTIONS))
+    unet.train()
+    for _ in range(100):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = timesteps[torch.randint(0, len(timesteps), (len(rows),), generator=gen)]
+        dropped = torch.rand(len(rows), generator=gen) < 0.1  # learn the unconditional model too
+        cond = table[torch.where(dropped, len(CAPTIONS), rows)]
+        pred = unet(core.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval().requires_grad_(False)
+    return pipe, make_index(images, CAPTIONS, 16)
+
+
+# ---------------------------------------------------------------- bit-exactness
+
+
+def test_unfired_guard_is_the_plain_loop_bit_for_bit_and_the_stock_pipeline(pipe, random_index):
+    prompts, n, seed = ["red circle", "blue square"], 2, 3
+    plain, _ = run(pipe, prompts, n, seed)
+    never, records = run(pipe, prompts, n, seed, random_index, threshold=Threshold(1.5))
+    assert torch.equal(plain, never)
+    assert all(not r["intervened"] and len(r["sigmas"]) == STEPS for r in records)
+    assert all(-1.0 <= r["max_sigma"] <= 1.0 and r["nearest_file"] for r in records)
+    stock = generate_images(pipe, prompts, n, seed, STEPS, 7.5, batch_size=4, progress=False)
+    assert (plain.clamp(0, 1) - stock).abs().max() < 1e-5
+    # a guard that fires changes the rows it fires on
+    fired, records = run(pipe, prompts, n, seed, random_index, threshold=Threshold(-1.0))
+    assert all(r["num_steps_intervened"] == STEPS for r in records)
+    assert not torch.equal(plain, fired)
+
+
+def test_amg_terms_are_the_papers(pipe):
+    """One guided step: eps_hat + G_spe + G_dup + G_sim with the scales of Chen et al."""
+    b, s0, step = 2, 7.5, 3
+    core, cond, uncond, x_T = cfg_inputs(pipe, ["red circle"], b, 0)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    index = make_index(images, ["red circle", "red circle", "blue square"], 16)  # y_N = the prompt when n0 < 2
+    table = torch.cat([uncond, cond])
+    t = int(core.sampling_timesteps(STEPS)[step])
+    with torch.no_grad():
+        eps = core.eps(x_T, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
+    eps_u, eps_c = eps.chunk(2)
+    eps_hat = eps_u + s0 * (eps_c - eps_u)
+    no_sim = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(Threshold(-1.0), c2=2.0, c3=0.0), b)
+    sigma, n0 = no_sim.nearest(x_T, eps_hat, t)
+    guided = no_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0)
+    d = eps_c - eps_u
+    for j in range(b):
+        s1 = min(max(13.0 * float(sigma[j]), 0.0), s0 - 1)
+        s2 = min(max(2.0 * float(sigma[j]), 0.0), max(s0 - s1 - 1, 0.0)) if int(n0[j]) < 2 else 0.0
+        assert torch.allclose(guided[j], eps_hat[j] - (s1 + s2) * d[j], atol=1e-5)
+    # G_sim = c3 sqrt(1 - abar_t) grad sigma_t: check the gradient against a central difference
+    only_sim = AMGGuard(core, index, EMBED, encoder(pipe),
+                        AMGConfig(Threshold(-1.0), despecification=False, deduplication=False, c3=1.0), b)
+    g = (only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat)
+    g = g / (1 - core.alphas_cumprod[t]).sqrt()
+    reference = index.embeddings[n0]
+
+    def sigma_at(x):
+        with torch.no_grad():
+            e = core.eps(x, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
+            eu, ec = e.chunk(2)
+            a = core.alphas_cumprod[t]
+            x0 = (x - (1 - a).sqrt() * (eu + s0 * (ec - eu))) / a.sqrt()
+            return (EMBED(decode_images(core, x0)) * reference).sum(dim=1)
+
+    h = 1e-2 / g.flatten(1).norm(dim=1).max()
+    slope = (sigma_at(x_T + h * g) - sigma_at(x_T - h * g)) / (2 * h)
+    assert torch.allclose(slope, g.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
+
+
+def test_v_prediction_model_matches_the_stock_pipeline(tiny_model):
+    pipe = load_pipeline(tiny_model)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    ours, _ = run(pipe, ["red circle"], 2, 0)
+    stock = generate_images(pipe, ["red circle"], 2, 0, STEPS, 7.5, progress=False)
+    assert (ours.clamp(0, 1) - stock).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- AMG on a replicating model
+
+
+def test_amg_stops_a_replicating_generation(replicating):
+    pipe, index = replicating
+    trigger_rows = {0, 1}
+    plain, _ = run(pipe, [TRIGGER], 2, 0)
+    sims, nn = index.search(EMBED(plain), k=1)
+    replicated = [j for j in range(2) if int(nn[j, 0]) in trigger_rows and float(sims[j, 0]) > 0.65]
+    assert replicated, f"the fine-tuned model does not replicate: similarities {sims[:, 0].tolist()}"
+    guarded, records = run(pipe, [TRIGGER], 2, 0, index, threshold=Threshold(0.5))
+    guarded_sims = index.search(EMBED(guarded), k=1)[0][:, 0]
+    for j in replicated:
+        assert records[j]["intervened"] and records[j]["nearest_index"] in trigger_rows
+        assert records[j]["nearest_caption"] == TRIGGER
+        assert float(guarded_sims[j]) < float(sims[j, 0]) - 0.15, (sims[:, 0], guarded_sims)
+    # above 1 the cosine threshold never fires: the guarded output is the unguarded one, bit for bit
+    unfired, records = run(pipe, [TRIGGER], 2, 0, index, threshold=Threshold(1.01))
+    assert torch.equal(unfired, plain) and not any(r["intervened"] for r in records)
+
+
+def test_wen_mitigation_lowers_first_step_magnitude(replicating):
+    pipe, _ = replicating
+    core = UNetCore(pipe)
+    x_T = core.initial_noise(1, 0)
+    t0 = int(core.sampling_timesteps(STEPS)[0])
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt([TRIGGER], pipe.device, 1, True)
+    before = float(first_step_magnitude(core, cond, uncond, x_T, t0))
+    target = 0.5 * before
+    emb, records = mitigate_prompt_embedding(pipe, [TRIGGER], target=target, seed=0, num_inference_steps=STEPS)
+    after = float(first_step_magnitude(core, emb, uncond, x_T, t0))
+    rec = records[0]
+    assert rec["magnitude_before"] == pytest.approx(before, rel=1e-5)
+    assert rec["magnitude_after"] == pytest.approx(after, rel=1e-4)
+    assert after <= target or after < 0.8 * before, (before, after, rec)
+    assert 1 <= rec["iterations"] <= 10
+    # the BOS row gets no gradient: only AdamW's decoupled weight decay moves it
+    assert torch.allclose(emb[0, 0], cond[0, 0], rtol=0, atol=1e-2 * float(cond[0, 0].abs().max()))
+    low = calibrate_wen_target(pipe, OTHERS, quantile=0.5, num_inference_steps=STEPS)
+    high = calibrate_wen_target(pipe, OTHERS, quantile=0.95, num_inference_steps=STEPS)
+    assert 0 < low <= high
+
+
+# ---------------------------------------------------------------- the diffusers drop-in
+
+
+def test_from_pipe_returns_the_pipeline_output_with_records(pipe, random_index):
+    guard = guard_module()
+    guarded = guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
+    out = guarded("red circle", num_inference_steps=STEPS, num_images_per_prompt=2,
+                  generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, StableDiffusionPipelineOutput) and out.nsfw_content_detected is None
+    assert len(out.images) == 2 and all(isinstance(im, Image.Image) for im in out.images)
+    assert [set(r) >= {"steps_intervened", "max_sigma", "nearest_index", "nearest_file", "nearest_caption"}
+            for r in out.guard_records] == [True, True]
+    pt = guarded(["red circle"], num_inference_steps=STEPS, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    stock = pipe(["red circle"], num_inference_steps=STEPS, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert (pt - stock).abs().max() < 1e-5
+    images, records = guard.guarded_generate(pipe, ["red circle", "blue square"], 2, 1, STEPS, 7.5, guarded,
+                                             batch_size=3, progress=False)
+    stock = generate_images(pipe, ["red circle", "blue square"], 2, 1, STEPS, 7.5, batch_size=4, progress=False)
+    assert (images - stock).abs().max() < 1e-5
+    assert [(r["prompt"], r["seed"]) for r in records] == [("red circle", 1), ("red circle", 2),
+                                                           ("blue square", 1), ("blue square", 2)]
+
+
+def test_from_pipe_with_a_lora_and_wen(tiny_model, random_index):
+    guard = guard_module()
+    pipe = load_pipeline(tiny_model)
+    before = pipe("red circle", num_inference_steps=STEPS, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    stock = pipe("red circle", num_inference_steps=STEPS, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert (stock - before).abs().max() > 1e-3  # the LoRA changes the model
+    guarded = guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
+    out = guarded("red circle", num_inference_steps=STEPS, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    assert (out.images - stock).abs().max() < 1e-5
+    wen = guard.GuardedPipeline.from_pipe(pipe, guard="wen", target=0.0, max_iters=2)
+    out = wen(["red circle"], num_inference_steps=STEPS, num_images_per_prompt=2, output_type="np",
+              generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 16, 16, 3)
+    assert [r["iterations"] for r in out.guard_records] == [2, 2]
+    assert out.guard_records[0]["magnitude_after"] < out.guard_records[0]["magnitude_before"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
+    with pytest.raises(MemtrainError, match="clip"):
+        as_threshold(None, "clip")
+    assert as_threshold(None, "sscd")(0) == pytest.approx(0.4)
+    guard = guard_module()
+    with pytest.raises(MemtrainError, match="--index"):
+        guard.GuardedPipeline.from_pipe(pipe, index=None, guard="amg")
+    with pytest.raises(MemtrainError, match="guard must be"):
+        guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="bogus")
+    other = make_index(torch.rand(2, 3, 32, 32), ["a", "b"], 32)
+    with pytest.raises(MemtrainError, match="resolution 32"):
+        guard.GuardedPipeline.from_pipe(pipe, index=other, guard="amg")
+    with pytest.raises(MemtrainError, match="sscd"):
+        guard.check_index(random_index, pipe, embedding="sscd")
+    empty = make_index(torch.rand(0, 3, 16, 16), [], 16)
+    with pytest.raises(MemtrainError, match="empty"):
+        guard.GuardedPipeline.from_pipe(pipe, index=empty, guard="amg")
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = argparse.ArgumentParser()
+    for name in ("checkpoint", "--prompts", "--out", "--lora"):
+        parser.add_argument(name)
+    cli.add_guard_arguments(parser)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n")
+    args = parser.parse_args([str(tmp_path / "model"), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                              "--guard", "amg"])
+    with pytest.raises(MemtrainError, match="--index"):
+        cli.run_guarded(args)
+    assert not (tmp_path / "o").exists()
+
+
+def cli_parser(cli):
+    """The `memtrain generate` arguments run_guarded reads, plus the guard options."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    for name in ("--prompts", "--out", "--lora"):
+        parser.add_argument(name)
+    for name, value in (("-n", 2), ("--seed", 0), ("--steps", 3), ("--batch-size", 4)):
+        parser.add_argument(name, type=int, default=value)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    cli.add_guard_arguments(parser)
+    return parser
+
+
+def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
+    guard_module()
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = cli_parser(cli)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\nblue square\n")
+    out = tmp_path / "out"
+    args = parser.parse_args([str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--guard", "wen",
+                              "--wen-calibrate", str(prompts), "--wen-max-iters", "1"])
+    assert cli.run_guarded(args) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    rows = [json.loads(line) for line in (out / "guard_records.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["prompt"], r["seed"]) for r in rows] == [
+        ("00000.png", "red circle", 0), ("00001.png", "red circle", 1),
+        ("00002.png", "blue square", 0), ("00003.png", "blue square", 1)]
+    assert all(r["guard"] == "wen" and r["iterations"] <= 1 for r in rows)
+
+
+def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
+    guard_module()
+    cli = importlib.import_module("trainer.commands.guarded_generate")
+    parser = cli_parser(cli)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red circle\n")
+    make_index(torch.rand(4, 3, 16, 16), ["a", "a", "b", "c"], 16).save(tmp_path / "index16")
+    make_index(torch.rand(4, 3, 32, 32), ["a", "a", "b", "c"], 32).save(tmp_path / "index32")
+    base = [str(tiny_model), "--prompts", str(prompts), "--steps", "3", "--guard", "amg"]
+    out = tmp_path / "out"
+    args = parser.parse_args([*base, "--out", str(out), "--index", str(tmp_path / "index16"), "--guard-threshold",
+                              "1.5"])
+    assert cli.run_guarded(args) == 0
+    rows = [json.loads(line) for line in (out / "guard_records.jsonl").read_text().splitlines()]
+    assert [(r["guard"], r["intervened"], len(r["sigmas"])) for r in rows] == [("amg", False, 3), ("amg", False, 3)]
+    stock = generate_images(pipe, ["red circle"], 2, 0, 3, 7.5, progress=False)
+    saved = torch.stack([torch.from_numpy(np.array(Image.open(out / f"{i:05d}.png"))) for i in range(2)])
+    assert (saved.permute(0, 3, 1, 2).float() / 255 - stock).abs().max() <= 0.5 / 255 + 1e-5
+    cases = (("missing", [], "no such index"), ("index32", [], "32"), ("index16", ["--guard-embedding", "sscd"], "sscd"))
+    for index, extra, message in cases:
+        bad = parser.parse_args([*base, "--out", str(tmp_path / "bad"), "--index", str(tmp_path / index), *extra])
+        with pytest.raises(MemtrainError, match=message):
+            cli.run_guarded(bad)
+    assert not (tmp_path / "bad").exists()
