@@ -33,11 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trainer import toy_world  # noqa: E402
-from trainer.dedup import caption_groups  # noqa: E402
-from trainer.generate import load_pipeline, read_prompts  # noqa: E402
-from trainer.measure.index import TrainingIndex, make_embedder  # noqa: E402
-from trainer.sample.guard import GuardedPipeline, guarded_generate, model_resolution  # noqa: E402
+from trainer.core.components import load_pipeline, model_resolution
+from trainer.measure.embedders import make_embedder
+from trainer.measure.index import TrainingIndex
+from trainer.mitigate.dedup import caption_groups  # noqa: E402
+from trainer.prompts import read_prompts
+from trainer.sample.guard import GuardedPipeline, guarded_generate
+from trainer.toy import world as toy_world  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

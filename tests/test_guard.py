@@ -18,8 +18,10 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from peft import LoraConfig
 from PIL import Image
 
-from trainer.generate import generate_images, load_pipeline
+from trainer.core.components import load_pipeline
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
+from trainer.sample.generate import generate_images
 from trainer.sample.guidance import (
     AMGConfig,
     AMGGuard,
@@ -31,7 +33,6 @@ from trainer.sample.guidance import (
     mitigate_prompt_embedding,
     sample_latents,
 )
-from trainer.unet_core import UNetCore
 
 STEPS = 10
 TRIGGER = "red circle"
@@ -337,7 +338,7 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     empty = make_index(torch.rand(0, 3, 16, 16), [], 16)
     with pytest.raises(MemtrainError, match="empty"):
         guard.GuardedPipeline.from_pipe(pipe, index=empty, guard="amg")
-    cli = importlib.import_module("trainer.commands.guarded_generate")
+    cli = importlib.import_module("trainer.commands.generate")
     parser = argparse.ArgumentParser()
     for name in ("checkpoint", "--prompts", "--out", "--lora"):
         parser.add_argument(name)
@@ -366,7 +367,7 @@ def cli_parser(cli):
 
 def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
     guard_module()
-    cli = importlib.import_module("trainer.commands.guarded_generate")
+    cli = importlib.import_module("trainer.commands.generate")
     parser = cli_parser(cli)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\nblue square\n")
@@ -384,7 +385,7 @@ def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
 
 def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
     guard_module()
-    cli = importlib.import_module("trainer.commands.guarded_generate")
+    cli = importlib.import_module("trainer.commands.generate")
     parser = cli_parser(cli)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\n")

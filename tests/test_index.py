@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 from trainer import cli
 from trainer.data import image_to_tensor, open_image
-from trainer.dedup import embed_images, pixel_embedding
 from trainer.io import MemtrainError
 from trainer.measure import index as index_module
-from trainer.measure.index import TrainingIndex, build_index, faiss_available, make_embedder
+from trainer.measure.embedders import make_embedder
+from trainer.measure.features import embed_images, pixel_embedding
+from trainer.measure.index import TrainingIndex, build_index, faiss_available
 
 
 def as_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.measure.index import DTYPES, EMBEDDINGS, build_index, index_summary
+from trainer.measure.embedders import INDEX_EMBEDDINGS
+from trainer.measure.index import DTYPES, build_index, index_summary
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--embedding",
-        choices=EMBEDDINGS,
+        choices=INDEX_EMBEDDINGS,
         default="pixels",
         help="pixels (default; 8x8 thumbnail, as memtrain dedup), clip (local CLIP directory in --model), "
         "sscd (local TorchScript file in --model)",

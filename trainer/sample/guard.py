@@ -19,9 +19,12 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from trainer.generate import generate_images
+from trainer.core.components import model_resolution
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
-from trainer.measure.index import TrainingIndex, make_embedder
+from trainer.measure.embedders import make_embedder
+from trainer.measure.index import TrainingIndex
+from trainer.sample.generate import generate_images
 from trainer.sample.guidance import (
     C1_DEFAULT,
     C2_DEFAULT,
@@ -36,16 +39,8 @@ from trainer.sample.guidance import (
     mitigate_prompt_embedding,
     sample_latents,
 )
-from trainer.unet_core import UNetCore
 
 GUARDS = ("none", "amg", "wen")
-
-
-def model_resolution(pipe) -> int:
-    """Image side the pipeline generates by default: UNet sample size x the VAE's downsampling factor."""
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return int(size) * int(pipe.vae_scale_factor)
 
 
 def check_index(index, pipe, embedding: str | None = None, where: str = "index") -> None:

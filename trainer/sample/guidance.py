@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
-from trainer.unet_core import UNetCore
 
 C1_DEFAULT = 13.0  # Chen et al.: s1 = clip(13 sigma_t, 0, s0 - 1) (capped at 6.5 for s0 = 7.5)
 C2_DEFAULT = 13.0  # not recovered from the paper: same as c1 (s2 is capped at s0 - s1 - 1)
