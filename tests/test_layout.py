@@ -4,6 +4,7 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import trainer
 from trainer.cli import COMMANDS, build_parser
@@ -43,3 +44,12 @@ def test_a_verb_that_fails_to_import_is_an_error(monkeypatch):
         assert "no_such_verb" in str(e)
     else:
         raise AssertionError("a verb whose module is missing must not be dropped silently")
+
+
+def test_readme_python_api_imports_resolve():
+    """Every import line of the README's Python API block names a real module and name."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert len(imports) >= 6
+    exec("\n".join(imports), {})

@@ -104,6 +104,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m = methods.add_parser("neurons", help=METHODS["neurons"], description=METHODS["neurons"] + ".")
     _common(m)
     m.add_argument("--reference", help="non-memorized prompts for the activation statistics (default: --preserved)")
+    m.add_argument("--check", choices=("ssim", "magnitude"), default="ssim",
+                   help="when a prompt counts as still memorized during the search: the paper's SSIM of the "
+                   "first-step noise difference (default), or its magnitude above every reference prompt's")
 
     m = methods.add_parser("unlearn", help=METHODS["unlearn"], description=METHODS["unlearn"] + ".")
     _common(m)
@@ -200,9 +203,6 @@ def check_args(args: argparse.Namespace) -> dict:
     if args.lora is not None and not Path(args.lora).exists():
         raise MemtrainError(f"--lora {args.lora}: no such file or directory")
     check_output(args.out, args.checkpoint)
-    if args.method in ("prune", "neurons", "unlearn") and {"prune": subspace_prune, "neurons": nemo_block,
-                                                           "unlearn": unlearn}[args.method] is None:
-        raise MemtrainError(f"edit {args.method}: this memtrain build does not include trainer.edit.{args.method}")
     return texts
 
 
@@ -227,7 +227,8 @@ def run_method(pipe, args: argparse.Namespace, texts: dict) -> dict:
         return subspace_prune(pipe, memorized, base=texts["base"] or None, fraction=args.fraction,
                               steps=args.steps, seed=args.seed, batch_size=args.batch_size)
     if args.method == "neurons":
-        return nemo_block(pipe, memorized, texts["reference"], seed=args.seed)
+        return nemo_block(pipe, memorized, texts["reference"], seed=args.seed, check=args.check,
+                          batch_size=args.batch_size)
     if args.method == "unlearn":
         return unlearn(pipe, memorized, anchors=anchors, preserved=preserved, rank=args.rank, steps=args.steps,
                        lr=args.lr, adversarial=args.adversarial, adversarial_every=args.adversarial_every,

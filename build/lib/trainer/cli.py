@@ -11,7 +11,7 @@ import sys
 from trainer.io import MemtrainError
 
 # verb modules, in the order `memtrain --help` lists them
-COMMANDS = ["demo", "compare", "toy_data", "recipes", "train", "generate", "evaluate", "dedup"]
+COMMANDS = ["demo", "compare", "toy_data", "recipes", "train", "generate", "evaluate", "dedup", "index", "edit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,18 +1,33 @@
-"""`memtrain generate`."""
+"""`memtrain generate`: DDIM generations of a checkpoint for a prompt file, optionally guarded against
+replicating training images (`--guard amg|wen`, `trainer.sample.guidance`); guarded runs also write
+`guard_records.jsonl` (per image: steps intervened, max similarity, nearest training image)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from trainer.core.components import load_pipeline
-from trainer.io import atomic_dir
+from trainer.core.components import load_pipeline, model_resolution
+from trainer.io import MemtrainError, atomic_dir
+from trainer.measure.embedders import INDEX_EMBEDDINGS
+from trainer.measure.index import TrainingIndex
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
+from trainer.sample.guard import GUARDS, check_index, guarded_generate
+from trainer.sample.guidance import (
+    C1_DEFAULT,
+    C2_DEFAULT,
+    C3_DEFAULT,
+    WEN_LR,
+    WEN_MAX_ITERS,
+    WEN_TARGET,
+    calibrate_wen_target,
+)
 
 
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
@@ -39,13 +54,95 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=32)
+    add_guard_arguments(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.guard != "none":
+        return run_guarded(args)
     prompts = [r["text"] for r in read_prompts(args.prompts)]
     pipe = load_pipeline(args.checkpoint, args.lora)
     images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size)
     save_images(images, [p for p in prompts for _ in range(args.n)], args.out)
     print(json.dumps({"images": len(images), "out": args.out}))
+    return 0
+
+
+# ---------------------------------------------------------------- guarded sampling
+
+
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("guarded sampling")
+    g.add_argument("--guard", choices=GUARDS, default="none",
+                   help="amg: Anti-Memorization Guidance (Chen et al. 2024, needs --index); wen: optimise the "
+                        "prompt embedding first (Wen et al. 2024); none: the stock pipeline (default)")
+    g.add_argument("--index", help="training-image index directory (`memtrain index`), for --guard amg")
+    g.add_argument("--guard-embedding", choices=INDEX_EMBEDDINGS,
+                   help="require the index to be built with this embedding (default: whatever it was built with)")
+    g.add_argument("--embedder-path", help="CLIP model directory / SSCD TorchScript file for a clip/sscd index")
+    g.add_argument("--guard-threshold", type=float,
+                   help="AMG similarity threshold lambda (constant); default: the paper's schedule for sscd, "
+                        "0.85 for pixels; required for clip")
+    g.add_argument("--amg-c1", type=float, default=C1_DEFAULT, help=f"despecification scale (default {C1_DEFAULT:g})")
+    g.add_argument("--amg-c2", type=float, default=C2_DEFAULT,
+                   help=f"caption-deduplication scale (default {C2_DEFAULT:g})")
+    g.add_argument("--amg-c3", type=float, default=C3_DEFAULT, help=f"dissimilarity scale (default {C3_DEFAULT:g})")
+    g.add_argument("--amg-check-every", type=int, default=1,
+                   help="check the similarity every k-th step only (default 1: every step, as the paper)")
+    g.add_argument("--wen-target", type=float,
+                   help=f"first-step magnitude target (default {WEN_TARGET:g}, or calibrated with --wen-calibrate)")
+    g.add_argument("--wen-calibrate", metavar="PROMPTS",
+                   help="general prompts: set the target to the 95%% quantile of their first-step magnitude")
+    g.add_argument("--wen-lr", type=float, default=WEN_LR)
+    g.add_argument("--wen-max-iters", type=int, default=WEN_MAX_ITERS)
+
+
+def guard_options(args: argparse.Namespace, pipe) -> dict:
+    """Keyword options for `guarded_generate` from the parsed arguments."""
+    if args.guard == "amg":
+        return dict(threshold=args.guard_threshold, c1=args.amg_c1, c2=args.amg_c2, c3=args.amg_c3,
+                    check_every=args.amg_check_every, embedder_path=args.embedder_path)
+    if args.guard == "wen":
+        if args.wen_target is not None and args.wen_calibrate:
+            raise MemtrainError("give either --wen-target or --wen-calibrate, not both")
+        target = args.wen_target if args.wen_target is not None else WEN_TARGET
+        if args.wen_calibrate:
+            general = [r["text"] for r in read_prompts(args.wen_calibrate)]
+            target = calibrate_wen_target(pipe, general, 0.95, args.seed, args.steps)
+        return dict(target=target, lr=args.wen_lr, max_iters=args.wen_max_iters)
+    return {}
+
+
+def load_index(path: str | None, pipe, embedding: str | None):
+    """The index at `path` (None when no path), checked against the model's resolution and `embedding`."""
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise MemtrainError(f"--index {path}: no such index; build one with `memtrain index DATA --out {path}`")
+    index = TrainingIndex.load(path, embedding=embedding, resolution=model_resolution(pipe))
+    check_index(index, pipe, embedding, where=f"--index {path}")
+    return index
+
+
+def run_guarded(args: argparse.Namespace) -> int:
+    if args.guard == "amg" and not args.index:
+        raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
+    prompts = [r["text"] for r in read_prompts(args.prompts)]
+    pipe = load_pipeline(args.checkpoint, args.lora)
+    index = load_index(args.index, pipe, args.guard_embedding) if args.guard == "amg" else None
+    options = guard_options(args, pipe)
+    images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
+                                       args.guard, index, args.batch_size, True, **options)
+    with atomic_dir(args.out) as tmp:
+        save_images(images, [p for p in prompts for _ in range(args.n)], tmp / "images")
+        for file in (tmp / "images").iterdir():
+            file.rename(tmp / file.name)
+        shutil.rmtree(tmp / "images")
+        with open(tmp / "guard_records.jsonl", "w") as f:
+            for i, rec in enumerate(records):
+                f.write(json.dumps({"file_name": f"{i:05d}.png", **rec}) + "\n")
+    intervened = sum(bool(r.get("intervened")) for r in records)
+    print(json.dumps({"images": len(images), "out": str(args.out), "guard": args.guard,
+                      "intervened": intervened, "intervened_fraction": intervened / max(1, len(records))}))
     return 0

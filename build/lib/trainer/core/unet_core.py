@@ -57,7 +57,6 @@ class EvalCounter:
         self.unet_evals = self.unet_calls = self.text_rows = 0
 
 
-COUNTER = EvalCounter()  # process-wide running total
 _ACTIVE: list[EvalCounter] = []
 
 
@@ -72,8 +71,25 @@ def count_evals() -> Iterator[EvalCounter]:
         _ACTIVE.remove(counter)
 
 
+@contextlib.contextmanager
+def count_unet_samples(unet) -> Iterator[list[int]]:
+    """Samples passed through `unet` while the block runs, by any caller (the core, a pipeline, a training
+    step): a forward pre-hook, so stock pipelines are counted too. Yields a one-item list."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        count[0] += int(sample.shape[0])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def _count(unet_evals: int = 0, unet_calls: int = 0, text_rows: int = 0) -> None:
-    for c in (COUNTER, *_ACTIVE):
+    for c in _ACTIVE:
         c.unet_evals += unet_evals
         c.unet_calls += unet_calls
         c.text_rows += text_rows

@@ -1,0 +1,1 @@
+"""Measuring against the training set: embeddings and a nearest-neighbour index of the training images."""

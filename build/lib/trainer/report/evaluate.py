@@ -8,16 +8,16 @@ docs/methods.md gives every convention; `trainer.report.sections` computes each 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from trainer.core.components import load_pipeline, model_resolution
+from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
@@ -88,22 +88,6 @@ REPLICATED_GRID = 16
 
 
 # ---------------------------------------------------------------- the protocol
-
-
-@contextlib.contextmanager
-def _count_unet_samples(unet) -> Iterator[list[int]]:
-    """Count the samples passed through `unet` (UNet evaluations) while the block runs."""
-    count = [0]
-
-    def hook(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        count[0] += int(sample.shape[0])
-
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield count
-    finally:
-        handle.remove()
 
 
 def parse_detectors(value: str | Sequence[str]) -> list[str]:
@@ -208,7 +192,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
             generated = None
             if gen_rows:
                 t0 = time.perf_counter()
-                with _count_unet_samples(pipe.unet) as counted:
+                with count_unet_samples(pipe.unet) as counted:
                     generated = generate_images(pipe, [r.text for r in gen_rows], n=n, seed=seed, steps=steps,
                                                 guidance_scale=guidance_scale, batch_size=batch_size,
                                                 progress=progress)

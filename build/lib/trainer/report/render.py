@@ -302,3 +302,56 @@ def dedup_markdown(report: dict[str, Any], data: str = "", max_groups: int = 50)
         if len(report[key]) > max_groups:
             lines.append(f"\n... {len(report[key]) - max_groups} more groups in report.json")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_plain(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def edit_markdown(report: dict) -> str:
+    lines = [f"# memtrain edit {report['method']}: {report['source']}", "", report["description"] + ".", "",
+             f"Output: {report['output']} in {report['out']}. Edit time {report['seconds']:.2f} s, "
+             f"{report['unet_evals']} UNet evaluations, {report['total_changed']} weights changed in "
+             f"{report['layers_changed']} parameters.", ""]
+    if report.get("warning"):
+        lines += [f"**Warning: {report['warning']}**", ""]
+    lines += ["## Parameters", "", "| option | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["parameters"].items() if v is not None]
+    lines += ["", "## Weights changed", "", "| parameter | entries changed |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["changed"].items()]
+    lora = report["result"].get("lora") if isinstance(report["result"], dict) else None
+    if lora:
+        lines += ["", f"LoRA rank {lora['rank']} (relative residual tolerance {lora['tol']:g}; largest residual "
+                  f"{lora['max_residual']:.2e}).", "", "| parameter | rank for tolerance | residual at rank |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {v['rank_for_tol']} | {v['residual']:.2e} |" for k, v in lora["layers"].items()]
+    ev = report.get("evaluation")
+    if ev:
+        b, a = ev["before"], ev["after"]
+        lines += ["", "## Before and after", "", f"`memtrain evaluate` of {ev['prompts']} on the source and on the "
+                  "edit (eval_before/, eval_after/). named = memorized prompts named in --memorized "
+                  f"({ev['named_in_prompts']} in the prompt file); unnamed = the other memorized prompts.", "",
+                  "| measure | before | after |", "|---|---|---|"]
+        for split in dict.fromkeys([*b["replication"], *a["replication"]]):
+            for k in ("fraction_replicated", "similarity_mean"):
+                bv, av = b["replication"].get(split, {}).get(k), a["replication"].get(split, {}).get(k)
+                if bv is not None or av is not None:
+                    lines.append(f"| replication {split}: {k} | {_fmt_plain(bv)} | {_fmt_plain(av)} |")
+        for group in dict.fromkeys([*b["quality"], *a["quality"]]):
+            for k in ("toy_alignment", "kid", "clip_score"):
+                bv, av = b["quality"].get(group, {}).get(k), a["quality"].get(group, {}).get(k)
+                if bv is not None or av is not None:
+                    lines.append(f"| {group} {k} | {_fmt_plain(bv, '.4g')} | {_fmt_plain(av, '.4g')} |")
+        for section, label in (("detectors", "detector AUROC"), ("membership", "membership AUROC")):
+            for k in dict.fromkeys([*b[section], *a[section]]):
+                lines.append(f"| {label} {k} | {_fmt_plain(b[section].get(k))} | {_fmt_plain(a[section].get(k))} |")
+        if "general_l2_change" in ev:
+            g = ev["general_l2_change"]
+            lines += ["", f"General prompts' generations at the same seeds moved by L2 {g['mean']:.4f} on average "
+                      f"(max {g['max']:.4f}, {g['generations']} generations; {g['convention']})."]
+        if ev.get("notes"):
+            lines += ["", "Notes:", *[f"- {n}" for n in ev["notes"]]]
+    lines.append("")
+    return "\n".join(lines)

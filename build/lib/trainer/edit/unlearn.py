@@ -1,0 +1,267 @@
+"""LoRA unlearning edit: pull memorized prompts' noise predictions to an anchor's, keep the rest.
+
+Concept-ablation style fine-tuning (Kumari et al. 2023, "Ablating concepts in text-to-image
+diffusion models"), with a LoRA on the UNet's attention projections so the edit ships as a
+stock diffusers LoRA. The training loss at each step is
+
+    mean_r || eps_LoRA(x_t, t, c_mem_r) - eps_frozen(x_t, t, c_anchor_r) ||^2
+    + preserve_weight * mean_q || eps_LoRA(x_t, t, c_pres_q) - eps_frozen(x_t, t, c_pres_q) ||^2
+
+in epsilon space (`trainer.unet_core`), the frozen model being the same UNet with its adapter
+disabled. Anchors default to the empty caption (ablation to ""); preserved prompts default to
+the anchors, so the unconditional prediction classifier-free guidance relies on stays put.
+
+Where x_t comes from (our choice, as in Kumari et al.'s model-based variant): before training,
+the frozen model samples `samples_per_prompt` latents for every memorized prompt and every anchor
+(the forget pool: the states the memorized trajectory visits and the states the edited one should
+visit) and for every preserved prompt (the preserve pool), with DDIM `sample_steps` and the
+x_T of seed + j. Each step draws, per request, a pool latent x0, a uniform timestep t and a noise,
+and x_t = add_noise(x0, noise, t). Kumari et al. fine-tune cross-attention K/V or the full UNet;
+here it is a rank-`rank` LoRA on to_q/to_k/to_v/to_out.0 of every attention block.
+
+`adversarial=True` is the robust edit of Kowalczuk et al. (2025, "Finding Dori"): every
+`adversarial_every` steps (step 0 included), the re-trigger attack
+(`trainer.detect.attack.retrigger_attack`, attacker "noise", budget `attack_eps`, on the
+current edited model) perturbs each memorized prompt's text embedding, and the perturbed
+embeddings join the forget set with the anchor of their prompt. Requests are drawn uniformly
+from the whole forget set.
+
+The loop runs under accelerate's `Accelerator` (one CPU, one or several GPUs): the random draws
+of a step are made for the global batch on the CPU from (seed, step) and each process takes its
+rows, so N processes with `batch_size` each equal one process with N * batch_size. Every
+process runs the attacks (identical, deterministic) itself. The UNet is trained in its own dtype
+(load fp32 weights to edit; `mixed_precision` is passed to the Accelerator).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from trainer.core.unet_core import UNetCore, count_evals
+from trainer.detect.attack import generate_from_embeddings, retrigger_attack
+from trainer.io import MemtrainError
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+
+def _strings(values, what: str, allow_empty_list: bool = False) -> list[str]:
+    if isinstance(values, str):
+        values = [values]
+    values = list(values)
+    if not values and not allow_empty_list:
+        raise MemtrainError(f"no {what} given: pass at least one")
+    if any(not isinstance(v, str) for v in values):
+        raise MemtrainError(f"{what} must be strings")
+    return values
+
+
+def _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight, adversarial_every, attack_eps,
+                batch_size, samples_per_prompt) -> tuple[list[str], list[str], list[str]]:
+    memorized = _strings(memorized, "memorized prompts")
+    anchors = [""] if anchors is None else _strings(anchors, "anchors")
+    if len(anchors) == 1:
+        anchors = anchors * len(memorized)
+    if len(anchors) != len(memorized):
+        raise MemtrainError(
+            f"anchors: got {len(anchors)} for {len(memorized)} memorized prompts; pass one, or one per prompt"
+        )
+    preserved = list(dict.fromkeys(anchors)) if preserved is None else _strings(preserved, "preserved prompts", True)
+    for name, value, ok in (
+        ("rank", rank, int(rank) >= 1),
+        ("steps", steps, int(steps) >= 1),
+        ("lr", lr, lr > 0),
+        ("preserve_weight", preserve_weight, preserve_weight >= 0),
+        ("adversarial_every", adversarial_every, int(adversarial_every) >= 1),
+        ("attack_eps", attack_eps, attack_eps > 0),
+        ("batch_size", batch_size, int(batch_size) >= 1),
+        ("samples_per_prompt", samples_per_prompt, int(samples_per_prompt) >= 1),
+    ):
+        if not ok:
+            raise MemtrainError(f"unlearn: {name} must be {'> 0' if name in ('lr', 'attack_eps') else '>= 1'}"
+                                f"{' (or 0)' if name == 'preserve_weight' else ''}, got {value!r}")
+    return memorized, anchors, preserved
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 2_654_435_761 + step) % 2**63)
+
+
+def _draw(gen: torch.Generator, total: int, n_entries: int, n_pool: int, shape: tuple, timesteps: int):
+    """Global draws of one step: entry, pool latent, timestep and noise per request."""
+    return (
+        torch.randint(0, n_entries, (total,), generator=gen),
+        torch.randint(0, n_pool, (total,), generator=gen),
+        torch.randint(0, timesteps, (total,), generator=gen),
+        torch.randn((total, *shape), generator=gen),
+    )
+
+
+def unlearn(
+    pipe,
+    memorized: list[str],
+    anchors: list[str] | None = None,
+    preserved: list[str] | None = None,
+    rank: int = 4,
+    steps: int = 200,
+    lr: float = 1e-4,
+    preserve_weight: float = 1.0,
+    adversarial: bool = False,
+    adversarial_every: int = 25,
+    attack_eps: float = 0.1,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    samples_per_prompt: int = 2,
+    sample_steps: int = 50,
+    guidance_scale: float = 7.5,
+    attack_steps: int = 10,
+    mixed_precision: str = "no",
+) -> dict:
+    """Train the unlearning LoRA on `pipe.unet` (module docstring); the adapter stays active on it.
+
+    `memorized`: prompts to remove; `anchors`: one, or one per memorized prompt (default "");
+    `preserved`: prompts whose predictions must not change (default: the anchors). `batch_size`
+    requests per process and step for the forget term and as many for the preservation term.
+    Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them),
+    "losses" / "forget_losses" / "preserve_losses": per step, "forget_set": its final size,
+    "unet_evals": samples through the UNet (pool sampling, targets, training, attacks), "seconds"}.
+    """
+    memorized, anchors, preserved = _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight,
+                                                adversarial_every, attack_eps, batch_size, samples_per_prompt)
+    unet = pipe.unet
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        raise MemtrainError(
+            "the UNet already carries a LoRA adapter: fuse it into the weights first "
+            "(pipe.fuse_lora(); pipe.unload_lora_weights()) and edit the fused model"
+        )
+    start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    steps, batch_size = int(steps), int(batch_size)
+    with count_evals() as counter:
+        core = UNetCore(pipe)
+        # text embeddings: memorized prompts (rows of the forget set), anchors, preserved prompts
+        forget_table, forget_index, _ = core.encode_prompts(memorized)
+        forget_emb = forget_table[forget_index].float()
+        unique_anchors = list(dict.fromkeys(anchors))
+        anchor_table, anchor_index, _ = core.encode_prompts(unique_anchors)
+        anchor_emb = anchor_table[anchor_index].float()
+        forget_anchor = torch.tensor([unique_anchors.index(a) for a in anchors])
+        # x0 pools sampled by the frozen model (counted by hand: the pipeline bypasses the core)
+        passes = 2 if guidance_scale > 1 else 1
+        pool_n = int(samples_per_prompt)
+        forget_pool = generate_from_embeddings(
+            pipe, torch.cat([forget_emb, anchor_emb]), pool_n, seed, sample_steps, guidance_scale,
+            output_type="latent")
+        pool_evals = (len(forget_emb) + len(anchor_emb)) * pool_n * sample_steps * passes
+        if preserved:
+            pres_table, pres_index, _ = core.encode_prompts(preserved)
+            pres_emb = pres_table[pres_index].float()
+            preserve_pool = generate_from_embeddings(pipe, pres_emb, pool_n, seed, sample_steps, guidance_scale,
+                                                     output_type="latent")
+            pool_evals += len(pres_emb) * pool_n * sample_steps * passes
+
+        unet.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
+            torch.manual_seed(int(seed))
+            unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        trained, optimizer = accelerator.prepare(unet, optimizer)
+        base = accelerator.unwrap_model(trained)
+        core = UNetCore(pipe, batch_size * 2)  # frozen targets and attacks, on the unwrapped UNet
+        train_core = UNetCore(pipe, batch_size * 2)
+        train_core.parts = dataclasses.replace(train_core.parts, unet=trained)  # DDP-wrapped forward
+        device = core.device
+        forget_emb, anchor_emb = forget_emb.to(device), anchor_emb.to(device)
+        forget_pool = forget_pool.to(device)
+        if preserved:
+            pres_emb, preserve_pool = pres_emb.to(device), preserve_pool.to(device)
+        attack_parts = dict(unet=base, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                            scheduler=pipe.scheduler, vae=pipe.vae)
+
+        world = accelerator.num_processes
+        rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
+        shape = tuple(core.latent_shape)
+        T = core.num_train_timesteps
+        losses, forget_losses, preserve_losses = [], [], []
+        bar = tqdm(total=steps, desc="unlearn", disable=not (progress and accelerator.is_main_process),
+                   dynamic_ncols=True)
+        for step in range(steps):
+            if adversarial and step % int(adversarial_every) == 0:
+                base.eval()
+                found = retrigger_attack(attack_parts, memorized, attack_eps, "noise", steps=attack_steps,
+                                         seed=seed + step, batch_size=core.batch_size)
+                forget_emb = torch.cat([forget_emb, found["embeddings"].float().to(device)])
+                forget_anchor = torch.cat([forget_anchor, forget_anchor[: len(memorized)]])
+            base.train()
+            gen = _step_generator(seed, step)
+            f_entry, f_pool, f_t, f_noise = (x[rows] for x in _draw(
+                gen, batch_size * world, len(forget_emb), len(forget_pool), shape, T))
+            x_f = core.add_noise(forget_pool[f_pool], f_noise.to(device), f_t)
+            latents, timesteps = [x_f], [f_t]
+            cond = [forget_emb[f_entry]]
+            target_emb = [anchor_emb[forget_anchor[f_entry]]]
+            if preserved and preserve_weight > 0:
+                p_entry, p_pool, p_t, p_noise = (x[rows] for x in _draw(
+                    gen, batch_size * world, len(pres_emb), len(preserve_pool), shape, T))
+                x_p = core.add_noise(preserve_pool[p_pool], p_noise.to(device), p_t)
+                latents.append(x_p)
+                timesteps.append(p_t)
+                cond.append(pres_emb[p_entry])
+                target_emb.append(pres_emb[p_entry])
+            latents, timesteps = torch.cat(latents), torch.cat(timesteps)
+            cond, target_emb = torch.cat(cond), torch.cat(target_emb)
+            with torch.no_grad():
+                base.disable_adapters()
+                try:
+                    target = core.eps(latents, timesteps, target_emb)
+                finally:
+                    base.enable_adapters()
+            pred = train_core.eps(latents, timesteps, cond, grad=True)
+            k = len(f_entry)
+            loss_f = F.mse_loss(pred[:k], target[:k])
+            loss_p = F.mse_loss(pred[k:], target[k:]) if len(pred) > k else pred.new_zeros(())
+            loss = loss_f + preserve_weight * loss_p
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+            forget_losses.append(float(loss_f.detach()))
+            preserve_losses.append(float(loss_p.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.close()
+        base.eval()
+        accelerator.wait_for_everyone()
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(base))
+    return {
+        "lora_state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "losses": losses,
+        "forget_losses": forget_losses,
+        "preserve_losses": preserve_losses,
+        "forget_set": len(forget_emb),
+        "unet_evals": counter.unet_evals + pool_evals,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def merged_unet(unet):
+    """A copy of `unet` with its LoRA adapter fused into the weights and the LoRA layers removed."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        raise MemtrainError("the UNet has no LoRA adapter to merge: run unlearn() on it first")
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged

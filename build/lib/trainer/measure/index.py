@@ -1,0 +1,477 @@
+"""A nearest-neighbour index of the training images, and the differentiable image embedders it uses.
+
+Built once per training set (`memtrain index DATA --out INDEX`), it answers "which training image is
+closest to this one, and how close" for replication checks and for generation-time guidance: AMG
+(Chen et al., "Towards Memorization-Free Diffusion Models", CVPR 2024) embeds the denoised estimate at
+every sampling step, looks up its nearest training image, and needs the gradient of that similarity
+with respect to the image, so every embedder here is a torch function of the pixels.
+
+Embeddings (all L2-normalised, so cosine similarity = dot product):
+
+- `pixels`: the same descriptor as `memtrain dedup`'s (trainer.dedup.pixel_embedding): the image
+  box-filtered to an 8x8 RGB thumbnail with PIL's BOX coefficients (pixel centres inside each output
+  cell, equal weights), each colour channel centred on its own mean, L2-normalised; a flat thumbnail
+  (std < 2/255) gets the 6-d colour descriptor [r, g, b, 1-r, 1-g, 1-b] instead. 198 dimensions. Dedup
+  rounds the thumbnail to 8 bits first; here it stays in floating point (needed for gradients), so the
+  two agree to within that rounding.
+- `clip`: the image embedding of a local CLIP model directory (trainer.dedup.load_clip). The
+  processor's resize (shortest edge), centre crop and normalisation are done in torch (antialiased
+  interpolation with the processor's filter) so that gradients flow; PIL's resampling differs slightly.
+- `sscd`: the descriptor of a local SSCD TorchScript file (Pizzi et al., CVPR 2022; trainer.dedup.
+  load_sscd), input resized to 288x288 (bilinear, antialiased) and ImageNet-normalised, as in the SSCD
+  README and AMG's setup.
+
+Index images are the training images at the index's `resolution` (short side resized, centre crop:
+trainer.data.image_to_tensor), the view a model trained at that resolution sees. The index stores the
+embeddings (safetensors, float16 by default), the first caption of each row, and the rows' duplicate-
+caption groups (trainer.dedup.caption_groups: rows sharing a caption exactly or after normalisation; the
+normalised groups contain the exact ones). Search is exact: chunked matrix products (each float16 chunk
+cast to float32) and a running top-k on the index's device; on CPU the chunks are small (1024 rows) so
+the cast stays in cache. With faiss installed (`pip install faiss-cpu`), `backend="faiss"` searches an
+exhaustive faiss index instead (IndexFlatIP for float32; for float16, IndexScalarQuantizer QT_fp16,
+which holds the same float16 values, so the result is the same exact search). `backend="auto"` uses
+it for a CPU index of more than `FAISS_AUTO_MIN` images searched with at most `FAISS_AUTO_MAX_QUERIES`
+queries (AMG's per-step lookups), where scripts/bench_index.py measured it faster than the torch path;
+for larger query batches the torch path's matrix products were faster. The first faiss search builds
+faiss' own copy of the embeddings (as large as the index). Ties between identical training images are
+returned in an unspecified order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from trainer.data import image_to_tensor, load_rows, open_image
+from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.measure.embedders import make_embedder
+from trainer.mitigate.dedup import caption_groups
+
+try:  # optional extra: memtrain[faiss]
+    import faiss
+except ImportError:  # pragma: no cover - depends on the environment
+    faiss = None
+
+INDEX_VERSION = 1
+# backend="auto" uses faiss (when installed) for a CPU index above this many images, queried with at most
+# FAISS_AUTO_MAX_QUERIES queries at a time
+FAISS_AUTO_MIN, FAISS_AUTO_MAX_QUERIES = 200_000, 8
+CPU_CHUNK, DEVICE_CHUNK = 1024, 65536  # default rows per matrix product
+_MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this often
+EMBEDDINGS_FILE = "embeddings.safetensors"
+INDEX_FILE = "index.json"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
+
+
+# ---------------------------------------------------------------- embedders
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- the index
+
+
+def faiss_available() -> bool:
+    return faiss is not None
+
+
+@dataclass
+class TrainingIndex:
+    """Embeddings of the training images (row i = training row i) with their captions and file names."""
+
+    embeddings: torch.Tensor  # [N, d], float16 or float32, rows of unit norm
+    captions: list[str]
+    file_names: list[str]
+    duplicate_caption_groups: list[list[int]]
+    embedding: str
+    resolution: int
+    meta: dict = field(default_factory=dict)
+    _faiss: Any = field(default=None, init=False, repr=False, compare=False)
+    _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        n = self.embeddings.shape[0] if self.embeddings.ndim == 2 else -1
+        if n < 0 or len(self.captions) != n or len(self.file_names) != n:
+            raise MemtrainError(
+                f"index parts disagree: embeddings {list(self.embeddings.shape)}, {len(self.captions)} captions, "
+                f"{len(self.file_names)} file names; rebuild it with `memtrain index`"
+            )
+        self._duplicated = {i for g in self.duplicate_caption_groups for i in g}
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    def caption_is_duplicated(self, i: int) -> bool:
+        """True when training row i shares its caption (exactly or after normalisation) with another row."""
+        return int(i) in self._duplicated
+
+    def to(self, device) -> TrainingIndex:
+        self.embeddings = self.embeddings.to(device)
+        return self
+
+    def search(
+        self, queries: torch.Tensor, k: int = 1, chunk: int | None = None, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k cosine neighbours: (similarities [M, k] float32, indices [M, k] int64), best first,
+        on the queries' device. Queries are L2-normalised here; no gradient flows (re-score the winner
+        with the embedder's output for that). `chunk`: index rows per matrix product (default 1024 on
+        CPU, 65536 on a GPU). backend: auto | torch | faiss."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise MemtrainError(
+                f"queries must be [M, {self.dim}] ({self.embedding} embeddings), got {list(queries.shape)}; "
+                f"embed them with make_embedder({self.embedding!r})"
+            )
+        n = len(self)
+        if not 1 <= k <= n:
+            raise MemtrainError(f"k must be in 1..{n} (the index has {n} images), got {k}")
+        if chunk is None:
+            chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
+        if chunk < 1:
+            raise MemtrainError(f"chunk must be >= 1, got {chunk}")
+        if backend not in ("auto", "torch", "faiss"):
+            raise MemtrainError(f"unknown search backend {backend!r}; choose auto, torch or faiss")
+        if backend == "faiss" and faiss is None:
+            raise MemtrainError(
+                "backend='faiss' needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)"
+            )
+        if backend == "auto":
+            use_faiss = faiss is not None and self.device.type == "cpu" and n > FAISS_AUTO_MIN
+            use_faiss = use_faiss and queries.shape[0] <= FAISS_AUTO_MAX_QUERIES
+            backend = "faiss" if use_faiss else "torch"
+        out_device = queries.device
+        q = F.normalize(queries.detach().float(), dim=1)
+        if q.shape[0] == 0:
+            return q.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=out_device)
+        if backend == "faiss":
+            sims, idx = self._faiss_index().search(q.cpu().numpy(), k)
+            return torch.from_numpy(sims).to(out_device), torch.from_numpy(idx).to(out_device)
+        q = q.to(self.device)
+        results = [
+            self._torch_search(q[s : s + _QUERY_BLOCK], k, chunk) for s in range(0, q.shape[0], _QUERY_BLOCK)
+        ]
+        return torch.cat([r[0] for r in results]).to(out_device), torch.cat([r[1] for r in results]).to(
+            out_device
+        )
+
+    @torch.no_grad()
+    def _torch_search(self, q: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for start in range(0, len(self), chunk):
+            sims = q @ self.embeddings[start : start + chunk].to(torch.float32).T
+            v, i = sims.topk(min(k, sims.shape[1]), dim=1)
+            values.append(v)
+            indices.append(i + start)
+            if len(values) == _MERGE_EVERY or start + chunk >= len(self):  # fold the candidates into a top-k
+                v, i = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+                v, sel = v.topk(min(k, v.shape[1]), dim=1)
+                values, indices = [v], [i.gather(1, sel)]
+        return values[0], indices[0]
+
+    def _faiss_index(self):
+        if self._faiss is None:
+            d = self.dim
+            if self.embeddings.dtype == torch.float16:  # exhaustive search over the same float16 values
+                index = faiss.IndexScalarQuantizer(
+                    d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+                )
+            else:
+                index = faiss.IndexFlatIP(d)
+            for start in range(0, len(self), 65536):  # convert in chunks: no float32 copy of the whole index
+                index.add(np.ascontiguousarray(self.embeddings[start : start + 65536].float().cpu().numpy()))
+            self._faiss = index
+        return self._faiss
+
+    def save(self, path: str | Path) -> None:
+        """Write `path/embeddings.safetensors` and `path/index.json` atomically (the directory appears whole)."""
+        dtype = {v: k for k, v in DTYPES.items()}.get(self.embeddings.dtype)
+        if dtype is None:
+            raise MemtrainError(f"index embeddings must be float16 or float32, got {self.embeddings.dtype}")
+        with atomic_dir(path) as tmp:
+            save_file(
+                {"embeddings": self.embeddings.detach().contiguous().cpu()},
+                str(tmp / EMBEDDINGS_FILE),
+                metadata={"format": "pt"},
+            )
+            write_json(
+                dict(
+                    version=INDEX_VERSION,
+                    embedding=self.embedding,
+                    resolution=self.resolution,
+                    dtype=dtype,
+                    count=len(self),
+                    dim=self.dim,
+                    meta=self.meta,
+                    duplicate_caption_groups=self.duplicate_caption_groups,
+                    captions=self.captions,
+                    file_names=self.file_names,
+                ),
+                tmp / INDEX_FILE,
+            )
+
+    @classmethod
+    def load(
+        cls, path: str | Path, embedding: str | None = None, resolution: int | None = None, device="cpu"
+    ) -> TrainingIndex:
+        """Read an index written by `save` / `memtrain index`, checking it matches what the caller needs."""
+        p = Path(path)
+        build = f"build one with `memtrain index DATA --out {p}`"
+        if not p.exists():
+            raise MemtrainError(f"index {p} does not exist; {build}")
+        meta_file, emb_file = p / INDEX_FILE, p / EMBEDDINGS_FILE
+        if not p.is_dir() or not meta_file.exists() or not emb_file.exists():
+            raise MemtrainError(
+                f"{p} is not a memtrain index (needs {INDEX_FILE} and {EMBEDDINGS_FILE}); {build}"
+            )
+        try:
+            info = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise MemtrainError(f"{meta_file}: not valid JSON ({e.msg}); rebuild the index") from None
+        missing = [
+            key
+            for key in (
+                "version",
+                "embedding",
+                "resolution",
+                "count",
+                "captions",
+                "file_names",
+                "duplicate_caption_groups",
+            )
+            if key not in info
+        ]
+        if missing:
+            raise MemtrainError(
+                f"{meta_file}: missing keys {missing}; rebuild the index with `memtrain index`"
+            )
+        if info["version"] != INDEX_VERSION:
+            raise MemtrainError(
+                f"{meta_file}: index version {info['version']}, this memtrain reads version "
+                f"{INDEX_VERSION}; rebuild the index with `memtrain index`"
+            )
+        if info["count"] == 0:
+            raise MemtrainError(f"index {p} is empty (0 images); rebuild it from a non-empty training set")
+        if embedding is not None and info["embedding"] != embedding:
+            raise MemtrainError(
+                f"index {p} holds {info['embedding']} embeddings, but {embedding} embeddings were requested; "
+                f"rebuild it with `memtrain index DATA --out {p} --embedding {embedding}` or use {info['embedding']}"
+            )
+        if resolution is not None and int(info["resolution"]) != int(resolution):
+            raise MemtrainError(
+                f"index {p} was built from {info['resolution']}x{info['resolution']} images, but resolution "
+                f"{resolution} was requested; rebuild it with `memtrain index DATA --out {p} --resolution "
+                f"{resolution}`"
+            )
+        try:
+            emb = load_file(str(emb_file), device=str(device))["embeddings"]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise MemtrainError(f"{emb_file}: cannot read the embeddings ({e}); rebuild the index") from None
+        if emb.ndim != 2 or emb.shape[0] != info["count"] or emb.dtype not in DTYPES.values():
+            raise MemtrainError(
+                f"{emb_file}: embeddings {list(emb.shape)} {emb.dtype} do not match {meta_file} "
+                f"({info['count']} images); rebuild the index"
+            )
+        return cls(
+            emb,
+            list(info["captions"]),
+            list(info["file_names"]),
+            [list(g) for g in info["duplicate_caption_groups"]],
+            info["embedding"],
+            int(info["resolution"]),
+            dict(info.get("meta", {})),
+        )
+
+
+# ---------------------------------------------------------------- building
+
+
+def _image_size(source, name: str) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    if isinstance(source, Image.Image):
+        return source.size
+    if isinstance(source, dict):  # a datasets image dict: decode (rare path)
+        return open_image(source, name).size
+    try:
+        with Image.open(source) as im:
+            return im.size
+    except FileNotFoundError:
+        raise MemtrainError(f"{name}: image file is missing") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+
+
+def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) -> int:
+    first = None
+    for source, name in tqdm(
+        list(zip(images, names, strict=True)),
+        desc="image sizes",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    ):
+        size = _image_size(source, name)
+        if first is None:
+            first = (size, name)
+        elif size != first[0]:
+            raise MemtrainError(
+                f"training images differ in size ({first[1]} is {first[0][0]}x{first[0][1]}, {name} is "
+                f"{size[0]}x{size[1]}); pass --resolution (the model's training resolution)"
+            )
+    (w, h), name = first
+    if w != h:
+        raise MemtrainError(
+            f"training images are {w}x{h}, not square; pass --resolution (the model's training "
+            "resolution: short side resized, centre crop)"
+        )
+    return w
+
+
+def _file_name(source, root: Path, row: int) -> str:
+    """The image's path relative to the data directory, or "row i" for an image stored in a dataset."""
+    if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
+        source = source["path"]
+    if isinstance(source, str | Path):
+        try:
+            return Path(source).relative_to(root).as_posix()
+        except ValueError:
+            return str(source)
+    return f"row {row}"
+
+
+def build_index(
+    data: str,
+    out: str,
+    embedding: str = "pixels",
+    path: str | None = None,
+    resolution: int | None = None,
+    batch_size: int = 64,
+    dtype: torch.dtype = torch.float16,
+    caption_column: str = "text",
+    image_column: str = "image",
+    progress: bool = True,
+    device=None,
+) -> TrainingIndex:
+    """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
+    save_to_disk directory) at `resolution` and write the index to `out` (atomically).
+
+    Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
+    batch of images plus the [N, d] embedding matrix being built."""
+    root = Path(data)
+    if not root.exists():
+        raise MemtrainError(
+            f"training data {data} does not exist; give an imagefolder directory "
+            "(metadata.jsonl or metadata.csv) or a `datasets` save_to_disk directory"
+        )
+    if not root.is_dir():
+        raise MemtrainError(
+            f"training data {data} is not a directory (want an imagefolder or a datasets directory)"
+        )
+    out_path = Path(out).resolve()
+    if out_path == root.resolve() or root.resolve() in out_path.parents or out_path in root.resolve().parents:
+        raise MemtrainError(f"--out {out} overlaps the training data {data}; write the index somewhere else")
+    if out_path.is_file() or (
+        out_path.exists() and any(out_path.iterdir()) and not (out_path / INDEX_FILE).exists()
+    ):
+        raise MemtrainError(f"--out {out} exists and is not a memtrain index; choose a new directory")
+    if batch_size < 1:
+        raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
+    if dtype not in DTYPES.values():
+        raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
+    if resolution is not None and resolution < 1:
+        raise MemtrainError(f"--resolution must be >= 1, got {resolution}")
+    embedder = make_embedder(embedding, path, device)
+
+    t0 = time.perf_counter()
+    rows = load_rows(str(root), caption_column=caption_column, image_column=image_column)
+    n = len(rows.images)
+    if n == 0:
+        raise MemtrainError(f"training data {data} has no images; nothing to index")
+    if resolution is None:
+        resolution = _default_resolution(rows.images, rows.names, progress)
+    emb = torch.empty((n, embedder.dim), dtype=dtype)
+    with torch.no_grad(), tqdm(total=n, desc=f"index ({embedding})", unit="img", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch = torch.stack(
+                [
+                    image_to_tensor(open_image(rows.images[i], rows.names[i]), resolution, True, False, None)
+                    for i in range(start, stop)
+                ]
+            )
+            emb[start:stop] = embedder((batch + 1.0) / 2.0).to(device="cpu", dtype=dtype)
+            bar.update(stop - start)
+    seconds = time.perf_counter() - t0
+    groups = caption_groups(rows.captions)
+    index = TrainingIndex(
+        embeddings=emb,
+        captions=[c[0] for c in rows.captions],
+        file_names=[_file_name(s, root, i) for i, s in enumerate(rows.images)],
+        duplicate_caption_groups=groups["normalized"],
+        embedding=embedding,
+        resolution=int(resolution),
+        meta=dict(
+            data=str(root),
+            model=str(path) if path else None,
+            exact_caption_groups=len(groups["exact"]),
+            build_seconds=round(seconds, 3),
+            images_per_second=round(n / max(seconds, 1e-9), 1),
+        ),
+    )
+    index.save(out)
+    return index
+
+
+def index_summary(index: TrainingIndex, out: str) -> dict:
+    dup_rows = sum(len(g) for g in index.duplicate_caption_groups)
+    return dict(
+        out=str(out),
+        images=len(index),
+        embedding=index.embedding,
+        dim=index.dim,
+        dtype=str(index.embeddings.dtype).removeprefix("torch."),
+        resolution=index.resolution,
+        duplicate_caption_groups=len(index.duplicate_caption_groups),
+        rows_with_duplicated_captions=dup_rows,
+        size_mb=round(index.embeddings.numel() * index.embeddings.element_size() / 2**20, 2),
+        build_seconds=index.meta.get("build_seconds"),
+        images_per_second=index.meta.get("images_per_second"),
+    )

@@ -1,0 +1,183 @@
+"""Guarded generation as a drop-in for diffusers' `StableDiffusionPipeline`, and the batch entry point
+`guarded_generate` used by `memtrain generate --guard` and `memtrain evaluate --guard`.
+
+`GuardedPipeline.from_pipe(pipe, index=..., guard="amg" | "wen" | "none", **options)` holds the pipeline
+(composition; every attribute it does not define is the pipeline's) and samples with the loop of
+`trainer.sample.guidance`: always DDIM (eta 0, the sampler of the papers) over the noise schedule of
+the pipeline's scheduler config, with classifier-free guidance, so a LoRA loaded into the pipe, a
+float16 or a v-prediction model work as they do in the pipeline. `__call__` takes the usual
+arguments and returns the usual `StableDiffusionPipelineOutput`, with `guard_records` (one dict per
+image) set on it. The formulas and their defaults are documented in `trainer.sample.guidance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from trainer.core.components import model_resolution
+from trainer.core.unet_core import UNetCore
+from trainer.io import MemtrainError
+from trainer.measure.embedders import make_embedder
+from trainer.measure.index import TrainingIndex
+from trainer.sample.generate import generate_images
+from trainer.sample.guidance import (
+    C1_DEFAULT,
+    C2_DEFAULT,
+    C3_DEFAULT,
+    WEN_LR,
+    WEN_MAX_ITERS,
+    WEN_TARGET,
+    AMGConfig,
+    AMGGuard,
+    as_threshold,
+    decode_images,
+    mitigate_prompt_embedding,
+    sample_latents,
+)
+
+GUARDS = ("none", "amg", "wen")
+
+
+def check_index(index, pipe, embedding: str | None = None, where: str = "index") -> None:
+    """One MemtrainError per problem: empty index, other resolution than the model's, other embedding."""
+    if index is None:
+        raise MemtrainError("--guard amg needs a training-image index: pass --index INDEX (built by `memtrain index`)")
+    if len(index.embeddings) == 0:
+        raise MemtrainError(f"{where}: the index is empty; rebuild it from the training data with `memtrain index`")
+    want = model_resolution(pipe)
+    if index.resolution is not None and int(index.resolution) != want:
+        raise MemtrainError(
+            f"{where}: built at resolution {index.resolution} but the model generates {want}x{want} images; "
+            f"rebuild it with `memtrain index ... --resolution {want}`"
+        )
+    if embedding is not None and index.embedding != embedding:
+        raise MemtrainError(
+            f"{where}: built with the {index.embedding!r} embedding, not {embedding!r}; rebuild it with "
+            f"`--embedding {embedding}` or drop the embedding option"
+        )
+
+
+class GuardedPipeline:
+    """A StableDiffusionPipeline whose sampling is guarded against replicating training images."""
+
+    def __init__(
+        self, pipe, index=None, guard: str = "amg", embedder=None, embedder_path=None, threshold=None,
+        c1: float = C1_DEFAULT, c2: float = C2_DEFAULT, c3: float = C3_DEFAULT, despecification: bool = True,
+        deduplication: bool = True, dissimilarity: bool = True, check_every: int = 1, target: float = WEN_TARGET, lr: float = WEN_LR,
+        max_iters: int = WEN_MAX_ITERS, batch_size: int | None = None,
+    ):
+        if guard not in GUARDS:
+            raise MemtrainError(f"guard must be one of {', '.join(GUARDS)}, got {guard!r}")
+        self.pipe, self.guard, self.index, self.batch_size = pipe, guard, index, batch_size
+        self.amg: AMGConfig | None = None
+        self.embedder = embedder
+        if guard == "amg":
+            check_index(index, pipe)
+            self.amg = AMGConfig(as_threshold(threshold, index.embedding), c1, c2, c3, despecification,
+                                 deduplication, dissimilarity, check_every)
+            if self.embedder is None:
+                path = embedder_path or (index.meta or {}).get("embedder_path")
+                self.embedder = make_embedder(index.embedding, path, pipe.device)
+        self.wen = dict(target=float(target), lr=float(lr), max_iters=int(max_iters))
+
+    @classmethod
+    def from_pipe(cls, pipe, index: TrainingIndex | None = None, guard: str = "amg", **options) -> GuardedPipeline:
+        """Wrap `pipe` (diffusers' `from_pipe` convention: same components, no copies)."""
+        return cls(pipe, index=index, guard=guard, **options)
+
+    def __getattr__(self, name):
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pipe.encode_prompt(captions, self.pipe.device, 1, False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+        output_type: str = "pil", num_images_per_prompt: int = 1, negative_prompt: str | list[str] | None = None,
+        return_dict: bool = True, **unused,
+    ):
+        if unused:
+            raise MemtrainError(f"GuardedPipeline does not support {', '.join(sorted(unused))}")
+        pipe = self.pipe
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = int(num_images_per_prompt)
+        device = pipe.device
+        cond, uncond = pipe.encode_prompt(prompts, device, n, True, negative_prompt)
+        b = len(cond)
+        res = model_resolution(pipe)
+        shape = (b, pipe.unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
+        if latents is None:  # as `prepare_latents` draws them; DDIM's init_noise_sigma is 1
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        elif tuple(latents.shape) != shape:
+            raise MemtrainError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        core = UNetCore(pipe, self.batch_size or 2 * b)
+        guard = None
+        records: list[dict] = [{"guard": "none", "intervened": False} for _ in range(b)]
+        if self.guard == "amg":
+            guard = AMGGuard(core, self.index, self.embedder, self._encode, self.amg, b)
+        elif self.guard == "wen":
+            x_T = latents.float()
+            if negative_prompt is not None:
+                raise MemtrainError("guard wen optimises against the empty caption: negative_prompt is not supported")
+            optimized, wen_records = mitigate_prompt_embedding(
+                pipe, prompts, latents=x_T, num_inference_steps=num_inference_steps, batch_size=2 * b, **self.wen
+            )
+            cond = optimized.repeat_interleave(n, dim=0).to(cond.dtype)
+            records = [dict(rec) for rec in wen_records for _ in range(n)]
+        x0 = sample_latents(core, cond, uncond, latents, num_inference_steps, guidance_scale, guard)
+        if guard is not None:
+            records = [r.as_dict() for r in guard.records]
+        if output_type == "latent":
+            images = x0
+        else:
+            vae = pipe.vae
+            image = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * b)
+        out = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+        out.guard_records = records
+        return out if return_dict else (images, None)
+
+
+def guarded_generate(
+    pipe, prompts: Sequence[str], n: int = 1, seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+    guard: str | GuardedPipeline = "amg", index: TrainingIndex | None = None, batch_size: int = 32,
+    progress: bool = True, **options,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Images [len(prompts) * n, 3, H, W] in [0, 1] (prompt-major, generation j from seed + j, as
+    `trainer.generate.generate_images`) and one guard record per image (with its prompt and seed).
+
+    `guard="none"` is the stock pipeline (`generate_images`), the baseline a guard is compared with.
+    """
+    if guard == "none":
+        images = generate_images(pipe, list(prompts), n, seed, steps, guidance_scale, batch_size, progress)
+        records = [{"guard": "none", "intervened": False, "prompt": p, "seed": seed + j}
+                   for p in prompts for j in range(n)]
+        return images, records
+    guarded = guard if isinstance(guard, GuardedPipeline) else GuardedPipeline.from_pipe(pipe, index, guard, **options)
+    jobs = [(p, seed + j) for p in prompts for j in range(n)]
+    core = UNetCore(pipe)
+    images, records = [], []
+    bar = tqdm(total=len(jobs), desc=f"generate ({guarded.guard})", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        x_T = torch.cat([core.initial_noise(1, s) for _, s in chunk])
+        out = guarded([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                      latents=x_T.to(pipe.unet.dtype), output_type="pt")
+        images.append(out.images.float().cpu())
+        records += [dict(r, prompt=p, seed=s) for r, (p, s) in zip(out.guard_records, chunk, strict=True)]
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(images).clamp(0, 1), records
+
+
+__all__ = ["GuardedPipeline", "guarded_generate", "check_index", "model_resolution", "decode_images"]
