@@ -1,18 +1,11 @@
-"""Memorization detectors and CLiD membership inference, as small functions over `trainer.unet_core`.
+"""Prompt memorization detectors, small functions over `trainer.core.unet_core`; higher = more
+likely memorized, float64 scores in input-prompt order.
 
-Every score follows one convention: HIGHER = more likely memorized (prompt detectors) or more
-likely a training member (CLiD). No detector needed a sign flip: memorized prompts have a larger
-text-conditional noise norm (Wen), a larger norm and a larger uncond/guidance alignment
-(anisotropy), a HIGHER cross-attention entropy (Ren: non-memorized prompts concentrate on BOS),
-and members have a larger condition discrepancy and a smaller loss (CLiD uses L = -loss).
-
-Notation as in METHODS.md: `d(c) = eps(x_t, t, c) - eps(x_t, t, c0)`, c0 the empty caption, norms
-are L2 over the whole flattened latent. Noise predictions are in epsilon space (v-prediction
-models are converted with the scheduler's alphas, see `unet_core`). Generation j of every prompt
-starts from the same x_T (seed `seed + j`, the `memtrain generate` convention). Each detector
-makes exactly the UNet evaluations its method needs; `unet_core.count_evals()` counts them.
-Scores are float64 CPU tensors in the order of the input prompts (duplicate prompts are scored
-once and share the score). `batch_size` is the number of samples per UNet forward.
+Implements the noise-prediction magnitude and token significance (Wen et al., ICLR 2024, "Detecting,
+explaining, and mitigating memorization in diffusion models"), the anisotropy metric (Asthana &
+Belagiannis, ICLR 2026, "Detecting and mitigating memorization in diffusion models through anisotropy
+of the log-probability") and cross-attention entropy (Ren et al., ECCV 2024, "Unveiling and
+mitigating memorization in text-to-image diffusion models through cross attention").
 """
 
 from __future__ import annotations
@@ -57,7 +50,7 @@ ANISOTROPY_WEIGHTS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1), "realistic-vision": 
 
 
 
-# ---------------------------------------------------------------- 1.1 Wen et al.
+# ---------------------------------------------------------------- Wen et al.
 
 
 def _num_steps(steps: str | int, num_inference_steps: int) -> int:
@@ -169,7 +162,7 @@ def token_attribution(
     return TokenAttribution(tokens, per_position[1:end].clone(), per_position, float(norms.detach().mean()))
 
 
-# ---------------------------------------------------------------- 1.2 Asthana & Belagiannis
+# ---------------------------------------------------------------- Asthana & Belagiannis
 
 
 @dataclass
@@ -254,7 +247,7 @@ def anisotropy(
     return AnisotropyScores(M=g_norm * N + g_cos * C, N=N, C=C)
 
 
-# ---------------------------------------------------------------- 1.3 Ren et al.
+# ---------------------------------------------------------------- Ren et al.
 
 
 def attention_entropy(
@@ -302,26 +295,3 @@ def attention_entropy(
     dist = torch.cat(dists).view(len(unique), n, -1)[inverse]
     entropy = -torch.special.xlogy(dist, dist).sum(dim=-1).mean(dim=1)
     return (entropy, dist) if return_distributions else entropy
-
-
-# ---------------------------------------------------------------- 1.4 CLiD (Zhai et al.)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
