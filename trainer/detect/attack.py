@@ -120,7 +120,7 @@ def retrigger_attack(
 ) -> dict:
     """Search a text-embedding perturbation per prompt that re-triggers it (module docstring).
 
-    `pipe`: a StableDiffusionPipeline (or a `trainer.unet_core` components dict). `images`
+    `pipe`: a StableDiffusionPipeline (or a `trainer.core.unet_core` components dict). `images`
     [P, 3, H, W] in [0, 1]: each prompt's memorized training image (attacker "image" only).
     `num_inference_steps` fixes the first DDIM timestep of the "noise" objective.
     Returns {"embeddings": [P, 77, D] e + d on the model's device and dtype, "delta_norm_ratio": [P]
@@ -212,7 +212,7 @@ def generate_from_embeddings(
 
     The stock pipeline is called with `prompt_embeds=` and the empty caption's embedding as
     `negative_prompt_embeds`; generation j starts from the x_T of seed + j, as in
-    `trainer.generate.generate_images`, so unperturbed embeddings reproduce its images.
+    `trainer.sample.generate.generate_images`, so unperturbed embeddings reproduce its images.
     `output_type="latent"` returns the final latents instead (not clamped).
     """
     if not torch.is_tensor(embeddings) or embeddings.dim() != 3:

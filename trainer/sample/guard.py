@@ -151,7 +151,7 @@ def guarded_generate(
     progress: bool = True, **options,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Images [len(prompts) * n, 3, H, W] in [0, 1] (prompt-major, generation j from seed + j, as
-    `trainer.generate.generate_images`) and one guard record per image (with its prompt and seed).
+    `trainer.sample.generate.generate_images`) and one guard record per image (with its prompt and seed).
 
     `guard="none"` is the stock pipeline (`generate_images`), the baseline a guard is compared with.
     """

@@ -39,11 +39,8 @@ class Threshold:
 
 
 SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)  # Chen et al., for SSCD cosine similarity
-# For the "pixels" embedding (`trainer.measure.embedders`: 8x8 box thumbnail, per-channel mean removed,
-# L2-normalised; the dedup pixel embedding): a constant 0.85,
-# calibrated on the toy world between the nearest-training similarity of held-out images (99th
-# percentile, the false-alarm side) and that of VAE round-tripped training images (5th percentile,
-# copies as the model can produce them). Recalibrate on your own held-out images.
+# For the "pixels" embedding: a constant calibrated on the toy world (deviation; docs/methods.md).
+# Recalibrate on your own held-out images.
 PIXEL_THRESHOLD = Threshold(0.85, 0.0, 0.0)
 DEFAULT_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD}
 

@@ -93,7 +93,7 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 
 def training_rows(recipe) -> dict:
     """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
-    (the same `dedup.apply_dedup_policy` call as `train.make_caption_fn_and_weights`)."""
+    (the same `dedup.apply_dedup_policy` call as `loop.make_caption_fn_and_weights`)."""
 
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)
