@@ -3,18 +3,8 @@
     memtrain edit {prune,neurons,unlearn,uce} CKPT --memorized FILE --out DIR [--lora W] [--anchors FILE]
         [--preserved FILE] [--evaluate PROMPTS [--data DIR]] [--wandb] [method options]
 
-Each method loads CKPT (plus a LoRA of the same base, fused), snapshots the UNet, edits it and writes,
-atomically into OUT: a diffusers pipeline directory (prune, neurons, uce, unlearn --merge) or
-`pytorch_lora_weights.safetensors` (unlearn, uce --as-lora), `neurons.json` for neurons, and
-`edit.json` / `edit.md`: method, parameters, weights changed per parameter, seconds, UNet evaluations.
-When the edit changed nothing (e.g. NeMo found no memorization neurons) it says so (a warning and
-`nothing_changed` in edit.json) and the output is the unchanged model.
-
-`--evaluate PROMPTS` runs `memtrain evaluate` on the source (OUT/eval_before) and on the written
-result (OUT/eval_after) and puts them side by side: replication of the memorized prompts named in
---memorized and of the memorized prompts of PROMPTS not named, the general prompts' replication,
-quality (toy alignment / CLIP score, KID) and the mean L2 change of their generations at the same
-seeds, detector AUROCs and membership AUROCs.
+Writes a pipeline directory or `pytorch_lora_weights.safetensors` atomically into OUT, with `edit.json`
+/ `edit.md`; `--evaluate` compares `memtrain evaluate` before and after. Methods: docs/methods.md.
 """
 
 from __future__ import annotations

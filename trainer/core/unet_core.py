@@ -1,30 +1,11 @@
-"""The one batched "ask the UNet" core that every detector in `trainer.detectors` uses.
+"""The batched UNet core every detector and edit uses: a method is a list of requests, request r
+asking for `eps(latents[x_index[r]], timesteps[r], embeddings[e_index[r]])`, and `UNetCore.eps`
+answers them `batch_size` samples per UNet forward.
 
-A detector is a list of *requests*; request r asks for the noise prediction
-`eps(latents[x_index[r]], timesteps[r], embeddings[e_index[r]])`. `UNetCore.eps` answers all of
-them in chunks of `batch_size` samples per UNet forward, so prompts, generations, timesteps and
-conditions share batches and no formula is written twice. The other pieces of the core are:
-
-- `UNetCore.encode_prompts` / `encode_ids`: each distinct token sequence (including the empty
-  caption c0) goes through the text encoder exactly once per call.
-- `UNetCore.initial_noise`: the pure-noise latent x_T of generation j comes from
-  `torch.Generator("cpu").manual_seed(seed + j)` with the latent shape of
-  `unet.config.in_channels` x `unet.config.sample_size` (the convention of `trainer.generate`, so
-  a detector scores the same trajectory `memtrain generate --seed` samples). The same x_T is used
-  for every prompt.
-- `encode_latents`: images -> latents with the VAE posterior SAMPLE times
-  `vae.config.scaling_factor` (pass-through when there is no VAE).
-- `record_cross_attention`: a diffusers attention processor that records the softmax of chosen
-  cross-attention (attn2) modules and restores the original processors afterwards.
-- `COUNTER` / `count_evals()`: the number of samples passed through the UNet (and the number of
-  token sequences passed through the text encoder), for benchmarks and tests.
-
-Prediction types. Predictions are returned in epsilon space by default (`space="epsilon"`): a
-v-prediction output is converted with the scheduler's `alphas_cumprod` as
-`eps = sqrt(abar_t) * v + sqrt(1 - abar_t) * x_t` (an x0 / "sample" output as
-`eps = (x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t)`). `space="model"` returns the raw UNet output.
-The core runs the UNet on whatever device / dtype its parameters are on; noise is drawn on the CPU
-in float32 (device-independent), predictions are returned as float32.
+Each distinct token sequence is encoded once per call; generation j starts from x_T drawn on the CPU
+from seed `seed + j` (as `memtrain generate`); predictions are returned as float32 in epsilon space
+(v and x0 outputs converted with `alphas_cumprod`) unless `space="model"`. Also: `encode_latents`,
+`record_cross_attention` and the `count_evals` counter. Conventions: docs/methods.md.
 """
 
 from __future__ import annotations
