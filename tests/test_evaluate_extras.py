@@ -51,7 +51,10 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
             assert 0 <= row[who]["replication"] <= 1 and row[who]["unet_evals"] > 0
             assert row[who]["max_delta_norm_ratio"] <= row["eps"] * (1 + 1e-5)
             assert printed[f"attack/eps{row['eps']:g}/{who}"] == row[who]["replication"]
-    assert report["cost"]["attack"]["unet_evals"] == sum(a["unet_evals"] for a in attack["attackers"].values()) > 0
+    # total cost: both attacks (unet_evals of each) plus one generation of 3 steps x 2 (CFG) per prompt and image
+    sampled = 2 * 3 * 2 * (1 + sum(r[w] is not None for r in attack["rows"] for w in ("noise", "image")))
+    attacks = sum(a["unet_evals"] for a in attack["attackers"].values())
+    assert report["cost"]["attack"]["unet_evals"] == attack["unet_evals"] == attacks + sampled
 
     # index replication: the nearest training image of each generation, as the index finds it
     ix = report["replication"]["index"]
@@ -107,6 +110,21 @@ def test_index_only_replication_and_wen_guard(tmp_path, tiny_model, tiny_data, i
         assert s["guarded"]["fraction_intervened"] == 1 and s["guarded"]["mean_iterations"] == 1
         assert "fraction_replicated" not in s["guarded"] and 0 <= s["guarded"]["fraction_replicated_index"] <= 1
     assert "## Guarded sampling" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_amg_that_always_fires(tmp_path, tiny_model, tiny_data, index_dir):
+    """A threshold below every cosine: AMG intervenes at every step of every generation and moves them."""
+    report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=3,
+                        detectors="noise", index=index_dir, guard="amg", guard_options={"threshold": -2.0},
+                        progress=False)
+    guard = report["guard"]
+    for s in guard["groups"].values():
+        g = s["guarded"]
+        assert g["fraction_intervened"] == 1 and g["fraction_steps_intervened"] == 1
+        assert g["max_abs_change_not_intervened"] is None
+    assert all(r["num_steps_intervened"] == 3 for r in guard["records"])
+    # the dissimilarity term re-evaluates the UNet with autograd on the firing rows: more evals per image
+    assert guard["guarded"]["unet_evals_per_image"] > guard["unguarded"]["unet_evals_per_image"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -124,13 +124,17 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
 def attack_report(pipe, texts: list[str], images: torch.Tensor | None, references: torch.Tensor,
                   eps_values: Sequence[float], n: int, seed: int, steps: int, sample_steps: int,
                   guidance_scale: float, batch_size: int) -> dict:
-    """`trainer.detect.attack.attack_section` for the memorized prompts, with its total cost."""
+    """`trainer.detect.attack.attack_section` for the memorized prompts, with its total cost (`unet_evals`,
+    `seconds`: the attacks plus the generations of the plain and perturbed prompts; the attackers' own
+    optimisation cost is under `attackers`)."""
     start = time.perf_counter()
-    section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed, steps=steps,
-                             sample_steps=sample_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    with count_unet_samples(pipe.unet) as counted:
+        section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed,
+                                 steps=steps, sample_steps=sample_steps, guidance_scale=guidance_scale,
+                                 batch_size=batch_size)
     section["texts"] = list(texts)
     section["seconds"] = round(time.perf_counter() - start, 2)
-    section["unet_evals"] = sum(a["unet_evals"] for a in section["attackers"].values())
+    section["unet_evals"] = counted[0]
     return section
 
 
