@@ -81,7 +81,7 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
     for group, s in guard["groups"].items():
         u, g = s["unguarded"], s["guarded"]
         assert g["fraction_intervened"] == 0 and g["fraction_steps_intervened"] == 0
-        assert g["max_abs_change_not_intervened"] < 1e-4
+        assert g["max_abs_change_not_intervened"] < 1e-5  # the guarded loop is the stock DDIM loop
         assert g["fraction_replicated"] == u["fraction_replicated"] == report["replication"]["groups"][group][
             "fraction_replicated"]
         assert g["fraction_replicated_index"] == u["fraction_replicated_index"] == ix["groups"][group][

@@ -310,7 +310,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                     report["quality"]["groups"], guard_options)
                 report["guard"] = section
                 cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                 "unet_evals": round(section["guarded"]["unet_evals_per_image"] * len(generated))}
+                                 "unet_evals": section["guarded"]["unet_evals"]}
                 stages.update()
 
             cost["total"] = {"seconds": round(time.perf_counter() - t_start, 2),

@@ -180,7 +180,8 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
               "criteria": {},
               "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
                             "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
-              "guarded": {"seconds_per_image": seconds / len(guarded), "unet_evals_per_image": counted[0] / len(guarded)},
+              "guarded": {"seconds_per_image": seconds / len(guarded), "unet_evals_per_image": counted[0] / len(guarded),
+                          "unet_evals": counted[0]},
               "groups": {}}
     if references is not None:
         result["criteria"]["fraction_replicated"] = "L2 ratio NN1/NN2 < 1/3 (the replication section)"
