@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import trainer.detect as D
+from trainer.core import attention as A
 from trainer.core import unet_core as U
 from trainer.detect import clid as C
 from trainer.detect import prompt as P
@@ -256,13 +257,13 @@ def test_default_g_cos_by_family(model):
 
 def test_attention_layer_fallback(model):
     unet = model["unet"]
-    names = U.cross_attention_modules(unet)
+    names = A.cross_attention_modules(unet)
     assert names[0].startswith("down_blocks.0") and names[1].startswith("mid_block")
-    assert U.resolve_cross_attention(unet, P.SD1_ENTROPY_LAYER, default=P.SD1_ENTROPY_LAYER) == [names[3]]
-    assert U.resolve_cross_attention(unet, 1) == [names[1]]
-    assert U.resolve_cross_attention(unet, "up_blocks.1.attentions.0") == [names[2]]
+    assert A.resolve_cross_attention(unet, P.SD1_ENTROPY_LAYER, default=P.SD1_ENTROPY_LAYER) == [names[3]]
+    assert A.resolve_cross_attention(unet, 1) == [names[1]]
+    assert A.resolve_cross_attention(unet, "up_blocks.1.attentions.0") == [names[2]]
     with pytest.raises(MemtrainError):
-        U.resolve_cross_attention(unet, "down_blocks.7")
+        A.resolve_cross_attention(unet, "down_blocks.7")
 
 
 def attention_distribution(parts, module: str, x: torch.Tensor, t: int, e: torch.Tensor) -> torch.Tensor:
@@ -298,10 +299,10 @@ def test_attention_entropy_matches_direct(model):
             a = attention_distribution(model, layer + ".transformer_blocks.0.attn2", x_T(model, j), 981, c)
             ents.append(-(a * a.log()).sum())
         expected.append(torch.stack(ents).mean())
-    before = {name: dict(unet.named_modules())[name].processor for name in U.cross_attention_modules(unet)}
+    before = {name: dict(unet.named_modules())[name].processor for name in A.cross_attention_modules(unet)}
     with U.count_evals() as c:
         got, dist = D.attention_entropy(model, PROMPTS, n=n, layer=layer, return_distributions=True)
-    after = {name: dict(unet.named_modules())[name].processor for name in U.cross_attention_modules(unet)}
+    after = {name: dict(unet.named_modules())[name].processor for name in A.cross_attention_modules(unet)}
     assert all(before[k] is after[k] for k in before)  # original processors restored
     assert c.unet_evals == n * len(PROMPTS)  # conditional branch only, first step
     assert dist.shape == (len(PROMPTS), n, 77)
@@ -363,7 +364,7 @@ def test_clid_default_importance_is_cross_attention_mass(model):
     latents = _latents(model, len(captions))
     noise = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     a = model["scheduler"].alphas_cumprod
-    modules = U.cross_attention_modules(model["unet"])
+    modules = A.cross_attention_modules(model["unet"])
     importance = []
     for i, cap in enumerate(captions):
         c = embed(model, cap)

@@ -12,8 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from trainer.cli import main
+from trainer.core.attention import cross_attention_modules
 from trainer.core.components import load_pipeline
-from trainer.core.unet_core import cross_attention_modules
 from trainer.edit.save import (
     LORA_FILE,
     changed_weights,

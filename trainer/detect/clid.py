@@ -11,16 +11,14 @@ import torch
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.preprocessing import RobustScaler
 
+from trainer.core.attention import cross_attention_modules, record_cross_attention, stack_records
 from trainer.core.unet_core import (
     DEFAULT_BATCH_SIZE,
     UNetCore,
-    cross_attention_modules,
     encode_latents,
     group_size,
     groups,
     looks_like_images,
-    record_cross_attention,
-    stack_records,
 )
 from trainer.io import MemtrainError
 from trainer.measure.metrics import auroc, tpr_at_fpr

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.core.attention import record_cross_attention, resolve_cross_attention, stack_records
 from trainer.core.unet_core import (
     DEFAULT_BATCH_SIZE,
     UNetCore,
@@ -25,9 +26,6 @@ from trainer.core.unet_core import (
     group_size,
     groups,
     prompt_list,
-    record_cross_attention,
-    resolve_cross_attention,
-    stack_records,
     unique_prompts,
 )
 from trainer.io import MemtrainError

@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, cross_attention_modules
+from trainer.core.attention import cross_attention_modules
+from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals
 from trainer.edit.prune import check_prompts
 from trainer.io import MemtrainError
 

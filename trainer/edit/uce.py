@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from trainer.core.unet_core import UNetCore, cross_attention_modules
+from trainer.core.attention import cross_attention_modules
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
 
 LAYERS = ("to_k", "to_v")
