@@ -501,3 +501,21 @@ def test_user_errors(model):
         U.UNetCore(model, batch_size=0)
     with pytest.raises(MemtrainError):
         U.UNetCore({"unet": model["unet"]})
+
+
+def test_a_registered_detector_runs_in_evaluate(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Adding a detector is one function plus one registry entry: evaluate then scores and reports it."""
+    from trainer.detect import PROMPT_DETECTORS, PromptDetector
+    from trainer.report.evaluate import evaluate
+
+    def first_step_norm_squared(pipe, prompts, seed, batch_size):
+        return {"scores": D.noise_magnitude(pipe, prompts, seed=seed, batch_size=batch_size) ** 2}
+
+    monkeypatch.setitem(PROMPT_DETECTORS, "squared", PromptDetector("Wen squared", first_step_norm_squared, 2))
+    report = evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", detectors="noise,squared",
+                      generate=False, progress=False)
+    found = report["trigger"]["detectors"]
+    assert found["squared"]["name"] == "Wen squared" and found["squared"]["unet_evals_per_prompt"] == 2
+    # a monotone transform of Wen's score ranks the prompts the same way
+    assert found["squared"]["auroc"] == pytest.approx(found["noise"]["auroc"])
+    assert "Wen squared" in (tmp_path / "eval" / "report.md").read_text()

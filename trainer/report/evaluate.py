@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from trainer.core.components import load_pipeline, model_resolution
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
-from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
+from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
 from trainer.measure.features import (
     choose_quality_feature,
@@ -79,9 +79,10 @@ REPLICATED_GRID = 16
 
 def parse_detectors(value: str | Sequence[str]) -> list[str]:
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    unknown = [n for n in names if n not in DETECTORS]
+    known = [*PROMPT_DETECTORS, *MEMBERSHIP_DETECTORS]  # the registry as it is now (entries can be added)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(DETECTORS)}")
+        raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(known)}")
     return list(dict.fromkeys(names))
 
 

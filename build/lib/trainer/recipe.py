@@ -1,7 +1,7 @@
 """The schema of a training recipe (`memtrain train RECIPE.yaml key=value ...`).
 
-Every key is documented here; `recipes/*.yaml` set them. Defaults follow diffusers'
-`train_text_to_image.py` / `train_text_to_image_lora.py` unless said otherwise.
+Every key is documented here and in docs/recipes.md; `recipes/*.yaml` set them. Defaults follow
+diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py` unless said otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class DataSection:
     center_crop: bool = False
     random_flip: bool = False
     max_samples: int | None = None
-    captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/captions.py
+    captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/mitigate/captions.py
     dedup: Literal["none", "drop", "reweight"] = "none"
     dedup_threshold: float = 0.95
 
@@ -99,8 +99,8 @@ class OutputSection:
 
 @dataclass
 class MonitorSection:
-    """The memorization monitor (trainer/monitor.py): CLiD membership inference (Zhai et al.) and the
-    Wen et al. noise magnitude on a fixed probe, logged as curves; optional alarm."""
+    """The memorization monitor (trainer/training/monitor.py): CLiD membership inference (Zhai et al.,
+    NeurIPS 2024) and the noise magnitude of Wen et al. (ICLR 2024) on a fixed probe; optional alarm."""
 
     every_steps: int = 0  # 0 = off; > 0 = run the monitor every this many optimizer steps (and at the end)
     members: int = 32  # member probe: training rows drawn once from train.seed

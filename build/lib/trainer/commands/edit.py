@@ -3,18 +3,8 @@
     memtrain edit {prune,neurons,unlearn,uce} CKPT --memorized FILE --out DIR [--lora W] [--anchors FILE]
         [--preserved FILE] [--evaluate PROMPTS [--data DIR]] [--wandb] [method options]
 
-Each method loads CKPT (plus a LoRA of the same base, fused), snapshots the UNet, edits it and writes,
-atomically into OUT: a diffusers pipeline directory (prune, neurons, uce, unlearn --merge) or
-`pytorch_lora_weights.safetensors` (unlearn, uce --as-lora), `neurons.json` for neurons, and
-`edit.json` / `edit.md`: method, parameters, weights changed per parameter, seconds, UNet evaluations.
-When the edit changed nothing (e.g. NeMo found no memorization neurons) it says so (a warning and
-`nothing_changed` in edit.json) and the output is the unchanged model.
-
-`--evaluate PROMPTS` runs `memtrain evaluate` on the source (OUT/eval_before) and on the written
-result (OUT/eval_after) and puts them side by side: replication of the memorized prompts named in
---memorized and of the memorized prompts of PROMPTS not named, the general prompts' replication,
-quality (toy alignment / CLIP score, KID) and the mean L2 change of their generations at the same
-seeds, detector AUROCs and membership AUROCs.
+Writes a pipeline directory or `pytorch_lora_weights.safetensors` atomically into OUT, with `edit.json`
+/ `edit.md`; `--evaluate` compares `memtrain evaluate` before and after. Methods: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -104,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m = methods.add_parser("neurons", help=METHODS["neurons"], description=METHODS["neurons"] + ".")
     _common(m)
     m.add_argument("--reference", help="non-memorized prompts for the activation statistics (default: --preserved)")
+    m.add_argument("--check", choices=("ssim", "magnitude"), default="ssim",
+                   help="when a prompt counts as still memorized during the search: the paper's SSIM of the "
+                   "first-step noise difference (default), or its magnitude above every reference prompt's")
 
     m = methods.add_parser("unlearn", help=METHODS["unlearn"], description=METHODS["unlearn"] + ".")
     _common(m)
@@ -200,9 +193,6 @@ def check_args(args: argparse.Namespace) -> dict:
     if args.lora is not None and not Path(args.lora).exists():
         raise MemtrainError(f"--lora {args.lora}: no such file or directory")
     check_output(args.out, args.checkpoint)
-    if args.method in ("prune", "neurons", "unlearn") and {"prune": subspace_prune, "neurons": nemo_block,
-                                                           "unlearn": unlearn}[args.method] is None:
-        raise MemtrainError(f"edit {args.method}: this memtrain build does not include trainer.edit.{args.method}")
     return texts
 
 
@@ -227,7 +217,8 @@ def run_method(pipe, args: argparse.Namespace, texts: dict) -> dict:
         return subspace_prune(pipe, memorized, base=texts["base"] or None, fraction=args.fraction,
                               steps=args.steps, seed=args.seed, batch_size=args.batch_size)
     if args.method == "neurons":
-        return nemo_block(pipe, memorized, texts["reference"], seed=args.seed)
+        return nemo_block(pipe, memorized, texts["reference"], seed=args.seed, check=args.check,
+                          batch_size=args.batch_size)
     if args.method == "unlearn":
         return unlearn(pipe, memorized, anchors=anchors, preserved=preserved, rank=args.rank, steps=args.steps,
                        lr=args.lr, adversarial=args.adversarial, adversarial_every=args.adversarial_every,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from trainer.detect import DETECTORS
 from trainer.report.evaluate import evaluate, flat_summary
+from trainer.sample.guidance import WEN_TARGET
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detectors", default=",".join(DETECTORS),
                    help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    x = p.add_argument_group("re-trigger test, training-image index, guarded sampling")
+    x.add_argument("--attack", action="store_true",
+                   help="re-trigger test of the memorized prompts (Kowalczuk et al. 2025): replication after a "
+                   "text-embedding perturbation, no image known (noise) and image known (image)")
+    x.add_argument("--attack-eps", default="0.05,0.1,0.2",
+                   help="comma-separated budgets eps > 0: ||d|| <= eps * ||e|| (default 0.05,0.1,0.2)")
+    x.add_argument("--attack-steps", type=int, default=20, help="attack optimisation steps (default 20)")
+    x.add_argument("--index", help="training-image index (`memtrain index`): replication from nearest-neighbour "
+                   "search, without loading the training images")
+    x.add_argument("--index-model", help="CLIP model directory / SSCD TorchScript file of a clip / sscd index")
+    x.add_argument("--index-threshold", type=float,
+                   help="cosine similarity above which a generation replicates (default 0.5 for sscd, 0.85 for "
+                   "pixels; required for clip)")
+    x.add_argument("--guard", choices=("amg", "wen"),
+                   help="also generate with the guard (amg needs --index; wen: Wen et al.'s prompt-embedding "
+                   "mitigation) and report both side by side")
+    x.add_argument("--guard-threshold", type=float,
+                   help="AMG's similarity threshold lambda (constant; default: the paper's schedule for sscd, "
+                   "0.85 for pixels)")
+    x.add_argument("--wen-target", type=float, default=WEN_TARGET,
+                   help=f"--guard wen: first-step magnitude target (default {WEN_TARGET:g})")
     p.set_defaults(func=_run)
 
 
@@ -49,6 +71,17 @@ def _run(args: argparse.Namespace) -> int:
                       train_data=args.train_data, out=args.out, lora=args.lora, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
                       wandb=args.wandb, generate=not args.no_generate, detectors=args.detectors, steps=args.steps,
-                      guidance_scale=args.guidance_scale, device=args.device)
+                      guidance_scale=args.guidance_scale, device=args.device, attack=args.attack,
+                      attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
+                      index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
+                      guard_options=_guard_options(args))
     print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0
+
+
+def _guard_options(args: argparse.Namespace) -> dict:
+    if args.guard == "amg":
+        return {"threshold": args.guard_threshold}
+    if args.guard == "wen":
+        return {"target": args.wen_target}
+    return {}

@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
         "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
         "log (trackers, validation_prompts), output (dir, export), monitor (every_steps, members, heldout, "
-        "novel_prompts, alarm_threshold, alarm_action: memorization curves, see trainer/monitor.py). "
-        "Every key is documented in trainer/recipe.py.",
+        "novel_prompts, alarm_threshold, alarm_action: memorization curves, see docs/recipes.md). "
+        "Every key is documented in docs/recipes.md.",
     )
     p.epilog = "recipe keys (key = default):\n" + "\n".join(describe_keys(TrainRecipe))
     p.formatter_class = argparse.RawDescriptionHelpFormatter

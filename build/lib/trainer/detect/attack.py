@@ -1,35 +1,10 @@
 """The re-trigger test: do small perturbations of a prompt's text embedding bring a memorized image back?
 
-Kowalczuk et al. (2025, "Finding Dori: memorization in text-to-image diffusion models is less
-local than assumed") showed that after pruning edits that seemed to remove a memorized image,
-a perturbation `d` of the prompt's text embedding `e` with a small norm re-triggers the
-replication. `retrigger_attack` searches for such a `d` inside the ball `||d|| <= eps * ||e||`
-(norms over the whole [77, D] text-encoder output, per prompt) under one of two attackers:
-
-- `"noise"` (no image known): MAXIMIZE the first-step text-conditional noise magnitude of Wen
-  et al. (ICLR 2024), `mean_j ||eps(x_T^j, t_1, e + d) - eps(x_T^j, t_1, c0)||` over `n_noise`
-  initial noises x_T^j (the `memtrain generate` convention: seed + j) at the first DDIM timestep;
-  a memorized prompt is exactly one with a large value, so this signal leads back to it.
-- `"image"` (the memorized training image is known): MINIMIZE its denoising loss
-  `E_{t, noise} mean((eps(x_t, t, e + d) - noise)^2)` with x_t the forward-diffused VAE latent of the
-  image (`trainer.unet_core.encode_latents`, posterior sample), drawing `n_noise` fresh uniform
-  timesteps and noises per prompt and step (seeded by seed, prompt position and step).
-
-Optimizer: projected gradient steps for an L2 ball (PGD-L2, Madry et al. 2018): each step
-moves `d` by `lr * eps * ||e||` along the L2-NORMALIZED gradient (the steepest-ascent direction
-for an L2 budget; the signed gradient is its L-infinity counterpart) and then projects `d` back
-onto the ball. `lr` defaults to 2.5 / steps (Madry et al.'s step-size rule), `d` starts at 0 and
-every token position (BOS included) may move. For `"noise"` the objective is deterministic, so the
-best iterate (including d = 0) is returned; for `"image"` the last iterate is returned and the
-before/after objectives are measured on a separate fixed set of `4 * n_noise` draws, so the
-reported decrease is not the one the optimizer fitted. The optimizer, the step rule, the start at
-d = 0 and the relative-norm budget are this implementation's choices (`attack_section` reports
-eps = 0.05, 0.1, 0.2 by default); `steps`, `lr` and `n_noise` set the attacker's strength.
-
-`generate_from_embeddings` samples from (perturbed) embeddings with the stock pipeline and the
-same x_T as `trainer.generate.generate_images`, and `attack_section` is the report section:
-replication (Gu et al.'s ratio < 1/3, `trainer.replication`) of the plain prompt and of both
-attackers at each eps, with their UNet evaluations and seconds.
+Implements the attack of Kowalczuk et al., 2025, "Finding Dori: memorization in text-to-image diffusion
+models is less local than assumed": search `d` with `||d|| <= eps * ||e||` that maximizes Wen et al.'s
+first-step noise magnitude (attacker "noise") or minimizes the known image's denoising loss ("image"),
+then generate from `e + d` and measure replication (`attack_section`). Deviation: the optimizer
+(PGD-L2, Madry et al., ICLR 2018, from d = 0, lr = 2.5 / steps) is our choice; see docs/methods.md.
 """
 
 from __future__ import annotations
@@ -145,7 +120,7 @@ def retrigger_attack(
 ) -> dict:
     """Search a text-embedding perturbation per prompt that re-triggers it (module docstring).
 
-    `pipe`: a StableDiffusionPipeline (or a `trainer.unet_core` components dict). `images`
+    `pipe`: a StableDiffusionPipeline (or a `trainer.core.unet_core` components dict). `images`
     [P, 3, H, W] in [0, 1]: each prompt's memorized training image (attacker "image" only).
     `num_inference_steps` fixes the first DDIM timestep of the "noise" objective.
     Returns {"embeddings": [P, 77, D] e + d on the model's device and dtype, "delta_norm_ratio": [P]
@@ -237,7 +212,7 @@ def generate_from_embeddings(
 
     The stock pipeline is called with `prompt_embeds=` and the empty caption's embedding as
     `negative_prompt_embeds`; generation j starts from the x_T of seed + j, as in
-    `trainer.generate.generate_images`, so unperturbed embeddings reproduce its images.
+    `trainer.sample.generate.generate_images`, so unperturbed embeddings reproduce its images.
     `output_type="latent"` returns the final latents instead (not clamped).
     """
     if not torch.is_tensor(embeddings) or embeddings.dim() != 3:

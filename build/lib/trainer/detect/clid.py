@@ -11,16 +11,14 @@ import torch
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.preprocessing import RobustScaler
 
+from trainer.core.attention import cross_attention_modules, record_cross_attention, stack_records
 from trainer.core.unet_core import (
     DEFAULT_BATCH_SIZE,
     UNetCore,
-    cross_attention_modules,
     encode_latents,
     group_size,
     groups,
     looks_like_images,
-    record_cross_attention,
-    stack_records,
 )
 from trainer.io import MemtrainError
 from trainer.measure.metrics import auroc, tpr_at_fpr
@@ -82,27 +80,16 @@ def clid_features(
     is_latents: bool | None = None,
 ) -> torch.Tensor:
     """CLiD feature vectors (Zhai et al., NeurIPS 2024, "Membership inference on text-to-image
-    diffusion models via conditional likelihood discrepancy"): [N, k + 1] = (D_1..D_k, L).
+    diffusion models via conditional likelihood discrepancy"): [N, k + 1] = (D_1..D_k, L), larger =
+    more likely a member; 15 UNet evals per sample by default (formulas: docs/methods.md).
 
-    Reduced conditions c*_1..c*_k (k = len(replace_fractions) + 1 = 4 by default): the caption with
-    its top 30 / 50 / 70 % most important words replaced by the end-of-text token (round-half-up
-    of the fraction times the number of words, at least one word), and the empty caption c0. With
-    one noise eps_t per timestep t in {440, 450, 460}, shared by all conditions (and all samples),
-    x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps_t and
-    `D_i = mean_t ||eps(x_t,t,c*_i) - eps_t||^2 - ||eps(x_t,t,c) - eps_t||^2`,
-    `L = -mean_t ||eps(x_t,t,c) - eps_t||^2` (squared L2 over the whole latent). Exactly
-    3 + 4 * 3 = 15 UNet evals per sample. Larger D and L = more likely a member.
-
-    Word importance (the authors used attention attribution) uses a cheaper proxy by default,
-    CROSS-ATTENTION MASS: the conditional branch's attention to each token, averaged over every
-    cross-attention layer, head, pixel and the 3 timesteps of the 3 evals of the full caption
-    (recorded during those evals, so it costs no extra UNet evaluation); a word's importance is
-    the sum over its tokens (`caption_words`). Alternatively pass per-word scores, one list per
-    caption aligned with `caption_words`.
-
-    `images_or_latents`: pixel values in [-1, 1] (encoded with the VAE posterior SAMPLE, see
-    `unet_core.encode_latents`) or latents already scaled by the VAE scaling factor; `is_latents`
-    None decides by channel count.
+    Reduced conditions: the caption with its top `replace_fractions` of words (round-half-up, at least
+    one) set to the end-of-text token, and the empty caption; one noise per timestep shared by all
+    conditions and samples. `word_importance`: "attention" (deviation: cross-attention mass of the
+    full caption's evals instead of attention attribution, at no extra UNet cost) or per-word scores,
+    one list per caption aligned with `caption_words`. `images_or_latents`: pixels in [-1, 1] (VAE
+    posterior sample, `unet_core.encode_latents`) or scaled latents; `is_latents` None decides by
+    channel count.
     """
     captions = list(captions)
     x = images_or_latents

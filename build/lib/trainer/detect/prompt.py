@@ -1,18 +1,11 @@
-"""Memorization detectors and CLiD membership inference, as small functions over `trainer.unet_core`.
+"""Prompt memorization detectors, small functions over `trainer.core.unet_core`; higher = more
+likely memorized, float64 scores in input-prompt order.
 
-Every score follows one convention: HIGHER = more likely memorized (prompt detectors) or more
-likely a training member (CLiD). No detector needed a sign flip: memorized prompts have a larger
-text-conditional noise norm (Wen), a larger norm and a larger uncond/guidance alignment
-(anisotropy), a HIGHER cross-attention entropy (Ren: non-memorized prompts concentrate on BOS),
-and members have a larger condition discrepancy and a smaller loss (CLiD uses L = -loss).
-
-Notation as in METHODS.md: `d(c) = eps(x_t, t, c) - eps(x_t, t, c0)`, c0 the empty caption, norms
-are L2 over the whole flattened latent. Noise predictions are in epsilon space (v-prediction
-models are converted with the scheduler's alphas, see `unet_core`). Generation j of every prompt
-starts from the same x_T (seed `seed + j`, the `memtrain generate` convention). Each detector
-makes exactly the UNet evaluations its method needs; `unet_core.count_evals()` counts them.
-Scores are float64 CPU tensors in the order of the input prompts (duplicate prompts are scored
-once and share the score). `batch_size` is the number of samples per UNet forward.
+Implements the noise-prediction magnitude and token significance (Wen et al., ICLR 2024, "Detecting,
+explaining, and mitigating memorization in diffusion models"), the anisotropy metric (Asthana &
+Belagiannis, ICLR 2026, "Detecting and mitigating memorization in diffusion models through anisotropy
+of the log-probability") and cross-attention entropy (Ren et al., ECCV 2024, "Unveiling and
+mitigating memorization in text-to-image diffusion models through cross attention").
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.core.attention import record_cross_attention, resolve_cross_attention, stack_records
 from trainer.core.unet_core import (
     DEFAULT_BATCH_SIZE,
     UNetCore,
@@ -32,9 +26,6 @@ from trainer.core.unet_core import (
     group_size,
     groups,
     prompt_list,
-    record_cross_attention,
-    resolve_cross_attention,
-    stack_records,
     unique_prompts,
 )
 from trainer.io import MemtrainError
@@ -57,7 +48,7 @@ ANISOTROPY_WEIGHTS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1), "realistic-vision": 
 
 
 
-# ---------------------------------------------------------------- 1.1 Wen et al.
+# ---------------------------------------------------------------- Wen et al.
 
 
 def _num_steps(steps: str | int, num_inference_steps: int) -> int:
@@ -85,16 +76,11 @@ def noise_magnitude(
     """Text-conditional noise-prediction magnitude (Wen et al., ICLR 2024, "Detecting, explaining,
     and mitigating memorization in diffusion models").
 
-    Score = mean over the first `steps` DDIM steps and `n` generations of `||d(c)||`, recorded
-    during ordinary classifier-free-guidance DDIM sampling (eta 0, `num_inference_steps` = 50,
-    `guidance_scale` = 7.5; the guided prediction `eps(c0) + s * d(c)` only drives the trajectory,
-    the scale is NOT applied to the norm). `steps`: "first" (default, the cheapest: 2 UNet evals
-    per generation), an int k (first k steps; the paper's other variant is 10), or "all".
-    Authors' defaults: n = 1 (also 4, 16), first step. Costs 2 * k UNet evals per generation.
-
-    Returns [P] (or [P, n, k] per generation and step with `reduce=False`). `reuse_uncond=True`
-    evaluates the first step's `eps(x_T, t, c0)` once per generation instead of once per prompt
-    (identical values, since x_T is shared by all prompts) - fewer evals than the method's count.
+    Score = mean over the first `steps` DDIM steps (eta 0, 50 steps, guidance 7.5 driving the
+    trajectory only) and `n` generations of `||d(c)||`. `steps`: "first" (default, the authors'),
+    an int k (the paper's other variant is 10) or "all"; 2 * k UNet evals per generation.
+    Returns [P] (or [P, n, k] with `reduce=False`). `reuse_uncond=True` evaluates the first step's
+    `eps(x_T, t, c0)` once per generation instead of once per prompt (identical values).
     """
     prompts = prompt_list(prompts)
     n = check_n(n)
@@ -169,7 +155,7 @@ def token_attribution(
     return TokenAttribution(tokens, per_position[1:end].clone(), per_position, float(norms.detach().mean()))
 
 
-# ---------------------------------------------------------------- 1.2 Asthana & Belagiannis
+# ---------------------------------------------------------------- Asthana & Belagiannis
 
 
 @dataclass
@@ -208,20 +194,11 @@ def anisotropy(
     """Anisotropy metric (Asthana & Belagiannis, "Detecting and mitigating memorization in
     diffusion models through anisotropy of the log-probability", ICLR 2026; code
     rohanasthana/memorization-anisotropy). Denoising-free, on pure noise x_T only:
-
-    - N = ||d(c)|| at the first DDIM timestep (981 for 50 steps on SD 1.x);
-    - C = cos(eps(x_T, t', c0), d(c)) on the SAME x_T at t' = timesteps[-3] (41), the cosine taken
-      over the latent channel axis at each spatial position, averaged over positions;
-    - M = g_norm * N + g_cos * C; each term averaged over the n generations.
-
-    Defaults: (g_norm, g_cos) from `ANISOTROPY_WEIGHTS[family]` (the authors' weights: SD 1.x 1 / 2,
-    SD 2.x 1 / 0.1, Realistic Vision 2 / 1; `family` defaults to `model_family`), n = 1, the same x_T
-    seed for every prompt. Exactly 4 UNet evals per generation, in 2 batched calls (one per
-    timestep). `cos_space` defaults to the reference code's choice: the raw model output for
-    v-prediction models ("model"), epsilon otherwise (for epsilon models both are identical);
-    `cos_space="epsilon"` gives the epsilon-space cosine on v-models too. The norm is in epsilon
-    space, which for v-models equals the reference's score difference up to 1/(1-abar_981) ~ 1.005.
-    `reuse_uncond`: see `noise_magnitude`.
+    N = ||d(c)|| at the first DDIM timestep, C = cos(eps(x_T, t', c0), d(c)) at t' = timesteps[-3]
+    (over channels, averaged over positions), M = g_norm * N + g_cos * C, averaged over n generations;
+    4 UNet evals per generation. (g_norm, g_cos) default to the authors' `ANISOTROPY_WEIGHTS[family]`.
+    `cos_space`: the reference code's choice by default (raw output for v-prediction models, else
+    epsilon); the norm is in epsilon space. `reuse_uncond`: see `noise_magnitude`.
     """
     prompts = prompt_list(prompts)
     n = check_n(n)
@@ -254,7 +231,7 @@ def anisotropy(
     return AnisotropyScores(M=g_norm * N + g_cos * C, N=N, C=C)
 
 
-# ---------------------------------------------------------------- 1.3 Ren et al.
+# ---------------------------------------------------------------- Ren et al.
 
 
 def attention_entropy(
@@ -270,18 +247,12 @@ def attention_entropy(
     """Cross-attention entropy at the first step (Ren et al., ECCV 2024, "Unveiling and mitigating
     memorization in text-to-image diffusion models through cross attention").
 
-    The conditional branch's softmax attention in `layer` is averaged over heads and pixels into a
-    distribution a over the L = 77 tokens; E = -sum_i a_i log a_i (natural log), averaged over the
-    n generations (x_T as everywhere). Memorized prompts have HIGHER entropy, so E is the score.
-    Only the conditional branch is needed: 1 UNet eval per generation at the first DDIM timestep.
-
-    `layer` (default "down_blocks.1.attentions.1", the 4th cross-attention layer of SD 1.x, the
-    authors' choice) is a module-name prefix or an index into `cross_attention_modules(unet)`
-    (forward order: down, mid, up). Small UNets (e.g. layers_per_block=1) lack the default; then
-    the 4th cross-attention layer in forward order is used, or the last one if there are fewer.
-    If a prefix holds several attn2 modules their distributions are averaged. The recording
-    processor is set only on those modules and the original processors are restored afterwards.
-
+    E = -sum_i a_i log a_i of the conditional branch's attention in `layer`, averaged over heads and
+    pixels into a distribution a over the 77 tokens, then over the n generations; memorized prompts
+    have higher entropy. 1 UNet eval per generation at the first DDIM timestep.
+    `layer`: a module-name prefix (several attn2 modules are averaged) or an index into
+    `cross_attention_modules(unet)`; default the authors' "down_blocks.1.attentions.1", or on small
+    UNets that lack it the 4th cross-attention layer in forward order (the last if fewer).
     Returns [P]; with `return_distributions=True` also the distributions [P, n, L].
     """
     prompts = prompt_list(prompts)
@@ -302,26 +273,3 @@ def attention_entropy(
     dist = torch.cat(dists).view(len(unique), n, -1)[inverse]
     entropy = -torch.special.xlogy(dist, dist).sum(dim=-1).mean(dim=1)
     return (entropy, dist) if return_distributions else entropy
-
-
-# ---------------------------------------------------------------- 1.4 CLiD (Zhai et al.)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

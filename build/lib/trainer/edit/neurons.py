@@ -1,38 +1,11 @@
-"""NeMo (Hintersdorf et al., NeurIPS 2024, "Finding NeMo: Localizing Neurons Responsible for Memorization
-in Diffusion Models"): find the cross-attention value neurons that carry a memorized prompt, then block them.
+"""NeMo: find the cross-attention value neurons (`attn2.to_v` output channels) that carry a memorized
+prompt, then block them.
 
-Neurons are the output channels of the cross-attention value projections (`attn2.to_v`) of the down and
-mid blocks (`blocks`). A prompt's activation of a neuron is the mean over the 77 token positions of
-|to_v output|, recorded with forward hooks during a UNet call; its z-score is `|a - mean| / std` with
-mean and std over the `reference` (non-memorized) prompts.
-
-The noise difference of a prompt is the text-conditional first-step prediction
-`d(c) = eps(x_T, T, c) - eps(x_T, T, c0)` on the shared x_T of generation j (`UNetCore.initial_noise`,
-seed + j), min-max scaled per latent channel; two noise differences are compared with multi-scale SSIM
-(Gaussian window 11, sigma 1.5, three scales with equal weights, ReLU on each term). Per memorized prompt:
-
-1. memorization check (`check`): "ssim" (the authors'): keep the generations whose noise difference has
-   a pairwise SSIM above `ssim_threshold` (0.428) with another generation's; "magnitude": keep those
-   whose first-step ||d(c)|| exceeds that of every reference prompt on the same x_T (Wen et al.'s
-   signal). None kept -> the prompt is not memorized and nothing is blocked for it (reported);
-2. initial selection: block (with hooks that zero output channels, weights untouched) every neuron with
-   z > theta plus the top-k neurons by activation in each layer, for theta = 5, 4.75, ..., 1 and
-   k = 0, 1, 2, ..., until the blocked noise difference no longer matches the unblocked one (maximum
-   SSIM over the kept generations <= `ssim_threshold`); if theta = 1 is reached without that, the
-   authors' fallback: keep that selection and refine against the SSIM it reached;
-3. refinement: unblock whole layers (last first), then single neurons, whenever the maximum SSIM stays
-   below the threshold without them.
-
-`block_neurons` then zeroes the rows (and the bias entries, when the projection has one) of the value
-weights: the permanent version of the hook, which (like the edited weights) acts on the c0 pass too.
-
-Deviations from the authors' code: (a) their noise difference is `eps(x_T, T, c) - x_T` (no guidance);
-d(c) keeps only the prompt's contribution, which on small models is otherwise buried under the
-prompt-independent part, and is the quantity the rest of memtrain measures; the 0.428 threshold was
-calibrated by the authors on their difference for SD 1.4. (b) The "magnitude" check is an addition.
-(c) On latents too small for three scales with an 11-pixel window, the number of scales and the window
-shrink (`ms_ssim`). (d) Activations are recorded during a UNet call on the first generation's x_T (to_v
-sees only the text, so they do not depend on x_T or t).
+Implements Hintersdorf et al., NeurIPS 2024, "Finding NeMo: Localizing neurons responsible for
+memorization in diffusion models": z-scored activations, a coarse then layer-wise and neuron-wise
+search until the first-step noise difference no longer matches the unblocked one (MS-SSIM <= 0.428).
+Deviations: the noise difference is d(c) rather than eps(x_T, T, c) - x_T; a "magnitude" check is an
+addition; MS-SSIM shrinks on small latents (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -46,7 +19,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, cross_attention_modules
+from trainer.core.attention import cross_attention_modules
+from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals
 from trainer.edit.prune import check_prompts
 from trainer.io import MemtrainError
 

@@ -1,26 +1,11 @@
-"""Subspace deletion (Chavhan et al. 2024, "ConceptPrune" / "Memorized images in diffusion models share a
-subspace that can be located and deleted"): Wanda-style pruning of the UNet feed-forward weights that the
-memorized prompts use and general prompts do not.
+"""Subspace deletion: Wanda-style pruning of the UNet feed-forward weights (`ff.net.2`) that memorized
+prompts use and general prompts do not.
 
-For every transformer block's second feed-forward linear (`ff.net.2`, weight W [out, in]) the input
-activations X are recorded with forward hooks at every UNet call of the first `steps` DDIM steps of
-ordinary classifier-free-guidance sampling (the conditional and the unconditional pass), once for the
-memorized prompts (target) and once for the base prompts (default: the empty caption). Every prompt
-starts from the same x_T (`UNetCore.initial_noise`), as in the authors' code (a fixed seed per prompt).
-Per step and layer, with X flattened to [tokens of all samples, in]:
-
-- every token row of X is scaled to unit L2 norm (the authors' normalisation against overflow), then
-  `||X_j||` is the L2 norm of column j over all rows;
-- Wanda scores `S_ij = |W_ij| * ||X_j||`, separately for target and base;
-- `M_ij = 1` iff j is among the row's top `fraction` of S_target (at least one entry per row) AND
-  `S_target_ij > S_base_ij`.
-
-The masks are united over the steps (the authors' `select_ratio = 0`) and applied as `W <- W * (1 - M)`.
-
-Deviation: the authors pair every target prompt with one base prompt (the empty caption repeated), so
-both column norms sum over the same number of samples. Here the two prompt lists may differ in length,
-so each squared column norm is divided by its number of prompts (identical to the authors' pairing
-when the lists have equal length, and for the default base of the empty caption).
+Implements Chavhan et al. 2024, "Memorized images in diffusion models share a subspace that can be
+located and deleted" (code ConceptPrune), with Wanda scores (Sun et al., ICLR 2024, "A simple and
+effective pruning approach for large language models") over the first `steps` DDIM steps. Deviation:
+target and base prompt lists may differ in length, so each squared column norm is divided by its
+number of prompts.
 """
 
 from __future__ import annotations

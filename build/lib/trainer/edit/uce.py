@@ -1,30 +1,10 @@
-"""Closed-form cross-attention edit (UCE; Gandikota et al. 2024, "Unified Concept Editing in Diffusion Models").
+"""Closed-form cross-attention edit of the key / value projections (`attn2.to_k`, `attn2.to_v`).
 
-Every cross-attention key / value projection W0 (`attn2.to_k`, `attn2.to_v`: a Linear from the text
-dimension D to the inner dimension) is replaced by the minimiser of
-
-    lam ||W - W0||^2 + sum_e ||W c_e - W0 c*_e||^2 + preserve_scale * sum_p ||W c_p - W0 c_p||^2,
-
-    W = (lam W0 + sum_e W0 c*_e c_e^T + s sum_p W0 c_p c_p^T) (lam I + sum_e c_e c_e^T + s sum_p c_p c_p^T)^-1
-
-(the paper's equation 7 with erase scale 1): the memorized prompts' token embeddings c_e (text-encoder
-outputs, one column per token) are mapped to what the unedited layer makes of their anchors' tokens
-c*_e (default anchor: the empty prompt, i.e. the memorized prompt is made to behave like the
-unconditional one), and preserved prompts' tokens c_p keep their keys / values. The sums are taken in
-float64; the result is written back in the layer's dtype.
-
-DEVIATION: the authors' current script edits one token per concept (the last word token). A memorized
-prompt's trigger is spread over its tokens (Wen et al. 2024 find trigger tokens anywhere), so here every
-one of the 77 positions of a memorized prompt is aligned with the same position of its anchor (BOS,
-words, end-of-text and padding), as the original UCE code aligned the padding tokens.
-
-`uce_lora` expresses the same edit as a LoRA: the update Delta W = W - W0 has rank at most
-min(D, tokens); its truncated SVD B A (B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T) at one rank r for all
-layers (the smallest rank at which every layer's relative residual ||Delta - B A||_F / ||Delta||_F is
-<= `tol`, or a given rank) is returned as a diffusers-format LoRA state dict (lora_alpha = r, scale 1)
-that stock `pipe.load_lora_weights` loads. One rank for all layers because the diffusers loader gives
-modules of a different rank a different alpha / rank scale when the file carries no alphas; a layer
-whose update has full rank below r is stored exactly, padded with zero components to rank r.
+Implements UCE (Gandikota et al., WACV 2024, "Unified concept editing in diffusion models", equation 7
+with erase scale 1): memorized prompts' tokens are mapped to their anchors' keys / values, preserved
+prompts' kept; sums in float64. Deviation: all 77 token positions of a memorized prompt are aligned
+with its anchor's, not one token per concept. `uce_lora` exports the update as a diffusers LoRA (its
+truncated SVD at one rank for all layers).
 """
 
 from __future__ import annotations
@@ -35,7 +15,8 @@ from collections.abc import Sequence
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from trainer.core.unet_core import UNetCore, cross_attention_modules
+from trainer.core.attention import cross_attention_modules
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
 
 LAYERS = ("to_k", "to_v")

@@ -1,36 +1,10 @@
 """LoRA unlearning edit: pull memorized prompts' noise predictions to an anchor's, keep the rest.
 
-Concept-ablation style fine-tuning (Kumari et al. 2023, "Ablating concepts in text-to-image
-diffusion models"), with a LoRA on the UNet's attention projections so the edit ships as a
-stock diffusers LoRA. The training loss at each step is
-
-    mean_r || eps_LoRA(x_t, t, c_mem_r) - eps_frozen(x_t, t, c_anchor_r) ||^2
-    + preserve_weight * mean_q || eps_LoRA(x_t, t, c_pres_q) - eps_frozen(x_t, t, c_pres_q) ||^2
-
-in epsilon space (`trainer.unet_core`), the frozen model being the same UNet with its adapter
-disabled. Anchors default to the empty caption (ablation to ""); preserved prompts default to
-the anchors, so the unconditional prediction classifier-free guidance relies on stays put.
-
-Where x_t comes from (our choice, as in Kumari et al.'s model-based variant): before training,
-the frozen model samples `samples_per_prompt` latents for every memorized prompt and every anchor
-(the forget pool: the states the memorized trajectory visits and the states the edited one should
-visit) and for every preserved prompt (the preserve pool), with DDIM `sample_steps` and the
-x_T of seed + j. Each step draws, per request, a pool latent x0, a uniform timestep t and a noise,
-and x_t = add_noise(x0, noise, t). Kumari et al. fine-tune cross-attention K/V or the full UNet;
-here it is a rank-`rank` LoRA on to_q/to_k/to_v/to_out.0 of every attention block.
-
-`adversarial=True` is the robust edit of Kowalczuk et al. (2025, "Finding Dori"): every
-`adversarial_every` steps (step 0 included), the re-trigger attack
-(`trainer.detect.attack.retrigger_attack`, attacker "noise", budget `attack_eps`, on the
-current edited model) perturbs each memorized prompt's text embedding, and the perturbed
-embeddings join the forget set with the anchor of their prompt. Requests are drawn uniformly
-from the whole forget set.
-
-The loop runs under accelerate's `Accelerator` (one CPU, one or several GPUs): the random draws
-of a step are made for the global batch on the CPU from (seed, step) and each process takes its
-rows, so N processes with `batch_size` each equal one process with N * batch_size. Every
-process runs the attacks (identical, deterministic) itself. The UNet is trained in its own dtype
-(load fp32 weights to edit; `mixed_precision` is passed to the Accelerator).
+Implements concept-ablation fine-tuning (Kumari et al., ICCV 2023, "Ablating concepts in text-to-image
+diffusion models") with a preservation term, and with `adversarial=True` the robust edit of Kowalczuk
+et al., 2025, "Finding Dori" (re-trigger attack perturbations join the forget set). Deviation: a LoRA
+on every attention block's to_q/to_k/to_v/to_out.0, trained on x_t from latents the frozen model
+samples, so the edit ships as a stock diffusers LoRA.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Measuring against the training set: embeddings and a nearest-neighbour index of the training images."""
+"""Measuring against the training set: replication metrics, metrics, image features and embedders, and a
+nearest-neighbour index of the training images."""

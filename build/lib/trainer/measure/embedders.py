@@ -1,5 +1,6 @@
 """Differentiable image embedders (pixels, CLIP, SSCD): torch functions of the pixels, so generation-time
-guidance (AMG, Chen et al. CVPR 2024) can take the gradient of a similarity to the training images."""
+guidance (AMG: Chen et al., CVPR 2024, "Towards memorization-free diffusion models") can take the
+gradient of a similarity to the training images."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _box_weights(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
 
 
 def pixel_descriptor(images: torch.Tensor, side: int = PIXEL_SIDE) -> torch.Tensor:
-    """trainer.dedup.pixel_embedding as a torch function of [N, 3, H, W] images in [0, 1]: [N, 3 side^2 + 6]."""
+    """trainer.measure.features.pixel_embedding as a torch function of [N, 3, H, W] images in [0, 1]: [N, 3 side^2 + 6]."""
     x = images.float()
     n, _, h, w = x.shape
     thumb = torch.einsum(

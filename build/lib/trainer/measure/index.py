@@ -1,40 +1,11 @@
-"""A nearest-neighbour index of the training images, and the differentiable image embedders it uses.
+"""A nearest-neighbour index of the training images (`memtrain index DATA --out INDEX`): which training
+image is closest to this one, and how close, for replication checks and generation-time guidance
+(AMG: Chen et al., CVPR 2024, "Towards memorization-free diffusion models").
 
-Built once per training set (`memtrain index DATA --out INDEX`), it answers "which training image is
-closest to this one, and how close" for replication checks and for generation-time guidance: AMG
-(Chen et al., "Towards Memorization-Free Diffusion Models", CVPR 2024) embeds the denoised estimate at
-every sampling step, looks up its nearest training image, and needs the gradient of that similarity
-with respect to the image, so every embedder here is a torch function of the pixels.
-
-Embeddings (all L2-normalised, so cosine similarity = dot product):
-
-- `pixels`: the same descriptor as `memtrain dedup`'s (trainer.dedup.pixel_embedding): the image
-  box-filtered to an 8x8 RGB thumbnail with PIL's BOX coefficients (pixel centres inside each output
-  cell, equal weights), each colour channel centred on its own mean, L2-normalised; a flat thumbnail
-  (std < 2/255) gets the 6-d colour descriptor [r, g, b, 1-r, 1-g, 1-b] instead. 198 dimensions. Dedup
-  rounds the thumbnail to 8 bits first; here it stays in floating point (needed for gradients), so the
-  two agree to within that rounding.
-- `clip`: the image embedding of a local CLIP model directory (trainer.dedup.load_clip). The
-  processor's resize (shortest edge), centre crop and normalisation are done in torch (antialiased
-  interpolation with the processor's filter) so that gradients flow; PIL's resampling differs slightly.
-- `sscd`: the descriptor of a local SSCD TorchScript file (Pizzi et al., CVPR 2022; trainer.dedup.
-  load_sscd), input resized to 288x288 (bilinear, antialiased) and ImageNet-normalised, as in the SSCD
-  README and AMG's setup.
-
-Index images are the training images at the index's `resolution` (short side resized, centre crop:
-trainer.data.image_to_tensor), the view a model trained at that resolution sees. The index stores the
-embeddings (safetensors, float16 by default), the first caption of each row, and the rows' duplicate-
-caption groups (trainer.dedup.caption_groups: rows sharing a caption exactly or after normalisation; the
-normalised groups contain the exact ones). Search is exact: chunked matrix products (each float16 chunk
-cast to float32) and a running top-k on the index's device; on CPU the chunks are small (1024 rows) so
-the cast stays in cache. With faiss installed (`pip install faiss-cpu`), `backend="faiss"` searches an
-exhaustive faiss index instead (IndexFlatIP for float32; for float16, IndexScalarQuantizer QT_fp16,
-which holds the same float16 values, so the result is the same exact search). `backend="auto"` uses
-it for a CPU index of more than `FAISS_AUTO_MIN` images searched with at most `FAISS_AUTO_MAX_QUERIES`
-queries (AMG's per-step lookups), where scripts/bench_index.py measured it faster than the torch path;
-for larger query batches the torch path's matrix products were faster. The first faiss search builds
-faiss' own copy of the embeddings (as large as the index). Ties between identical training images are
-returned in an unspecified order.
+Stores unit-norm embeddings (`trainer.measure.embedders`; safetensors, float16 by default) of the
+training images at the index's resolution, each row's first caption and the duplicate-caption groups.
+Search is exact: chunked matrix products with a running top-k, or an exhaustive faiss index when
+faiss is installed (`backend="auto"`: large CPU indexes queried a few images at a time).
 """
 
 from __future__ import annotations
@@ -77,26 +48,6 @@ _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] s
 
 
 # ---------------------------------------------------------------- embedders
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- the index

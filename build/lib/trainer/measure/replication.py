@@ -1,24 +1,11 @@
 """Generation-based replication metrics: does a generated image copy a training image?
 
-Images are float tensors [N, C, H, W] in [0, 1]. Every distance is computed in float64 in blocks
-(||a||^2 + ||b||^2 - 2 a.b per block of rows and columns), so 1k generations x 10k training images
-needs only a few blocks of images in float64 at a time plus the [N, M] float32 result.
-
-- L2: `sqrt(mean((a - b)^2))` over all pixels and channels.
-- Tiled L2 (Carlini et al. 2023, "Extracting training data from diffusion models"): split the
-  image into a grid of non-overlapping tiles (4 x 4 = 16 tiles, 128 px at 512 px), take the max
-  over tiles of the tile L2; a generation is extracted when it is <= 0.15.
-- nL2 (Carlini et al. 2023; used by Chen et al., CVPR 2024, "Towards memorization-free diffusion
-  models", AMG): `L2(x, n0) / (alpha * mean_{z in S} L2(x, z))`, n0 the nearest training image,
-  S the k = 50 nearest (n0 included), alpha = 0.5; < 1.4 indicates pixel-level memorization.
-- Memorization ratio (Gu et al. 2023, "On memorization in diffusion models"):
-  `L2(x, NN1) / L2(x, NN2) < 1/3`.
-- Summaries (Somepalli et al. 2023, "Diffusion art or digital forgery?"; MemBench; AMG): 95th
-  percentile, max, mean and the fraction of generations past the threshold.
-
-The nearest-neighbour criteria assume the training set holds each picture once: with an exact
-copy in the set, NN2 is the copy of NN1 (distance equal to NN1), the ratio is 1 and nL2 is
-diluted. Pass `unique_images(train)[0]` and map indices back with the inverse index.
+Implements L2, tiled L2 (<= 0.15) and nL2 (< 1.4) from Carlini et al., USENIX Security 2023,
+"Extracting training data from diffusion models" (nL2 as used by AMG, Chen et al., CVPR 2024), the
+memorization ratio NN1/NN2 < 1/3 (Gu et al. 2023, "On memorization in diffusion models") and the
+summaries of Somepalli et al., CVPR 2023, "Diffusion art or digital forgery?". Images are [N, C, H, W]
+in [0, 1], distances in float64 blocks. The training set must hold each picture once: pass
+`unique_images(train)[0]`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Training-time mitigations: caption randomization and embedding noise, de-duplication, loss masking, presets."""

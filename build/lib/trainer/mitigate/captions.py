@@ -1,32 +1,10 @@
-"""Training-time caption randomization (Somepalli et al., NeurIPS 2023, "Understanding and mitigating
-copying in diffusion models"), applied per sample when the sample is drawn.
+"""Training-time caption randomization, applied per sample when the sample is drawn.
 
-Methods (METHODS.md section 2), each off by default; the paper's probability when a method is
-enabled is p = 0.1, which is what the recipes set:
-
-- MC  `multiple_captions`: draw the caption uniformly from the image's caption list (otherwise the
-  first caption is used).
-- RC  `random_caption_p`: with probability p replace the caption by `random_caption_tokens` (4)
-  random vocabulary tokens.
-- RT  `random_token_p`: with probability p insert `random_token_count` (2) random vocabulary
-  tokens, each at a random word position.
-- CWR `word_repeat_p`: with probability p insert `word_repeat_count` (2) words sampled (with
-  replacement) from the chosen caption's own words, each at a random word position.
-- RNA `random_number_p`: with probability p insert `random_number_count` random integers in
-  [0, 100000), each at a random word position. The paper adds "a random number"; the default
-  count is therefore 1.
-- GNI `embedding_noise`: `c <- c + lambda * N(0, I)` on the text-encoder output, lambda in [0, 1]
-  (see `add_embedding_noise`; the training step applies it, not `augment_caption`).
-
-`augment_caption` applies them in the order MC, RC, RT, CWR, RNA. RC short-circuits: a replaced
-caption gets no further insertions. Each enabled method makes its own draw `rng.random() < p`, and
-every further choice (which caption, which token, which position, which number) also comes from
-`rng`, so a caption is exactly reproducible from the rng seed. A method whose p is 0 makes no
-draw at all, so with everything off the caption is returned unchanged and `rng` is untouched.
-
-"Random word positions" are the gaps between the whitespace-separated words, both ends included
-(`len(words) + 1` choices). Random tokens come from `token_pool(tokenizer)`: the whole-word
-entries of the model's own tokenizer vocabulary.
+Implements MC, RC, RT, CWR, RNA and GNI from Somepalli et al., NeurIPS 2023, "Understanding and
+mitigating copying in diffusion models"; each is off by default, the paper's p = 0.1 when enabled.
+`augment_caption` applies them in the order MC, RC (which short-circuits), RT, CWR, RNA, every draw
+from `rng` (a method with p = 0 makes none); GNI is applied by the training step. Deviation: RNA's
+count of random numbers is configurable (`random_number_count`, default 1 as in the paper).
 """
 
 from __future__ import annotations

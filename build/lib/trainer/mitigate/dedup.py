@@ -1,47 +1,12 @@
-"""De-duplication of an image-caption training set (METHODS.md section 3).
+"""De-duplication of an image-caption training set: near-duplicate image groups, caption duplicates,
+and the `drop` / `reweight` training policies.
 
-Image near-duplicates (Webster et al. 2023, "On the de-duplication of LAION-2B"): embed every image
-with a fixed embedding, link every pair whose cosine similarity is at or above a threshold, and
-group the images by connected components of that graph. Embeddings:
-
-- `pixels` (default, no model): the image squashed to 8x8 RGB (box filter), values in [0, 1], each
-  colour channel centred on its own mean, then L2-normalised: the cosine is the correlation of the
-  two thumbnails' spatial patterns, invariant to brightness, contrast and a colour cast. (Centring
-  on the global mean instead leaves the dominant background colour in the vector: on the toy world,
-  202 false pairs above 0.95 among 3000 distinct images, against none with per-channel centring,
-  whose highest distinct pair was 0.915 while noisy + one-pixel-changed copies stayed >= 0.997.)
-  A flat image (thumbnail std < 2/255) has no pattern to correlate; it gets a colour descriptor
-  `[r, g, b, 1-r, 1-g, 1-b]` in 6 separate dimensions instead, so flat images match only flat
-  images of a similar colour. 198 dimensions.
-- `phash`: the 64-bit DCT perceptual hash (grayscale 32x32, 2-D DCT, the 8x8 lowest frequencies
-  compared with their median) as a +-1 vector / 8; the cosine of two hashes is
-  `1 - 2 * hamming / 64`.
-- `clip`: the image embedding of a CLIP model in a user-supplied local directory
-  (`CLIPModel` or `CLIPVisionModelWithProjection`, with its preprocessor_config.json if present).
-- `sscd`: the descriptor of a user-supplied SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt),
-  images resized to 288x288 and ImageNet-normalised as in the SSCD README.
-Nothing is ever downloaded.
-
-Thresholds: 0.95 by default (METHODS: 0.9-0.95 is typical; the high end keeps false groups rare),
-except `phash`, whose default 0.875 allows 4 of the 64 bits to differ.
-
-Search: `exact` (default) compares every pair in square blocks of `block` x `block` rows
-(a 4096 x 4096 float32 similarity block is 64 MB), keeps only the links at or above the threshold,
-and folds them into a spanning forest whenever more than a million accumulate, so memory stays
-bounded: scripts/bench_dedup.py measured 100k x 512-d embeddings in 110 s with ~400 MB above the
-embedding matrix on one CPU core (10k: 1.9 s; 100k x 198-d `pixels`: 62 s). `semdedup` (SemDeDup,
-Abbas et al. 2023) first clusters the embeddings with k-means (`clusters`, default sqrt(n)) and
-compares pairs only within a cluster (threshold = 1 - eps): faster at large n (26 s at 100k x 512),
-but a pair split across two clusters is missed (5% of the planted groups on unclustered random
-embeddings; fewer on real, clustered ones).
-
-Captions (AMG, Chen et al. 2024: duplicated captions are keys to duplicated images): rows that share
-a caption exactly, and rows that share a caption after normalisation (NFKC, lowercase, punctuation
-removed, whitespace collapsed), are grouped and reported separately.
-
-Policies (`dedup_weights`): `drop` keeps the first row of each image group; `reweight` keeps every
-row but gives each member of a group of m rows sampling weight 1/m (each group sums to 1;
-singletons weigh 1).
+Implements image de-duplication by embedding cosine similarity and connected components (Webster et
+al., arXiv 2023, "On the de-duplication of LAION-2B"), SemDeDup's within-cluster search (Abbas et al.,
+arXiv 2023, "SemDeDup: Data-efficient learning at web-scale through semantic deduplication") and
+caption-duplicate grouping (Chen et al., CVPR 2024, "Towards memorization-free diffusion models":
+duplicated captions act as keys to duplicated images). Embeddings (`pixels`, `phash`, `clip`,
+`sscd`), thresholds and policies: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -76,26 +41,6 @@ def default_threshold(embedding: str) -> float:
 
 
 # ---------------------------------------------------------------- image embeddings
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- near-duplicate search

@@ -1,15 +1,10 @@
-"""Training-time loss masking (Wen et al., ICLR 2024, "Detecting, explaining, and mitigating
-memorization in diffusion models", METHODS.md §1.1).
+"""Training-time loss masking: samples whose text-conditional noise magnitude
+||eps(x_t, t, c) - eps(x_t, t, c0)|| at their own timestep is >= a threshold are dropped from the loss
+(one extra no-grad unconditional UNet forward per sample).
 
-During fine-tuning, the text-conditional noise magnitude ||eps(x_t, t, c) - eps(x_t, t, c0)|| of
-each sample is computed at its own training timestep without gradients; samples with a magnitude
->= the threshold (the authors' 2.0 for SD at 64x64x4 latents) are dropped from the loss. The norm
-is over the whole flattened latent, so it grows with the latent size: on the toy model (8x8x8
-latents, 32x fewer elements than SD's) the norm is on another scale; set the
-threshold for your model (`memtrain evaluate` reports the magnitudes of your prompts).
-
-Cost: one extra no-grad UNet forward (the unconditional branch) per sample; the conditional
-prediction is the training forward itself.
+Implements Wen et al., ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion
+models". Deviation: no default threshold; the authors' 2.0 is for SD's 64x64x4 latents and the norm
+grows with the latent size.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Reports: `memtrain evaluate` (sections -> dict), every Markdown rendering, and the figures."""

@@ -2,7 +2,9 @@
 
 Trigger scenario (registered prompt detectors: AUROC, TPR at 1% FPR), replication of generations
 against the training images, membership (CLiD, Zhai et al. 2024, cross-fitted) and the general
-scenario (KID, alignment / CLIP score). Writes OUT/report.json, report.md and PNGs atomically.
+scenario (KID, alignment / CLIP score); optionally the re-trigger test (`--attack`), replication
+against a training-image index (`--index`) and guarded sampling side by side (`--guard`),
+`trainer.report.guard_sections`. Writes OUT/report.json, report.md and PNGs atomically.
 docs/methods.md gives every convention; `trainer.report.sections` computes each section.
 """
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from trainer.core.components import load_pipeline, model_resolution
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
-from trainer.detect import DETECTOR_STEPS, DETECTORS, PROMPT_DETECTORS
+from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
 from trainer.measure.features import (
     choose_quality_feature,
@@ -30,6 +32,15 @@ from trainer.measure.features import (
 )
 from trainer.measure.metrics import roc_points
 from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
+from trainer.report.guard_sections import (
+    DEFAULT_ATTACK_EPS,
+    attack_report,
+    check_extras,
+    guard_section,
+    index_replication,
+    load_index,
+    parse_eps,
+)
 from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 from trainer.report.render import evaluate_markdown
 from trainer.report.sections import (
@@ -57,34 +68,10 @@ REPLICATED_GRID = 16
 # ---------------------------------------------------------------- images
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- section 2: replication
 
 
-
-
-
-
 # ---------------------------------------------------------------- section 4: quality
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- the protocol
@@ -92,9 +79,10 @@ REPLICATED_GRID = 16
 
 def parse_detectors(value: str | Sequence[str]) -> list[str]:
     names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    unknown = [n for n in names if n not in DETECTORS]
+    known = [*PROMPT_DETECTORS, *MEMBERSHIP_DETECTORS]  # the registry as it is now (entries can be added)
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(DETECTORS)}")
+        raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -109,13 +97,20 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
              clip: str | Path | None = None, wandb: bool = False, generate: bool = True,
              detectors: str | Sequence[str] = DETECTORS, steps: int = 50, guidance_scale: float = 7.5,
              device: str | None = None, memorized: str | Path | None = None,
-             not_memorized: str | Path | None = None, progress: bool = True) -> dict:
+             not_memorized: str | Path | None = None, progress: bool = True, attack: bool = False,
+             attack_eps: str | Sequence[float] = DEFAULT_ATTACK_EPS, attack_steps: int = 20,
+             index: str | Path | None = None, index_model: str | Path | None = None,
+             index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None) -> dict:
     """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
 
     Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
     `not_memorized`. `train_data`: the training set replication is measured against (an imagefolder,
     a `save_to_disk` directory or a local datasets path; default: the member images of the prompt
     file). `data`: the root that `file_name` paths resolve under (default: the prompt file's directory).
+    `attack`: the re-trigger test of the memorized prompts at `attack_eps` with `attack_steps` attack steps;
+    `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
+    replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
+    side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`.
     """
 
     t_start = time.perf_counter()
@@ -138,6 +133,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     for r in rows:
         if r.file_name and (r.member is not None or r.label == 1):
             _check_file(data / r.file_name, f"{prompts}, line {r.line}", data)
+    attack_eps = parse_eps(attack_eps) if attack else None
+    guard = None if guard == "none" else guard
+    check_extras(attack, attack_steps, guard, index, generate, any(r.label == 1 for r in rows),
+                 train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
     checkpoint_path = Path(checkpoint)
     if not checkpoint_path.exists():
         raise MemtrainError(f"checkpoint {checkpoint}: no such directory (want a diffusers pipeline directory)")
@@ -156,13 +155,19 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     pipe = load_pipeline(checkpoint_path, lora, device=device)
     pipe.set_progress_bar_config(disable=True)
     resolution = model_resolution(pipe)
+    training_index = embedder = None
+    if index is not None:
+        training_index, embedder, index_threshold = load_index(index, pipe, resolution, index_model, index_threshold)
     notes: list[str] = []
     cost: dict[str, dict] = {}
     config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),
               "data": str(data), "train_data": str(train_data) if train_data else None, "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
               "batch_size": batch_size, "detectors": detectors, "generate": generate,
               "sscd": str(sscd) if sscd else None, "clip": str(clip) if clip else None, "device": device,
-              "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1"}
+              "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1",
+              "attack": attack, "attack_eps": attack_eps, "attack_steps": attack_steps if attack else None,
+              "index": str(index) if index else None, "index_model": str(index_model) if index_model else None,
+              "index_threshold": index_threshold, "guard": guard}
     report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
                     "config": config, "label_mapping": LABEL_MAPPING, "roc_convention": ROC_CONVENTION,
                     "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
@@ -172,7 +177,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                                "non_members": sum(r.member == 0 for r in rows)}}
     figures: dict = {}
 
-    with atomic_dir(out) as tmp, tqdm(total=4, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
+    n_stages = 4 + bool(attack) + bool(guard)
+    with atomic_dir(out) as tmp, tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
         run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb else None
         try:
             # 1. trigger scenario: detectors
@@ -208,14 +214,20 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, train_data,
                                                 resolution, sscd_model, batch_size, progress)
                 if rep is None:
-                    notes.append(note)
-                else:
+                    notes.append(note + ("; replication from --index only" if training_index is not None else ""))
+                if training_index is not None:
+                    rep = rep or {}
+                    rep["index"] = index_replication(generated, gen_groups, captions_of(gen_rows, n), training_index,
+                                                     embedder, index_threshold, batch_size)
+                    rep["index"]["path"] = str(index)
+                if rep is not None:
                     report["replication"] = rep
-                    references = rep.pop("_references")
-                    verified = without_replicating_negatives(report.get("trigger", {}), rep)
-                    if verified is not None:
-                        report["trigger"]["without_replicating_negatives"] = verified
-                    figures["replicated"] = (generated, references)
+                    if "_references" in rep:
+                        references = rep.pop("_references")
+                        verified = without_replicating_negatives(report.get("trigger", {}), rep)
+                        if verified is not None:
+                            report["trigger"]["without_replicating_negatives"] = verified
+                        figures["replicated"] = (generated, references)
                     cost["replication"] = {"seconds": round(time.perf_counter() - t0, 2)}
             stages.update()
 
@@ -260,12 +272,47 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                     idx = [i for i, g in enumerate(gen_groups) if g == group]
                     quality["groups"][group] = general_scenario(
                         generated[idx], [captions[i] for i in idx], heldout, clip_scorer, batch_size, feature)
-                if heldout is not None and "replication" in report and len(heldout) >= 2:
+                if heldout is not None and "replicated" in figures and len(heldout) >= 2:
                     quality["kid_reference"] = kid(feature.features(figures["replicated"][1]),
                                                    feature.features(heldout))
                 report["quality"] = quality
                 cost["quality"] = {"seconds": round(time.perf_counter() - t0, 2)}
             stages.update()
+            references = figures["replicated"][1] if "replicated" in figures else None
+
+            # 5. the re-trigger test of the memorized prompts (Kowalczuk et al. 2025)
+            if attack:
+                stages.set_postfix_str("attack")
+                mem_rows = [r for r in rows if r.label == 1]
+                images = None
+                if all(r.file_name for r in mem_rows):
+                    images = load_images([data / r.file_name for r in mem_rows],
+                                         [f"{prompts}, line {r.line} ({r.file_name})" for r in mem_rows],
+                                         resolution, "attacked prompts' images", progress)
+                else:
+                    notes.append("re-trigger test: image-known attacker skipped (a memorized row has no file_name)")
+                if references is None:
+                    notes.append("re-trigger test skipped: no training images to measure replication against")
+                else:
+                    report["attack"] = attack_report(pipe, [r.text for r in mem_rows], images, references,
+                                                     attack_eps, n, seed, attack_steps, steps, guidance_scale,
+                                                     batch_size)
+                    cost["attack"] = {k: report["attack"][k] for k in ("seconds", "unet_evals")}
+                stages.update()
+
+            # 6. guarded sampling beside the stock sampler
+            if guard and generated is not None:
+                stages.set_postfix_str(f"guard {guard}")
+                t0 = time.perf_counter()
+                section = guard_section(
+                    pipe, guard, generated, [r.text for r in gen_rows], n, gen_groups, seed, steps, guidance_scale,
+                    batch_size, progress, cost["generation"], references, training_index, embedder, index_threshold,
+                    (lambda im, caps: general_scenario(im, caps, heldout, clip_scorer, batch_size, feature)),
+                    report["quality"]["groups"], guard_options)
+                report["guard"] = section
+                cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                 "unet_evals": section["guarded"]["unet_evals"]}
+                stages.update()
 
             cost["total"] = {"seconds": round(time.perf_counter() - t_start, 2),
                              "unet_evals": sum(c.get("unet_evals", 0) for c in cost.values())}
@@ -281,10 +328,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 run.finish(exit_code=1)
             raise
     return report
-
-
-
-
 
 
 # ---------------------------------------------------------------- output
@@ -312,6 +355,26 @@ def flat_summary(report: dict) -> dict[str, float]:
         for k in ("toy_alignment", "kid", "clip_score"):
             if k in q:
                 flat[f"quality/{group}/{k}"] = q[k]
+    for row in report.get("attack", {}).get("rows", []):
+        for who in ("plain", "noise", "image"):
+            v = row.get(who)
+            if v is not None:
+                flat[f"attack/eps{row['eps']:g}/{who}"] = v if who == "plain" else v["replication"]
+    for attacker, a in report.get("attack", {}).get("attackers", {}).items():
+        flat[f"attack/{attacker}/unet_evals"] = a["unet_evals"]
+        flat[f"attack/{attacker}/seconds"] = a["seconds"]
+    for group, s in report.get("replication", {}).get("index", {}).get("groups", {}).items():
+        flat[f"replication_index/{group}/fraction_replicated"] = s["fraction_replicated"]
+        flat[f"replication_index/{group}/similarity_p95"] = s["similarity_p95"]
+    guarded = report.get("guard", {})
+    for group, g in guarded.get("groups", {}).items():
+        for side in ("unguarded", "guarded"):
+            for k, v in g[side].items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    flat[f"guard/{group}/{side}/{k}"] = v
+    for side in ("unguarded", "guarded"):
+        if side in guarded:
+            flat[f"guard/{side}/seconds_per_image"] = guarded[side]["seconds_per_image"]
     for section, c in report.get("cost", {}).items():
         for k, v in c.items():
             flat[f"cost/{section}/{k}"] = v
@@ -377,22 +440,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
     return report
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- W&B
 
 
-
-
-
-
 # ---------------------------------------------------------------- CLI
-
-
-
-
-

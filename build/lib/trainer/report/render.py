@@ -58,8 +58,8 @@ def evaluate_markdown(report: dict) -> str:
                 mean = float(np.mean([p["scores"][name] for p in trigger["prompts"]]))
                 lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} |")
         lines += ["", _figure(report, "roc.png", "ROC"), ""]
-    rep = report.get("replication")
-    if rep:
+    rep = report.get("replication") or {}
+    if rep.get("groups"):
         sscd = any("sscd_p95" in s for s in rep["groups"].values())
         lines += ["## Replication", "",
                   f"Generations against the {rep['unique_train_images']} {rep['reference']} "
@@ -79,6 +79,8 @@ def evaluate_markdown(report: dict) -> str:
                 row += f" {_fmt(s['sscd_p95'])} | {_fmt(s['sscd_max'])} | {_fmt(s['sscd_fraction'], '%')} |"
             lines.append(row)
         lines += ["", _figure(report, "replicated.png", "most replicated generations"), ""]
+    if rep.get("index"):
+        lines += _index_lines(rep["index"])
     mem = report.get("membership")
     if mem:
         lines += ["## Membership (CLiD)", "",
@@ -111,6 +113,10 @@ def evaluate_markdown(report: dict) -> str:
             lines.append(f"| {group} | {q['generations']} | {_fmt(q.get('toy_alignment'))} | "
                          f"{_fmt(q.get('kid'), '.4g')} | {_fmt(q.get('clip_score'), '.2f')} |")
         lines.append("")
+    if report.get("attack"):
+        lines += _attack_lines(report["attack"])
+    if report.get("guard"):
+        lines += _guard_lines(report["guard"])
     lines += [_figure(report, "scores_by_group.png", "scores by group"), ""]
     lines += ["## Cost", "", "| section | seconds | UNet evals |", "|---|---|---|"]
     for section, cst in report.get("cost", {}).items():
@@ -121,6 +127,59 @@ def evaluate_markdown(report: dict) -> str:
     lines.append("")
     kept = [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]  # no double blank lines
     return "\n".join(kept)
+
+
+def _index_lines(ix: dict) -> list[str]:
+    lines = ["## Replication (training-image index)", "",
+             f"Index `{ix.get('path', '')}`: {ix['images']} training images, {ix['embedding']} embedding at "
+             f"{ix['resolution']}x{ix['resolution']}. Similarity = {ix['similarity']}. Per generation: the nearest "
+             "training image (file, caption) in report.json, `replication.index.generations`.", "",
+             "| group | generations | similarity mean | p95 | max | replicated | nearest caption is the prompt |",
+             "|---|---|---|---|---|---|---|"]
+    for group, s in ix["groups"].items():
+        lines.append(f"| {group} | {s['generations']} | {_fmt(s['similarity_mean'])} | {_fmt(s['similarity_p95'])} | "
+                     f"{_fmt(s['similarity_max'])} | {_fmt(s['fraction_replicated'], '%')} | "
+                     f"{_fmt(s['nearest_caption_is_prompt'], '%')} |")
+    return [*lines, ""]
+
+
+def _attack_lines(a: dict) -> list[str]:
+    lines = ["## Re-trigger test", "",
+             f"{a['prompts']} memorized prompts; per prompt a text-embedding perturbation d with ||d|| <= eps ||e|| "
+             f"({a['steps']} PGD steps, {a['n_noise']} noise draws a step; Kowalczuk et al. 2025), then {a['n']} "
+             f"generation(s) per prompt. Replication: NN1/NN2 L2 ratio < {a['ratio_threshold']:.3g} against the "
+             "replication section's references. \"noise\": no image known (maximizes Wen et al.'s first-step noise "
+             "magnitude); \"image\": the training image known (minimizes its denoising loss).", "",
+             "| eps | plain prompt | attack \"noise\" | attack \"image\" |", "|---|---|---|---|"]
+    for row in a["rows"]:
+        cells = [_fmt(row[k]["replication"], "%") if row.get(k) else "-" for k in ("noise", "image")]
+        lines.append(f"| {row['eps']:g} | {_fmt(row['plain'], '%')} | {cells[0]} | {cells[1]} |")
+    lines += ["", "| attacker | UNet evals | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v['unet_evals']} | {v['seconds']:.1f} |" for k, v in a["attackers"].items()]
+    return [*lines, ""]
+
+
+def _guard_lines(g: dict) -> list[str]:
+    crit = "; ".join(f"{k}: {v}" for k, v in g["criteria"].items()) or "no replication criterion available"
+    u, gd = g["unguarded"], g["guarded"]
+    lines = ["## Guarded sampling", "",
+             f"Guard `{g['guard']}` (trainer.sample.guard) against the stock sampler, same prompts and seeds, "
+             f"{g['generations']} generations, DDIM {g['steps']} steps. Replicated: {crit}. Seconds per image: "
+             f"{u['seconds_per_image']:.3g} unguarded, {gd['seconds_per_image']:.3g} guarded (ratio "
+             f"{g['seconds_ratio']:.2f}); UNet evals per image {u['unet_evals_per_image']:g} vs "
+             f"{gd['unet_evals_per_image']:g}.", "",
+             "| group | guard | replicated | replicated (index) | toy alignment | KID | CLIP score | generations "
+             "intervened | steps intervened | max change where not intervened |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for group, s in g["groups"].items():
+        for side in ("unguarded", "guarded"):
+            v = s[side]
+            lines.append(f"| {group} | {side} | {_fmt(v.get('fraction_replicated'), '%')} | "
+                         f"{_fmt(v.get('fraction_replicated_index'), '%')} | {_fmt(v.get('toy_alignment'))} | "
+                         f"{_fmt(v.get('kid'), '.4g')} | {_fmt(v.get('clip_score'), '.2f')} | "
+                         f"{_fmt(v.get('fraction_intervened'), '%')} | {_fmt(v.get('fraction_steps_intervened'), '%')} | "
+                         f"{_fmt(v.get('max_abs_change_not_intervened'), '.2g')} |")
+    return [*lines, ""]
 
 
 def _pct(value) -> str:

@@ -1,13 +1,10 @@
 """Guarded generation as a drop-in for diffusers' `StableDiffusionPipeline`, and the batch entry point
 `guarded_generate` used by `memtrain generate --guard` and `memtrain evaluate --guard`.
 
-`GuardedPipeline.from_pipe(pipe, index=..., guard="amg" | "wen" | "none", **options)` holds the pipeline
-(composition; every attribute it does not define is the pipeline's) and samples with the loop of
-`trainer.sample.guidance`: always DDIM (eta 0, the sampler of the papers) over the noise schedule of
-the pipeline's scheduler config, with classifier-free guidance, so a LoRA loaded into the pipe, a
-float16 or a v-prediction model work as they do in the pipeline. `__call__` takes the usual
-arguments and returns the usual `StableDiffusionPipelineOutput`, with `guard_records` (one dict per
-image) set on it. The formulas and their defaults are documented in `trainer.sample.guidance`.
+`GuardedPipeline.from_pipe(pipe, index=..., guard="amg" | "wen" | "none", **options)` wraps a pipeline
+(LoRA, float16 and v-prediction included) and samples with `trainer.sample.guidance`'s DDIM loop (eta 0,
+the papers' sampler: AMG, Chen et al., CVPR 2024; Wen et al., ICLR 2024); `__call__` returns the usual
+output with `guard_records` set on it. Formulas and defaults: docs/methods.md, "Guarded sampling".
 """
 
 from __future__ import annotations
@@ -154,7 +151,7 @@ def guarded_generate(
     progress: bool = True, **options,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Images [len(prompts) * n, 3, H, W] in [0, 1] (prompt-major, generation j from seed + j, as
-    `trainer.generate.generate_images`) and one guard record per image (with its prompt and seed).
+    `trainer.sample.generate.generate_images`) and one guard record per image (with its prompt and seed).
 
     `guard="none"` is the stock pipeline (`generate_images`), the baseline a guard is compared with.
     """

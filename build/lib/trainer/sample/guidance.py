@@ -1,45 +1,11 @@
-"""The math of guarded sampling, over `trainer.unet_core`: a DDIM + classifier-free-guidance loop with an
-optional per-step guard, Anti-Memorization Guidance (AMG) as that guard, and Wen et al.'s
-inference-time prompt-embedding mitigation.
+"""The math of guarded sampling over `trainer.core.unet_core`: the stock DDIM + classifier-free-guidance
+loop with an optional per-step guard that may only add to the guided prediction of the rows it fires on.
 
-Every function takes the training-image index and the image embedder as ARGUMENTS (duck-typed: an
-index has `embeddings` [N, d] (L2-normalised), `captions`, `file_names`, `search(queries, k)` ->
-(cosine sims [M, k], indices [M, k]) and `caption_is_duplicated(i)`; an embedder maps images
-[B, 3, H, W] in [0, 1] to L2-normalised [B, d] and is differentiable), so this module never loads
-an index itself (`trainer.sample.guard` does).
-
-The sampling loop (`sample_latents`) is the stock `StableDiffusionPipeline` DDIM loop written over
-`UNetCore`: one UNet forward per step on [uncond batch, cond batch], `eps_hat = eps(c0) + s0 (eps(c) -
-eps(c0))`, `DDIMScheduler.step` (eta 0). A guard may only ADD to `eps_hat` for the rows where it
-fires; rows where it does not fire keep the unguarded value bit for bit, so a run in which the guard
-never fires is the plain loop exactly. Latents are kept in float32 (the core returns float32
-predictions); for a float32 pipeline this is the stock loop, for float16 it is slightly more precise.
-
-AMG (Chen, Liu & Xu, CVPR 2024, "Towards Memorization-Free Diffusion Models"). At step t, with the
-guided prediction `eps_hat`, `x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)` is decoded
-with the VAE and embedded; its nearest training image n0 and cosine similarity sigma_t come from
-the index. If sigma_t > lambda_t:
-  despecification     G_spe = -s1 (eps(c) - eps(c0)),      s1 = clip(c1 sigma_t, 0, s0 - 1)
-  caption dedup       G_dup = -s2 (eps(y_N) - eps(c0)),    s2 = clip(c2 sigma_t, 0, s0 - s1 - 1),
-                      only when n0's caption y_N is a duplicated caption of the training set
-  dissimilarity       G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t
-and `eps_hat += G_spe + G_dup + G_sim`. The gradient of sigma_t flows through the x0 estimate (the
-UNet's cond and uncond predictions, re-evaluated with autograd on the firing rows only), the VAE
-decoder and the embedder, with n0 held fixed; the decoded image is clamped to [0, 1] before the
-embedder (pixels outside that range get no gradient). Defaults: c1 = 13 and the SSCD threshold
-lambda_t = 0.3 + 0.1 exp(-0.005 t) are the paper's. The authors' code was not available to us and
-the values of c2 and c3 are not in the method summary we worked from: `C2_DEFAULT` (= c1; s2 is
-capped at s0 - s1 - 1 anyway) and `C3_DEFAULT` are our choices, to be overridden for a real model.
-The threshold for the 8x8 pixel embedding is `PIXEL_THRESHOLD` (see its comment). The paper checks
-every step; `check_every = k` (default 1) checks only every k-th step, a cost option of ours: the
-per-step VAE decode is the guard's main overhead.
-
-Wen et al. (ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion models"),
-inference-time mitigation: optimise the prompt's text-encoder output with AdamW (lr 0.05, at most 10
-iterations) on the first-step magnitude `||eps(x_T, T, c) - eps(x_T, T, c0)||`, the BOS row's
-gradient zeroed, stopping once the magnitude is <= target (3 by default, theirs for SD 1.4);
-then sample with the optimised embedding. `calibrate_wen_target` sets the target per model as a
-high quantile of the same magnitude on general prompts.
+Implements Anti-Memorization Guidance (Chen, Liu & Xu, CVPR 2024, "Towards memorization-free diffusion
+models") and the inference-time prompt-embedding mitigation of Wen et al. (ICLR 2024, "Detecting,
+explaining, and mitigating memorization in diffusion models"). The index and embedder are arguments
+(duck-typed). Deviations: AMG's c2 and c3 are our choices, `check_every` > 1 skips checks to save VAE
+decodes, and the pixel embedding's threshold is calibrated on the toy world. Formulas: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -73,11 +39,8 @@ class Threshold:
 
 
 SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)  # Chen et al., for SSCD cosine similarity
-# For the "pixels" embedding (`trainer.measure.index`: 8x8 box thumbnail, per-channel mean removed,
-# L2-normalised; the dedup pixel embedding): a constant 0.85,
-# calibrated on the toy world between the nearest-training similarity of held-out images (99th
-# percentile, the false-alarm side) and that of VAE round-tripped training images (5th percentile,
-# copies as the model can produce them). Recalibrate on your own held-out images.
+# For the "pixels" embedding: a constant calibrated on the toy world (deviation; docs/methods.md).
+# Recalibrate on your own held-out images.
 PIXEL_THRESHOLD = Threshold(0.85, 0.0, 0.0)
 DEFAULT_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD}
 
@@ -202,7 +165,7 @@ class GuardRecord:
 
 
 class AMGGuard:
-    """Anti-Memorization Guidance for one batch of B images (module docstring for the formulas).
+    """Anti-Memorization Guidance for one batch of B images (formulas: docs/methods.md).
 
     `encode(captions) -> [K, L, D]` encodes training captions y_N for the caption-deduplication term
     (the pipeline's `encode_prompt`, so text-encoder LoRA and the like apply).

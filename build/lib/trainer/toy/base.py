@@ -22,10 +22,9 @@ from trainer.io import atomic_dir
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
-# SD 1.x noise schedule (scaled_linear, 1000 steps). Sampling uses "trailing" timestep spacing
-# (999, 979, ..., 19 at 50 steps; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
-# are Flawed"): SD's "leading" spacing starts at t=981 and, on 8x8 latents, left the toy generations'
-# layout and colours visibly off (median L2 to the replicated training image 0.19 -> 0.14, measured).
+# SD 1.x noise schedule (scaled_linear, 1000 steps) with "trailing" timestep spacing (999, 979, ..., 19
+# at 50 steps; Lin et al., WACV 2024, "Common diffusion noise schedules and sample steps are flawed").
+# Deviation: SD uses "leading" spacing; see docs/toy-world.md, "Sampler".
 TOY_BASE = Path(str(resources.files("trainer") / "assets" / "toy_base"))  # the committed toy base model
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
@@ -72,7 +71,7 @@ class TinySize:
 
     image_size: int = 32
     vae_channels: tuple[int, ...] = (16, 32, 64)  # two downsamples: 32x32x3 -> 8x8 latents
-    latent_channels: int = 8  # SD uses 4; 8 keeps the toy VAE accurate at 8x8 (see README)
+    latent_channels: int = 8  # deviation: SD uses 4 (docs/toy-world.md)
     unet_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     attention_head_dim: int = 8

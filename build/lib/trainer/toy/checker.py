@@ -1,13 +1,9 @@
 """Text alignment for the toy world: does an image show what its caption says?
 
-The toy world knows each caption's attributes, so a deterministic checker plays the role CLIP
-score plays for real models: every pixel is mapped to the nearest palette colour, and the caption
-is checked attribute by attribute: each named object colour covers at least `min_fraction` of the
-image (the individual specks cover under 1% each), and the background (the most frequent palette
-colour, which captions do not name) is none of the object colours, as in every toy image. The
-alignment score of an image is the fraction of these checks that hold (1.0 = everything the
-caption names is there, on a background it allows). Shapes and sizes are not checked: colours are
-what a 32x32 generation must get right first.
+A deterministic stand-in for CLIP score: every pixel is mapped to the nearest palette colour; each
+colour the caption names must cover at least `min_fraction` of the image, and the background (the
+most frequent palette colour) must be none of them. The score is the fraction of checks that hold;
+shapes and sizes are not checked.
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """`memtrain compare`: plain vs mitigated fine-tuning of the toy base on the same planted-duplicate data.
 
-One toy dataset (`toy_world.make_toy_data`, the demo's default config) is fine-tuned twice for the
-same steps with the same optimizer: plain (recipes/toy.yaml, the demo's recipe) and mitigated
-(recipes/toy-mitigated.yaml: toy.yaml + de-duplication (METHODS.md §3) + caption randomization
-(Somepalli et al. 2023, §2)). Both runs have the memorization monitor on with the mitigated
-recipe's `monitor:` settings (CLiD, Zhai et al. 2024, §1.4), so both have a memorization curve;
-the monitor does not change training (it restores the RNG state) and, by default, every run probes
-the same distinct member images, so the curves compare like for like. `--alone NAMES` adds one run
-per mitigation on its own (`mitigations.PRESETS`, or NAME:key=value for your own settings).
-
-For every trained pipeline:
-- replication (`report.replication_study` + `summarize`): generations for the duplicated,
-  singleton and novel prompts against the VAE-reproduced unique training images; replicated when
-  the NN1/NN2 L2 ratio < `demo.RATIO_THRESHOLD` (0.5; Gu et al. 2023 use 1/3, see trainer/report.py),
-  with nL2 < 1.4 (Carlini et al. 2023) and how often the nearest training image is the prompt's own;
-- the general scenario (MemBench, Hong et al. 2024; `evaluate.general_scenario`) of the novel
-  prompts' generations: toy text alignment and KID against the held-out images;
-- the final CLiD AUC and TPR at 1% FPR and the whole curve, read from the run's JSONL metrics
-  (`OUT/runs/NAME/logs/metrics.jsonl`, keys `monitor/*`), and the monitor's cost.
-
-Writes OUT/compare.json, OUT/compare.md (side-by-side tables) and OUT/clid_curves.png (CLiD AUC vs
-step of every run); each run's output directory (checkpoint, pipeline, logs, monitor.json/png) and
-replication report are under OUT/runs/NAME.
+Trains recipes/toy.yaml and recipes/toy-mitigated.yaml (plus one run per mitigation with `--alone`),
+all with the memorization monitor, then measures for each pipeline the replication rate (as
+`toy.study`: Gu et al. 2023, "On memorization in diffusion models"), the novel prompts' toy alignment
+and KID (MemBench's general scenario, Hong et al. 2024) and the final CLiD curve. Writes
+OUT/compare.json, OUT/compare.md, OUT/clid_curves.png and OUT/runs/NAME/.
 """
 
 from __future__ import annotations
@@ -110,7 +93,7 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 
 def training_rows(recipe) -> dict:
     """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
-    (the same `dedup.apply_dedup_policy` call as `train.make_caption_fn_and_weights`)."""
+    (the same `dedup.apply_dedup_policy` call as `loop.make_caption_fn_and_weights`)."""
 
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)

@@ -21,13 +21,11 @@ from trainer.toy.base import TOY_BASE
 from trainer.toy.study import replication_study, write_study
 from trainer.training.loop import train
 
-# Classifier-free guidance of the demo's generations. The toy UNet (8x8 latents, ~2M parameters)
-# over-saturates at SD's usual 7.5; 3.0 gave the most faithful generations (measured on the demo's
-# fine-tune at 1, 3, 5 and 7.5; see the README, "The demo's numbers and its replication criterion").
+# Classifier-free guidance of the demo's generations; SD's usual 7.5 over-saturates the toy UNet.
 GUIDANCE_SCALE = 3.0
-# Replication criterion of the demo: NN1/NN2 L2 ratio < 0.5 (Gu et al. use 1/3; deviation explained in
-# trainer/report.py and the README: flat toy backgrounds keep every second neighbour close, and no
-# held-out image comes below 0.7). The report prints the held-out false-positive rate beside it.
+# Replication criterion of the demo: NN1/NN2 L2 ratio < 0.5. Deviation: Gu et al. use 1/3; flat toy
+# backgrounds keep every second neighbour close (docs/toy-world.md). The report prints the held-out
+# false-positive rate beside it.
 RATIO_THRESHOLD = 0.5
 
 

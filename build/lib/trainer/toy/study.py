@@ -1,26 +1,11 @@
 """Replication study of a checkpoint on a toy-world dataset: generate for each labelled prompt group,
-measure replication against the (unique) training images, write JSON, Markdown and a PNG grid.
+measure replication against the unique training images, write JSON, Markdown and a PNG grid.
 
-A generation counts as a replication when its nearest/second-nearest L2 ratio to the unique
-training images is below `ratio_threshold` (Gu et al. 2023, METHODS.md §1.5; the paper's 1/3 by
-default). Tiled L2 <= 0.15 (Carlini et al. 2023), nL2 < 1.4 (AMG) and the ratio < 1/3 rate are
-reported beside it whatever the threshold. Exact duplicates are removed from the training images
-first, so the second neighbour is never a copy of the first.
-
-Calibration: when the data has held-out images (`heldout/`), the same criterion is applied to
-them. They are real images of the same distribution that were never trained on, so the fraction of
-them flagged is the criterion's false-positive rate on genuinely new images. `memtrain demo` uses
-ratio < 0.5 instead of Gu's 1/3 (deviation, documented in the README): toy images share flat
-backgrounds, so every image's second neighbour is close; on the demo data no held-out image has a
-ratio below 0.7, so 0.5 still flags only generations far closer to one training image than any
-new image ever is.
-
-Reference images (`reference="vae"`, the default): the training images as the model's own VAE
-reproduces them, decode(encode(x)) with the posterior mean. A model can at best regenerate what
-its autoencoder can express; comparing with the round-tripped images measures what the diffusion
-model memorized, not the autoencoder's error (the toy VAE's RMSE of ~0.07 would otherwise hide a
-perfect latent replica: its ratio to the originals is ~0.33). The rates against the original
-images are reported beside them (`*_vs_originals`). `reference="original"` uses the originals.
+Replicated when the NN1/NN2 L2 ratio is below `ratio_threshold` (Gu et al. 2023, "On memorization in
+diffusion models"; 1/3 by default), with tiled L2 and nL2 (Carlini et al., USENIX Security 2023,
+"Extracting training data from diffusion models") reported beside it; held-out images give the
+criterion's false-positive rate. Deviation: references are the VAE-reproduced training images
+(`reference="vae"`), so the autoencoder's error is not counted as non-replication.
 """
 
 from __future__ import annotations

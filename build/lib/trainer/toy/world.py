@@ -1,28 +1,11 @@
 """The toy world: a procedurally generated image-caption dataset with planted memorization structure.
 
-Images are 32x32 RGB: one or two flat shapes on a coloured background, plus what makes each image
-an individual (never named in the caption): the background colour and its tint, exact positions
-and sizes, a darker stripe and two small specks. Captions are compositional and name the objects
-only ("a large red circle and a small blue ring").
-
-Why the background is not in the caption: as in web data, a caption under-specifies its image.
-When captions named the background (the first toy world, "... on a green background"), that one
-whole-image colour was fixed by every prompt even at t = T, so the text-conditional noise
-magnitude (METHODS.md §1.1) of memorized and novel prompts alike grew with how far the
-background colour lay from the mean colour (novel prompts: 0.83 to 2.90 at the first step), and
-the detectors ranked colours before memorization (AUROC 0.87 pooled, 0.97 within one colour).
-With the background left to the image, a novel prompt leaves the model free to pick any
-background while a memorized one pins down its training image's, the behaviour that Wen et al.
-and Asthana & Belagiannis detect in SD.
-
-`make_toy_data` writes diffusers imagefolder directories (`metadata.jsonl` with `file_name` and
-`text`) and a labels file with the ground truth a memorization study needs:
-- duplicated: `n_duplicated` distinct images, each written `copies` times (as in LAION);
-- singleton: images seen once;
-- heldout: pairs from the same distribution never trained on (non-members, for membership tests);
-- novel: prompts that were never a caption.
-Every caption is unique across the groups, so a duplicated caption is the key to exactly one
-training image. Everything is deterministic from `seed`.
+32x32 RGB images of one or two flat shapes whose captions name the objects only; the background,
+positions, sizes, a stripe and two specks make each image individual, so a caption under-specifies
+its image as in web data. `make_toy_data` writes diffusers imagefolders and a labels file with the
+groups duplicated (`copies` times each, as in LAION), singleton, heldout (non-members) and novel
+(never a caption); every caption is unique and everything is deterministic from `seed`. Design and
+rationale: docs/toy-world.md.
 """
 
 from __future__ import annotations

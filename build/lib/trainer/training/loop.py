@@ -1,16 +1,11 @@
 """`memtrain train`: the Accelerate fine-tuning loop for diffusers Stable Diffusion checkpoints.
 
-It follows diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py` (same loss, noise
-schedule, min-SNR weighting, noise offset, EMA, LR schedule scaling across processes), with
-three differences a user should know:
-- the noise, timesteps and VAE posterior sample of micro-step m come from a generator seeded by
-  (seed, m) for the GLOBAL batch, each process taking its rows; with the (seed, epoch) sample
-  order of `data.EpochSampler`, a run on N processes equals a run on 1 process with the same
-  global batch, and a resumed run equals an uninterrupted one;
-- each checkpoint records what it was trained with, and resuming from an incompatible one
-  fails with a message instead of a tensor-shape traceback;
-- per-sample losses are kept, so per-sample masks (Wen et al. loss masking) and weights
-  compose with min-SNR.
+Follows diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py`, with min-SNR weighting
+(Hang et al., ICCV 2023, "Efficient diffusion training via min-SNR weighting strategy") and per-sample
+losses so that loss masking (Wen et al., ICLR 2024, "Detecting, explaining, and mitigating
+memorization in diffusion models") and de-duplication weights compose with it. Deviation: noise,
+timesteps and VAE draws of micro-step m come from (seed, m) for the global batch, so N processes and
+resumed runs equal one uninterrupted process (docs/recipes.md, "Determinism").
 """
 
 from __future__ import annotations

@@ -1,71 +1,11 @@
-"""The memorization monitor: is the model starting to memorize its training data, step by step?
+"""The memorization monitor: scores a fixed probe every `monitor.every_steps` steps during training.
 
-Enabled by `monitor.every_steps > 0` in a training recipe (`trainer.recipe.MonitorSection`). Every
-`every_steps` optimizer steps, and at the last step, the monitor scores a FIXED probe with the
-current weights and logs memorization curves to every tracker.
-
-The probe (chosen once, before training; described in `OUT/monitor.json`):
-- members: `monitor.members` training rows (after de-duplication), drawn without replacement by
-  `random.Random("memtrain/monitor/<train.seed>/members")`, each with its first caption. With
-  `monitor.distinct_members` (the default) they are drawn among DISTINCT images only: the first row
-  of each near-duplicate group (`dedup.near_duplicate_groups` on the `pixels` embedding at
-  `data.dedup_threshold`), so a probe holds no image twice and a run de-duplicated with `drop`
-  gets exactly the probe of the same data trained without de-duplication (like-for-like curves
-  in `memtrain compare`); `false` draws among all rows, so heavily duplicated images dominate it;
-- held-out pairs: `monitor.heldout_count` rows drawn the same way (salt "heldout") from
-  `monitor.heldout`: an imagefolder directory, a `datasets` dataset (split `monitor.heldout_split`;
-  pass `data.path` itself to use another split of the training dataset), or a toy `labels.jsonl`
-  (`memtrain toy-data`: rows with group "heldout", `file_name` relative to the file);
-- novel prompts: `monitor.novel_count` prompts (salt "novel") from `monitor.novel_prompts` (plain
-  text or JSONL, `generate.read_prompts`; when rows carry a `group` only group "novel" is kept, so
-  a toy labels.jsonl works as is), or the held-out probe captions when it is not set.
-Images are resized to the training resolution and center-cropped, never flipped. When a labels
-file is given (as `heldout` or `novel_prompts`), members whose caption it labels (duplicated,
-singleton, ...) also get per-group means.
-
-What one call measures (on the main process, unwrapped UNet and text encoder in eval mode, train
-mode restored afterwards; all its noise comes from its own CPU generators and the global CPU RNG
-state is restored, so a monitored run trains exactly like an unmonitored one):
-- CLiD (Zhai et al., METHODS.md 1.4): `detectors.clid_features` of members and held-out pairs
-  (15 UNet evals per sample, noise and VAE posterior sample from `train.seed`, cross-attention
-  mass word importance), then `detectors.clid_th_scores` with alpha = `monitor.clid_alpha`
-  (0.5 by default, FIXED) and the robust scaler fitted on the held-out probe features of the same
-  call. DEVIATION: the paper fits the scaler and picks alpha on a shadow split; a training-time
-  monitor has none, and the held-out half is the only reference guaranteed to be non-member.
-  Logged: `clid_auc`, `clid_tpr_at_1fpr` (members = positives; `metrics.tpr_at_fpr`: the last ROC
-  point with FPR <= 1%, so with fewer than 100 held-out pairs it is the TPR at 0 FPR),
-  `clid_mean_member`, `clid_mean_heldout` (and `clid_mean_<group>`).
-- Wen et al. first-step noise magnitude (METHODS.md 1.1), n = 1, 50-step DDIM schedule, seed
-  `train.seed` (the unconditional prediction on the shared x_T evaluated once, `reuse_uncond`, so
-  1 UNet eval per prompt + 1): `detectors.noise_magnitude` of the member captions (positives) vs the novel
-  prompts: `noise_auc`, `noise_tpr_at_1fpr`, `noise_mean_member`, `noise_mean_novel` (and
-  `noise_mean_<group>`).
-- cost: `seconds` (wall time of the call) and `unet_evals` (`unet_core.count_evals`, plus the
-  100 evals of each W&B table generation).
-Every value is logged with `accelerator.log` under `monitor/<name>` at the step (JSONL always,
-TensorBoard scalars, W&B line charts). With the W&B tracker, each call also logs a
-`monitor/generations` table: `monitor.table_generations` member captions generated (stock
-pipeline, DDIM 50 steps, guidance 7.5, seed `train.seed`) beside their nearest training image by
-pixel L2 at <= 64 px, searched among up to 256 training images (always including the prompts'
-own images); at the end a `monitor/curves` W&B line-series chart of the whole history.
-
-State and cost: the history, alarms and training seconds are the monitor's `state_dict`, saved in
-every checkpoint by `accelerator.register_for_checkpointing`, so a resumed run continues the
-curves. Runs without the monitor register nothing (their checkpoints are unchanged); resuming
-such a checkpoint with the monitor on starts an empty history, and resuming a monitored
-checkpoint with the monitor off carries the history along (`MonitorState`). At the end `OUT/monitor.json` (probe, history, alarms, cost: total seconds, seconds per
-call, UNet evals and the fraction of the training loop's wall time, resumed segments included)
-and `OUT/monitor.png` (the AUC / TPR curves, `plots.save_curves`) are written.
-
-Alarm (`monitor.alarm_threshold` set): when `alarm_metric >= alarm_threshold` at a call, "warn"
-prints a warning line on stderr and records the alarm; "stop" also ends training at once on every
-process (the decision is broadcast from the main process), saves NO checkpoint at that step,
-skips the export, and records in monitor.json `alarm` with the last good checkpoint (the latest
-one saved before the alarm, or null: the base model).
-
-Under DDP the main process does all the monitor's work while the others wait at their next
-collective; the probe is small (by default 64 samples x 15 + 65 UNet evals), well inside the
-process group's timeout.
+Implements CLiD (Zhai et al., NeurIPS 2024, "Membership inference on text-to-image diffusion models
+via conditional likelihood discrepancy"; members vs held-out pairs) and the first-step noise magnitude
+(Wen et al., ICLR 2024, "Detecting, explaining, and mitigating memorization in diffusion models";
+member captions vs novel prompts), logged under `monitor/` to every tracker. Probe, alarm and files:
+docs/recipes.md, "The memorization monitor". Deviation: CLiD's alpha is fixed and its scaler is fitted
+on the held-out probe of the same call, since training has no shadow split.
 """
 
 from __future__ import annotations

@@ -1,0 +1,213 @@
+"""The optional sections of `memtrain evaluate`: the re-trigger test (`--attack`, Kowalczuk et al. 2025),
+replication against a training-image index (`--index`, `trainer.measure.index`) and guarded sampling
+side by side with the stock sampler (`--guard amg|wen`, Chen et al. 2024 / Wen et al. 2024).
+
+Index replication: each generation is embedded with the index's own embedder and its two nearest
+training images are looked up (exact cosine search); it is replicated when the cosine similarity to
+the nearest exceeds the threshold: 0.5 for SSCD (the convention of Somepalli et al. 2023 and AMG),
+`trainer.sample.guidance.PIXEL_THRESHOLD` (0.85, calibrated on the toy world, see its comment) for
+the pixel embedding; a CLIP index needs an explicit threshold. Only the [N, d] embeddings are held,
+never the training images, so a large training set works.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.core.unet_core import count_unet_samples
+from trainer.detect.attack import attack_section
+from trainer.io import MemtrainError
+from trainer.measure.embedders import ImageEmbedder, make_embedder
+from trainer.measure.index import TrainingIndex
+from trainer.measure.replication import (
+    RATIO_THRESHOLD,
+    SSCD_THRESHOLD,
+    replication_metrics,
+    summarize_replication,
+)
+from trainer.sample.guard import GUARDS, check_index, guarded_generate
+from trainer.sample.guidance import PIXEL_THRESHOLD
+
+DEFAULT_ATTACK_EPS = (0.05, 0.1, 0.2)
+INDEX_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD.base}
+INDEX_NEIGHBOURS = 2
+
+
+def parse_eps(value: str | float | Sequence[float]) -> list[float]:
+    """`--attack-eps 0.05,0.1,0.2` (or a number / list) as a list of budgets > 0."""
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int | float) else value
+    try:
+        eps = [float(v) for v in items if str(v).strip()]
+    except ValueError:
+        raise MemtrainError(f"--attack-eps: want comma-separated numbers > 0, got {value!r}") from None
+    if not eps or any(not e > 0 for e in eps):
+        raise MemtrainError(f"--attack-eps: every budget must be > 0 (||d|| <= eps * ||e||), got {value!r}")
+    return eps
+
+
+def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str | Path | None, generate: bool,
+                 has_memorized: bool, has_train_images: bool) -> None:
+    """The bad-input checks of the optional sections, before any model is loaded."""
+    if attack:
+        if int(attack_steps) < 1:
+            raise MemtrainError(f"--attack-steps must be >= 1, got {attack_steps}")
+        if not generate:
+            raise MemtrainError("--attack measures replication of generations: drop --no-generate")
+        if not has_memorized:
+            raise MemtrainError("--attack needs memorized prompts (label 1) in the prompt file or --memorized")
+        if not has_train_images:
+            raise MemtrainError("--attack measures replication against the training images: pass --train-data "
+                                "or give the memorized rows a file_name")
+    if guard not in (None, "none") and guard not in GUARDS:
+        raise MemtrainError(f"--guard must be one of amg, wen; got {guard!r}")
+    if guard == "amg" and index is None:
+        raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
+    if guard not in (None, "none") and not generate:
+        raise MemtrainError("--guard compares guarded with unguarded generations: drop --no-generate")
+    if index is not None and not Path(index).exists():
+        raise MemtrainError(f"--index {index}: no such index; build one with `memtrain index DATA --out {index}`")
+
+
+def load_index(path: str | Path, pipe, resolution: int, model: str | Path | None,
+               threshold: float | None) -> tuple[TrainingIndex, ImageEmbedder, float]:
+    """(index, its embedder, replication threshold) for `--index` (checked against the model's resolution)."""
+    index = TrainingIndex.load(path, resolution=resolution)
+    check_index(index, pipe, where=f"--index {path}")
+    if threshold is None:
+        if index.embedding not in INDEX_THRESHOLDS:
+            raise MemtrainError(f"--index {path}: no default replication threshold for the {index.embedding!r} "
+                                "embedding; pass --index-threshold")
+        threshold = INDEX_THRESHOLDS[index.embedding]
+    model = model or (index.meta or {}).get("model")
+    return index, make_embedder(index.embedding, model, pipe.device), float(threshold)
+
+
+@torch.no_grad()
+def _embed(embedder: ImageEmbedder, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([embedder(images[s:s + batch_size]).cpu() for s in range(0, len(images), batch_size)])
+
+
+def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: Sequence[str], index: TrainingIndex,
+                      embedder: ImageEmbedder, threshold: float, batch_size: int = 32) -> dict:
+    """Nearest training images of each generation from the index (module docstring), summarized per group."""
+    start = time.perf_counter()
+    sims, nn = index.search(_embed(embedder, generated, batch_size), k=min(INDEX_NEIGHBOURS, len(index)))
+    sims, nn = sims.double().numpy(), nn.numpy()
+    rows = []
+    for i in range(len(generated)):
+        j = int(nn[i, 0])
+        rows.append({"group": groups[i], "text": captions[i], "nearest_index": j,
+                     "nearest_file": index.file_names[j], "nearest_caption": index.captions[j],
+                     "similarity": float(sims[i, 0]),
+                     "second_similarity": float(sims[i, 1]) if sims.shape[1] > 1 else None,
+                     "replicated": bool(sims[i, 0] > threshold)})
+    summary = {}
+    for group in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        s = summarize_replication(sims[idx, 0], threshold, higher_is_replication=True)
+        summary[group] = {"generations": len(idx), "similarity_mean": s["mean"], "similarity_p95": s["p95"],
+                          "similarity_max": s["max"], "fraction_replicated": s["fraction"],
+                          "nearest_caption_is_prompt": float(np.mean([rows[i]["nearest_caption"] == captions[i]
+                                                                      for i in idx]))}
+    return {"embedding": index.embedding, "images": len(index), "resolution": index.resolution,
+            "threshold": threshold, "groups": summary, "generations": rows,
+            "similarity": f"cosine similarity of the {index.embedding} embeddings to the nearest training image "
+                          f"(exact search); replicated when > {threshold:g}",
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def attack_report(pipe, texts: list[str], images: torch.Tensor | None, references: torch.Tensor,
+                  eps_values: Sequence[float], n: int, seed: int, steps: int, sample_steps: int,
+                  guidance_scale: float, batch_size: int) -> dict:
+    """`trainer.detect.attack.attack_section` for the memorized prompts, with its total cost (`unet_evals`,
+    `seconds`: the attacks plus the generations of the plain and perturbed prompts; the attackers' own
+    optimisation cost is under `attackers`)."""
+    start = time.perf_counter()
+    with count_unet_samples(pipe.unet) as counted:
+        section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed,
+                                 steps=steps, sample_steps=sample_steps, guidance_scale=guidance_scale,
+                                 batch_size=batch_size)
+    section["texts"] = list(texts)
+    section["seconds"] = round(time.perf_counter() - start, 2)
+    section["unet_evals"] = counted[0]
+    return section
+
+
+def _replication_fractions(images: torch.Tensor, idx: list[int], references: torch.Tensor | None,
+                           index_hits: list[dict] | None, threshold: float | None) -> dict:
+    out = {}
+    if references is not None:  # the replication section's criterion (Gu et al.'s ratio, replication_stats)
+        ratio = replication_metrics(images[idx], references)["ratio"]
+        out["fraction_replicated"] = summarize_replication(ratio, RATIO_THRESHOLD, False)["fraction"]
+    if index_hits is not None:
+        out["fraction_replicated_index"] = float(np.mean([index_hits[i]["similarity"] > threshold for i in idx]))
+    return out
+
+
+def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n: int, groups: Sequence[str],
+                  seed: int, steps: int, guidance_scale: float, batch_size: int, progress: bool,
+                  baseline_cost: dict, references: torch.Tensor | None = None, index: TrainingIndex | None = None,
+                  embedder: ImageEmbedder | None = None, threshold: float | None = None,
+                  quality: Callable[[torch.Tensor, list[str]], dict] | None = None,
+                  baseline_quality: dict | None = None, options: dict | None = None) -> dict:
+    """Guarded generations of the same prompts and seeds as `generated` (the stock sampler's), side by side.
+
+    Per group (trigger / general): replication with and without the guard (the replication section's
+    criteria: L2 ratio when `references` are given, index similarity when `index` is), quality (`quality`
+    of the guarded images beside `baseline_quality`), the fraction of generations and of sampling steps
+    where the guard intervened, and the largest pixel change of a generation it did not intervene in."""
+    options = dict(options or {})
+    if guard == "amg" and embedder is not None:
+        options.setdefault("embedder", embedder)
+    start = time.perf_counter()
+    with count_unet_samples(pipe.unet) as counted:
+        guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, guard, index, batch_size,
+                                            progress, **options)
+    seconds = time.perf_counter() - start
+    captions = [t for t in texts for _ in range(n)]
+    base_hits = guard_hits = None
+    if index is not None:
+        base_hits = index_replication(generated, groups, captions, index, embedder, threshold, batch_size)
+        guard_hits = index_replication(guarded, groups, captions, index, embedder, threshold, batch_size)
+    change = (guarded - generated).flatten(1).abs().amax(1)
+    result = {"guard": guard, "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
+              "generations": len(guarded), "steps": steps,
+              "criteria": {},
+              "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
+                            "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
+              "guarded": {"seconds_per_image": seconds / len(guarded), "unet_evals_per_image": counted[0] / len(guarded),
+                          "unet_evals": counted[0]},
+              "groups": {}}
+    if references is not None:
+        result["criteria"]["fraction_replicated"] = "L2 ratio NN1/NN2 < 1/3 (the replication section)"
+    if index is not None:
+        result["criteria"]["fraction_replicated_index"] = f"index cosine similarity > {threshold:g}"
+    result["seconds_ratio"] = result["guarded"]["seconds_per_image"] / max(result["unguarded"]["seconds_per_image"],
+                                                                         1e-12)
+    for group in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        recs = [records[i] for i in idx]
+        calm = [i for i in idx if not records[i]["intervened"]]
+        plain = _replication_fractions(generated, idx, references, base_hits and base_hits["generations"], threshold)
+        guarded_side = _replication_fractions(guarded, idx, references, guard_hits and guard_hits["generations"],
+                                              threshold)
+        if quality is not None:
+            guarded_side.update({k: v for k, v in quality(guarded[idx], [captions[i] for i in idx]).items()
+                                 if k != "notes"})
+        if baseline_quality is not None and group in baseline_quality:
+            plain.update({k: v for k, v in baseline_quality[group].items() if k != "notes"})
+        guarded_side["fraction_intervened"] = float(np.mean([bool(r["intervened"]) for r in recs]))
+        if guard == "amg":
+            guarded_side["fraction_steps_intervened"] = (sum(r["num_steps_intervened"] for r in recs)
+                                                         / (len(recs) * steps))
+        else:  # Wen et al. act once, on the prompt embedding, before sampling
+            guarded_side["mean_iterations"] = float(np.mean([r["iterations"] for r in recs]))
+        guarded_side["max_abs_change_not_intervened"] = float(change[calm].max()) if calm else None
+        result["groups"][group] = {"generations": len(idx), "unguarded": plain, "guarded": guarded_side}
+    result["records"] = [{k: v for k, v in r.items() if k != "sigmas"} for r in records]
+    return result
