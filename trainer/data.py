@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from trainer.io import MemtrainError
+from trainer.io import MemtrainError, read_jsonl_objects
 from trainer.prompts import PromptRow
 
 
@@ -39,19 +38,7 @@ class Rows:
 def _read_metadata(root: Path) -> tuple[Path, list[dict]]:
     jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
     if jsonl.exists():
-        rows = []
-        for i, line in enumerate(jsonl.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MemtrainError(f"{jsonl}, line {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MemtrainError(f"{jsonl}, line {i}: each line must be a JSON object")
-            row["_line"] = i
-            rows.append(row)
-        return jsonl, rows
+        return jsonl, read_jsonl_objects(jsonl)
     if csv_path.exists():
         with open(csv_path, newline="") as f:
             rows = [dict(r, _line=i) for i, r in enumerate(csv.DictReader(f), 2)]

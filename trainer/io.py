@@ -56,3 +56,21 @@ def write_json(obj: Any, out: str | Path) -> None:
     with atomic_file(out) as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+def read_jsonl_objects(path: str | Path, prefix: str = "") -> list[dict]:
+    """The JSON objects of a JSONL file, each with its line number as `_line` (blank lines skipped); a
+    malformed line is a MemtrainError naming the file and line (after `prefix`, e.g. the recipe key)."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MemtrainError(f"{prefix}{path}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise MemtrainError(f"{prefix}{path}, line {i}: each line must be a JSON object")
+        rows.append(dict(row, _line=i))
+    return rows

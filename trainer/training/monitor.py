@@ -10,7 +10,6 @@ on the held-out probe of the same call, since training has no shadow split.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from trainer.core.components import pipeline_from_components
 from trainer.core.unet_core import count_evals, encode_latents
 from trainer.detect.clid import clid_features, clid_th_scores
 from trainer.detect.prompt import noise_magnitude
-from trainer.io import MemtrainError, write_json
+from trainer.io import MemtrainError, read_jsonl_objects, write_json
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
@@ -101,27 +100,12 @@ def _load_images(rows: data_lib.Rows, index: list[int], resolution: int) -> torc
     return torch.stack(out)
 
 
-def _read_labelled_jsonl(path: Path, key: str) -> list[dict]:
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MemtrainError(f"`{key}`: {path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise MemtrainError(f"`{key}`: {path}, line {i}: each line must be a JSON object")
-        rows.append(dict(row, _line=i))
-    return rows
-
-
 def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
     """The held-out pairs of `monitor.heldout`, and a caption -> group map when it is a labels file."""
     key = "monitor.heldout"
     path = Path(cfg.heldout)
     if path.suffix == ".jsonl" and path.is_file():
-        rows = _read_labelled_jsonl(path, key)
+        rows = read_jsonl_objects(path, f"`{key}`: ")
         labels = {r["text"]: r["group"] for r in rows if isinstance(r.get("text"), str) and "group" in r}
         if any("group" in r for r in rows):
             rows = [r for r in rows if r.get("group") == "heldout"]

@@ -1,1 +1,0 @@
-"""One thin module per `memtrain` verb: argparse wiring over the library functions."""

@@ -1,1 +1,0 @@
-"""Training-time mitigations: caption randomization and embedding noise, de-duplication, loss masking, presets."""

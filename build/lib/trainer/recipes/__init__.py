@@ -1,1 +1,0 @@
-"""Built-in training recipes, shipped with the package as `trainer.recipes` (`memtrain recipes`)."""

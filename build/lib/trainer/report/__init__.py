@@ -1,1 +1,0 @@
-"""Reports: `memtrain evaluate` (sections -> dict), every Markdown rendering, and the figures."""
