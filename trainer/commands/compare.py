@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     report = compare(args.out, args.base, args.alone, n=args.n, overrides=args.overrides, steps=args.steps)
     print(json.dumps({"report": str(Path(args.out) / "compare.md"),
                       "runs": {r["name"]: {"duplicated_replication": r["replication"].get("duplicated", {}).get(
-                          "replication_rate"), "toy_alignment": r["general"].get("toy_alignment"),
+                          "fraction_replicated"), "toy_alignment": r["general"].get("toy_alignment"),
                           "kid": r["general"].get("kid"),
                           "clid_auc": (r["final_monitor"] or {}).get("clid_auc")} for r in report["runs"]}},
                      indent=2))

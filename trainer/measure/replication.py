@@ -314,6 +314,31 @@ def summarize_replication(
 SSCD_THRESHOLD = 0.5
 
 
+def group_summary(ratio, ratio_vs_originals, tiled_l2, nl2, l2, own=None,
+                  threshold: float = RATIO_THRESHOLD) -> dict:
+    """The one replication summary of a group of generations (per-generation arrays from
+    `replication_metrics`): replicated when the NN1/NN2 ratio < `threshold` (Gu et al.'s 1/3 by
+    default), beside the ratio < 1/3 rate, tiled L2 <= 0.15 (Carlini et al.), nL2 < 1.4 (AMG), the
+    similarity 1 - ratio, L2 quantiles and, when `own` is given, how often the nearest training image is
+    the prompt's own."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    similarity = summarize_replication(1.0 - ratio, 1 - threshold, higher_is_replication=True)
+    l2 = np.asarray(l2, dtype=np.float64)
+    return {
+        "generations": len(ratio),
+        "threshold": float(threshold),
+        "fraction_replicated": summarize_replication(ratio, threshold, False)["fraction"],
+        "fraction_replicated_vs_originals": summarize_replication(ratio_vs_originals, threshold, False)["fraction"],
+        "fraction_ratio_1_3": summarize_replication(ratio, RATIO_THRESHOLD, False)["fraction"],
+        "fraction_tiled_l2": summarize_replication(tiled_l2, TILED_L2_THRESHOLD, False, inclusive=True)["fraction"],
+        "fraction_nl2": summarize_replication(nl2, NL2_THRESHOLD, False)["fraction"],
+        "similarity_p95": similarity["p95"], "similarity_max": similarity["max"], "similarity_mean": similarity["mean"],
+        "l2_median": float(np.median(l2)), "l2_p5": float(np.percentile(l2, 5)),
+        "ratio_median": float(np.median(ratio)),
+        "nearest_is_own_image": float(np.mean(own)) if own is not None and len(own) else None,
+    }
+
+
 def replication_stats(generated: torch.Tensor, groups: Sequence[str], references: torch.Tensor,
                       originals: torch.Tensor, sources: Sequence[int] | None = None, sscd_model=None,
                       batch_size: int = 32) -> dict:
@@ -343,20 +368,9 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
     summary = {}
     for group in dict.fromkeys(groups):
         idx = [i for i, g in enumerate(groups) if g == group]
-        sim = summarize_replication(similarity[idx], 1 - RATIO_THRESHOLD, higher_is_replication=True)
-        s = {
-            "generations": len(idx),
-            "similarity_p95": sim["p95"], "similarity_max": sim["max"], "similarity_mean": sim["mean"],
-            "fraction_replicated": summarize_replication(ratio[idx], RATIO_THRESHOLD, False)["fraction"],
-            "fraction_replicated_vs_originals": summarize_replication(
-                vs_originals["ratio"][idx], RATIO_THRESHOLD, False)["fraction"],
-            "fraction_tiled_l2": summarize_replication(metrics["tiled_l2"][idx], TILED_L2_THRESHOLD, False,
-                                                       inclusive=True)["fraction"],
-            "fraction_nl2": summarize_replication(metrics["nl2"][idx], NL2_THRESHOLD, False)["fraction"],
-            "l2_p5": summarize_replication(metrics["l2"][idx], 0.0, False)["p5"],
-        }
         own = [per_gen[i]["nearest_is_own_image"] for i in idx if "nearest_is_own_image" in per_gen[i]]
-        s["nearest_is_own_image"] = float(np.mean(own)) if own else None
+        s = group_summary(ratio[idx], vs_originals["ratio"][idx].double().numpy(), metrics["tiled_l2"][idx].numpy(),
+                          metrics["nl2"][idx].numpy(), metrics["l2"][idx].numpy(), own)
         if sscd is not None:
             sc = summarize_replication(sscd[idx], SSCD_THRESHOLD, higher_is_replication=True)
             s.update(sscd_p95=sc["p95"], sscd_max=sc["max"], sscd_fraction=sc["fraction"])

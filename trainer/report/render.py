@@ -203,9 +203,9 @@ def table(results: list[dict]) -> list[str]:
         monitor = (f"{_num(cost['seconds'], '.0f')} ({cost['calls']}, {_pct(cost['fraction_of_training'])})"
                    if cost.get("seconds") is not None else "-")
         lines.append(
-            f"| {r['name']} | {r['steps']} | {r['data']['trained_rows']} | {_pct(dup.get('replication_rate'))} | "
-            f"{_pct(dup.get('nl2_rate'))} | {_pct(dup.get('nearest_is_own_image'))} | "
-            f"{_pct(single.get('replication_rate'))} | {_pct(novel.get('replication_rate'))} | "
+            f"| {r['name']} | {r['steps']} | {r['data']['trained_rows']} | {_pct(dup.get('fraction_replicated'))} | "
+            f"{_pct(dup.get('fraction_nl2'))} | {_pct(dup.get('nearest_is_own_image'))} | "
+            f"{_pct(single.get('fraction_replicated'))} | {_pct(novel.get('fraction_replicated'))} | "
             f"{_pct(gen.get('toy_alignment'))} | {_num(None if kid is None else 100 * kid)} | "
             f"{_num(mon.get('clid_auc'))} | {_num(mon.get('clid_tpr_at_1fpr'))} | {r['train_s']:.0f} | {monitor} |")
     return lines
@@ -219,8 +219,8 @@ def _deltas(ref: dict, other: dict) -> str:
     a, b = ref["general"].get("kid"), other["general"].get("kid")
     if a is not None and b is not None:
         parts.append(f"KID x100 {100 * (b - a):+.2f}")
-    a = ref["replication"].get("duplicated", {}).get("replication_rate")
-    b = other["replication"].get("duplicated", {}).get("replication_rate")
+    a = ref["replication"].get("duplicated", {}).get("fraction_replicated")
+    b = other["replication"].get("duplicated", {}).get("fraction_replicated")
     if a is not None and b is not None:
         parts.append(f"duplicated-prompt replication {100 * a:.1f}% -> {100 * b:.1f}%")
     return f"{other['name']} vs {ref['name']}: " + ", ".join(parts)
@@ -295,10 +295,10 @@ def study_markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, s in report["groups"].items():
         own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
-        lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['replication_rate']:.0%} | "
+        lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['fraction_replicated']:.0%} | "
                      f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
-                     f"{s['replication_rate_vs_originals']:.0%} | {s['gu_rate']:.0%} | "
-                     f"{s['tiled_l2_extraction_rate']:.0%} | {s['nl2_rate']:.0%} | {own} | {s['l2_median']:.3f} |")
+                     f"{s['fraction_replicated_vs_originals']:.0%} | {s['fraction_ratio_1_3']:.0%} | "
+                     f"{s['fraction_tiled_l2']:.0%} | {s['fraction_nl2']:.0%} | {own} | {s['l2_median']:.3f} |")
     lines += ["", "![generations beside their nearest training images](replication.png)", ""]
     return "\n".join(lines)
 

@@ -18,7 +18,13 @@ import torch
 from PIL import Image
 
 from trainer.io import MemtrainError, atomic_file, write_json
-from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics, unique_images, vae_roundtrip
+from trainer.measure.replication import (
+    RATIO_THRESHOLD,
+    group_summary,
+    replication_metrics,
+    unique_images,
+    vae_roundtrip,
+)
 from trainer.report.plots import save_replication_grid
 from trainer.report.render import _fraction, study_markdown
 from trainer.sample.generate import generate_images
@@ -90,30 +96,21 @@ def heldout_calibration(heldout: torch.Tensor, references: torch.Tensor, ratio_t
 
 
 def summarize(study: dict) -> dict:
-    """Per-group replication rates and distances."""
+    """Per-group replication (`measure.replication.group_summary`, at the study's threshold), plus how many
+    replicated generations reproduce one of the duplicated training images."""
     summary = {}
     for group in GROUPS:
         rows = [g for g in study["generations"] if g["group"] == group]
         if not rows:
             continue
-        l2 = np.array([r["l2"] for r in rows])
-        summary[group] = {
-            "prompts": len({r["text"] for r in rows}),
-            "generations": len(rows),
-            "replication_rate": float(np.mean([r["ratio_memorized"] for r in rows])),
-            "replication_rate_vs_originals": float(np.mean([r["ratio_memorized_vs_originals"] for r in rows])),
-            "gu_rate": float(np.mean([r["ratio"] < RATIO_THRESHOLD for r in rows])),
-            "tiled_l2_extraction_rate": float(np.mean([r["tiled_extracted"] for r in rows])),
-            "nl2_rate": float(np.mean([r["nl2_memorized"] for r in rows])),
-            "nearest_is_own_image": float(np.mean([r["nearest_is_source"] for r in rows])) if group != "novel" else None,
-            "replicated_generations": int(sum(r["ratio_memorized"] for r in rows)),
-            # replicated generations whose nearest training image is one of the duplicated images
-            "replicated_duplicated_images": int(sum(r["ratio_memorized"] and r["nearest_group"] == "duplicated"
-                                                    for r in rows)),
-            "l2_median": float(np.median(l2)),
-            "l2_p5": float(np.percentile(l2, 5)),
-            "ratio_median": float(np.median([r["ratio"] for r in rows])),
-        }
+        own = [r["nearest_is_source"] for r in rows] if group != "novel" else None
+        s = group_summary([r["ratio"] for r in rows], [r["ratio_vs_originals"] for r in rows],
+                          [r["tiled_l2"] for r in rows], [r["nl2"] for r in rows], [r["l2"] for r in rows], own,
+                          study["ratio_threshold"])
+        replicated = [r for r in rows if r["ratio_memorized"]]
+        summary[group] = {"prompts": len({r["text"] for r in rows}), **s,
+                          "replicated_generations": len(replicated),
+                          "replicated_duplicated_images": sum(r["nearest_group"] == "duplicated" for r in replicated)}
     return summary
 
 
