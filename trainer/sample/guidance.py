@@ -21,7 +21,7 @@ from trainer.io import MemtrainError
 
 C1_DEFAULT = 13.0  # Chen et al.: s1 = clip(13 sigma_t, 0, s0 - 1) (capped at 6.5 for s0 = 7.5)
 C2_DEFAULT = 13.0  # not recovered from the paper: same as c1 (s2 is capped at s0 - s1 - 1)
-C3_DEFAULT = 1000.0  # not recovered from the paper: our choice; the gradient scale depends on the embedder
+C3_DEFAULT = 10000.0  # not recovered from the paper: our choice (see docs/methods.md); the scale depends on the embedder
 WEN_TARGET = 3.0  # Wen et al.'s default target for SD 1.4
 WEN_LR, WEN_MAX_ITERS = 0.05, 10
 
