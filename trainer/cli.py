@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtrain",
         description="Fine-tune Stable Diffusion models without memorizing the training data: "
-        "train with mitigations, detect and measure memorization. `memtrain COMMAND --help` explains each.",
+        "train with mitigations, detect and measure memorization, edit released checkpoints, guard generation. "
+        "`memtrain COMMAND --help` explains each.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
