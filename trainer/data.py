@@ -219,7 +219,6 @@ def make_collate(tokenizer) -> Callable[[list[dict]], dict]:
 def load_images(paths: Sequence, names: Sequence[str], resolution: int, desc: str = "load images",
                 progress: bool = True) -> torch.Tensor:
     """Images [N, 3, r, r] in [0, 1]: short side resized to `resolution`, center crop (as training)."""
-
     out = [image_to_tensor(open_image(p, n), resolution, True, False, random.Random(0))
            for p, n in tqdm(list(zip(paths, names, strict=True)), desc=desc, disable=not progress, leave=False)]
     if not out:

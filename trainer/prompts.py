@@ -51,7 +51,6 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
     row without a `text`/`prompt` string, a label or member that is not 0/1, a `member` row
     without `file_name`.
     """
-
     path = Path(path)
     rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
     lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]  # as read_prompts

@@ -60,7 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     root = Path(args.data)
     if not root.is_dir():
         raise MemtrainError(f"{root} is not a directory (want a diffusers imagefolder with metadata.jsonl)")

@@ -32,7 +32,6 @@ from trainer.sample.guidance import (
 
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
     """Write PNGs (and `generations.jsonl` with each file's prompt) into `out`, atomically."""
-
     with atomic_dir(out) as tmp:
         with open(tmp / "generations.jsonl", "w") as meta:
             for i, (image, name) in enumerate(zip(images, names, strict=True)):

@@ -109,7 +109,6 @@ def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out:
 
     unet = accelerator.unwrap_model(parts["unet"])
     if kind == "lora":
-
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         target = out / "lora"
         with atomic_dir(target) as tmp:

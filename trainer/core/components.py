@@ -22,7 +22,6 @@ from trainer.recipe import TrainRecipe
 
 def load_components(recipe: TrainRecipe) -> dict:
     """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
-
     m = recipe.model
     path = m.pretrained
     local = Path(path)
@@ -68,7 +67,6 @@ def native_resolution(unet, vae) -> int:
 
 
 def add_lora(unet, recipe: TrainRecipe) -> None:
-
     lora = recipe.model.lora
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                         init_lora_weights="gaussian", target_modules=lora.target_modules)
@@ -81,7 +79,6 @@ def add_lora(unet, recipe: TrainRecipe) -> None:
 def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
     """Load a diffusers SD pipeline from a local directory (or hub id), with optional LoRA weights."""
-
     local = Path(path)
     if local.exists() and not (local / "model_index.json").exists():
         raise MemtrainError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
@@ -101,7 +98,6 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
 
 def pipeline_from_components(parts: dict):
     """A StableDiffusionPipeline over live training components (for validation images)."""
-
     pipe = StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
         scheduler=DDIMScheduler.from_config(parts["noise_scheduler"].config), safety_checker=None,

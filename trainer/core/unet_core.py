@@ -95,7 +95,6 @@ def get_parts(components) -> Parts:
     if isinstance(components, dict):
         get = components.get
     else:
-
         def get(key):
             return getattr(components, key, None)
 
@@ -210,7 +209,6 @@ class UNetCore:
 
     def ddim(self, num_inference_steps: int = 50):
         """A DDIM scheduler (eta=0) over the model's noise schedule; it is stepped with epsilon predictions."""
-
         config = dict(self.parts.scheduler.config)
         config["prediction_type"] = "epsilon"
         scheduler = DDIMScheduler.from_config(config)
@@ -351,16 +349,6 @@ def looks_like_images(components, x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- cross-attention recording
-
-
-
-
-
-
-
-
-
-
 
 
 def groups(n: int, size: int) -> Iterator[slice]:

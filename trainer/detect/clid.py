@@ -183,7 +183,6 @@ def _th_columns(features: np.ndarray) -> np.ndarray:
 def clid_th_scores(features, reference_features, alpha: float) -> np.ndarray:
     """CLiD_th (Zhai et al.): `alpha * S(mean_i D_i) + (1 - alpha) * S(L)`, S a robust scaler
     (sklearn RobustScaler: median / IQR) fitted on `reference_features`. Higher = member."""
-
     if not 0.0 <= float(alpha) <= 1.0:
         raise MemtrainError(f"alpha must lie in [0, 1], got {alpha}")
     scaler = RobustScaler().fit(_th_columns(_as_2d(reference_features, "reference_features")))
@@ -205,7 +204,6 @@ def fit_clid_alpha(
     itself), and returns the alpha with the best `metric`: "auroc" or "tpr@1%fpr" (largest TPR
     at FPR <= 1%); ties go to the smallest alpha.
     """
-
     f = _as_2d(features, "features")
     y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).astype(np.int64).ravel()
     if y.shape[0] != f.shape[0] or not set(np.unique(y)) == {0, 1}:
@@ -229,7 +227,6 @@ def clid_vec_classifier(features, labels, seed: int = 0, **params):
     """CLiD_vec (Zhai et al.): a small sklearn GradientBoostingClassifier (100 trees of depth 3 by
     default; `params` override) trained on the vectors (D_1..D_k, L) of a labelled shadow split.
     Score new samples with `clid_vec_scores`."""
-
     f = _as_2d(features, "features")
     y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).astype(np.int64).ravel()
     if y.shape[0] != f.shape[0] or not set(np.unique(y)) == {0, 1}:

@@ -35,19 +35,6 @@ SD1_ENTROPY_LAYER = "down_blocks.1.attentions.1"  # Ren et al.: the 4th cross-at
 ANISOTROPY_WEIGHTS = {"sd1": (1.0, 2.0), "sd2": (1.0, 0.1), "realistic-vision": (2.0, 1.0)}
 
 
-# ---------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- Wen et al.
 
 

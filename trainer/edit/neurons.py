@@ -119,7 +119,6 @@ def _record(layers: dict[str, torch.nn.Linear]) -> Iterator[dict[str, list[torch
 @contextlib.contextmanager
 def blocked(layers: dict[str, torch.nn.Linear], neurons: Neurons) -> Iterator[None]:
     """Zero the given output channels of the value projections during the `with` block (weights untouched)."""
-
     def hook(channels):
         def zero(module, args, output):
             output = output.clone()

@@ -28,7 +28,6 @@ from trainer.io import MemtrainError
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-
 def _strings(values, what: str, allow_empty_list: bool = False) -> list[str]:
     if isinstance(values, str):
         values = [values]

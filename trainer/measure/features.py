@@ -54,7 +54,6 @@ def pixel_embedding(image: Image.Image, side: int = PIXEL_SIDE) -> np.ndarray:
 
 def phash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash (bit 63 is the DC coefficient's)."""
-
     gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
     low = dctn(gray, norm="ortho")[:8, :8].reshape(-1)
     bits = low > np.median(low)
@@ -78,7 +77,6 @@ def _check_path(path: str | None, flag: str, what: str) -> Path:
 
 def load_clip(path: str | Path):
     """(model, processor, kind) from a local CLIPModel / CLIPVisionModelWithProjection directory."""
-
     p = _check_path(str(path), "clip", "a local CLIP model directory")
     config = p / "config.json"
     if not p.is_dir() or not config.exists():
@@ -193,7 +191,6 @@ def clip_image_embedding(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list:
-
     arrays = (images.detach().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
 
@@ -201,7 +198,6 @@ def to_pil(images: torch.Tensor) -> list:
 def sscd_similarity(model, generated: torch.Tensor, references: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Per generation, the max cosine of SSCD descriptors to any reference image (SSCD preprocessing of
     `dedup`: 288 x 288, ImageNet normalisation)."""
-
     def embed(images: torch.Tensor) -> torch.Tensor:
         chunks = []
         with torch.inference_mode():
@@ -282,8 +278,6 @@ def kid(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def load_clip_scorer(path: str | Path):
     """(model, image processor, tokenizer) of a local full CLIPModel directory for the CLIP score."""
-
-
     model, processor, kind = load_clip(path)
     if kind != "clip":
         raise MemtrainError(f"--clip {path}: the CLIP score needs a full CLIPModel (text and vision towers); "

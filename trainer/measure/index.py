@@ -47,9 +47,6 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
 
 
-# ---------------------------------------------------------------- embedders
-
-
 # ---------------------------------------------------------------- the index
 
 

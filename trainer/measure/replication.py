@@ -347,7 +347,6 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
 
     `sources[i]`: the index into `references` of generation i's own training image (-1: none).
     """
-
     metrics = replication_metrics(generated, references)
     vs_originals = replication_metrics(generated, originals)
     ratio = metrics["ratio"].double().numpy()

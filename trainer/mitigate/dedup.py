@@ -40,14 +40,10 @@ def default_threshold(embedding: str) -> float:
     return PHASH_THRESHOLD if embedding == "phash" else DEFAULT_THRESHOLD
 
 
-# ---------------------------------------------------------------- image embeddings
-
-
 # ---------------------------------------------------------------- near-duplicate search
 
 
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-
     graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
@@ -117,7 +113,6 @@ def near_duplicate_groups(
     if search == "exact":
         i, j, n_pairs = _exact_links(emb, threshold, block, progress, "pairs")
     else:
-
         k = min(n, clusters or max(1, round(math.sqrt(n))))
         km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=4096)
         assign = km.fit_predict(emb.numpy())
@@ -219,7 +214,6 @@ def row_groups(rows, threshold: float = DEFAULT_THRESHOLD, progress: bool = True
 def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
     """For training: (rows, None) with the extra copies dropped, or (rows, weights) for `reweight`
     (a float64 tensor for the epoch sampler). Uses the `pixels` embedding."""
-
     if policy == "none":
         return rows, None
     result = dedup_weights(row_groups(rows, threshold, progress), len(rows.images), policy)
@@ -337,16 +331,3 @@ def dedup_report(
         report["summary"]["caption_groups_exact"] = len(cap["exact"])
         report["summary"]["caption_groups_normalized"] = len(cap["normalized"])
     return report
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- CLI
-
-
-
-

@@ -91,8 +91,6 @@ def read_prompts_texts(path: str) -> list[str]:
     return [r["text"] for r in read_prompts(path)]
 
 
-
-
 def flat_numbers(report: dict) -> dict[str, float]:
     """edit.json's numbers as flat `a/b/c` keys (W&B)."""
     flat: dict[str, float] = {}

@@ -65,15 +65,6 @@ ROC_CONVENTION = (
 REPLICATED_GRID = 16
 
 
-# ---------------------------------------------------------------- images
-
-
-# ---------------------------------------------------------------- section 2: replication
-
-
-# ---------------------------------------------------------------- section 4: quality
-
-
 # ---------------------------------------------------------------- the protocol
 
 
@@ -112,7 +103,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
     side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`.
     """
-
     t_start = time.perf_counter()
     for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
         if int(value) < 1:
@@ -146,7 +136,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
         raise MemtrainError(f"--lora {lora}: no such file or directory")
     sscd_model = clip_scorer = None
     if sscd is not None:
-
         sscd_model = load_sscd(sscd)
     if clip is not None:
         clip_scorer = load_clip_scorer(clip)
@@ -383,7 +372,6 @@ def flat_summary(report: dict) -> dict[str, float]:
 
 def write_report(report: dict, out: str | Path, figures: dict | None = None) -> dict:
     """Write report.json, report.md and the PNGs into `out` (a directory); return the list of files."""
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = figures or {}
@@ -438,9 +426,3 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
     with atomic_file(out / "report.md") as f:
         f.write(evaluate_markdown(report))
     return report
-
-
-# ---------------------------------------------------------------- W&B
-
-
-# ---------------------------------------------------------------- CLI

@@ -47,7 +47,6 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
                      seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
     """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
-
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
     names = [d for d in detectors if d in PROMPT_DETECTORS]
@@ -90,7 +89,6 @@ def without_replicating_negatives(trigger: dict, replication: dict) -> dict | No
     novel caption sharing words with a duplicated one brings the duplicated image back). A
     diagnostic reported beside the headline numbers, which keep every labelled prompt; None when
     the prompts are unlabelled or nothing was generated."""
-
     if not trigger.get("labelled") or not trigger.get("detectors") or not replication:
         return None
     replicating = {g["text"] for g in replication["generations"] if g["group"] == "general" and g["replicated"]}
@@ -114,8 +112,6 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
     Returns per-sample scores (`clid_th`, `clid_vec`, `loss`), AUROC / TPR@1%FPR of each, the
     alphas chosen per fold, the CLiD features and the UNet evaluations spent.
     """
-
-
     y = np.asarray(members, dtype=np.int64)
     start = time.perf_counter()
     with count_evals() as counter:
@@ -144,7 +140,6 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
 def membership_by_group(membership: dict) -> dict[str, dict[str, float]]:
     """AUROC of each membership score for one member group (e.g. toy `duplicated`, `singleton`) against
     all non-members, from the pooled out-of-fold scores; {} when the members form a single group."""
-
     groups = np.asarray(membership["groups"])
     flags = np.asarray(membership["member_flags"])
     member_groups = list(dict.fromkeys(groups[flags == 1].tolist()))
@@ -182,7 +177,6 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                         sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
     (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
-
     train = find_training_images(train_data, data, rows)
     if train is None:
         return None, (f"replication skipped: no training images found (no imagefolder at {data / 'train'} or "

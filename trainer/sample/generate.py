@@ -30,12 +30,3 @@ def generate_images(pipe, prompts: list[str], n: int = 1, seed: int = 0, steps: 
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out).clamp(0, 1)
-
-
-
-
-
-
-
-
-

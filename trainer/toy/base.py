@@ -134,7 +134,6 @@ def make_pipeline(components: dict) -> StableDiffusionPipeline:
 
 def save_pipeline(components: dict, out: str | Path) -> Path:
     """Write a diffusers pipeline directory (safetensors) atomically: temp dir, then rename."""
-
     with atomic_dir(out) as tmp:
         make_pipeline(components).save_pretrained(tmp, safe_serialization=True)
     return Path(out)

@@ -57,7 +57,6 @@ def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[tuple[s
 def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrides: list[str], plain_recipe: Path,
               mitigated_recipe: Path, progress: bool) -> list[dict]:
     """The recipes of every run (name, recipe, its overrides), all validated before anything is written."""
-
     plain_tree = read_recipe_tree(plain_recipe)
     mitigated_tree = read_recipe_tree(mitigated_recipe)
     monitor = mitigated_tree.get("monitor")
@@ -94,12 +93,10 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 def training_rows(recipe) -> dict:
     """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
     (the same `dedup.apply_dedup_policy` call as `loop.make_caption_fn_and_weights`)."""
-
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)
     kept, weights = rows, None
     if recipe.data.dedup != "none":
-
         kept, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold, progress=False)
     return {"rows": len(rows.images), "trained_rows": len(kept.images), "dedup": recipe.data.dedup,
             "reweighted": weights is not None}
@@ -107,7 +104,6 @@ def training_rows(recipe) -> dict:
 
 def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
     """The monitor's entries of a run's JSONL metrics file: [{"step", "clid_auc", ...}] in step order."""
-
     path = Path(metrics_jsonl)
     if not path.exists():
         raise MemtrainError(f"{path}: no JSONL metrics (the training run did not log)")
@@ -121,8 +117,6 @@ def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
 
 def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> dict:
     """Replication, general scenario and monitor curves of one trained run."""
-
-
     recipe = run["recipe"]
     out = Path(recipe.output.dir)
     # the demo's sampler settings and replication criterion, so the plain row is the demo's figure
@@ -155,7 +149,6 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
             plain_recipe: str | Path = PLAIN_RECIPE, mitigated_recipe: str | Path = MITIGATED_RECIPE,
             progress: bool = True) -> dict:
     """Run the comparison of the module docstring; write OUT/compare.json, compare.md, clid_curves.png."""
-
     out, base = Path(out), Path(base)
     names = parse_alone(alone)
     for value, flag in ((n, "-n"), (steps, "--steps")):
@@ -214,28 +207,7 @@ def _alarms(monitor_json: Path) -> list[dict]:
 
 def save_clid_curves(results: list[dict], path: Path) -> Path:
     """CLiD AUC vs step of every run (from its JSONL metrics) in one PNG."""
-
     series = {r["name"]: ([c["step"] for c in r["curves"]], [c["clid_auc"] for c in r["curves"]])
               for r in results if r["curves"]}
     return save_curves(path, series, "CLiD membership AUC during fine-tuning (Zhai et al.)",
                        "CLiD AUC (members vs held-out)", thresholds={"chance": 0.5})
-
-
-# ---------------------------------------------------------------- Markdown
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- CLI
-
-
-
-

@@ -59,7 +59,3 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
                 "batch_size": recipe.train.batch_size, "learning_rate": recipe.train.learning_rate}
     return write_study(study, out, "memtrain demo: replication after a plain fine-tune",
                        extra={"training": training, "timing": timing})
-
-
-
-

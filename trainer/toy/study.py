@@ -93,8 +93,6 @@ def heldout_calibration(heldout: torch.Tensor, references: torch.Tensor, ratio_t
             "ratio_median": float(np.median(ratio))}
 
 
-
-
 def summarize(study: dict) -> dict:
     """Per-group replication (`measure.replication.group_summary`, at the study's threshold), plus how many
     replicated generations reproduce one of the duplicated training images."""
@@ -140,7 +138,3 @@ def write_study(study: dict, out: str | Path, title: str, extra: dict | None = N
     with atomic_file(out / "report.md") as f:
         f.write(study_markdown(report))
     return report
-
-
-
-

@@ -218,7 +218,3 @@ def read_labels(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise MemtrainError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
     return rows
-
-
-
-

@@ -45,17 +45,6 @@ from trainer.sample.generate import generate_images
 from trainer.tracking import JsonlTracker
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
-# ---------------------------------------------------------------- model loading
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- the loss
 
 
@@ -112,12 +101,10 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
     stats = {}
     weights = torch.ones_like(per_sample)
     if opt.snr_gamma is not None:
-
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=opt.snr_gamma)
         weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     if opt.loss_mask_threshold is not None:
-
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
                                             opt.loss_mask_threshold, pred, scheduler)
         weights = weights * keep
@@ -125,24 +112,6 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         stats["noise_magnitude"] = magnitude.mean()
     loss = (per_sample * weights).sum() / per_sample.numel()
     return loss, stats
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- export
-
-
 
 
 # ---------------------------------------------------------------- validation images
@@ -163,7 +132,6 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
     save_image_grid(path, images, [p[:40] for p in prompts for _ in range(recipe.log.validation_images)])
     for tracker in accelerator.trackers:
         if tracker.name == "wandb":
-
             tracker.log({"validation": [wandb.Image(str(path))]}, step=step)
         elif tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images.numpy(), step, dataformats="NCHW")
@@ -190,7 +158,6 @@ def train(recipe: TrainRecipe) -> dict:
     sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
     monitor = None
     if recipe.monitor.every_steps:
-
         monitor = Monitor.from_recipe(recipe, rows, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
                                          collate_fn=data_lib.make_collate(tokenizer),
@@ -239,7 +206,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         unet.enable_gradient_checkpointing()
     ema = None
     if opt.ema:
-
         ema = EMAModel(unet.parameters(), decay=opt.ema_decay, model_cls=type(unet), model_config=unet.config)
     params = [p for p in unet.parameters() if p.requires_grad]
     if recipe.model.train_text_encoder:
@@ -382,7 +348,6 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
     caps = recipe.data.captions
     augment = None
     if caps.enabled:
-
         pool = token_pool(tokenizer)
 
         def augment(captions, rng):
@@ -397,13 +362,5 @@ def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokeni
 
     weights = None
     if recipe.data.dedup != "none":
-
         rows, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold)
     return caption_fn, rows, weights
-
-
-# ---------------------------------------------------------------- CLI
-
-
-
-

@@ -88,7 +88,6 @@ def _choose(n: int, count: int, seed: int, salt: str) -> list[int]:
 def distinct_rows(rows: data_lib.Rows, threshold: float) -> list[int]:
     """Index of the first row of each near-duplicate group (and of every ungrouped row), in row
     order: the rows the `drop` de-duplication policy keeps (`dedup.apply_dedup_policy`)."""
-
     return np.flatnonzero(dedup_weights(row_groups(rows, threshold, False), len(rows.images), "drop")).tolist()
 
 
@@ -133,7 +132,6 @@ def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
 
 
 def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
-
     key = "monitor.novel_prompts"
     try:
         rows = read_prompts(cfg.novel_prompts)
@@ -216,7 +214,6 @@ class Monitor(MonitorState):
 
     def measure(self, components: dict) -> dict:
         """The monitor's numbers for the current weights (no tracker, no history)."""
-
         cfg = self.cfg
         if self._latents is None:
             images = torch.cat([self.member_images, self.heldout_images])
@@ -248,7 +245,6 @@ class Monitor(MonitorState):
 
     def run(self, step: int, parts: dict, accelerator) -> dict:
         """Measure, log to every tracker, check the alarm. Main process only (others return {})."""
-
         if not accelerator.is_main_process:
             return {}
         start = time.perf_counter()
@@ -288,7 +284,6 @@ class Monitor(MonitorState):
         message = (f"memorization alarm at step {entry['step']}: {PREFIX}{cfg.alarm_metric}={value:.4f} "
                    f">= {cfg.alarm_threshold}")
         if cfg.alarm_action == "stop":
-
             ckpts = list_checkpoints(self.out)
             alarm["last_good_checkpoint"] = str(ckpts[-1]) if ckpts else None
             message += (f"; stopping without saving a checkpoint or exporting (last good checkpoint: "
@@ -319,8 +314,6 @@ class Monitor(MonitorState):
 
     def _table(self, step: int, components: dict):
         """(W&B table, UNet evals spent generating it: 2 per DDIM step per prompt)."""
-
-
         rows = {}
         for caption, row in zip(self.member_captions, self.member_index, strict=True):
             rows.setdefault(caption, row)
@@ -387,7 +380,6 @@ class Monitor(MonitorState):
                         thresholds=thresholds)
             for tracker in accelerator.trackers:
                 if tracker.name == "wandb":
-
                     chart = wandb.plot.line_series(xs=steps, ys=[series[n][1] for n in CURVES], keys=list(CURVES),
                                                    title="memorization monitor", xname="step")
                     tracker.log({PREFIX + "curves": chart}, step=steps[-1])
