@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,15 +29,20 @@ from trainer.sample.guidance import (
 )
 
 
+def write_images(images: torch.Tensor, names: list[str], directory: Path) -> None:
+    """PNGs `00000.png`, ... and `generations.jsonl` (each file's prompt) into an existing directory."""
+    with open(directory / "generations.jsonl", "w") as meta:
+        for i, (image, name) in enumerate(zip(images, names, strict=True)):
+            file = f"{i:05d}.png"
+            array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(directory / file)
+            meta.write(json.dumps({"file_name": file, "text": name}) + "\n")
+
+
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
-    """Write PNGs (and `generations.jsonl` with each file's prompt) into `out`, atomically."""
+    """`write_images` into `out`, atomically."""
     with atomic_dir(out) as tmp:
-        with open(tmp / "generations.jsonl", "w") as meta:
-            for i, (image, name) in enumerate(zip(images, names, strict=True)):
-                file = f"{i:05d}.png"
-                array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                Image.fromarray(array).save(tmp / file)
-                meta.write(json.dumps({"file_name": file, "text": name}) + "\n")
+        write_images(images, names, tmp)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -134,10 +138,7 @@ def run_guarded(args: argparse.Namespace) -> int:
     images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
                                        args.guard, index, args.batch_size, True, **options)
     with atomic_dir(args.out) as tmp:
-        save_images(images, [p for p in prompts for _ in range(args.n)], tmp / "images")
-        for file in (tmp / "images").iterdir():
-            file.rename(tmp / file.name)
-        shutil.rmtree(tmp / "images")
+        write_images(images, [p for p in prompts for _ in range(args.n)], tmp)
         with open(tmp / "guard_records.jsonl", "w") as f:
             for i, rec in enumerate(records):
                 f.write(json.dumps({"file_name": f"{i:05d}.png", **rec}) + "\n")
