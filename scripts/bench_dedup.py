@@ -1,4 +1,4 @@
-"""Time the exact blocked near-duplicate search of `trainer.dedup` on synthetic embeddings.
+"""Time the exact blocked near-duplicate search of `trainer.mitigate.dedup` on synthetic embeddings.
 
 For each size n, random unit vectors (dimension --dim; 512 is CLIP ViT-B / SSCD size, 198 the
 `pixels` embedding) get 5% planted near copies (cosine ~0.98 to their original); the search must

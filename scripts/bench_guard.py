@@ -1,9 +1,9 @@
 """Seconds per image of guarded (AMG) vs unguarded generation on general prompts, side by side.
 
 Both run in the same process, interleaved (the order alternates every repetition), on the same
-prompts and seeds; the unguarded run is the stock pipeline (`trainer.generate.generate_images`).
+prompts and seeds; the unguarded run is the stock pipeline (`trainer.sample.generate_images`).
 The default model is the committed toy base (32x32); the default index holds the training images
-of a toy world (`trainer.toy_world`) under the pixel embedding, and the general prompts are that
+of a toy world (`trainer.toy.world`) under the pixel embedding, and the general prompts are that
 world's novel captions. Prints one JSON object with the per-repetition timings (wall clock and
 process CPU time), the ratio guarded / unguarded of the best wall-clock seconds per image and of the
 median CPU seconds per image (both robust to other jobs sharing the CPU), and the fraction of

@@ -5,7 +5,7 @@
    trains diffusion models, not autoencoders), its scaling_factor set to 1/std of the latents
    as SD's 0.18215 was;
 3. the UNet and the text encoder trained jointly with the project's own trainer
-   (`trainer.train.train`, recipe recipes/toy-base.yaml) with 10% caption dropout so classifier-free
+   (`trainer.training.train`, recipe recipes/toy-base.yaml) with 10% caption dropout so classifier-free
    guidance works.
 
     python scripts/build_toy_base.py                       # about 30 min on 2 cores (1,763 s measured)
