@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import write_recipe
 from safetensors.torch import load_file
@@ -42,6 +43,23 @@ def test_resume_continues_exactly(tmp_path, tiny_model, tiny_data):
     # the run really trained: weights moved away from the base
     base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+
+
+@pytest.mark.parametrize("stop", [4, 6], ids=["at-epoch-boundary", "inside-epoch-1"])
+def test_resume_past_the_first_epoch_continues_exactly(tmp_path, tiny_model, tiny_data, stop):
+    """16 rows at batch 4 = 4 steps an epoch: resumed at the end of epoch 0 or inside epoch 1 == uninterrupted."""
+    train = {"max_steps": 9, "batch_size": 4}
+    full = tmp_path / "full"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", full, train=train,
+                          checkpoint={"every_steps": stop}, output={"export": "none"})
+    assert main(["train", str(recipe)]) == 0
+    part = tmp_path / "part"
+    assert main(["train", str(recipe), f"output.dir={part}", f"train.max_steps={stop}"]) == 0
+    assert main(["train", str(recipe), f"output.dir={part}", "checkpoint.resume=latest"]) == 0
+    la, lb = losses(full), losses(part)
+    assert sorted(lb) == list(range(1, 10))
+    for step in la:
+        assert abs(la[step] - lb[step]) < 1e-7, (step, la[step], lb[step])
 
 
 def test_checkpoint_total_limit_and_atomic_names(tmp_path, tiny_model, tiny_data):

@@ -272,8 +272,13 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         monitor_state.begin()
     for epoch in range(first_epoch, num_epochs):
         dataset.epoch = epoch
-        sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+        # the prepared loader sets its sampler's epoch from its own iteration counter when iteration starts,
+        # and that counter starts at 0 in a new process: set it, not only the sampler, so a resumed run
+        # draws epoch e's order (skip_first_batches returns a new loader, hence after it)
+        sampler.set_epoch(epoch)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(unet):
                 generator = step_generator(opt.seed, micro_step)
