@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from trainer.io import MemtrainError, atomic_dir
 from trainer.recipe import TrainRecipe
@@ -35,18 +36,15 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, step: int,
-                    state: dict[str, dict] | None = None) -> Path:
+                    state: dict[str, dict] | None = None, tensors: dict[str, dict] | None = None) -> Path:
     """`accelerator.save_state` on every rank into a temp dir, renamed once all ranks are done. `state`:
-    extra JSON documents (name -> dict) written beside it, read back with `read_checkpoint_state`."""
+    extra JSON documents and `tensors` extra safetensors files (name -> dict), read back with
+    `read_checkpoint_state` / `read_checkpoint_tensors`: nothing a resume loads is a pickle of ours.
+    Older checkpoints beyond `checkpoint.total_limit` are removed only once the new one is complete."""
     root = out / "checkpoints"
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
-        existing = list_checkpoints(out)
-        limit = recipe.checkpoint.total_limit
-        if limit is not None and len(existing) >= limit:
-            for old in existing[: len(existing) - limit + 1]:
-                shutil.rmtree(old)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -57,8 +55,15 @@ def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, st
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
         for name, document in (state or {}).items():
             (tmp / f"{name}.json").write_text(json.dumps(document))
+        for name, named_tensors in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in named_tensors.items()}, str(tmp / f"{name}.safetensors"))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        limit = recipe.checkpoint.total_limit
+        older = [c for c in list_checkpoints(out) if c != final]
+        if limit is not None and len(older) >= limit:
+            for old in older[: len(older) - limit + 1]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -72,6 +77,17 @@ def read_checkpoint_state(path: Path, name: str) -> dict | None:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise MemtrainError(f"checkpoint.resume: {file} is not valid JSON ({e.msg}); the checkpoint is damaged") from None
+
+
+def read_checkpoint_tensors(path: Path, name: str) -> dict | None:
+    """Tensors saved with `save_checkpoint(tensors={name: ...})`, or None when the checkpoint has none."""
+    file = Path(path) / f"{name}.safetensors"
+    if not file.exists():
+        return None
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise MemtrainError(f"checkpoint.resume: {file} cannot be read ({e}); the checkpoint is damaged") from None
 
 
 def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:

@@ -30,6 +30,7 @@ from trainer.core.checkpoints import (
     check_resume_compatible,
     export,
     read_checkpoint_state,
+    read_checkpoint_tensors,
     resolve_resume,
     save_checkpoint,
 )
@@ -230,7 +231,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     parts.update(unet=unet, text_encoder=text_encoder)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if opt.loss_mask_threshold is not None:
         empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
         with torch.no_grad():
@@ -241,6 +241,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+    if resume_path is not None and ema is not None:
+        load_ema_state(ema, resume_path)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
     saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
     monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
@@ -312,8 +314,12 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                 if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
                     break
             if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
-                save_checkpoint(accelerator, recipe, out, global_step,
-                                {MONITOR_STATE: monitor_state.state_dict()} if monitor_state is not None else None)
+                state, tensors = {}, {}
+                if monitor_state is not None:
+                    state[MONITOR_STATE] = monitor_state.state_dict()
+                if ema is not None:
+                    state[EMA_STATE], tensors[EMA_STATE] = ema_state(ema)
+                save_checkpoint(accelerator, recipe, out, global_step, state, tensors)
             if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
                 validation_images(accelerator, recipe, parts, global_step, out)
             if global_step >= opt.max_steps:
@@ -330,6 +336,26 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     summary = {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
                "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
+
+
+EMA_STATE = "ema_state"  # checkpoint files of the EMA weights: shadow parameters (safetensors) + settings (JSON)
+
+
+def ema_state(ema: EMAModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON settings, tensors) of diffusers' EMAModel: saved without pickle, so a resume runs no code."""
+    settings = ema.state_dict()
+    shadow = settings.pop("shadow_params")
+    return settings, {str(i): t for i, t in enumerate(shadow)}
+
+
+def load_ema_state(ema: EMAModel, checkpoint: Path) -> None:
+    settings = read_checkpoint_state(checkpoint, EMA_STATE)
+    tensors = read_checkpoint_tensors(checkpoint, EMA_STATE)
+    if settings is None or tensors is None or len(tensors) != len(ema.shadow_params):
+        raise MemtrainError(f"checkpoint.resume: {checkpoint} has no EMA weights for this model ({EMA_STATE}.json and "
+                            f"{EMA_STATE}.safetensors); resume with train.ema=false or start a new output.dir")
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**settings, "shadow_params": [tensors[str(i)].to(device) for i in range(len(tensors))]})
 
 
 def flat_config(recipe: TrainRecipe) -> dict:
