@@ -109,3 +109,24 @@ def test_resume_from_incompatible_checkpoint(tmp_path, capsys, tiny_model, tiny_
     err = run_fails(capsys, "train", str(recipe), f"checkpoint.resume={tmp_path / 'nowhere'}")
     assert "no such checkpoint directory" in err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_generate_and_evaluate_never_replace_a_directory_they_did_not_write(tmp_path, capsys, tiny_model, tiny_data):
+    """Pointed at a training run (or any other directory), --out is refused and left as it was; an earlier
+    output of the same command is replaced."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("train: {}\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    err = run_fails(capsys, "generate", str(tiny_model), "--prompts", str(prompts), "--out", str(run), "--steps", "2")
+    assert str(run) in err and "choose a new output directory" in err
+    err = run_fails(capsys, "evaluate", str(tiny_model), "--prompts", str(prompts), "--out", str(run),
+                    "--no-generate", "--detectors", "noise")
+    assert "choose a new output directory" in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    out = tmp_path / "gen"
+    for _ in range(2):  # the second run replaces the first one's output
+        assert main(["generate", str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
+    assert (out / "generations.jsonl").exists()

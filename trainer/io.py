@@ -16,10 +16,28 @@ class MemtrainError(Exception):
     """A user-facing error: the message names the file, row or key and says what to do."""
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out`, on failure it is removed."""
+def check_replaceable(out: str | Path, marker: str, flag: str = "--out") -> None:
+    """A MemtrainError unless `out` is absent, an empty directory, or an earlier output holding `marker`:
+    a command never replaces a directory it did not write (a training run, a dataset, a checkpoint)."""
     out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MemtrainError(f"{flag} {out}: exists and is not a directory; choose a new output directory")
+    if any(out.iterdir()) and not (out / marker).exists():
+        raise MemtrainError(f"{flag} {out}: exists and holds something else (no {marker}); it would be replaced: "
+                            "choose a new output directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, replaces: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out`, on failure it is removed.
+
+    `replaces`: the file that marks an earlier output of the same command; an existing `out` without it
+    is refused (`check_replaceable`) rather than deleted."""
+    out = Path(out)
+    if replaces is not None:
+        check_replaceable(out, replaces)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from trainer.core.components import load_pipeline, model_resolution
-from trainer.io import MemtrainError, atomic_dir
+from trainer.io import MemtrainError, atomic_dir, check_replaceable
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.measure.index import TrainingIndex
 from trainer.prompts import read_prompts
@@ -41,7 +41,7 @@ def write_images(images: torch.Tensor, names: list[str], directory: Path) -> Non
 
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
     """`write_images` into `out`, atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaces="generations.jsonl") as tmp:
         write_images(images, names, tmp)
 
 
@@ -62,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_replaceable(args.out, "generations.jsonl")
     if args.guard != "none":
         return run_guarded(args)
     prompts = [r["text"] for r in read_prompts(args.prompts)]
@@ -137,7 +138,7 @@ def run_guarded(args: argparse.Namespace) -> int:
     options = guard_options(args, pipe)
     images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
                                        args.guard, index, args.batch_size, True, **options)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, replaces="generations.jsonl") as tmp:
         write_images(images, [p for p in prompts for _ in range(args.n)], tmp)
         with open(tmp / "guard_records.jsonl", "w") as f:
             for i, rec in enumerate(records):

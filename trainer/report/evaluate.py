@@ -22,7 +22,7 @@ from trainer.core.components import load_pipeline, model_resolution
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
-from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
+from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
 from trainer.measure.features import (
     choose_quality_feature,
     clip_quality_feature,
@@ -108,6 +108,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     detectors = parse_detectors(detectors)
+    check_replaceable(out, "report.json")
     if (prompts is None) == (memorized is None):
         raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
     if prompts is not None:
@@ -167,7 +168,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     figures: dict = {}
 
     n_stages = 4 + bool(attack) + bool(guard)
-    with atomic_dir(out) as tmp, tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
+    with atomic_dir(out, replaces="report.json") as tmp, \
+            tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
         run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb else None
         try:
             # 1. trigger scenario: detectors
