@@ -130,3 +130,45 @@ def test_generate_and_evaluate_never_replace_a_directory_they_did_not_write(tmp_
     for _ in range(2):  # the second run replaces the first one's output
         assert main(["generate", str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--steps", "2"]) == 0
     assert (out / "generations.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.snr_gamma=-5", "train.snr_gamma"), ("train.snr_gamma=0", "train.snr_gamma"),
+    ("data.max_samples=-1", "data.max_samples"), ("data.resolution=0", "data.resolution"),
+    ("model.lora.alpha=-4", "model.lora.alpha"), ("train.lr_warmup_steps=-1", "train.lr_warmup_steps"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"), ("train.adam_beta1=1.5", "train.adam_beta1"),
+    ("train.adam_epsilon=0", "train.adam_epsilon"), ("train.seed=-3", "train.seed"),
+    ("log.validation_images=0", "log.validation_images"),
+])
+def test_out_of_range_values_are_refused_before_loading(tmp_path, capsys, override, key):
+    err = run_fails(capsys, "train", "toy", "model.pretrained=/nowhere", "data.path=/nowhere",
+                    f"output.dir={tmp_path / 'out'}", override)
+    assert f"`{key}`" in err
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_section_given_twice_is_refused(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 3\ntrain:\n  batch_size: 2\n")
+    err = run_fails(capsys, "train", str(recipe))
+    assert "line 3" in err and "`train` is given twice" in err
+
+
+def test_prompt_files_bom_binary_and_directory(tmp_path, capsys, tiny_model):
+    from trainer.prompts import read_prompts
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa small red circle\n".encode())
+    assert read_prompts(bom) == [{"text": "a small red circle"}]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    assert "not UTF-8" in run_fails(capsys, "generate", str(tiny_model), "--prompts", str(binary), "--out",
+                                    str(tmp_path / "o"))
+    assert "is a directory" in run_fails(capsys, "generate", str(tiny_model), "--prompts", str(tmp_path),
+                                         "--out", str(tmp_path / "o"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a small red circle\n")
+    for n in ("0", "-1"):
+        assert "-n must be >= 1" in run_fails(capsys, "generate", str(tiny_model), "--prompts", str(prompts), "-n", n,
+                                              "--out", str(tmp_path / "o"))
+    assert_nothing_written(tmp_path / "o")

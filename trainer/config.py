@@ -131,6 +131,20 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep only the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`{key}` is given twice; merge the two", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The YAML tree of recipe `path`, with `extends: OTHER.yaml` resolved (OTHER is read first, relative
     to `path`'s directory, and `path`'s keys override it; chains are allowed, cycles fail)."""
@@ -140,9 +154,11 @@ def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise MemtrainError(f"recipe {path}: `{EXTENDS}` forms a cycle ({' -> '.join(map(str, _seen))})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise MemtrainError(f"{path}: not valid YAML: {e}") from None
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        raise MemtrainError(f"{where}: not valid YAML: {problem or e}") from None
     if not isinstance(tree, dict):
         raise MemtrainError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop(EXTENDS, None)

@@ -53,7 +53,7 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
     """
     path = Path(path)
     rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
-    lines = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]  # as read_prompts
+    lines = [i for i, line in enumerate(read_text_file(path, "prompt file").splitlines(), 1) if line.strip()]  # as read_prompts
     out = []
     for row, line in zip(rows, lines, strict=True):
         where = f"{path}, line {line}"
@@ -98,14 +98,24 @@ def _group_name(row: PromptRow) -> str:
 TEXT_KEYS = ("text", "prompt", "caption")
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped); one MemtrainError for a missing, directory or binary file."""
+    if not path.exists():
+        raise MemtrainError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise MemtrainError(f"{what} {path} is a directory; pass a text or JSONL file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MemtrainError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Plain text (one prompt a line) or JSONL rows with `text` (or `prompt`, or `caption` as in Wen et al.'s
     published `sdv1_500_memorized.jsonl`) and optional labels."""
     path = Path(path)
-    if not path.exists():
-        raise MemtrainError(f"prompt file {path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text_file(path, "prompt file").splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl" or line.lstrip().startswith("{"):

@@ -167,6 +167,34 @@ class TrainRecipe:
         for key, value in positive.items():
             if value < 1:
                 raise MemtrainError(f"recipe: `{key}` must be >= 1, got {value}")
+        at_least = {  # key: (value, smallest allowed)
+            "train.lr_warmup_steps": (self.train.lr_warmup_steps, 0),
+            "train.dataloader_num_workers": (self.train.dataloader_num_workers, 0),
+            "train.seed": (self.train.seed, 0),
+            "log.validation_images": (self.log.validation_images, 1),
+        }
+        if self.data.resolution is not None:
+            at_least["data.resolution"] = (self.data.resolution, 8)
+        if self.data.max_samples is not None:
+            at_least["data.max_samples"] = (self.data.max_samples, 1)
+        if self.model.lora.alpha is not None:
+            at_least["model.lora.alpha"] = (self.model.lora.alpha, 1)
+        for key, (value, smallest) in at_least.items():
+            if value < smallest:
+                raise MemtrainError(f"recipe: `{key}` must be >= {smallest}, got {value}")
+        if self.train.seed >= 2**63:
+            raise MemtrainError(f"recipe: `train.seed` must be < 2**63, got {self.train.seed}")
+        if self.train.snr_gamma is not None and self.train.snr_gamma <= 0:
+            raise MemtrainError(f"recipe: `train.snr_gamma` must be > 0 (5.0 is recommended) or null (off), "
+                                f"got {self.train.snr_gamma}")
+        if self.train.max_grad_norm < 0:
+            raise MemtrainError(f"recipe: `train.max_grad_norm` must be >= 0 (0 = no clipping), got {self.train.max_grad_norm}")
+        for key, value in (("train.adam_beta1", self.train.adam_beta1), ("train.adam_beta2", self.train.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise MemtrainError(f"recipe: `{key}` must be in [0, 1), got {value}")
+        if self.train.adam_epsilon <= 0 or self.train.adam_weight_decay < 0:
+            raise MemtrainError("recipe: `train.adam_epsilon` must be > 0 and `train.adam_weight_decay` >= 0, got "
+                                f"{self.train.adam_epsilon} and {self.train.adam_weight_decay}")
         if self.train.learning_rate <= 0:
             raise MemtrainError(f"recipe: `train.learning_rate` must be > 0, got {self.train.learning_rate}")
         if self.model.lora.rank < 0:

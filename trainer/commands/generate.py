@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    for flag, value in (("-n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise MemtrainError(f"{flag} must be >= 1, got {value}")
     check_replaceable(args.out, "generations.jsonl")
     if args.guard != "none":
         return run_guarded(args)
