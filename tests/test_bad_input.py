@@ -172,3 +172,16 @@ def test_prompt_files_bom_binary_and_directory(tmp_path, capsys, tiny_model):
         assert "-n must be >= 1" in run_fails(capsys, "generate", str(tiny_model), "--prompts", str(prompts), "-n", n,
                                               "--out", str(tmp_path / "o"))
     assert_nothing_written(tmp_path / "o")
+
+
+def test_file_names_outside_the_dataset_or_not_strings(tmp_path, capsys, tiny_model, data_copy):
+    meta = data_copy / "metadata.jsonl"
+    lines = meta.read_text().splitlines()
+    for bad, message in (('"../../secret.png"', "outside the dataset"), ("7", "must be a path string")):
+        first = lines[0].split('"file_name": ', 1)
+        rest = first[1].split(",", 1)[1]
+        meta.write_text("\n".join([first[0] + '"file_name": ' + bad + "," + rest, *lines[1:]]) + "\n")
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_model, data_copy, tmp_path / "out")
+        err = run_fails(capsys, "train", str(recipe))
+        assert message in err and "line 1" in err
+        assert_nothing_written(tmp_path / "out")

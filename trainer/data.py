@@ -80,12 +80,16 @@ def load_rows(path: str, caption_column: str = "text", image_column: str = "imag
                 columns = sorted(k for k in row if k != "_line")
                 raise MemtrainError(f"{where}: no caption column `{caption_column}` (columns: {columns}); "
                                     "set data.caption_column")
+            if not isinstance(row["file_name"], str) or not row["file_name"].strip():
+                raise MemtrainError(f"{where}: `file_name` must be a path string, got {row['file_name']!r}")
             file = root / row["file_name"]
+            if root.resolve() not in file.resolve().parents:
+                raise MemtrainError(f"{where}: `file_name` {row['file_name']!r} points outside the dataset "
+                                    f"directory {root}; file names are relative to it")
             images.append(file)
             captions.append(_caption_list(row[caption_column], where))
             names.append(f"{where} ({row['file_name']})")
         return Rows(images, captions, str(meta), names)
-
 
     try:
         if root.is_dir():
