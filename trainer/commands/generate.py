@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.core.components import load_pipeline, model_resolution
+from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError, atomic_dir, check_replaceable
 from trainer.measure.embedders import INDEX_EMBEDDINGS
-from trainer.measure.index import TrainingIndex
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
-from trainer.sample.guard import GUARDS, check_index, guarded_generate
+from trainer.sample.guard import GUARDS, guarded_generate, load_index
 from trainer.sample.guidance import (
     C1_DEFAULT,
     C2_DEFAULT,
@@ -121,15 +120,6 @@ def guard_options(args: argparse.Namespace, pipe) -> dict:
     return {}
 
 
-def load_index(path: str | None, pipe, embedding: str | None):
-    """The index at `path` (None when no path), checked against the model's resolution and `embedding`."""
-    if path is None:
-        return None
-    if not Path(path).exists():
-        raise MemtrainError(f"--index {path}: no such index; build one with `memtrain index DATA --out {path}`")
-    index = TrainingIndex.load(path, embedding=embedding, resolution=model_resolution(pipe))
-    check_index(index, pipe, embedding, where=f"--index {path}")
-    return index
 
 
 def run_guarded(args: argparse.Namespace) -> int:

@@ -358,15 +358,16 @@ def groups(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise MemtrainError("no prompts given: pass at least one prompt")
+def prompt_list(prompts: str | Sequence[str] | None, what: str = "", allow_empty: bool = False) -> list[str]:
+    """A list of prompt strings (one string is a list of one); one MemtrainError naming `what` (e.g.
+    "memorized") for an empty list or a non-string entry."""
+    kind = f"{what} prompts" if what else "prompts"
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if not prompts and not allow_empty:
+        raise MemtrainError(f"no {kind} given: pass at least one")
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
-        raise MemtrainError(f"prompts must be strings; entries {bad[:5]} are not")
+        raise MemtrainError(f"{kind} must be strings; entries {bad[:5]} are not")
     return prompts
 
 

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
-from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, encode_latents, groups
+from trainer.core.unet_core import (
+    DEFAULT_BATCH_SIZE,
+    UNetCore,
+    count_evals,
+    encode_latents,
+    groups,
+    prompt_list,
+)
 from trainer.io import MemtrainError
 from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics
 from trainer.sample.generate import generate_images
@@ -23,15 +30,6 @@ ATTACKERS = ("noise", "image")
 EVAL_DRAWS_PER_NOISE = 4  # "image": held-out draws for objective_before / objective_after, per n_noise
 
 
-def _check_prompts(prompts: Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise MemtrainError("no prompts given: pass at least one memorized prompt to attack")
-    if any(not isinstance(p, str) for p in prompts):
-        raise MemtrainError("prompts must be strings")
-    return prompts
 
 
 def _check_eps(eps: float) -> float:
@@ -127,7 +125,7 @@ def retrigger_attack(
     ||d|| / ||e||, "objective_before" / "objective_after": [P] (float64, CPU), "unet_evals",
     "seconds"}. Cost: about steps * n_noise UNet evals (with backward) per prompt.
     """
-    prompts = _check_prompts(prompts)
+    prompts = prompt_list(prompts)
     eps = _check_eps(eps)
     if attacker not in ATTACKERS:
         raise MemtrainError(f"attacker must be one of {ATTACKERS}, got {attacker!r}")
@@ -280,7 +278,7 @@ def attack_section(
     and is measured once. `steps` is the attack budget, `sample_steps` the DDIM steps of the
     generations (n per prompt, seeds seed + j as `memtrain generate`).
     """
-    prompts = _check_prompts(prompts)
+    prompts = prompt_list(prompts)
     eps_values = [_check_eps(e) for e in eps_values]
     if not eps_values:
         raise MemtrainError("eps_values is empty: pass at least one attack budget")

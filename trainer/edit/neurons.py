@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.core.attention import cross_attention_modules
-from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals
-from trainer.edit.prune import check_prompts
+from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, prompt_list
 from trainer.io import MemtrainError
 
 SSIM_THRESHOLD = 0.428  # the authors' threshold for both the memorization check and the blocking criterion
@@ -200,8 +199,8 @@ def _localize(
     blocks: Sequence[str],
     batch_size: int,
 ) -> tuple[dict[str, Neurons], dict[str, str], dict[str, float]]:
-    memorized = check_prompts(memorized, "memorized")
-    reference = check_prompts(reference, "reference")
+    memorized = prompt_list(memorized, "memorized")
+    reference = prompt_list(reference, "reference")
     if len(reference) < 2:
         raise MemtrainError(
             "NeMo needs at least 2 reference (non-memorized) prompts for the activation statistics"
@@ -310,7 +309,7 @@ def localize_neurons(
     )
     for prompt, reason in skipped.items():
         warnings.warn(f"NeMo: nothing to block for {prompt!r}: {reason}", stacklevel=2)
-    return {p: _as_pairs(found.get(p, {})) for p in dict.fromkeys(check_prompts(memorized, "memorized"))}
+    return {p: _as_pairs(found.get(p, {})) for p in dict.fromkeys(prompt_list(memorized, "memorized"))}
 
 
 def block_neurons(unet, neurons: dict[str, list[tuple[str, int]]]) -> dict[str, int]:
@@ -361,7 +360,7 @@ def nemo_block(
     "skipped": {prompt: why nothing was blocked}, "ssim": {prompt: max SSIM with its neurons blocked},
     "unet_evals", "seconds"}.
     """
-    memorized = check_prompts(memorized, "memorized")
+    memorized = prompt_list(memorized, "memorized")
     start = time.perf_counter()
     with count_evals() as counter:
         found, skipped, ssim = _localize(

@@ -17,23 +17,12 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals
+from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, prompt_list
 from trainer.io import MemtrainError
 
 FFN_SUFFIX = "ff.net.2"
 
 
-def check_prompts(prompts, what: str) -> list[str]:
-    """A non-empty list of strings, or one clear `MemtrainError` naming `what`."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts or [])
-    if not prompts:
-        raise MemtrainError(f"no {what} prompts given: pass at least one {what} prompt")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise MemtrainError(f"{what} prompts must be strings; entries {bad[:5]} are not")
-    return prompts
 
 
 def ffn_layers(unet) -> dict[str, torch.nn.Linear]:
@@ -136,8 +125,8 @@ def subspace_prune(
     Returns {"changed": {parameter name: number of weights zeroed}, "total_changed", "unet_evals",
     "seconds", "fraction", "steps"}.
     """
-    memorized = check_prompts(memorized, "memorized")
-    base = [""] if base is None else check_prompts(base, "base")
+    memorized = prompt_list(memorized, "memorized")
+    base = [""] if base is None else prompt_list(base, "base")
     if not 0 < float(fraction) <= 1:
         raise MemtrainError(f"fraction must be in (0, 1], got {fraction}")
     if not 1 <= int(steps) <= int(num_inference_steps):

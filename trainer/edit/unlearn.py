@@ -21,35 +21,26 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from trainer.core.unet_core import UNetCore, count_evals
+from trainer.core.unet_core import UNetCore, count_evals, prompt_list
 from trainer.detect.attack import generate_from_embeddings, retrigger_attack
 from trainer.io import MemtrainError
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-def _strings(values, what: str, allow_empty_list: bool = False) -> list[str]:
-    if isinstance(values, str):
-        values = [values]
-    values = list(values)
-    if not values and not allow_empty_list:
-        raise MemtrainError(f"no {what} given: pass at least one")
-    if any(not isinstance(v, str) for v in values):
-        raise MemtrainError(f"{what} must be strings")
-    return values
 
 
 def _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight, adversarial_every, attack_eps,
                 batch_size, samples_per_prompt) -> tuple[list[str], list[str], list[str]]:
-    memorized = _strings(memorized, "memorized prompts")
-    anchors = [""] if anchors is None else _strings(anchors, "anchors")
+    memorized = prompt_list(memorized, "memorized")
+    anchors = [""] if anchors is None else prompt_list(anchors, "anchor")
     if len(anchors) == 1:
         anchors = anchors * len(memorized)
     if len(anchors) != len(memorized):
         raise MemtrainError(
             f"anchors: got {len(anchors)} for {len(memorized)} memorized prompts; pass one, or one per prompt"
         )
-    preserved = list(dict.fromkeys(anchors)) if preserved is None else _strings(preserved, "preserved prompts", True)
+    preserved = list(dict.fromkeys(anchors)) if preserved is None else prompt_list(preserved, "preserved", allow_empty=True)
     for name, value, ok in (
         ("rank", rank, int(rank) >= 1),
         ("steps", steps, int(steps) >= 1),

@@ -37,8 +37,8 @@ from trainer.report.guard_sections import (
     attack_report,
     check_extras,
     guard_section,
+    index_and_embedder,
     index_replication,
-    load_index,
     parse_eps,
 )
 from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
@@ -147,7 +147,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     resolution = model_resolution(pipe)
     training_index = embedder = None
     if index is not None:
-        training_index, embedder, index_threshold = load_index(index, pipe, resolution, index_model, index_threshold)
+        training_index, embedder, index_threshold = index_and_embedder(index, pipe, index_model, index_threshold)
     notes: list[str] = []
     cost: dict[str, dict] = {}
     config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),

@@ -30,7 +30,7 @@ from trainer.measure.replication import (
     replication_metrics,
     summarize_replication,
 )
-from trainer.sample.guard import GUARDS, check_index, guarded_generate
+from trainer.sample.guard import GUARDS, guarded_generate, load_index
 from trainer.sample.guidance import PIXEL_THRESHOLD
 
 DEFAULT_ATTACK_EPS = (0.05, 0.1, 0.2)
@@ -73,11 +73,10 @@ def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str 
         raise MemtrainError(f"--index {index}: no such index; build one with `memtrain index DATA --out {index}`")
 
 
-def load_index(path: str | Path, pipe, resolution: int, model: str | Path | None,
-               threshold: float | None) -> tuple[TrainingIndex, ImageEmbedder, float]:
+def index_and_embedder(path: str | Path, pipe, model: str | Path | None,
+                       threshold: float | None) -> tuple[TrainingIndex, ImageEmbedder, float]:
     """(index, its embedder, replication threshold) for `--index` (checked against the model's resolution)."""
-    index = TrainingIndex.load(path, resolution=resolution)
-    check_index(index, pipe, where=f"--index {path}")
+    index = load_index(path, pipe)
     if threshold is None:
         if index.embedding not in INDEX_THRESHOLDS:
             raise MemtrainError(f"--index {path}: no default replication threshold for the {index.embedding!r} "

@@ -10,6 +10,7 @@ output with `guard_records` set on it. Formulas and defaults: docs/methods.md, "
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
@@ -57,6 +58,15 @@ def check_index(index, pipe, embedding: str | None = None, where: str = "index")
             f"{where}: built with the {index.embedding!r} embedding, not {embedding!r}; rebuild it with "
             f"`--embedding {embedding}` or drop the embedding option"
         )
+
+
+def load_index(path: str | Path, pipe, embedding: str | None = None) -> TrainingIndex:
+    """The training-image index at `path`, checked against the model (`check_index`) and `embedding`."""
+    if not Path(path).exists():
+        raise MemtrainError(f"--index {path}: no such index; build one with `memtrain index DATA --out {path}`")
+    index = TrainingIndex.load(path, embedding=embedding, resolution=model_resolution(pipe))
+    check_index(index, pipe, embedding, where=f"--index {path}")
+    return index
 
 
 class GuardedPipeline:

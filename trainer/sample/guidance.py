@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.core.unet_core import UNetCore
+from trainer.core.unet_core import UNetCore, prompt_list
 from trainer.io import MemtrainError
 
 C1_DEFAULT = 13.0  # Chen et al.: s1 = clip(13 sigma_t, 0, s0 - 1) (capped at 6.5 for s0 = 7.5)
@@ -267,10 +267,17 @@ class AMGGuard:
 
 
 def first_step_magnitude(
-    core: UNetCore, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t0: int, grad: bool = False
+    core: UNetCore, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t0: int, grad: bool = False,
+    eps_uncond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """||eps(x_T^j, t0, c_j) - eps(x_T^j, t0, c0)|| per row j (cond [M, L, D], uncond [1 or M, L, D], x_T [M, ...])."""
+    """||eps(x_T^j, t0, c_j) - eps(x_T^j, t0, c0)|| per row j (cond [M, L, D], uncond [1 or M, L, D], x_T [M, ...]).
+
+    `eps_uncond`: the unconditional predictions, when already known (they do not depend on `cond`, so an
+    optimisation of `cond` evaluates them once)."""
     m = len(x_T)
+    if eps_uncond is not None:
+        eps_cond = core.eps(x_T, t0, cond, torch.arange(m), torch.arange(m), grad=grad)
+        return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
     uncond = uncond.expand(m, -1, -1) if len(uncond) == 1 else uncond
     table = torch.cat([uncond.to(cond.device, cond.dtype), cond])
     x_index, e_index = _cfg_requests(m)
@@ -304,10 +311,13 @@ def optimize_embedding(
     emb = cond.detach().clone().float().requires_grad_(True)
     optimizer = torch.optim.AdamW([emb], lr=lr)
     losses: list[float] = []
+    m = len(x_T)
+    uncond_rows = (uncond.expand(m, -1, -1) if len(uncond) == 1 else uncond).to(core.device, core.dtype)
+    eps_uncond = core.eps(x_T, t0, uncond_rows, torch.arange(m), torch.arange(m))  # constant: evaluated once
     with torch.enable_grad():
         for it in range(int(max_iters) + 1):
             loss = first_step_magnitude(
-                core, emb.to(core.dtype).expand(len(x_T), -1, -1), uncond, x_T, t0, grad=True
+                core, emb.to(core.dtype).expand(m, -1, -1), uncond, x_T, t0, grad=True, eps_uncond=eps_uncond
             ).mean()
             losses.append(float(loss.detach()))
             if losses[-1] <= target or it == max_iters:
@@ -337,9 +347,7 @@ def mitigate_prompt_embedding(
     is optimised over its own n generations), or by default on the x_T of seed `seed` shared by all
     prompts (the detectors' convention), at the first DDIM timestep of `num_inference_steps`.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise MemtrainError("no prompts given: pass at least one prompt")
+    prompts = prompt_list(prompts)
     core = UNetCore(pipe, batch_size)
     cond, uncond = _encode(pipe, prompts, core.device)
     if latents is None:
