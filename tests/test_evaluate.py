@@ -377,3 +377,37 @@ def test_labels_error_names_the_prompt_file_in_the_api(tmp_path, tiny_model):
     prompts = write(tmp_path / "one.jsonl", '{"text": "a", "label": 1}\n')
     with pytest.raises(MemtrainError, match=r"one\.jsonl: the labelled prompts have no negatives"):
         E.evaluate(tiny_model, prompts, out=tmp_path / "o", progress=False)
+
+
+def test_a_real_style_training_set_and_a_caption_keyed_prompt_set(tmp_path, tiny_model):
+    """An imagefolder that is not the toy world's (photos-like captions, its own layout) as --train-data, and a
+    prompt set in the published format (Wen et al.'s JSONL: `caption`, `index`, `url`) plus a plain list of
+    non-memorized prompts: replication is measured against that training set, quality with the pixel feature."""
+    from PIL import Image
+
+    data = tmp_path / "my-dataset"
+    (data / "pics").mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    captions = [f"a photo of object number {i} on a wooden table" for i in range(6)]
+    with open(data / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            pixels = (torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(data / "pics" / f"{i}.png")
+            f.write(json.dumps({"file_name": f"pics/{i}.png", "text": caption}) + "\n")
+    memorized = tmp_path / "sdv1_memorized.jsonl"
+    memorized.write_text("".join(json.dumps({"caption": c, "index": i, "url": f"http://example/{i}"}) + "\n"
+                                 for i, c in enumerate(captions[:3])))
+    not_memorized = tmp_path / "general.txt"
+    not_memorized.write_text("a painting of a lighthouse at night\na sketch of a mountain village\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model), "--memorized", str(memorized), "--not-memorized", str(not_memorized),
+                 "--train-data", str(data), "--out", str(out), "-n", "1", "--steps", "2",
+                 "--detectors", "noise"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["memorized"] == 3 and report["counts"]["not_memorized"] == 2
+    assert report["trigger"]["n_positive"] == 3 and report["trigger"]["n_negative"] == 2
+    replication = report["replication"]
+    assert replication["train_images"] == 6 and str(data) in replication["training_images"]
+    assert all(0 <= g["nn_index"] < replication["unique_train_images"] for g in replication["generations"])
+    assert report["quality"]["feature"].startswith("pix8:")  # not the toy palette: these are not toy captions
+    assert all("toy_alignment" not in q for q in report["quality"]["groups"].values())
