@@ -329,3 +329,25 @@ def test_bad_monitor_input_fails_before_training(tmp_path, capsys, tiny_model, t
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and expected in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_heldout_pairs_from_an_evaluate_style_membership_file(tmp_path, tiny_data):
+    """`monitor.heldout` reads a labelled prompt file as `memtrain evaluate` does: non-members are the
+    `member: 0` rows (or group heldout), under any text key; rows without a role are not held out."""
+    from trainer.recipe import MonitorSection
+    from trainer.training.monitor import load_heldout
+
+    labels = [json.loads(line) for line in (tiny_data / "labels.jsonl").read_text().splitlines()]
+    heldout = [r for r in labels if r["group"] == "heldout"]
+    members = [r for r in labels if r["group"] == "singleton"][:3]
+    def row(r, member):  # absolute image paths, so the file can live outside the dataset
+        return {"caption": r["text"], "file_name": str(tiny_data / r["file_name"]), "member": member}
+
+    rows = [row(r, 0) for r in heldout] + [row(r, 1) for r in members]
+    rows.append({"caption": "a prompt without a role"})
+    membership = tmp_path / "membership.jsonl"
+    membership.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held, _ = load_heldout(MonitorSection(heldout=str(membership)), None)
+    assert [c[0] for c in held.captions] == [r["text"] for r in heldout]
+    assert held.images == [tiny_data / r["file_name"] for r in heldout]
+    assert all(p.exists() for p in held.images)

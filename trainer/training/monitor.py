@@ -27,11 +27,11 @@ from trainer.core.components import pipeline_from_components
 from trainer.core.unet_core import count_evals, encode_latents
 from trainer.detect.clid import clid_features, clid_th_scores
 from trainer.detect.prompt import noise_magnitude
-from trainer.io import MemtrainError, read_jsonl_objects, write_json
+from trainer.io import MemtrainError, write_json
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
-from trainer.prompts import read_prompts
+from trainer.prompts import read_labelled_prompts, read_prompts
 from trainer.report.plots import save_curves
 from trainer.sample.generate import generate_images
 
@@ -104,21 +104,26 @@ def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
     key = "monitor.heldout"
     path = Path(cfg.heldout)
     if path.suffix == ".jsonl" and path.is_file():
-        rows = read_jsonl_objects(path, f"`{key}`: ")
-        labels = {r["text"]: r["group"] for r in rows if isinstance(r.get("text"), str) and "group" in r}
-        if any("group" in r for r in rows):
-            rows = [r for r in rows if r.get("group") == "heldout"]
+        # a labelled prompt file, read as `memtrain evaluate` reads it: held-out pairs are its non-members
+        # (`member: 0`, or group heldout with a file_name); a file without roles is all held-out pairs
+        try:
+            rows = read_labelled_prompts(path)
+        except MemtrainError as e:
+            raise MemtrainError(f"`{key}`: {e}") from None
+        labels = {r.text: r.group for r in rows if r.group is not None}
+        if any(r.member is not None for r in rows):
+            rows = [r for r in rows if r.member == 0]
         images, captions, names = [], [], []
         for r in rows:
-            where = f"{path}, line {r['_line']}"
-            if not r.get("file_name") or not isinstance(r.get("text"), str) or not r["text"].strip():
-                raise MemtrainError(f"`{key}`: {where}: a held-out row needs `file_name` and a non-empty `text`")
-            images.append(path.parent / r["file_name"])
-            captions.append([r["text"]])
-            names.append(f"{where} ({r['file_name']})")
+            where = f"{path}, line {r.line}"
+            if r.file_name is None:
+                raise MemtrainError(f"`{key}`: {where}: a held-out row needs the `file_name` of its image")
+            images.append(path.parent / r.file_name)
+            captions.append([r.text])
+            names.append(f"{where} ({r.file_name})")
         if not images:
-            raise MemtrainError(f"`{key}`={cfg.heldout}: no held-out pairs (rows with group \"heldout\" and a "
-                                "file_name); the monitor needs never-trained image-caption pairs")
+            raise MemtrainError(f"`{key}`={cfg.heldout}: no held-out pairs (rows with `member: 0` or group "
+                                "\"heldout\", and a file_name); the monitor needs never-trained image-caption pairs")
         return data_lib.Rows(images, captions, str(path), names), labels
     if not path.exists() and (path.is_absolute() or cfg.heldout.startswith(".")):
         raise MemtrainError(f"`{key}`={cfg.heldout}: no such file or directory")
