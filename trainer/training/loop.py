@@ -36,7 +36,7 @@ from trainer.core.checkpoints import (
 )
 from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
 from trainer.core.unet_core import posterior_latents
-from trainer.io import MemtrainError
+from trainer.io import MemtrainError, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.loss_mask import memorization_mask
@@ -146,6 +146,7 @@ def train(recipe: TrainRecipe) -> dict:
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
+    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
     # ---- everything that can be wrong with the inputs is checked before anything is written
     parts = load_components(recipe)
     tokenizer = parts["tokenizer"]
