@@ -47,6 +47,11 @@ def check_weight_files(model: Path, what: str) -> None:
             raise MemtrainError(f"{what}: {file} is empty (0 bytes); copy or export the model again")
 
 
+def weight_dtype(recipe: TrainRecipe) -> torch.dtype:
+    """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
+
+
 def load_components(recipe: TrainRecipe) -> dict:
     """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
     m = recipe.model
@@ -69,8 +74,8 @@ def load_components(recipe: TrainRecipe) -> dict:
     except OSError as e:
         raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
     vae = None
-    if not local.exists() or (local / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw)
+    if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=weight_dtype(recipe), **kw)
     if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if m.prediction_type is not None:
@@ -121,7 +126,7 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
         check_weight_files(local, str(path))
     lora_path = lora_file(lora) if lora is not None else None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise MemtrainError(f"{path}: cannot load a Stable Diffusion pipeline ({e})") from None

@@ -197,7 +197,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
     if vae is not None:
         vae.requires_grad_(False)
-        vae.to(accelerator.device, dtype=weight_dtype)
+        vae.to(accelerator.device)  # already in weight_dtype (load_components); a dtype here makes diffusers warn
     text_encoder.requires_grad_(recipe.model.train_text_encoder)
     if not recipe.model.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
