@@ -55,6 +55,10 @@ def empty_weights(model: Path) -> None:
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
 
 
+def garbage_weights(model: Path) -> None:
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage" * 64)
+
+
 def not_a_lora(tmp: Path) -> None:
     safetensors.torch.save_file({"weight": torch.zeros(2, 2)}, tmp / "not_lora.safetensors")
 
@@ -140,11 +144,17 @@ CASES = [
          ("diffusion_pytorch_model.safetensors", "0 bytes"), model_copy(empty_weights)),
     Case("empty-weight-file-generate", GEN.replace("{model}", "model"),
          ("diffusion_pytorch_model.safetensors", "0 bytes"), model_copy(empty_weights)),
+    Case("garbage-weight-file-train", f"{TRAIN} model.pretrained=model",
+         ("diffusion_pytorch_model.safetensors",), model_copy(garbage_weights)),
+    Case("garbage-weight-file-generate", GEN.replace("{model}", "model"),
+         ("diffusion_pytorch_model.safetensors",), model_copy(garbage_weights)),
     # ---- images
     Case("png-bomb", TRAIN, ("metadata.jsonl, line 1", "400000000 pixels", "resize"), huge_png_in_data),
     # ---- devices
     Case("evaluate-cuda", f"{EVAL} --device cuda", ("--device cuda", "CUDA")),
     Case("edit-cuda", f"{EDIT} --device cuda", ("--device cuda", "CUDA")),
+    Case("dedup-cuda", "dedup {data} --out report --device cuda", ("--device cuda", "CUDA")),
+    Case("index-cuda", "index {data} --out index --device cuda", ("--device cuda", "CUDA")),
     Case("evaluate-bad-device", f"{EVAL} --device gpu9", ("--device gpu9",)),
     # ---- LoRA files
     Case("generate-lora-empty-file", f"{GEN} --lora empty.safetensors", ("empty.safetensors", "0 bytes"),
@@ -176,9 +186,11 @@ CASES = [
     # ---- no command writes into its input directory
     Case("dedup-out-is-data", "dedup {data} --out {data}", ("--out", "inside the input", "DATA")),
     Case("dedup-out-inside-data", "dedup {data} --out {data}/report", ("--out", "inside the input")),
-    Case("index-out-inside-data", "index {data} --out {data}/index", ("--out", "inside the input")),
+    Case("index-out-inside-data", "index {data} --out {data}/index", ("--out", "overlaps the training data")),
     Case("evaluate-out-inside-train-data", f"{EVAL} --train-data {{data}}".replace("--out eval", "--out {data}/eval"),
          ("--out", "inside the input", "--train-data")),
+    Case("train-output-inside-data", f"{TRAIN} output.dir={{data}}/run", ("output.dir", "inside the input data.path")),
+    Case("generate-out-inside-checkpoint", GEN.replace("--out gen", "--out {model}/gen"), ("--out", "inside the input")),
     Case("evaluate-out-inside-checkpoint", EVAL.replace("--out eval", "--out {model}/eval"),
          ("--out", "inside the input")),
     # ---- toy data

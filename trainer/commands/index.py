@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.io import check_not_inside
+from trainer.core.components import check_device
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.measure.index import DTYPES, build_index, index_summary
 
@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_not_inside(args.out, {"DATA": args.data})
+    check_device(args.device)
     index = build_index(
         args.data,
         args.out,
