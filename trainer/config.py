@@ -208,7 +208,7 @@ def parse_override(item: str, cls: type | None = None) -> tuple[str, Any]:
         raise MemtrainError(f"{OVERRIDES}: override `{item}` must look like key.sub=value (e.g. train.max_steps=100)")
     key, raw = (part.strip() for part in item.split("=", 1))
     tp = _field_type(cls, key) if cls is not None else None
-    if raw in ("", "null", "~"):
+    if raw in ("", "~", "null", "Null", "NULL"):  # YAML's nulls
         return key, None
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     if tp is not None and _takes_strings(tp) and not quoted:

@@ -41,7 +41,7 @@ def _binary(row: dict, key: str, where: str) -> int | None:
         return None
     if type(value) is int and value in (0, 1):  # not true/false, "1" or 1.0: a typo there would flip a class
         return value
-    raise MemtrainError(f"{where}: `{key}` must be the integer 0 or 1, got {json.dumps(value)}; write "
+    raise MemtrainError(f"{where}: `{key}` must be 0 or 1 (an integer), got {json.dumps(value)}; write "
                         f"`\"{key}\": 1` or `\"{key}\": 0`")
 
 
