@@ -47,7 +47,7 @@ def check_weight_files(model: Path, what: str) -> None:
             raise MemtrainError(f"{what}: {file} is empty (0 bytes); copy or export the model again")
 
 
-def weight_dtype(recipe: TrainRecipe) -> torch.dtype:
+def frozen_dtype(recipe: TrainRecipe) -> torch.dtype:
     """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
 
@@ -75,7 +75,7 @@ def load_components(recipe: TrainRecipe) -> dict:
         raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
     vae = None
     if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=weight_dtype(recipe), **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe), **kw)
     if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if m.prediction_type is not None:

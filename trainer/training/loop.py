@@ -34,7 +34,13 @@ from trainer.core.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
+from trainer.core.components import (
+    add_lora,
+    frozen_dtype,
+    load_components,
+    native_resolution,
+    pipeline_from_components,
+)
 from trainer.core.unet_core import posterior_latents
 from trainer.io import MemtrainError, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
@@ -194,7 +200,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     unet, text_encoder, vae, tokenizer = parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"]
 
     # ---- model
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
+    weight_dtype = frozen_dtype(recipe)
     if vae is not None:
         vae.requires_grad_(False)
         vae.to(accelerator.device)  # already in weight_dtype (load_components); a dtype here makes diffusers warn
