@@ -266,6 +266,11 @@ def test_16_bit_grayscale_pngs_are_scaled_to_8_bits(tmp_path):
     assert np.allclose(image[0, :, 0], np.linspace(0, 255, 16), atol=1)
     emb = embed_images([a, b], ["a.png", "b.png"], "pixels", progress=False)
     assert float(emb[0] @ emb[1]) < 0.9
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a ramp"}\n'
+                                             '{"file_name": "b.png", "text": "a reversed ramp"}\n')
+    assert main(["dedup", str(tmp_path), "--out", str(tmp_path.parent / "report")]) == 0
+    report = json.loads((tmp_path.parent / "report" / "report.json").read_text())
+    assert report["summary"]["image_groups"] == 0
 
 
 def assert_no_library_warnings(tmp_path: Path, *argv: str) -> None:
