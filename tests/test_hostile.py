@@ -126,6 +126,8 @@ CASES = [
     Case("override-unknown-key", f"{TRAIN} train.lerning_rate=1", ("command line", "`train.learning_rate`")),
     Case("override-not-key-value", f"{TRAIN} train.max_steps", ("command line", "key.sub=value")),
     Case("recipe-binary", "train bin.yaml", ("bin.yaml", "not UTF-8"), binary_file("bin.yaml")),
+    Case("recipe-control-characters", "train ctl.yaml", ("ctl.yaml, line 2", "'\\x00'"),
+         text_file("ctl.yaml", "train:\n  max_steps: \x00\x01\n")),
     Case("recipe-directory", "train {tmp}", ("is a directory",)),
     Case("extends-directory", "train ext.yaml", ("ext.yaml", "`extends: .`", "is a directory"),
          text_file("ext.yaml", "extends: .\n")),

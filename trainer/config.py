@@ -156,13 +156,20 @@ def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise MemtrainError(f"recipe {path}: `{EXTENDS}` forms a cycle ({' -> '.join(map(str, _seen))})")
     try:
-        tree = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise MemtrainError(f"recipe {path} is not UTF-8 text (byte {e.start}); pass a recipe YAML file") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.reader.ReaderError as e:  # a control character: the file is not a text recipe
+        line = text[: e.position].count("\n") + 1
+        char = chr(e.character) if isinstance(e.character, int) else e.character
+        raise MemtrainError(f"{path}, line {line}: not valid YAML: character {char!r} is not allowed in "
+                            "a text file; pass a recipe YAML file") from None
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
-        raise MemtrainError(f"{where}: not valid YAML: {problem or e}") from None
+        raise MemtrainError(f"{where}: not valid YAML: {problem or str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise MemtrainError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop(EXTENDS, None)
