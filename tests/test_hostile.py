@@ -35,18 +35,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- setups (run in the case's directory)
 
-
-def binary_file(name: str) -> Callable[[Path], None]:
-    return lambda tmp: (tmp / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00binary")
+Setup = Callable[[Path, Path], None]  # (the case's directory, the tiny model) -> None
 
 
-def text_file(name: str, text: str) -> Callable[[Path], None]:
-    return lambda tmp: (tmp / name).write_text(text)
+def binary_file(name: str) -> Setup:
+    return lambda tmp, model: (tmp / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00binary")
 
 
-def model_copy(change: Callable[[Path], None]) -> Callable[[Path], None]:
-    def setup(tmp: Path) -> None:
-        shutil.copytree(os.environ["MEMTRAIN_TEST_MODEL"], tmp / "model")
+def text_file(name: str, text: str) -> Setup:
+    return lambda tmp, model: (tmp / name).write_text(text)
+
+
+def model_copy(change: Callable[[Path], None]) -> Setup:
+    """A copy of the tiny model at ./model, changed by `change`."""
+    def setup(tmp: Path, model: Path) -> None:
+        shutil.copytree(model, tmp / "model")
         change(tmp / "model")
     return setup
 
@@ -59,7 +62,7 @@ def garbage_weights(model: Path) -> None:
     (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage" * 64)
 
 
-def not_a_lora(tmp: Path) -> None:
+def not_a_lora(tmp: Path, model: Path) -> None:
     safetensors.torch.save_file({"weight": torch.zeros(2, 2)}, tmp / "not_lora.safetensors")
 
 
@@ -71,17 +74,17 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
 
 
-def huge_png_in_data(tmp: Path) -> None:
+def huge_png_in_data(tmp: Path, model: Path) -> None:
     first = json.loads((tmp / "data" / "metadata.jsonl").read_text().splitlines()[0])
     (tmp / "data" / first["file_name"]).write_bytes(png_header(20000, 20000))
 
 
-def labelled(value: str) -> Callable[[Path], None]:
+def labelled(value: str) -> Setup:
     return text_file("labelled.jsonl", '{"text": "a small red circle", "label": 0}\n'
                                        f'{{"text": "a big blue square", "label": {value}}}\n')
 
 
-def chmod_read_only(tmp: Path) -> None:
+def chmod_read_only(tmp: Path, model: Path) -> None:
     (tmp / "locked").mkdir()
     (tmp / "locked").chmod(0o555)
 
@@ -94,7 +97,7 @@ class Case:
     id: str
     argv: str
     expect: tuple[str, ...]
-    setup: Callable[[Path], None] | None = None
+    setup: Setup | None = None
     skip: str | None = None
 
 
@@ -163,12 +166,12 @@ CASES = [
          text_file("empty.safetensors", "")),
     Case("generate-lora-not-lora", f"{GEN} --lora not_lora.safetensors", ("not_lora.safetensors", "LoRA"), not_a_lora),
     Case("generate-lora-empty-dir", f"{GEN} --lora lora_dir", ("lora_dir", "pytorch_lora_weights.safetensors"),
-         lambda tmp: (tmp / "lora_dir").mkdir()),
+         lambda tmp, model: (tmp / "lora_dir").mkdir()),
     Case("evaluate-lora-empty-file", f"{EVAL} --lora empty.safetensors", ("empty.safetensors", "0 bytes"),
          text_file("empty.safetensors", "")),
     Case("evaluate-lora-not-lora", f"{EVAL} --lora not_lora.safetensors", ("not_lora.safetensors", "LoRA"), not_a_lora),
     Case("evaluate-lora-empty-dir", f"{EVAL} --lora lora_dir", ("lora_dir", "pytorch_lora_weights.safetensors"),
-         lambda tmp: (tmp / "lora_dir").mkdir()),
+         lambda tmp, model: (tmp / "lora_dir").mkdir()),
     Case("edit-lora-empty-file", f"{EDIT} --lora empty.safetensors", ("empty.safetensors", "0 bytes"),
          text_file("empty.safetensors", "")),
     Case("edit-lora-not-lora", f"{EDIT} --lora not_lora.safetensors", ("not_lora.safetensors", "LoRA"), not_a_lora),
@@ -176,9 +179,9 @@ CASES = [
     Case("generate-n-negative", f"{GEN} -n -1", ("-n must be >= 1",)),
     Case("generate-out-cwd", "generate {model} --prompts {prompts} --out . --steps 2", ("--out .", "choose a new")),
     Case("generate-prompts-latin1", "generate {model} --prompts latin1.txt --out gen", ("latin1.txt", "not UTF-8"),
-         lambda tmp: (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")),
+         lambda tmp, model: (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")),
     Case("evaluate-prompts-latin1", EVAL.replace("{prompts}", "latin1.txt"), ("latin1.txt", "not UTF-8"),
-         lambda tmp: (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")),
+         lambda tmp, model: (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")),
     Case("label-true", EVAL.replace("{prompts}", "labelled.jsonl"), ("labelled.jsonl, line 2", "`label`"),
          labelled("true")),
     Case("label-string", EVAL.replace("{prompts}", "labelled.jsonl"), ("labelled.jsonl, line 2", "`label`"),
@@ -208,7 +211,6 @@ def case_dir(tmp_path, monkeypatch, tiny_model, tiny_data):
     write_recipe(tmp_path / "recipe.yaml", tiny_model, tmp_path / "data", tmp_path / "out")
     (tmp_path / "prompts.txt").write_text("a small red circle\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MEMTRAIN_TEST_MODEL", str(tiny_model))
     return tmp_path
 
 
@@ -221,7 +223,7 @@ def tree(root: Path) -> dict[str, int]:
                                   for c in CASES])
 def test_hostile_input(case: Case, case_dir: Path, tiny_model: Path, capsys):
     if case.setup is not None:
-        case.setup(case_dir)
+        case.setup(case_dir, tiny_model)
     model_before = tree(tiny_model)
     before = tree(case_dir)
     values = dict(model=tiny_model, data=case_dir / "data", recipe=case_dir / "recipe.yaml",
