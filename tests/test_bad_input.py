@@ -92,7 +92,8 @@ def test_model_whose_dimensions_do_not_fit(tmp_path, capsys, tiny_model, tiny_da
     recipe = write_recipe(tmp_path / "r.yaml", bad, tiny_data / "train", out)
     err = run_fails(capsys, "train", str(recipe))
     assert "cross_attention_dim=32" in err and "hidden_size=48" in err
-    err = run_fails(capsys, "train", str(recipe), f"model.pretrained={tmp_path}")
+    (tmp_path / "not_a_model").mkdir()
+    err = run_fails(capsys, "train", str(recipe), f"model.pretrained={tmp_path / 'not_a_model'}")
     assert "not a diffusers pipeline directory" in err
     assert_nothing_written(out)
 

@@ -306,7 +306,7 @@ def test_prompt_file_roles(tmp_path, tiny_data):
     assert by_group == {"duplicated": {(1, 1)}, "singleton": {(None, 1)}, "heldout": {(None, 0)},
                         "novel": {(0, None)}}
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "x", "group": "duplicated", "label": 0}\n\n{"text": "y", "label": true}\n'
+    path.write_text('{"prompt": "x", "group": "duplicated", "label": 0}\n\n{"text": "y", "label": 1}\n'
                     '{"text": "z", "member": 0, "file_name": "a.png"}\n')
     rows = prompts.read_labelled_prompts(path)
     assert [(r.text, r.line, r.label, r.member) for r in rows] == [("x", 1, 0, None), ("y", 3, 1, None),

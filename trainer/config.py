@@ -151,14 +151,25 @@ def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise MemtrainError(f"recipe {path} does not exist")
+    if path.is_dir():
+        raise MemtrainError(f"recipe {path} is a directory; pass a recipe YAML file")
     if path.resolve() in _seen:
         raise MemtrainError(f"recipe {path}: `{EXTENDS}` forms a cycle ({' -> '.join(map(str, _seen))})")
     try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MemtrainError(f"recipe {path} is not UTF-8 text (byte {e.start}); pass a recipe YAML file") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.reader.ReaderError as e:  # a control character: the file is not a text recipe
+        line = text[: e.position].count("\n") + 1
+        char = chr(e.character) if isinstance(e.character, int) else e.character
+        raise MemtrainError(f"{path}, line {line}: not valid YAML: character {char!r} is not allowed in "
+                            "a text file; pass a recipe YAML file") from None
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
-        raise MemtrainError(f"{where}: not valid YAML: {problem or e}") from None
+        raise MemtrainError(f"{where}: not valid YAML: {problem or str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise MemtrainError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop(EXTENDS, None)
@@ -167,19 +178,67 @@ def read_recipe_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(parent, str) or not parent:
         raise MemtrainError(f"{path}: `{EXTENDS}` must be a recipe file name, got {parent!r}")
     parent_path = path.parent / parent
-    if not parent_path.exists():
-        raise MemtrainError(f"{path}: `{EXTENDS}: {parent}`: {parent_path} does not exist")
+    if not parent_path.is_file():
+        problem = "is a directory" if parent_path.is_dir() else "does not exist"
+        raise MemtrainError(f"{path}: `{EXTENDS}: {parent}`: {parent_path} {problem}; name a recipe YAML file")
     return _merge(read_recipe_tree(parent_path, (*_seen, path.resolve())), tree)
 
 
-def apply_overrides(tree: dict, overrides: list[str] = ()) -> dict:
-    """`key.sub=value` command-line overrides (values parsed as YAML) applied to a copy of `tree`."""
+OVERRIDES = "command line"  # where override errors point
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The declared type of dotted key `dotted` of dataclass `cls`; None when there is no such key."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _takes_strings(tp: Any) -> bool:
+    """True when a field of type `tp` holds a string (str, a Literal of strings, or either of them | None)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    return all(a is str or (typing.get_origin(a) is typing.Literal and all(isinstance(v, str) for v in
+                                                                              typing.get_args(a))) for a in args)
+
+
+def parse_override(item: str, cls: type | None = None) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value). The value is read as YAML, except for a string field of `cls`, which
+    gets the raw text (`train.mixed_precision=no` is "no", not YAML's false; null / ~ / nothing is None)."""
+    if "=" not in item:
+        raise MemtrainError(f"{OVERRIDES}: override `{item}` must look like key.sub=value (e.g. train.max_steps=100)")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    tp = _field_type(cls, key) if cls is not None else None
+    if raw in ("", "~", "null", "Null", "NULL"):  # YAML's nulls
+        return key, None
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if tp is not None and _takes_strings(tp) and not quoted:
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise MemtrainError(f"{OVERRIDES}: override `{item}` is not a valid value ({problem}); quote it or fix "
+                            "the brackets, e.g. train.max_steps=100 or log.trackers=[wandb]") from None
+
+
+def apply_overrides(tree: dict, overrides: list[str] = (), cls: type | None = None) -> dict:
+    """`key.sub=value` command-line overrides applied to a copy of `tree` (values typed by `parse_override`).
+    With `cls`, each override is checked on its own first, so a bad key or value names the command line."""
     tree = _merge({}, tree)
     for item in overrides:
-        if "=" not in item:
-            raise MemtrainError(f"override `{item}` must look like key.sub=value (e.g. train.max_steps=100)")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        key, value = parse_override(item, cls)
+        if cls is not None:
+            alone: dict = {}
+            _set_path(alone, key, value)
+            from_dict(cls, alone, where=OVERRIDES)
+        _set_path(tree, key, value)
     return tree
 
 
@@ -214,8 +273,8 @@ def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] = ()
     """Read YAML recipe `path` or built-in recipe name (or start from defaults; `extends:` resolved),
     apply `key.sub=value` overrides, build the typed recipe."""
     tree = read_recipe_tree(resolve_recipe(path)) if path is not None else {}
-    where = str(path) if path is not None else "command line"
-    return from_dict(cls, apply_overrides(tree, overrides), where=where)
+    where = str(path) if path is not None else OVERRIDES
+    return from_dict(cls, apply_overrides(tree, overrides, cls), where=where)
 
 
 def dump_recipe(obj: Any) -> str:

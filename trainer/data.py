@@ -111,22 +111,42 @@ def load_rows(path: str, caption_column: str = "text", image_column: str = "imag
     return Rows(list(ds[image_column]), captions, path, names)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grayscale (PIL modes I;16* and I, as PNG stores them) is scaled to 8 bits first:
+    PIL's own convert("RGB") clips those values at 255, so any 16-bit image would turn (nearly) white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
+def decode_error(name: str, error: Exception) -> MemtrainError:
+    if isinstance(error, Image.DecompressionBombError):
+        return MemtrainError(f"{name}: image is too large to decode safely ({error}); resize it to at most "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels or remove it")
+    return MemtrainError(f"{name}: image cannot be decoded ({error}); replace or remove it")
+
+
 def open_image(source, name: str) -> Image.Image:
+    """The image of a row (a path, PIL image or `datasets` image dict) as 8-bit RGB (`to_rgb`)."""
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if isinstance(source, dict) and "path" in source:  # datasets Image(decode=False)
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
     try:
         with Image.open(source) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise MemtrainError(f"{name}: image file is missing") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+    except DECODE_ERRORS as e:
+        raise decode_error(name, e) from None
 
 
 def check_images(rows: Rows) -> None:
-    """Open every image header once before training, so a missing or corrupt file fails at start-up."""
+    """Open every image header once before training, so a missing, corrupt or oversized file fails at start-up."""
     for source, name in zip(rows.images, rows.names, strict=True):
         if isinstance(source, Image.Image):
             continue
@@ -135,8 +155,8 @@ def check_images(rows: Rows) -> None:
                 im.verify()
         except FileNotFoundError:
             raise MemtrainError(f"{name}: image file is missing") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+        except DECODE_ERRORS as e:
+            raise decode_error(name, e) from None
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

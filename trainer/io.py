@@ -29,6 +29,39 @@ def check_replaceable(out: str | Path, marker: str, flag: str = "--out") -> None
                             "choose a new output directory")
 
 
+def check_output_dir(out: str | Path, key: str = "--out", inputs: dict[str, str | Path | None] | None = None) -> None:
+    """A MemtrainError unless directory `out` can be created and written (it, or the nearest existing parent)
+    and lies outside the `inputs` directories (`check_not_inside`): run before any model is loaded. The write
+    probe is a temporary directory, removed at once."""
+    check_not_inside(out, inputs or {}, key)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemtrainError(f"{key}={out}: exists and is not a directory; choose another output directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MemtrainError(f"{key}={out}: {existing} is a file, not a directory; choose another output directory")
+    try:
+        tempfile.TemporaryDirectory(prefix=".memtrain-write-probe-", dir=existing).cleanup()
+    except OSError as e:
+        raise MemtrainError(f"{key}={out}: cannot write into {existing} ({e.strerror}); choose a writable output "
+                            "directory or fix its permissions") from None
+
+
+def check_not_inside(out: str | Path, inputs: dict[str, str | Path | None], flag: str = "--out") -> None:
+    """A MemtrainError when output directory `out` is one of the input directories `inputs` ({what: path})
+    or lies inside one: no command writes into its input."""
+    target = Path(out).resolve()
+    for name, source in inputs.items():
+        if source is None or not Path(source).is_dir():
+            continue
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise MemtrainError(f"{flag} {out}: inside the input {name} {source}; a command never writes into its "
+                                "input: choose an output directory elsewhere")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, replaces: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out`, on failure it is removed.

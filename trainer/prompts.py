@@ -39,9 +39,10 @@ def _binary(row: dict, key: str, where: str) -> int | None:
     value = row.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
-        return int(value)
-    raise MemtrainError(f"{where}: `{key}` must be 0 or 1 (or true/false), got {value!r}")
+    if type(value) is int and value in (0, 1):  # not true/false, "1" or 1.0: a typo there would flip a class
+        return value
+    raise MemtrainError(f"{where}: `{key}` must be 0 or 1 (an integer), got {json.dumps(value)}; write "
+                        f"`\"{key}\": 1` or `\"{key}\": 0`")
 
 
 def read_labelled_prompts(path: str | Path) -> list[PromptRow]:

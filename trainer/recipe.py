@@ -182,8 +182,8 @@ class TrainRecipe:
         for key, (value, smallest) in at_least.items():
             if value < smallest:
                 raise MemtrainError(f"recipe: `{key}` must be >= {smallest}, got {value}")
-        if self.train.seed >= 2**63:
-            raise MemtrainError(f"recipe: `train.seed` must be < 2**63, got {self.train.seed}")
+        if self.train.seed > 2**32 - 1:  # numpy's seed range (accelerate.set_seed seeds numpy too)
+            raise MemtrainError(f"recipe: `train.seed` must be <= 2**32 - 1 = {2**32 - 1}, got {self.train.seed}")
         if self.train.snr_gamma is not None and self.train.snr_gamma <= 0:
             raise MemtrainError(f"recipe: `train.snr_gamma` must be > 0 (5.0 is recommended) or null (off), "
                                 f"got {self.train.snr_gamma}")

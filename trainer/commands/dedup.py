@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.core.components import check_device
 from trainer.data import load_rows
-from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.io import MemtrainError, atomic_file, check_not_inside, write_json
 from trainer.measure.features import EMBEDDINGS, _check_path
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.report.plots import plot_groups
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             f"{root} has no metadata.jsonl (diffusers imagefolder: one JSON object per line "
             "with file_name and text)"
         )
+    check_not_inside(args.out, {"DATA": root})
+    check_device(args.device)
     embedding = args.embedding or ("clip" if args.clip else "sscd" if args.sscd else "pixels")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
         raise MemtrainError(f"--threshold must be in (0, 1], got {args.threshold}")

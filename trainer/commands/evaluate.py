@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from trainer.detect import DETECTORS
+from trainer.io import check_not_inside
 from trainer.report.evaluate import evaluate, flat_summary
 from trainer.sample.guidance import WEN_TARGET
 
@@ -67,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_not_inside(args.out, {"CHECKPOINT": args.checkpoint, "--train-data": args.train_data, "--data": args.data,
+                                "--index": args.index})
     report = evaluate(args.checkpoint, args.prompts, memorized=args.memorized, not_memorized=args.not_memorized,
                       train_data=args.train_data, out=args.out, lora=args.lora, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,

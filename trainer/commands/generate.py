@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from trainer.core.components import load_pipeline
-from trainer.io import MemtrainError, atomic_dir, check_replaceable
+from trainer.io import MemtrainError, atomic_dir, check_not_inside, check_replaceable
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
@@ -65,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         if value < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     check_replaceable(args.out, "generations.jsonl")
+    check_not_inside(args.out, {"CHECKPOINT": args.checkpoint, "--index": args.index})
     if args.guard != "none":
         return run_guarded(args)
     prompts = [r["text"] for r in read_prompts(args.prompts)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from trainer.core.components import check_device
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.measure.index import DTYPES, build_index, index_summary
 
@@ -52,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
     index = build_index(
         args.data,
         args.out,

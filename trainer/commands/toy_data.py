@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from trainer.io import MemtrainError
 from trainer.toy.world import ToyDataConfig, make_toy_data
 
 
@@ -29,6 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = ToyDataConfig(**{k: getattr(args, k) for k in asdict(ToyDataConfig())})
+    if cfg.n_duplicated < 1:
+        raise MemtrainError(f"--n-duplicated must be >= 1, got {cfg.n_duplicated}: the toy data set exists to plant "
+                            "duplicated images for the detectors to find, and with none there is nothing to find")
+    if cfg.copies < 2:
+        raise MemtrainError(f"--copies must be >= 2, got {cfg.copies}: a duplicated image needs at least two copies")
     summary = make_toy_data(args.out, cfg)
     print(json.dumps(summary))
     return 0

@@ -19,6 +19,38 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from trainer.io import MemtrainError
 from trainer.recipe import TrainRecipe
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_DOWN = ("lora.down", "lora_A", "lora_linear_layer.down")
+_UP = ("lora.up", "lora_B", "lora_linear_layer.up")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """A MemtrainError for a device string torch does not know or one this machine does not have."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as e:
+        raise MemtrainError(f"{flag} {device}: not a torch device ({e}); use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MemtrainError(f"{flag} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                            f"leave {flag} out or use cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise MemtrainError(f"{flag} {device}: MPS is not available on this machine; leave {flag} out or use cpu")
+
+
+def check_weight_files(model: Path, what: str) -> None:
+    """A MemtrainError naming the first empty (0-byte) weight file of local model directory `model`."""
+    for file in sorted(model.rglob("*")):
+        if file.suffix in WEIGHT_SUFFIXES and file.is_file() and file.stat().st_size == 0:
+            raise MemtrainError(f"{what}: {file} is empty (0 bytes); copy or export the model again")
+
+
+def frozen_dtype(recipe: TrainRecipe) -> torch.dtype:
+    """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
+
 
 def load_components(recipe: TrainRecipe) -> dict:
     """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
@@ -27,6 +59,12 @@ def load_components(recipe: TrainRecipe) -> dict:
     local = Path(path)
     if local.exists() and not (local / "model_index.json").exists() and not (local / "unet").exists():
         raise MemtrainError(f"model.pretrained={path}: not a diffusers pipeline directory (no model_index.json)")
+    if local.is_dir():
+        check_weight_files(local, f"model.pretrained={path}")
+        if recipe.export == "pipeline" and not (local / "model_index.json").exists():
+            raise MemtrainError(f"model.pretrained={path}: no model_index.json, which output.export=pipeline needs "
+                                "to write a pipeline; add it (from the model's source) or set output.export=lora "
+                                "(with model.lora.rank > 0) or none")
     kw = dict(revision=m.revision)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
@@ -36,8 +74,8 @@ def load_components(recipe: TrainRecipe) -> dict:
     except OSError as e:
         raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
     vae = None
-    if not local.exists() or (local / "vae").exists():
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, **kw)
+    if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe), **kw)
     if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if m.prediction_type is not None:
@@ -78,20 +116,24 @@ def add_lora(unet, recipe: TrainRecipe) -> None:
 
 def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """Load a diffusers SD pipeline from a local directory (or hub id), with optional LoRA weights."""
+    """Load a diffusers SD pipeline from a local directory (or hub id), with optional LoRA weights (checked to
+    belong to the pipeline's base model, `check_lora_base`)."""
+    check_device(device)
     local = Path(path)
     if local.exists() and not (local / "model_index.json").exists():
         raise MemtrainError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
+    if local.is_dir():
+        check_weight_files(local, str(path))
+    lora_path = lora_file(lora) if lora is not None else None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise MemtrainError(f"{path}: cannot load a Stable Diffusion pipeline ({e})") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if lora is not None:
-        if not Path(lora).exists():
-            raise MemtrainError(f"--lora {lora}: no such file or directory")
-        pipe.load_lora_weights(str(lora))
+    if lora_path is not None:
+        check_lora_base(pipe, lora_path)
+        pipe.load_lora_weights(str(lora_path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -109,3 +151,53 @@ def pipeline_from_components(parts: dict):
 
 def model_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 1) or 1)
+
+
+def lora_file(lora: str | Path) -> Path:
+    """The LoRA weights file `lora` names (a file, or a directory holding pytorch_lora_weights.safetensors)."""
+    path = Path(lora)
+    if not path.exists():
+        raise MemtrainError(f"--lora {lora}: no such file or directory")
+    if path.is_dir():
+        path = path / LORA_FILE
+        if not path.is_file():
+            raise MemtrainError(f"--lora {lora}: the directory has no {LORA_FILE}")
+    if path.stat().st_size == 0:
+        raise MemtrainError(f"--lora {path}: the file is empty (0 bytes); pass the LoRA weights file")
+    return path
+
+
+def check_lora_base(pipe, lora: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA's state dict (diffusers' reading of it), after checking it belongs to `pipe`'s base model:
+    every module it names exists in the UNet / text encoder and its shapes match that module's weight."""
+    path = lora_file(lora)
+    try:
+        loaded = StableDiffusionPipeline.lora_state_dict(str(path))
+    except Exception as e:  # diffusers raises ValueError / KeyError / safetensors errors for foreign files
+        raise MemtrainError(f"--lora {path}: not a LoRA file diffusers can read ({e})") from None
+    state = loaded[0] if isinstance(loaded, tuple) else loaded
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    modules = {prefix: dict(model.named_modules()) for prefix, model in components.items()}
+    if not state:
+        raise MemtrainError(f"--lora {path}: holds no LoRA weights")
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in modules or ".lora" not in rest:
+            raise MemtrainError(f"--lora {path}: key {key!r} names no UNet / text-encoder LoRA weight; is it a "
+                                "Stable Diffusion 1.x/2.x LoRA?")
+        name = rest[: rest.index(".lora")]
+        module = modules[prefix].get(name)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise MemtrainError(f"--lora {path}: {prefix} has no module {name!r}; the LoRA was trained on another "
+                                "base model than the checkpoint")
+        part = rest[len(name) + 1 :]
+        if part.startswith(_DOWN) and value.shape[1] != weight.shape[1]:
+            bad = f"input size {value.shape[1]} != {weight.shape[1]}"
+        elif part.startswith(_UP) and value.shape[0] != weight.shape[0]:
+            bad = f"output size {value.shape[0]} != {weight.shape[0]}"
+        else:
+            continue
+        raise MemtrainError(f"--lora {path}: {prefix}.{name}: {bad}; the LoRA was trained on another base model "
+                            "than the checkpoint")
+    return state

@@ -16,15 +16,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
 
-from trainer.core.components import load_pipeline
+from trainer.core.components import LORA_FILE, check_lora_base, load_pipeline, lora_file
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 EDIT_TOOL = "memtrain edit"
-_DOWN = ("lora.down", "lora_A", "lora_linear_layer.down")
-_UP = ("lora.up", "lora_B", "lora_linear_layer.up")
 
 
 def check_checkpoint(checkpoint: str | Path) -> Path:
@@ -36,61 +32,15 @@ def check_checkpoint(checkpoint: str | Path) -> Path:
     return path
 
 
-def _lora_file(lora: str | Path) -> Path:
-    path = Path(lora)
-    if not path.exists():
-        raise MemtrainError(f"--lora {lora}: no such file or directory")
-    if path.is_dir():
-        path = path / LORA_FILE
-        if not path.is_file():
-            raise MemtrainError(f"--lora {lora}: the directory has no {LORA_FILE}")
-    return path
-
-
-def check_lora_base(pipe, lora: str | Path) -> dict[str, torch.Tensor]:
-    """The LoRA's state dict (diffusers' reading of it), after checking it belongs to `pipe`'s base model:
-    every module it names exists in the UNet / text encoder and its shapes match that module's weight."""
-    path = _lora_file(lora)
-    try:
-        loaded = StableDiffusionPipeline.lora_state_dict(str(path))
-    except Exception as e:  # diffusers raises ValueError / KeyError / safetensors errors for foreign files
-        raise MemtrainError(f"--lora {path}: not a LoRA file diffusers can read ({e})") from None
-    state = loaded[0] if isinstance(loaded, tuple) else loaded
-    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    modules = {prefix: dict(model.named_modules()) for prefix, model in components.items()}
-    if not state:
-        raise MemtrainError(f"--lora {path}: holds no LoRA weights")
-    for key, value in state.items():
-        prefix, _, rest = key.partition(".")
-        if prefix not in modules or ".lora" not in rest:
-            raise MemtrainError(f"--lora {path}: key {key!r} names no UNet / text-encoder LoRA weight; is it a "
-                                "Stable Diffusion 1.x/2.x LoRA?")
-        name = rest[: rest.index(".lora")]
-        module = modules[prefix].get(name)
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            raise MemtrainError(f"--lora {path}: {prefix} has no module {name!r}; the LoRA was trained on another "
-                                "base model than the checkpoint")
-        part = rest[len(name) + 1 :]
-        if part.startswith(_DOWN) and value.shape[1] != weight.shape[1]:
-            bad = f"input size {value.shape[1]} != {weight.shape[1]}"
-        elif part.startswith(_UP) and value.shape[0] != weight.shape[0]:
-            bad = f"output size {value.shape[0]} != {weight.shape[0]}"
-        else:
-            continue
-        raise MemtrainError(f"--lora {path}: {prefix}.{name}: {bad}; the LoRA was trained on another base model "
-                            "than the checkpoint")
-    return state
-
-
 def load_for_edit(checkpoint: str | Path, lora: str | Path | None = None, device: str | None = None):
     """The checkpoint's pipeline (DDIM scheduler, float32) with the LoRA, if any, fused into its weights."""
     path = check_checkpoint(checkpoint)
+    lora_path = lora_file(lora) if lora is not None else None  # a missing or empty LoRA fails before loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(path, None, device=device)
-    if lora is not None:
-        check_lora_base(pipe, lora)
-        pipe.load_lora_weights(str(_lora_file(lora)))
+    if lora_path is not None:
+        check_lora_base(pipe, lora_path)
+        pipe.load_lora_weights(str(lora_path))
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     return pipe

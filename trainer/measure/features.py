@@ -16,7 +16,7 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from trainer.data import open_image
+from trainer.data import open_image, to_rgb
 from trainer.io import MemtrainError
 
 EMBEDDINGS = ("pixels", "phash", "clip", "sscd")
@@ -39,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def pixel_embedding(image: Image.Image, side: int = PIXEL_SIDE) -> np.ndarray:
     """Per-channel mean-centred, L2-normalised side x side RGB thumbnail (+ 6 colour dims for flat images)."""
-    x = np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255.0
+    x = np.asarray(to_rgb(image).resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255.0
     x = x.reshape(-1, 3)
     rgb = x.mean(axis=0)
     centred = (x - rgb).reshape(-1)
@@ -54,7 +54,7 @@ def pixel_embedding(image: Image.Image, side: int = PIXEL_SIDE) -> np.ndarray:
 
 def phash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash (bit 63 is the DC coefficient's)."""
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    gray = np.asarray(to_rgb(image).convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
     low = dctn(gray, norm="ortho")[:8, :8].reshape(-1)
     bits = low > np.median(low)
     return int("".join("1" if b else "0" for b in bits), 2)

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trainer.data import image_to_tensor, load_rows, open_image
+from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
 from trainer.io import MemtrainError, atomic_dir, write_json
 from trainer.measure.embedders import make_embedder
 from trainer.mitigate.dedup import caption_groups
@@ -283,8 +283,8 @@ def _image_size(source, name: str) -> tuple[int, int]:
             return im.size
     except FileNotFoundError:
         raise MemtrainError(f"{name}: image file is missing") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise MemtrainError(f"{name}: image cannot be decoded ({e}); replace or remove it") from None
+    except DECODE_ERRORS as e:
+        raise decode_error(name, e) from None
 
 
 def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) -> int:

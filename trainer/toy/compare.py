@@ -73,7 +73,7 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
         fixed = [f"model.pretrained={base}", f"data.path={out / 'data' / 'train'}",
                  f"output.dir={out / 'runs' / name}", f"monitor.heldout={labels}", f"monitor.novel_prompts={labels}",
                  f"log.run_name=compare-{name}", f"log.progress={str(progress).lower()}"]
-        recipe = from_dict(TrainRecipe, apply_overrides(tree, [*fixed, *extra, *overrides]), where=str(path))
+        recipe = from_dict(TrainRecipe, apply_overrides(tree, [*fixed, *extra, *overrides], TrainRecipe), where=str(path))
         recipe.validate()
         if not recipe.monitor.every_steps:
             raise MemtrainError(f"{name}: `monitor.every_steps` must be > 0 for the comparison (got 0)")

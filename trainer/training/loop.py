@@ -34,9 +34,15 @@ from trainer.core.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from trainer.core.components import add_lora, load_components, native_resolution, pipeline_from_components
+from trainer.core.components import (
+    add_lora,
+    frozen_dtype,
+    load_components,
+    native_resolution,
+    pipeline_from_components,
+)
 from trainer.core.unet_core import posterior_latents
-from trainer.io import MemtrainError
+from trainer.io import MemtrainError, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.loss_mask import memorization_mask
@@ -146,6 +152,7 @@ def train(recipe: TrainRecipe) -> dict:
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
+    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
     # ---- everything that can be wrong with the inputs is checked before anything is written
     parts = load_components(recipe)
     tokenizer = parts["tokenizer"]
@@ -193,10 +200,10 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     unet, text_encoder, vae, tokenizer = parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"]
 
     # ---- model
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[opt.mixed_precision]
+    weight_dtype = frozen_dtype(recipe)
     if vae is not None:
         vae.requires_grad_(False)
-        vae.to(accelerator.device, dtype=weight_dtype)
+        vae.to(accelerator.device)  # already in weight_dtype (load_components); a dtype here makes diffusers warn
     text_encoder.requires_grad_(recipe.model.train_text_encoder)
     if not recipe.model.train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
