@@ -1,6 +1,7 @@
 """`memtrain evaluate` and `memtrain generate` on 2 real processes (gloo, CPU) give the 1-process outputs:
-the processes share whole batches of detector prompts, CLiD samples and generations, the main process
-alone writes and prints. The prompt counts are odd so the shares are uneven."""
+the processes share whole batches of detector prompts, CLiD images and generations (stock and guarded),
+the main process alone writes and prints. The counts are odd so the shares are uneven. Both commands
+run in one launch (a short driver script) to pay the start-up of two processes once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import trainer
 from trainer.cli import main
+
+DRIVER = """import sys, json
+from trainer.cli import main
+sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))
+"""
 
 
 def free_port() -> int:
@@ -22,14 +31,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(*argv) -> subprocess.CompletedProcess:
-    port = free_port()
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "trainer.cli", *map(str, argv)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def evaluate_args(model, data, prompts) -> list[str]:
+    return ["evaluate", str(model), "--prompts", str(prompts), "--data", str(data), "--train-data",
+            str(data / "train"), "--steps", "2", "-n", "2", "--batch-size", "4",
+            "--detectors", "noise,anisotropy,entropy,clid", "--guard", "wen"]
+
+
+def generate_args(model, prompts) -> list[str]:
+    return ["generate", str(model), "--prompts", str(prompts), "-n", "2", "--steps", "2", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, tiny_data):
+    """Both commands on 2 processes (one launch) and on 1 process: {"one": dir, "two": dir, "stdout": ...}."""
+    root = tmp_path_factory.mktemp("distributed")
+    rows = (tiny_data / "labels.jsonl").read_text().splitlines()
+    labelled = root / "labels.jsonl"
+    labelled.write_text("\n".join(rows[:17]) + "\n")  # 5 labelled prompts, 14 membership images
+    plain = root / "prompts.txt"
+    plain.write_text("a red square\na blue circle\na green triangle\na red circle\na blue square\n")
+    commands = {side: [[*evaluate_args(tiny_model, tiny_data, labelled), "--out", str(root / side / "evaluate")],
+                       [*generate_args(tiny_model, plain), "--out", str(root / side / "generate")]]
+                for side in ("one", "two")}
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    source = str(Path(trainer.__file__).parent.parent)  # the driver imports this copy of trainer
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(driver), json.dumps(commands["two"])],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    for argv in commands["one"]:
+        assert main(argv) == 0
+    return {"one": root / "one", "two": root / "two", "stdout": proc.stdout}
 
 
 def without_timings(value):
@@ -41,42 +76,24 @@ def without_timings(value):
     return value
 
 
-def odd_prompt_file(tiny_data, path, count):
-    rows = (tiny_data / "labels.jsonl").read_text().splitlines()
-    path.write_text("\n".join(rows[:count]) + "\n")
-    return path
-
-
-def test_evaluate_on_two_processes_writes_the_one_process_report(tmp_path, tiny_model, tiny_data):
-    prompts = odd_prompt_file(tiny_data, tmp_path / "labels.jsonl", 17)
-    args = ["evaluate", tiny_model, "--prompts", prompts, "--data", tiny_data, "--train-data", tiny_data / "train",
-            "--steps", "2",
-            "-n", "2", "--batch-size", "4", "--detectors", "noise,anisotropy,entropy,clid", "--guard", "wen"]
-    proc = run_two_processes(*args, "--out", tmp_path / "two")
-    assert proc.stdout.count('"report"') == 1, proc.stdout  # the main process alone prints
-    assert main([*map(str, args), "--out", str(tmp_path / "one")]) == 0
-
-    two = json.loads((tmp_path / "two" / "report.json").read_text())
-    one = json.loads((tmp_path / "one" / "report.json").read_text())
-    # batches of 4: 5 labelled prompts (4 + 1 to score), 14 CLiD images (8 + 6), 10 generations (8 + 2)
+def test_evaluate_on_two_processes_writes_the_one_process_report(runs):
+    assert runs["stdout"].count('"report"') == 1, runs["stdout"]  # the main process alone prints
+    two = json.loads((runs["two"] / "evaluate" / "report.json").read_text())
+    one = json.loads((runs["one"] / "evaluate" / "report.json").read_text())
+    # batches of 4: 5 labelled prompts to score (4 + 1), 14 CLiD images (8 + 6), 10 generations (8 + 2)
     assert len(one["trigger"]["prompts"]) == 5 and one["cost"]["generation"]["images"] == 10
     assert one["membership"]["members"] + one["membership"]["non_members"] == 14
     assert one["guard"]["generations"] == 10
     two["config"].pop("device"), one["config"].pop("device")
     assert without_timings(two) == without_timings(one)  # bit for bit: the same batches on 1 or 2 processes
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert not list(tmp_path.glob(".*tmp*"))
+    files = sorted(p.name for p in (runs["one"] / "evaluate").iterdir())
+    assert sorted(p.name for p in (runs["two"] / "evaluate").iterdir()) == files
+    assert not list(runs["two"].glob(".*tmp*"))
 
 
-def test_generate_on_two_processes_writes_the_one_process_images(tmp_path, tiny_model):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\na blue circle\na green triangle\na red circle\na blue square\n")
-    args = ["generate", tiny_model, "--prompts", prompts, "-n", "2", "--steps", "2", "--batch-size", "4"]
-    proc = run_two_processes(*args, "--out", tmp_path / "two")
-    assert proc.stdout.count('"images"') == 1, proc.stdout
-    assert main([*map(str, args), "--out", str(tmp_path / "one")]) == 0
-
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_generate_on_two_processes_writes_the_one_process_images(runs):
+    assert runs["stdout"].count('"images"') == 1, runs["stdout"]
+    one, two = runs["one"] / "generate", runs["two"] / "generate"
     assert (two / "generations.jsonl").read_text() == (one / "generations.jsonl").read_text()
     names = sorted(p.name for p in one.glob("*.png"))
     assert len(names) == 10 and names == sorted(p.name for p in two.glob("*.png"))
