@@ -1,7 +1,7 @@
-"""`memtrain evaluate` and `memtrain generate` on 2 real processes (gloo, CPU) give the 1-process outputs:
-the processes share whole batches of detector prompts, CLiD images and generations (stock and guarded),
-the main process alone writes and prints. The counts are odd so the shares are uneven. Both commands
-run in one launch (a short driver script) to pay the start-up of two processes once."""
+"""`memtrain evaluate`, `memtrain generate` and `memtrain edit --evaluate` on 2 real processes (gloo, CPU)
+give the 1-process outputs: the processes share whole batches of detector prompts, CLiD images and
+generations (stock and guarded), the main process alone writes and prints. The counts are odd so the
+shares are uneven. The commands run in one launch (a short driver script) to pay the start-up once."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def generate_args(model, prompts) -> list[str]:
     return ["generate", str(model), "--prompts", str(prompts), "-n", "2", "--steps", "2", "--batch-size", "4"]
 
 
+def edit_args(model, memorized, labelled, data) -> list[str]:
+    return ["edit", "uce", str(model), "--memorized", str(memorized), "--evaluate", str(labelled), "--data", str(data),
+            "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid", "--batch-size", "4"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, tiny_data):
     """Both commands on 2 processes (one launch) and on 1 process: {"one": dir, "two": dir, "stdout": ...}."""
@@ -50,8 +55,11 @@ def runs(tmp_path_factory, tiny_model, tiny_data):
     labelled.write_text("\n".join(rows[:17]) + "\n")  # 5 labelled prompts, 14 membership images
     plain = root / "prompts.txt"
     plain.write_text("a red square\na blue circle\na green triangle\na red circle\na blue square\n")
+    memorized = root / "memorized.txt"
+    memorized.write_text(rows_text(rows[0]) + "\n")
     commands = {side: [[*evaluate_args(tiny_model, tiny_data, labelled), "--out", str(root / side / "evaluate")],
-                       [*generate_args(tiny_model, plain), "--out", str(root / side / "generate")]]
+                       [*generate_args(tiny_model, plain), "--out", str(root / side / "generate")],
+                       [*edit_args(tiny_model, memorized, labelled, tiny_data), "--out", str(root / side / "edit")]]
                 for side in ("one", "two")}
     driver = root / "driver.py"
     driver.write_text(DRIVER)
@@ -67,12 +75,17 @@ def runs(tmp_path_factory, tiny_model, tiny_data):
     return {"one": root / "one", "two": root / "two", "stdout": proc.stdout}
 
 
-def without_timings(value):
-    """The report without wall-clock times (the only numbers that may differ between runs)."""
+def rows_text(line: str) -> str:
+    return json.loads(line)["text"]
+
+
+def comparable(value):
+    """A report without wall-clock times and the run's own paths (all that may differ between the runs)."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k}
+        return {k: comparable(v) for k, v in value.items()
+                if "seconds" not in k and k not in ("device", "out", "checkpoint", "title")}
     if isinstance(value, list):
-        return [without_timings(v) for v in value]
+        return [comparable(v) for v in value]
     return value
 
 
@@ -84,8 +97,7 @@ def test_evaluate_on_two_processes_writes_the_one_process_report(runs):
     assert len(one["trigger"]["prompts"]) == 5 and one["cost"]["generation"]["images"] == 10
     assert one["membership"]["members"] + one["membership"]["non_members"] == 14
     assert one["guard"]["generations"] == 10
-    two["config"].pop("device"), one["config"].pop("device")
-    assert without_timings(two) == without_timings(one)  # bit for bit: the same batches on 1 or 2 processes
+    assert comparable(two) == comparable(one)  # bit for bit: the same batches on 1 or 2 processes
     files = sorted(p.name for p in (runs["one"] / "evaluate").iterdir())
     assert sorted(p.name for p in (runs["two"] / "evaluate").iterdir()) == files
     assert not list(runs["two"].glob(".*tmp*"))
@@ -99,3 +111,15 @@ def test_generate_on_two_processes_writes_the_one_process_images(runs):
     assert len(names) == 10 and names == sorted(p.name for p in two.glob("*.png"))
     for name in names:
         assert np.array_equal(np.asarray(Image.open(one / name)), np.asarray(Image.open(two / name))), name
+
+
+def test_edit_evaluation_on_two_processes_is_the_one_process_evaluation(runs):
+    assert runs["stdout"].count('"method"') == 1, runs["stdout"]
+    one, two = runs["one"] / "edit", runs["two"] / "edit"
+    edit_one, edit_two = (json.loads((d / "edit.json").read_text()) for d in (one, two))
+    assert edit_one["evaluation"]["general_l2_change"]["generations"] > 0
+    assert comparable(edit_two) == comparable(edit_one)
+    for side in ("eval_before", "eval_after"):
+        report_one, report_two = (json.loads((d / side / "report.json").read_text()) for d in (one, two))
+        assert comparable(report_two) == comparable(report_one)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

@@ -10,7 +10,9 @@ call these functions in the same order (they are collective); only the main proc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import torch
@@ -69,3 +71,13 @@ def across_processes(work: Callable[[list[T]], Sequence[R]], items: Sequence[T],
 def sum_over_processes(value: int | float) -> int | float:
     """The sum of one number from every process (e.g. the UNet evaluations each one counted)."""
     return sum(gather_in_order([value]))
+
+
+def main_process_value(value: T) -> T:
+    """The main process's `value` on every process (e.g. the path it wrote to); a synchronisation point."""
+    return gather_in_order([value])[0]
+
+
+def on_main_process(context: AbstractContextManager[T]) -> AbstractContextManager[T | None]:
+    """`context` (e.g. `atomic_dir(out)`) entered on the main process only; elsewhere a context yielding None."""
+    return context if is_main_process() else contextlib.nullcontext()

@@ -10,7 +10,6 @@ docs/methods.md gives every convention; `trainer.report.sections` computes each 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -174,7 +173,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     figures: dict = {}
 
     n_stages = 5 + bool(attack) + bool(guard)
-    with _main_process_dir(out) as tmp, \
+    with distributed.on_main_process(atomic_dir(out, replaces="report.json")) as tmp, \
             tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
         run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb and tmp else None
         try:
@@ -328,11 +327,6 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 run.finish(exit_code=1)
             raise
     return report
-
-
-def _main_process_dir(out: str | Path):
-    """`atomic_dir(out)` on the main process; elsewhere a context yielding None (other processes never write)."""
-    return atomic_dir(out, replaces="report.json") if distributed.is_main_process() else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- output
