@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core.distributed import is_main_process, main_process_value, on_main_process, process_device
 from trainer.core.unet_core import count_unet_samples
 from trainer.detect import DETECTORS
 from trainer.edit.neurons import nemo_block
@@ -254,11 +255,11 @@ def _parameters(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     texts = check_args(args)
     source, out = Path(args.checkpoint), Path(args.out)
-    pipe = load_for_edit(source, args.lora, args.device)
+    pipe = load_for_edit(source, args.lora, args.device or process_device())
     evaluating = args.evaluate is not None
     general = [r.text for r in texts["evaluate"] if r.label == 0] if evaluating else []
     gen_kw = dict(n=args.eval_n, seed=args.seed, steps=args.eval_steps, guidance_scale=args.guidance_scale,
-                  batch_size=args.batch_size, progress=False)
+                  batch_size=args.batch_size, progress=False, across_processes=True)
     general_before = generate_images(pipe, general, **gen_kw) if general else None
 
     before = snapshot(pipe.unet)
@@ -293,26 +294,31 @@ def run(args: argparse.Namespace) -> int:
             why += f"; {len(result['skipped'])} prompts skipped, reasons in edit.json result.skipped"
         report["nothing_changed"] = True
         report["warning"] = f"nothing was changed ({why}); OUT holds the unchanged model"
-        print(f"memtrain edit {args.method}: warning: {report['warning']}", file=sys.stderr)
+        if is_main_process():
+            print(f"memtrain edit {args.method}: warning: {report['warning']}", file=sys.stderr)
     else:
         report["nothing_changed"] = False
 
-    with atomic_dir(check_output(out, source)) as tmp:
-        if lora_out:
-            save_lora(state, tmp)
-        else:
-            write_pipeline(pipe, tmp, source)
-        if args.method == "neurons":
-            write_json(_plain(result.get("neurons", {})), tmp / "neurons.json")
-        report["files"] = sorted([p.name for p in tmp.iterdir()] + ["edit.json", "edit.md"])
+    with on_main_process(atomic_dir(check_output(out, source))) as tmp:  # other processes of a launch only evaluate
+        if tmp is not None:
+            if lora_out:
+                save_lora(state, tmp)
+            else:
+                write_pipeline(pipe, tmp, source)
+            if args.method == "neurons":
+                write_json(_plain(result.get("neurons", {})), tmp / "neurons.json")
+            report["files"] = sorted([p.name for p in tmp.iterdir()] + ["edit.json", "edit.md"])
+        edited = main_process_value(tmp)  # written by the main process: every process evaluates it
         del pipe
         if evaluating:
             report["evaluation"] = evaluate_edit(
-                source, tmp, args.evaluate, args.memorized, args.lora, lora_out, general, general_before, gen_kw,
+                source, edited, args.evaluate, args.memorized, args.lora, lora_out, general, general_before, gen_kw,
                 dict(n=args.eval_n, batch_size=args.batch_size, seed=args.seed, data=args.data,
                      train_data=args.train_data, clip=args.clip, steps=args.eval_steps,
                      guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
                      progress=False))
+        if tmp is None:
+            return 0
         write_json(report, tmp / "edit.json")
         (tmp / "edit.md").write_text(edit_markdown(report))
         if args.wandb:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
 from trainer.io import check_not_inside
 from trainer.report.evaluate import evaluate, flat_summary
@@ -42,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
     p.add_argument("--detectors", default=",".join(DETECTORS),
                    help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
-    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--device", help="torch device (default: this process's accelerator under accelerate launch, else cuda if "
+                   "available, else cpu)")
     x = p.add_argument_group("re-trigger test, training-image index, guarded sampling")
     x.add_argument("--attack", action="store_true",
                    help="re-trigger test of the memorized prompts (Kowalczuk et al. 2025): replication after a "
@@ -78,7 +80,8 @@ def _run(args: argparse.Namespace) -> int:
                       attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
                       index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
                       guard_options=_guard_options(args))
-    print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
+    if is_main_process():
+        print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0
 
 

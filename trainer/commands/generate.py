@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from trainer.core.components import load_pipeline
+from trainer.core.distributed import is_main_process, process_device
 from trainer.io import MemtrainError, atomic_dir, check_not_inside, check_replaceable
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.prompts import read_prompts
@@ -39,14 +40,17 @@ def write_images(images: torch.Tensor, names: list[str], directory: Path) -> Non
 
 
 def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
-    """`write_images` into `out`, atomically."""
+    """`write_images` into `out`, atomically (on the main process only; other processes of a launch return)."""
+    if not is_main_process():
+        return
     with atomic_dir(out, replaces="generations.jsonl") as tmp:
         write_images(images, names, tmp)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a checkpoint for a prompt file",
-                       description="Generate images with DDIM from a diffusers pipeline directory.")
+                       description="Generate images with DDIM from a diffusers pipeline directory. Under "
+                       "accelerate launch the processes share the batches and the main process writes.")
     p.add_argument("checkpoint", help="diffusers pipeline directory")
     p.add_argument("--lora", help="LoRA weights (directory or pytorch_lora_weights.safetensors)")
     p.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL with a `text` field")
@@ -69,10 +73,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.guard != "none":
         return run_guarded(args)
     prompts = [r["text"] for r in read_prompts(args.prompts)]
-    pipe = load_pipeline(args.checkpoint, args.lora)
-    images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size)
+    pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
+    images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size,
+                             progress=is_main_process(), across_processes=True)
     save_images(images, [p for p in prompts for _ in range(args.n)], args.out)
-    print(json.dumps({"images": len(images), "out": args.out}))
+    if is_main_process():
+        print(json.dumps({"images": len(images), "out": args.out}))
     return 0
 
 
@@ -127,11 +133,13 @@ def run_guarded(args: argparse.Namespace) -> int:
     if args.guard == "amg" and not args.index:
         raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
     prompts = [r["text"] for r in read_prompts(args.prompts)]
-    pipe = load_pipeline(args.checkpoint, args.lora)
+    pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     index = load_index(args.index, pipe, args.guard_embedding) if args.guard == "amg" else None
     options = guard_options(args, pipe)
     images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
-                                       args.guard, index, args.batch_size, True, **options)
+                                       args.guard, index, args.batch_size, is_main_process(), True, **options)
+    if not is_main_process():
+        return 0
     with atomic_dir(args.out, replaces="generations.jsonl") as tmp:
         write_images(images, [p for p in prompts for _ in range(args.n)], tmp)
         with open(tmp / "guard_records.jsonl", "w") as f:

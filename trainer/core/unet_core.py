@@ -384,8 +384,10 @@ def check_n(n: int) -> int:
 
 
 def group_size(batch_size: int, evals_per_item: int) -> int:
-    """Items per group: about 32 full UNet batches, bounding memory for long prompt lists."""
-    return max(1, (32 * batch_size) // max(1, evals_per_item))
+    """Items per group: about 32 full UNet batches, bounding memory for long prompt lists; a whole number of
+    `batch_size` items, so a list cut between batches of items (`core.distributed`) keeps every UNet batch."""
+    batch_size = max(1, int(batch_size))
+    return max(batch_size, (32 * batch_size) // max(1, evals_per_item) // batch_size * batch_size)
 
 
 def cond_uncond_pairs(x_index: torch.Tensor, e_index: torch.Tensor, e0: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from trainer.core.components import load_pipeline
+from trainer.core.distributed import process_device
 from trainer.edit.save import LORA_FILE
 from trainer.measure.metrics import auroc
 from trainer.measure.replication import l2_matrix
@@ -65,7 +66,8 @@ def eval_summary(report: dict, named: set[str]) -> dict:
 def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, source_lora: str | None, lora_out: bool,
                   general: list[str], general_before: torch.Tensor | None, gen_kw: dict, eval_kw: dict) -> dict:
     """`memtrain evaluate` on the source and the edited result (into edited/eval_before, eval_after), side by
-    side, plus the mean L2 change of the general prompts' generations at the same seeds."""
+    side, plus the mean L2 change of the general prompts' generations at the same seeds. Under `accelerate launch`
+    every process calls it (`evaluate` and `gen_kw["across_processes"]` share the work); the main one writes."""
     t0 = time.perf_counter()
     before = evaluate(source, prompts, out=edited / "eval_before", lora=source_lora, **eval_kw)
     after_ckpt, after_lora = (source, edited / LORA_FILE) if lora_out else (edited, None)
@@ -76,7 +78,7 @@ def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, sour
               "named_in_prompts": sum(r.label == 1 and r.text in named for r in read_labelled_prompts(prompts)),
               "notes": sorted(set(before.get("notes", []) + after.get("notes", [])))}
     if general:
-        device = eval_kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = eval_kw.get("device") or process_device()
         pipe = load_pipeline(after_ckpt, after_lora, device=device)
         general_after = generate_images(pipe, general, **gen_kw)
         change = l2_matrix(general_after, general_before).diagonal()

@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
+from trainer.core import distributed
 from trainer.core.components import load_pipeline, model_resolution
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
@@ -102,8 +102,13 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
     replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
     side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`.
+
+    Under `accelerate launch` every process runs this call: detectors, CLiD and the generations (stock and
+    guarded) are shared out by whole batches (`trainer.core.distributed`), each process on its own device
+    unless `device` is given; the rest is recomputed on every process; only the main process writes.
     """
     t_start = time.perf_counter()
+    progress = progress and distributed.is_main_process()
     for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
@@ -141,7 +146,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     if clip is not None:
         clip_scorer = load_clip_scorer(clip)
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(distributed.process_device())
     pipe = load_pipeline(checkpoint_path, lora, device=device)
     pipe.set_progress_bar_config(disable=True)
     resolution = model_resolution(pipe)
@@ -167,10 +172,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                                "non_members": sum(r.member == 0 for r in rows)}}
     figures: dict = {}
 
-    n_stages = 4 + bool(attack) + bool(guard)
-    with atomic_dir(out, replaces="report.json") as tmp, \
+    n_stages = 5 + bool(attack) + bool(guard)
+    with distributed.on_main_process(atomic_dir(out, replaces="report.json")) as tmp, \
             tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
-        run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb else None
+        run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb and tmp else None
         try:
             # 1. trigger scenario: detectors
             stages.set_postfix_str("detectors")
@@ -192,8 +197,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 with count_unet_samples(pipe.unet) as counted:
                     generated = generate_images(pipe, [r.text for r in gen_rows], n=n, seed=seed, steps=steps,
                                                 guidance_scale=guidance_scale, batch_size=batch_size,
-                                                progress=progress)
-                cost["generation"] = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": counted[0],
+                                                progress=progress, across_processes=True)
+                cost["generation"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                      "unet_evals": distributed.sum_over_processes(counted[0]),
                                       "images": len(generated)}
             elif not generate:
                 notes.append("--no-generate: replication and quality sections skipped")
@@ -299,7 +305,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                     pipe, guard, generated, [r.text for r in gen_rows], n, gen_groups, seed, steps, guidance_scale,
                     batch_size, progress, cost["generation"], references, training_index, embedder, index_threshold,
                     (lambda im, caps: general_scenario(im, caps, heldout, clip_scorer, batch_size, feature)),
-                    report["quality"]["groups"], guard_options)
+                    report["quality"]["groups"], guard_options, across_processes=True)
                 report["guard"] = section
                 cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2),
                                  "unet_evals": section["guarded"]["unet_evals"]}
@@ -309,6 +315,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                              "unet_evals": sum(c.get("unet_evals", 0) for c in cost.values())}
             report["cost"] = cost
             report["notes"] = notes
+            if tmp is None:  # not the main process: it computed its shares, the main process writes
+                return report
             write_report(report, tmp, figures)
             if run is not None:
                 log_wandb_summary(run, flat_summary(report), tmp, report.get("files", []))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core import distributed
 from trainer.core.unet_core import count_unet_samples
 from trainer.detect.attack import attack_section
 from trainer.io import MemtrainError
@@ -153,20 +154,23 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
                   baseline_cost: dict, references: torch.Tensor | None = None, index: TrainingIndex | None = None,
                   embedder: ImageEmbedder | None = None, threshold: float | None = None,
                   quality: Callable[[torch.Tensor, list[str]], dict] | None = None,
-                  baseline_quality: dict | None = None, options: dict | None = None) -> dict:
+                  baseline_quality: dict | None = None, options: dict | None = None,
+                  across_processes: bool = False) -> dict:
     """Guarded generations of the same prompts and seeds as `generated` (the stock sampler's), side by side.
 
     Per group (trigger / general): replication with and without the guard (the replication section's
     criteria: L2 ratio when `references` are given, index similarity when `index` is), quality (`quality`
     of the guarded images beside `baseline_quality`), the fraction of generations and of sampling steps
-    where the guard intervened, and the largest pixel change of a generation it did not intervene in."""
+    where the guard intervened, and the largest pixel change of a generation it did not intervene in.
+    `across_processes`: the processes of `accelerate launch` share the generations (`guarded_generate`)."""
     options = dict(options or {})
     if guard == "amg" and embedder is not None:
         options.setdefault("embedder", embedder)
     start = time.perf_counter()
     with count_unet_samples(pipe.unet) as counted:
         guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, guard, index, batch_size,
-                                            progress, **options)
+                                            progress, across_processes, **options)
+    unet_evals = distributed.sum_over_processes(counted[0])
     seconds = time.perf_counter() - start
     captions = [t for t in texts for _ in range(n)]
     base_hits = guard_hits = None
@@ -179,8 +183,8 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
               "criteria": {},
               "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
                             "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
-              "guarded": {"seconds_per_image": seconds / len(guarded), "unet_evals_per_image": counted[0] / len(guarded),
-                          "unet_evals": counted[0]},
+              "guarded": {"seconds_per_image": seconds / len(guarded), "unet_evals_per_image": unet_evals / len(guarded),
+                          "unet_evals": unet_evals},
               "groups": {}}
     if references is not None:
         result["criteria"]["fraction_replicated"] = "L2 ratio NN1/NN2 < 1/3 (the replication section)"

@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
+from trainer.core import distributed
 from trainer.core.unet_core import count_evals
 from trainer.data import find_training_images, load_images
 from trainer.detect import PROMPT_DETECTORS
@@ -33,14 +34,20 @@ CLID_FOLDS = 2
 
 def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: int = 0, batch_size: int = 32,
                     progress: bool = True) -> dict[str, dict]:
-    """Per registered prompt detector: `scores` [P] (float64 numpy), extra per-prompt arrays, `unet_evals`, `seconds`."""
+    """Per registered prompt detector: `scores` [P] (float64 numpy), extra per-prompt arrays, `unet_evals`, `seconds`.
+
+    Under `accelerate launch` the processes score shares of whole `batch_size` prompt chunks
+    (`trainer.core.distributed`); every process returns all scores."""
     out = {}
+    share = distributed.split_work(list(texts), batch_size)
     for name in tqdm([d for d in detectors if d in PROMPT_DETECTORS], desc="detectors", disable=not progress):
         start = time.perf_counter()
         with count_evals() as counter:
-            result = PROMPT_DETECTORS[name].score(pipe, texts, seed, batch_size)
-        arrays = {k: v.double().numpy() for k, v in result.items()}
-        out[name] = {**arrays, "unet_evals": counter.unet_evals, "seconds": time.perf_counter() - start}
+            result = PROMPT_DETECTORS[name].score(pipe, share, seed, batch_size) if share or not texts else {}
+        parts = distributed.gather_in_order([{k: v.double().cpu() for k, v in result.items()}])
+        arrays = {k: torch.cat([p[k] for p in parts if p]).numpy() for k in next(p for p in parts if p)}
+        out[name] = {**arrays, "unet_evals": distributed.sum_over_processes(counter.unet_evals),
+                     "seconds": time.perf_counter() - start}
     return out
 
 
@@ -115,8 +122,11 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
     y = np.asarray(members, dtype=np.int64)
     start = time.perf_counter()
     with count_evals() as counter:
-        features = clid_features(pipe, images * 2 - 1, list(captions), seed=seed, batch_size=batch_size,
-                                 is_latents=False).numpy()
+        features = torch.stack(distributed.across_processes(
+            lambda share: list(clid_features(pipe, images[share] * 2 - 1, [captions[i] for i in share], seed=seed,
+                                             batch_size=batch_size, is_latents=False)),
+            range(len(captions)), batch_size)).numpy()
+    unet_evals = distributed.sum_over_processes(counter.unet_evals)
     th, vec = np.full(len(y), np.nan), np.full(len(y), np.nan)
     alphas = []
     for fit, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, y):
@@ -126,7 +136,7 @@ def membership_scenario(pipe, images: torch.Tensor, captions: Sequence[str], mem
         vec[held] = clid_vec_scores(clid_vec_classifier(features[fit], y[fit], seed=seed), features[held])
     scores = {"clid_th": th, "clid_vec": vec, "loss": features[:, -1]}
     result = {"members": int(y.sum()), "non_members": int(len(y) - y.sum()), "folds": folds,
-              "alphas": alphas, "unet_evals": counter.unet_evals, "seconds": round(time.perf_counter() - start, 2),
+              "alphas": alphas, "unet_evals": unet_evals, "seconds": round(time.perf_counter() - start, 2),
               "scores": {}}
     for name, s in scores.items():
         result["scores"][name] = {"auroc": auroc(s, y), "tpr_at_1fpr": tpr_at_fpr(s, y, 0.01),

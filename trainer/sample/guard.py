@@ -17,6 +17,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from trainer.core import distributed
 from trainer.core.components import model_resolution
 from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
@@ -158,33 +159,40 @@ class GuardedPipeline:
 def guarded_generate(
     pipe, prompts: Sequence[str], n: int = 1, seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
     guard: str | GuardedPipeline = "amg", index: TrainingIndex | None = None, batch_size: int = 32,
-    progress: bool = True, **options,
+    progress: bool = True, across_processes: bool = False, **options,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Images [len(prompts) * n, 3, H, W] in [0, 1] (prompt-major, generation j from seed + j, as
     `trainer.sample.generate.generate_images`) and one guard record per image (with its prompt and seed).
 
     `guard="none"` is the stock pipeline (`generate_images`), the baseline a guard is compared with.
+    `across_processes`: the batches are shared by the processes of `accelerate launch`, as in `generate_images`.
     """
     if guard == "none":
-        images = generate_images(pipe, list(prompts), n, seed, steps, guidance_scale, batch_size, progress)
+        images = generate_images(pipe, list(prompts), n, seed, steps, guidance_scale, batch_size, progress,
+                                 across_processes)
         records = [{"guard": "none", "intervened": False, "prompt": p, "seed": seed + j}
                    for p in prompts for j in range(n)]
         return images, records
     guarded = guard if isinstance(guard, GuardedPipeline) else GuardedPipeline.from_pipe(pipe, index, guard, **options)
     jobs = [(p, seed + j) for p in prompts for j in range(n)]
     core = UNetCore(pipe)
-    images, records = [], []
-    bar = tqdm(total=len(jobs), desc=f"generate ({guarded.guard})", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        x_T = torch.cat([core.initial_noise(1, s) for _, s in chunk])
-        out = guarded([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      latents=x_T.to(pipe.unet.dtype), output_type="pt")
-        images.append(out.images.float().cpu())
-        records += [dict(r, prompt=p, seed=s) for r, (p, s) in zip(out.guard_records, chunk, strict=True)]
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(images).clamp(0, 1), records
+
+    def render(share: list[tuple[str, int]]) -> list[tuple[torch.Tensor, dict]]:
+        out = []
+        bar = tqdm(total=len(share), desc=f"generate ({guarded.guard})", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(share), batch_size):
+            chunk = share[start : start + batch_size]
+            x_T = torch.cat([core.initial_noise(1, s) for _, s in chunk])
+            result = guarded([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                             latents=x_T.to(pipe.unet.dtype), output_type="pt")
+            out += [(image, dict(r, prompt=p, seed=s)) for image, r, (p, s)
+                    in zip(result.images.float().cpu(), result.guard_records, chunk, strict=True)]
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    pairs = distributed.across_processes(render, jobs, batch_size) if across_processes else render(jobs)
+    return torch.stack([image for image, _ in pairs]).clamp(0, 1), [record for _, record in pairs]
 
 
 __all__ = ["GuardedPipeline", "guarded_generate", "check_index", "model_resolution", "decode_images"]
