@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from accelerate import PartialState
+
 from trainer.config import describe_keys, dump_recipe, load_recipe
 from trainer.recipe import TrainRecipe
 from trainer.training.loop import train
@@ -39,5 +41,6 @@ def _run(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe))
         return 0
     summary = train(recipe)
-    print(json.dumps(summary))
+    if PartialState().is_main_process:  # under torchrun / accelerate launch, one summary
+        print(json.dumps(summary))
     return 0
