@@ -359,3 +359,17 @@ def test_wandb_dir_is_respected(tmp_path, tiny_model, tiny_data, monkeypatch):
     assert main(["train", str(recipe)]) == 0
     assert list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
     assert not (out / "wandb").exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_leaves_no_partial_output(tmp_path):
+    out = tmp_path / "toy"
+    proc = start_cli("toy-data", str(out), "--n-singletons", "1500", "--no-unique-captions")
+    try:
+        wait_for(lambda: any(p.is_dir() and any(p.iterdir()) for p in tmp_path.glob(".toy.tmp-*")), proc, poll=0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "memtrain toy-data: interrupted" and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())

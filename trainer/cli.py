@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"memtrain {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"memtrain {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -221,7 +221,7 @@ def output_dir_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
 def prepare_output_dir(recipe: TrainRecipe, out: Path, resumed_step: int) -> None:
     """Clear an earlier run (output.overwrite), the temp dirs of an interrupted one, and on resume the metrics
     rows of the steps that will be trained again."""
-    if recipe.output.overwrite and recipe.checkpoint.resume in (None, "latest"):
+    if recipe.output.overwrite:  # a resume of a checkpoint inside `out` was turned into a fresh start
         clear_earlier_run(out)
     remove_leftovers(out)
     if recipe.checkpoint.resume is not None:
