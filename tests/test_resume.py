@@ -187,6 +187,7 @@ def test_a_finished_run_resumed_trains_nothing(tmp_path, tiny_model, tiny_data, 
         assert main(["train", str(recipe), "checkpoint.resume=latest"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 4 and summary["new_steps"] == 0 and summary["export"] == str(out / "pipeline")
+    assert summary["loss"] == read_jsonl(out / "logs" / "metrics.jsonl")[-1]["loss"]
     assert (exported.stat().st_mtime_ns, (out / "logs" / "metrics.jsonl").read_text()) == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     # a missing export (killed during it) is written from the final checkpoint

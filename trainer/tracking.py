@@ -87,6 +87,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def logged_loss(path: str | Path, step: int) -> float | None:
+    """The loss a `metrics.jsonl` holds for `step`, or None."""
+    rows = read_jsonl(path) if Path(path).exists() else []
+    return next((r.get("loss") for r in rows if r.get("step") == step), None)
+
+
 def start_wandb_run(out: Path, config: dict, job_type: str, name: str):
     """An offline-capable W&B run for a one-shot command (WANDB_MODE, WANDB_DIR, WANDB_PROJECT are respected;
     without WANDB_DIR its files go into `out`)."""

@@ -1,4 +1,5 @@
-"""One training run per output directory: `OUT/.memtrain.lock` names the run that writes there.
+"""One training run per output directory: `OUT/.memtrain.lock` names the run that writes there, and a new
+run does not write into an earlier run's directory unless told to resume or overwrite it.
 
 The lock is a JSON file (pid, host, start time, command) created atomically (written to a temp file, then
 hard-linked to its name, which fails if it exists). A lock whose pid is dead on this host is stale (a
@@ -16,7 +17,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from trainer.io import MemtrainError
@@ -42,7 +42,7 @@ def read_lock(out: Path) -> dict | None:
     path = Path(out) / LOCK_NAME
     try:
         owner = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
         raise MemtrainError(f"output.dir: {path} is unreadable; if no memtrain run is writing to {out}, delete it") \
@@ -84,7 +84,16 @@ def _try_create(out: Path) -> bool:
 
 def acquire(out: Path) -> None:
     """Take the lock of `out` (created if missing); take over a stale one with a warning."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not _try_create(out):
+            _take_over(out)
+    except OSError as e:  # not a directory, read-only, no permission
+        raise MemtrainError(f"output.dir {out}: cannot write there ({e.strerror}); choose a writable output.dir") \
+            from None
+
+
+def _take_over(out: Path) -> None:
     for _ in range(3):
         if _try_create(out):
             return
@@ -106,16 +115,6 @@ def release(out: Path) -> None:
         if owner is not None and owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out / LOCK_NAME)
-
-
-@contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold the lock of `out` for the duration of the block (released on error and Ctrl-C too)."""
-    acquire(out)
-    try:
-        yield
-    finally:
-        release(out)
 
 
 def holds_earlier_run(out: Path) -> bool:

@@ -48,7 +48,7 @@ from trainer.mitigate.loss_mask import memorization_mask
 from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_image_grid
 from trainer.sample.generate import generate_images
-from trainer.tracking import JsonlTracker, truncate_metrics, wandb_dir
+from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_dir
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
 # ---------------------------------------------------------------- the loss
@@ -398,7 +398,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         existing = out / recipe.export
         exported = existing if not trained and existing.is_dir() else export(accelerator, recipe, parts, ema, out)
     accelerator.end_training()
-    summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": last_logged.get("loss"),
+    loss = last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
+    summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
                "export": str(exported) if exported else None, "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
 
