@@ -147,7 +147,8 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
 
 
 def train(recipe: TrainRecipe) -> dict:
-    """Run a recipe; return a summary (steps, final loss, export path)."""
+    """Run a recipe; return a summary (steps, steps trained by this call, final loss, export path). The output
+    directory is locked for the run (trainer/core/run_lock.py); a resume continues exactly (docs/recipes.md)."""
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
