@@ -320,6 +320,27 @@ def test_a_full_disk_during_a_checkpoint_or_the_export_is_one_clear_error(tmp_pa
     assert_same_run(tmp_path / "full", out, 4)
 
 
+@pytest.mark.slow
+def test_a_full_disk_on_2_processes_stops_both(tmp_path, tiny_model, tiny_data):
+    """Rank 0 fails writing the weights while rank 1's small RNG file fits: both stop with the message
+    (none waits at a barrier), and the last checkpoint stays intact."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", out,
+                          train={"batch_size": 2, "max_steps": 2}, output={"export": "none"})
+    torchrun(recipe, port=29644)
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    env = dict(ENV, ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29645",
+           "-m", "trainer.cli", "train", str(recipe), "checkpoint.resume=latest", "train.max_steps=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size((ckpt / "model.safetensors").stat().st_size // 2))
+    assert proc.returncode != 0
+    assert "memtrain train: error: checkpoint checkpoint-4: writing " in proc.stderr
+    assert f"the last complete checkpoint {ckpt} is intact" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (out / LOCK_NAME).exists()
+
+
 @pytest.mark.parametrize("damage", ["garbage-optimizer", "empty-weights"])
 def test_a_damaged_checkpoint_file_is_one_clear_error(tmp_path, tiny_model, tiny_data, capsys, damage):
     out = tmp_path / "run"

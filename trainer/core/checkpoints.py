@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -53,18 +54,14 @@ def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with clear_write_failure(f"checkpoint {final.name}", tmp, out, remove=accelerator.is_main_process):
-        accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    what = f"checkpoint {final.name}"
+    _raise_on_any_process(accelerator, tmp, _attempt(what, tmp, out, lambda: accelerator.save_state(str(tmp))))
+    failure = None
     if accelerator.is_main_process:
-        with clear_write_failure(f"checkpoint {final.name}", tmp, out, remove=True):
-            info = dict(checkpoint_info(recipe, accelerator.num_processes), step=step)
-            (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
-            for name, document in (state or {}).items():
-                (tmp / f"{name}.json").write_text(json.dumps(document))
-            for name, named_tensors in (tensors or {}).items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in named_tensors.items()},
-                          str(tmp / f"{name}.safetensors"))
+        failure = _attempt(what, tmp, out, lambda: _write_extras(tmp, recipe, accelerator.num_processes, step,
+                                                                 state or {}, tensors or {}))
+    _raise_on_any_process(accelerator, tmp, failure)
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         limit = recipe.checkpoint.total_limit
@@ -74,6 +71,36 @@ def save_checkpoint(accelerator: Accelerator, recipe: TrainRecipe, out: Path, st
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_extras(tmp: Path, recipe: TrainRecipe, num_processes: int, step: int, state: dict[str, dict],
+                  tensors: dict[str, dict]) -> None:
+    info = dict(checkpoint_info(recipe, num_processes), step=step)
+    (tmp / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2))
+    for name, document in state.items():
+        (tmp / f"{name}.json").write_text(json.dumps(document))
+    for name, named_tensors in tensors.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in named_tensors.items()}, str(tmp / f"{name}.safetensors"))
+
+
+def _attempt(what: str, directory: Path, out: Path, write) -> str | None:
+    """None when `write()` succeeds, else the message of its failure (`clear_write_failure`)."""
+    try:
+        with clear_write_failure(what, directory, out):
+            write()
+    except MemtrainError as e:
+        return str(e)
+    return None
+
+
+def _raise_on_any_process(accelerator: Accelerator, tmp: Path, failure: str | None) -> None:
+    """A collective: every process raises when one failed to write (none waits forever at a barrier)."""
+    failed = accelerator.gather(torch.tensor([failure is not None], device=accelerator.device))
+    if failed.any():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise MemtrainError(failure or f"{tmp.name}: another process failed to write its part; the last complete "
+                                        "checkpoint is intact (resume with checkpoint.resume=latest)")
 
 
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch.save reports a failed write as RuntimeError
