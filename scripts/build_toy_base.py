@@ -129,7 +129,7 @@ def main() -> None:
 
     recipe = load_recipe(TrainRecipe, ROOT / "recipes" / "toy-base.yaml", [
         f"model.pretrained={init}", f"data.path={data / 'train'}", f"train.max_steps={args.unet_steps}",
-        f"output.dir={work / 'run'}", f"train.seed={args.seed}",
+        f"output.dir={work / 'run'}", f"train.seed={args.seed}", "output.overwrite=true",  # --work is scratch
     ])
     summary = train(recipe)
     print(f"unet: {summary} ({time.time() - t0:.0f}s)", flush=True)

@@ -22,6 +22,8 @@ def test_two_processes_match_one_process(tmp_path, tiny_model, tiny_data):
            "-m", "trainer.cli", "train", str(recipe)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and '"steps": 4' in summaries[0]  # only the main process prints the summary
     one = tmp_path / "one"
     assert main(["train", str(recipe), "train.batch_size=4", f"output.dir={one}"]) == 0
 

@@ -43,7 +43,8 @@ def wandb_env(tmp_path, monkeypatch):
     home = tmp_path / "wandb-home"
     home.mkdir()
     monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # the run goes into OUT/wandb
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(home))
     monkeypatch.setenv("WANDB_SILENT", "true")
     return home

@@ -1,5 +1,6 @@
 """The `memtrain` console command. Each verb lives in its own module exposing `add_parser(subparsers)`;
-the parser's `func(args) -> int | None` runs it. User errors (`MemtrainError`) print one line and exit 2."""
+the parser's `func(args) -> int | None` runs it. User errors (`MemtrainError`) print one line and exit 2;
+Ctrl-C prints one line and exits 130."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemtrainError as e:
         print(f"memtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"memtrain {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ class MemtrainError(Exception):
     """A user-facing error: the message names the file, row or key and says what to do."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where it stopped and how to resume."""
+
+
 def check_replaceable(out: str | Path, marker: str, flag: str = "--out") -> None:
     """A MemtrainError unless `out` is absent, an empty directory, or an earlier output holding `marker`:
     a command never replaces a directory it did not write (a training run, a dataset, a checkpoint)."""

@@ -77,6 +77,7 @@ class CheckpointSection:
     every_steps: int = 500
     total_limit: int | None = None
     resume: str | None = None  # "latest" or a checkpoint directory
+    at_end: bool = False  # also save a checkpoint at the last step (when it is not a multiple of every_steps)
 
 
 @dataclass
@@ -95,6 +96,7 @@ class LogSection:
 class OutputSection:
     dir: str = "runs/train"
     export: Literal["auto", "pipeline", "lora", "none"] = "auto"  # auto: lora if lora.rank > 0
+    overwrite: bool = False  # a new run into a dir holding an earlier run deletes that run's outputs first
 
 
 @dataclass

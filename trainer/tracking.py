@@ -11,7 +11,7 @@ from typing import Any
 import wandb
 from accelerate.tracking import GeneralTracker
 
-from trainer.io import MemtrainError
+from trainer.io import MemtrainError, atomic_file
 
 
 class JsonlTracker(GeneralTracker):
@@ -60,14 +60,43 @@ def _plain(value: Any):
     return None
 
 
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Keep the rows of a resumed run's `metrics.jsonl` up to `step` (the checkpoint's), so the steps it trains
+    again are not logged twice; a line cut short by a crash is dropped. Rewritten atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and (not isinstance(row.get("step"), int) or row["step"] <= step):
+            kept.append(line)
+    with atomic_file(path) as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def wandb_dir(out: Path) -> str:
+    """Where W&B writes its run files: WANDB_DIR when set, else the output directory."""
+    return os.environ.get("WANDB_DIR") or str(out)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def logged_loss(path: str | Path, step: int) -> float | None:
+    """The loss a `metrics.jsonl` holds for `step`, or None."""
+    rows = read_jsonl(path) if Path(path).exists() else []
+    return next((r.get("loss") for r in rows if r.get("step") == step), None)
 
 
 def start_wandb_run(out: Path, config: dict, job_type: str, name: str):
     """An offline-capable W&B run for a one-shot command (WANDB_MODE, WANDB_DIR, WANDB_PROJECT are respected;
     without WANDB_DIR its files go into `out`)."""
-    directory = os.environ.get("WANDB_DIR") or str(out)
+    directory = wandb_dir(out)
     try:
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "memtrain"), job_type=job_type, dir=directory,
                           config=config, name=name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from accelerate import PartialState
+
 from trainer.config import describe_keys, dump_recipe, load_recipe
 from trainer.recipe import TrainRecipe
 from trainer.training.loop import train
@@ -20,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
         "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
         "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
-        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume), "
-        "log (trackers, validation_prompts), output (dir, export), monitor (every_steps, members, heldout, "
+        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume, at_end), "
+        "log (trackers, validation_prompts), output (dir, export, overwrite), monitor (every_steps, members, heldout, "
         "novel_prompts, alarm_threshold, alarm_action: memorization curves, see docs/recipes.md). "
         "Every key is documented in docs/recipes.md.",
     )
@@ -39,5 +41,6 @@ def _run(args: argparse.Namespace) -> int:
         print(dump_recipe(recipe))
         return 0
     summary = train(recipe)
-    print(json.dumps(summary))
+    if PartialState().is_main_process:  # under torchrun / accelerate launch, one summary
+        print(json.dumps(summary))
     return 0

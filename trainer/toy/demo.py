@@ -43,7 +43,7 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
     timing["data_s"] = round(time.time() - t0, 1)
     recipe = load_recipe(TrainRecipe, recipe_path, [
         f"model.pretrained={base}", f"data.path={out / 'data' / 'train'}", f"output.dir={out / 'train'}",
-        f"log.progress={str(progress).lower()}", *overrides,
+        f"log.progress={str(progress).lower()}", "output.overwrite=true", *overrides,  # a rerun replaces it
     ])
     t1 = time.time()
     summary = train(recipe)

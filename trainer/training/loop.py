@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 import wandb
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
@@ -29,8 +31,10 @@ from trainer.config import dump_recipe, to_dict
 from trainer.core.checkpoints import (
     check_resume_compatible,
     export,
+    list_checkpoints,
     read_checkpoint_state,
     read_checkpoint_tensors,
+    remove_leftovers,
     resolve_resume,
     save_checkpoint,
 )
@@ -41,15 +45,16 @@ from trainer.core.components import (
     native_resolution,
     pipeline_from_components,
 )
+from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
 from trainer.core.unet_core import posterior_latents
-from trainer.io import MemtrainError, check_output_dir
+from trainer.io import MemtrainError, TrainingInterrupted, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
 from trainer.mitigate.dedup import apply_dedup_policy
 from trainer.mitigate.loss_mask import memorization_mask
 from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_image_grid
 from trainer.sample.generate import generate_images
-from trainer.tracking import JsonlTracker
+from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_dir
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
 # ---------------------------------------------------------------- the loss
@@ -148,12 +153,15 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
 
 
 def train(recipe: TrainRecipe) -> dict:
-    """Run a recipe; return a summary (steps, final loss, export path)."""
+    """Run a recipe; return a summary (steps, steps trained by this call, final loss, export path). The output
+    directory is locked for the run (trainer/core/run_lock.py); a resume continues exactly (docs/recipes.md)."""
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
-    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
     # ---- everything that can be wrong with the inputs is checked before anything is written
+    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
+    check_unlocked(out)
+    check_fresh_or_resumed(out, recipe.checkpoint.resume, recipe.output.overwrite)
     parts = load_components(recipe)
     tokenizer = parts["tokenizer"]
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
@@ -171,6 +179,8 @@ def train(recipe: TrainRecipe) -> dict:
                                          collate_fn=data_lib.make_collate(tokenizer),
                                          num_workers=opt.dataloader_num_workers)
     resume_path = resolve_resume(recipe, out)
+    if recipe.output.overwrite and resume_path is not None and out.resolve() in resume_path.resolve().parents:
+        resume_path = None  # output.overwrite deletes the earlier run, its checkpoints included: a fresh start
 
     trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
     accelerator = Accelerator(
@@ -185,11 +195,52 @@ def train(recipe: TrainRecipe) -> dict:
         global_step = 0
         if resume_path is not None:
             global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
-        return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+        with output_dir_lock(accelerator, out):
+            if accelerator.is_main_process:
+                prepare_output_dir(recipe, out, global_step)
+            accelerator.wait_for_everyone()
+            return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
     finally:
         # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
         # mixed precision, say) can run in the same Python process, e.g. from the Python API
         AcceleratorState._reset_state()
+
+
+@contextlib.contextmanager
+def output_dir_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
+    """The main process holds `OUT/.memtrain.lock` (trainer/core/run_lock.py) while the block runs; when it
+    cannot take it, every process raises the same MemtrainError."""
+    refusal = [None]
+    if accelerator.is_main_process:
+        try:
+            acquire(out)
+        except MemtrainError as e:
+            refusal = [str(e)]
+    broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise MemtrainError(refusal[0])
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            release(out)
+
+
+def prepare_output_dir(recipe: TrainRecipe, out: Path, resumed_step: int) -> None:
+    """Clear an earlier run (output.overwrite), the temp dirs of an interrupted one, and on resume the metrics
+    rows of the steps that will be trained again."""
+    if recipe.output.overwrite:  # a resume of a checkpoint inside `out` was turned into a fresh start
+        clear_earlier_run(out)
+    remove_leftovers(out)
+    if recipe.checkpoint.resume is not None:
+        truncate_metrics(out / "logs" / "metrics.jsonl", resumed_step)
+
+
+def interrupted(out: Path, step: int) -> TrainingInterrupted:
+    complete = list_checkpoints(out)
+    where = (f"the last complete checkpoint is {complete[-1]}; resume with checkpoint.resume=latest" if complete
+             else "no checkpoint was saved yet")
+    return TrainingInterrupted(f"interrupted at step {step}; {where}")
 
 
 def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, dataset, sampler, loader,
@@ -261,7 +312,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
     accelerator.init_trackers(recipe.log.project, config=flat_config(recipe),
                               init_kwargs={"wandb": {"name": recipe.log.run_name or out.name,
-                                                     "dir": str(out)}})
+                                                     "dir": wandb_dir(out)}})
 
     accum = opt.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(loader) / accum)
@@ -269,7 +320,14 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     skip_batches = (global_step % updates_per_epoch) * accum
     num_epochs = math.ceil(opt.max_steps / updates_per_epoch)
     global_batch = opt.batch_size * accelerator.num_processes
-    micro_step = global_step * accum
+    # an epoch's last update may take fewer than `accum` micro-batches
+    micro_step = first_epoch * len(loader) + skip_batches
+    resumed_step = global_step
+    if global_step >= opt.max_steps:
+        num_epochs = first_epoch  # a finished run resumed: nothing to train
+        if accelerator.is_main_process:
+            warnings.warn(f"{resume_path} is at train.max_steps={opt.max_steps}: the run is already complete, "
+                          "nothing to train", stacklevel=2)
 
     progress = tqdm(total=opt.max_steps, initial=global_step, desc="train", disable=not (
         recipe.log.progress and accelerator.is_local_main_process), dynamic_ncols=True)
@@ -279,69 +337,78 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     running, last_logged = [], {}
     if monitor_state is not None:
         monitor_state.begin()
-    for epoch in range(first_epoch, num_epochs):
-        dataset.epoch = epoch
-        batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
-        # the prepared loader sets its sampler's epoch from its own iteration counter when iteration starts,
-        # and that counter starts at 0 in a new process: set it, not only the sampler, so a resumed run
-        # draws epoch e's order (skip_first_batches returns a new loader, hence after it)
-        sampler.set_epoch(epoch)
-        if hasattr(batches, "set_epoch"):
-            batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                generator = step_generator(opt.seed, micro_step)
-                rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
-                loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and opt.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
-            for k, v in stats.items():
-                stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
-                    accelerator.gather(v.detach().reshape(1)).mean().item())
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            global_step += 1
-            progress.update(1)
-            if global_step % recipe.log.every_steps == 0 or global_step == opt.max_steps:
-                last_logged = {"loss": sum(running) / len(running), "lr": lr_scheduler.get_last_lr()[0],
-                               "epoch": epoch, **stats}
-                accelerator.log(last_logged, step=global_step)
-                progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
-                running = []
-            if monitor is not None and monitor.due(global_step, opt.max_steps):
-                monitor.run(global_step, parts, accelerator)
-                if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
-                    break
-            if global_step % recipe.checkpoint.every_steps == 0 or global_step == opt.max_steps:
-                state, tensors = {}, {}
-                if monitor_state is not None:
-                    state[MONITOR_STATE] = monitor_state.state_dict()
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            dataset.epoch = epoch
+            batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+            # the prepared loader sets its sampler's epoch from its own iteration counter when iteration starts,
+            # and that counter starts at 0 in a new process: set it, not only the sampler, so a resumed run
+            # draws epoch e's order (skip_first_batches returns a new loader, hence after it)
+            sampler.set_epoch(epoch)
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            for batch in batches:
+                with accelerator.accumulate(unet):
+                    generator = step_generator(opt.seed, micro_step)
+                    rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
+                    loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and opt.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_step += 1
+                running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+                for k, v in stats.items():
+                    stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
+                        accelerator.gather(v.detach().reshape(1)).mean().item())
+                if not accelerator.sync_gradients:
+                    continue
                 if ema is not None:
-                    state[EMA_STATE], tensors[EMA_STATE] = ema_state(ema)
-                save_checkpoint(accelerator, recipe, out, global_step, state, tensors)
-            if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
-                validation_images(accelerator, recipe, parts, global_step, out)
-            if global_step >= opt.max_steps:
+                    ema.step(accelerator.unwrap_model(unet).parameters())
+                global_step += 1
+                progress.update(1)
+                if global_step % recipe.log.every_steps == 0 or global_step == opt.max_steps:
+                    last_logged = {"loss": sum(running) / len(running), "lr": lr_scheduler.get_last_lr()[0],
+                                   "epoch": epoch, **stats}
+                    accelerator.log(last_logged, step=global_step)
+                    progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
+                    running = []
+                if monitor is not None and monitor.due(global_step, opt.max_steps):
+                    monitor.run(global_step, parts, accelerator)
+                    if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
+                        break
+                if global_step % recipe.checkpoint.every_steps == 0 or (
+                    recipe.checkpoint.at_end and global_step == opt.max_steps):
+                    state, tensors = {}, {}
+                    if monitor_state is not None:
+                        state[MONITOR_STATE] = monitor_state.state_dict()
+                    if ema is not None:
+                        state[EMA_STATE], tensors[EMA_STATE] = ema_state(ema)
+                    save_checkpoint(accelerator, recipe, out, global_step, state, tensors)
+                if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
+                    validation_images(accelerator, recipe, parts, global_step, out)
+                if global_step >= opt.max_steps:
+                    break
+            if global_step >= opt.max_steps or (monitor is not None and monitor.stopped):
                 break
-        if global_step >= opt.max_steps or (monitor is not None and monitor.stopped):
-            break
+    except KeyboardInterrupt:
+        raise interrupted(out, global_step) from None
     progress.close()
     accelerator.wait_for_everyone()
-    if not recipe.log.validation_every or global_step % recipe.log.validation_every:
+    trained = global_step > resumed_step
+    if trained and (not recipe.log.validation_every or global_step % recipe.log.validation_every):
         validation_images(accelerator, recipe, parts, global_step, out)
     monitored = monitor.finish(accelerator, out) if monitor is not None else None
-    exported = None if monitor is not None and monitor.stopped else export(accelerator, recipe, parts, ema, out)
+    exported = None
+    if not (monitor is not None and monitor.stopped):  # a finished run resumed exports only what is missing
+        existing = out / recipe.export
+        exported = existing if not trained and existing.is_dir() else export(accelerator, recipe, parts, ema, out)
     accelerator.end_training()
-    summary = {"steps": global_step, "loss": last_logged.get("loss"), "export": str(exported) if exported else None,
-               "output_dir": str(out)}
+    loss = last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
+    summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
+               "export": str(exported) if exported else None, "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
 
 
