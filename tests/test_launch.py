@@ -76,21 +76,25 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(tmp_path, tiny_m
     pytest.importorskip("deepspeed")
     config = deepspeed_config(tmp_path)
 
-    def launch(out: Path, *overrides: str) -> None:
+    def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
         cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
                "--main_process_port", "29641", "-m", "trainer.cli", "train", str(recipe), f"output.dir={out}", *overrides]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "unused",
                           train={"batch_size": 2, "max_steps": 4}, checkpoint={"every_steps": 2})
-    launch(tmp_path / "whole")
-    launch(tmp_path / "resumed", "train.max_steps=2")
-    launch(tmp_path / "resumed", "checkpoint.resume=latest")
+    for out, *overrides in ((tmp_path / "whole", "train.ema=true"), (tmp_path / "resumed", "train.ema=true",
+                            "train.max_steps=2"), (tmp_path / "resumed", "train.ema=true", "checkpoint.resume=latest")):
+        proc = launch(out, *overrides)
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
     checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-4"
     assert (checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()  # DeepSpeed's format
     assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
     whole, resumed = load_file(str(tmp_path / "whole" / "pipeline" / UNET)), load_file(str(tmp_path / "resumed" / "pipeline" / UNET))
     assert all((whole[k] == resumed[k]).all() for k in whole)
+
+    proc = launch(tmp_path / "both", "model.train_text_encoder=true")
+    assert proc.returncode != 0 and "error: model.train_text_encoder:" in proc.stderr
+    assert not (tmp_path / "both").exists()

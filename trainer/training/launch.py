@@ -68,16 +68,19 @@ def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
             "output_dir": str(out)}
 
 
-def check_launch(accelerator: Accelerator) -> None:
+def check_launch(accelerator: Accelerator, recipe: TrainRecipe) -> None:
     """Refuse a launch whose processes would each train alone into one output dir: accelerate gives every
     process a world of its own when the launcher's backend does not exist here (torchrun on a machine
-    without GPUs, FSDP with use_cpu)."""
+    without GPUs, FSDP with use_cpu); and what DeepSpeed cannot train."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise MemtrainError(
             f"launched as {launched} processes, but accelerate set up {accelerator.num_processes} (distributed type "
             f"{accelerator.distributed_type.value}), so each would train alone; on CPUs set ACCELERATE_USE_CPU=1 "
             "(DDP over gloo; accelerate runs FSDP and DeepSpeed across processes on GPUs only)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.model.train_text_encoder:
+        raise MemtrainError("model.train_text_encoder: accelerate's DeepSpeed path trains one model (the UNet); "
+                            "set model.train_text_encoder=false, or use DDP")
     for kind, env in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
         if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
             warnings.warn(f"the accelerate config asks for {kind.value}, but this run is "

@@ -176,7 +176,7 @@ def train(recipe: TrainRecipe) -> dict:
         step_scheduler_with_optimizer=True,
     )
     try:
-        check_launch(accelerator)
+        check_launch(accelerator, recipe)
         global_step = 0
         if resume_path is not None:
             global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
