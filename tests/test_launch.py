@@ -98,3 +98,23 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(tmp_path, tiny_m
     proc = launch(tmp_path / "both", "model.train_text_encoder=true")
     assert proc.returncode != 0 and "error: model.train_text_encoder:" in proc.stderr
     assert not (tmp_path / "both").exists()
+
+
+def test_an_fsdp_or_deepspeed_config_that_is_not_in_effect_is_a_warning(monkeypatch, tmp_path, tiny_model, tiny_data):
+    """accelerate turns an FSDP config on CPUs into DDP (or a lone process) without a word."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from trainer.training.launch import check_launch
+
+    recipe = load_recipe(TrainRecipe, write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "o"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    try:
+        accelerator = Accelerator(cpu=True)
+        with pytest.warns(UserWarning, match="asks for FSDP, but this run is NO"):
+            check_launch(accelerator, recipe)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(MemtrainError, match="launched as 2 processes, but accelerate set up 1"):
+            check_launch(accelerator, recipe)
+    finally:
+        AcceleratorState._reset_state()
