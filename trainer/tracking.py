@@ -44,7 +44,9 @@ class JsonlTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs):
         scalars = {k: _plain(v) for k, v in values.items() if _plain(v) is not None}
-        self.tracker.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        # process_time: this process's CPU seconds; beside `time` it shows how much the run waited for a core
+        row = {"step": step, "time": time.time(), "process_time": time.process_time(), **scalars}
+        self.tracker.write(json.dumps(row) + "\n")
         self.tracker.flush()
 
     def finish(self):

@@ -7,6 +7,7 @@ generate for duplicated, singleton and novel prompts -> replication report
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from trainer.recipe import TrainRecipe
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
 from trainer.toy.study import replication_study, write_study
+from trainer.training.launch import train_on_cpu_processes
 from trainer.training.loop import train
 
 # Classifier-free guidance of the demo's generations; SD's usual 7.5 over-saturates the toy UNet.
@@ -29,11 +31,17 @@ GUIDANCE_SCALE = 3.0
 RATIO_THRESHOLD = 0.5
 
 
+def default_processes() -> int:
+    """Training processes of the demo: one per CPU core, up to 2 (1 where a GPU trains)."""
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
 def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Path = "toy",
              overrides: list[str] = (), n: int = 2, guidance_scale: float = GUIDANCE_SCALE,
-             progress: bool = True) -> dict:
-
-
+             progress: bool = True, processes: int | None = None) -> dict:
+    """Write the demo into `out`; training runs in `processes` CPU processes (default_processes())
+    at the recipe's global batch."""
+    processes = processes or default_processes()
     out = Path(out)
     if not Path(base).exists():
         raise MemtrainError(f"toy base {base} is missing; build it with `python scripts/build_toy_base.py`")
@@ -46,7 +54,7 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
         f"log.progress={str(progress).lower()}", "output.overwrite=true", *overrides,  # a rerun replaces it
     ])
     t1 = time.time()
-    summary = train(recipe)
+    summary = train(recipe) if processes == 1 else train_on_cpu_processes(recipe, processes)
     timing["train_s"] = round(time.time() - t1, 1)
     t2 = time.time()
     torch.manual_seed(0)
@@ -56,6 +64,7 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
     timing["generate_and_measure_s"] = round(time.time() - t2, 1)
     timing["total_s"] = round(time.time() - t0, 1)
     training = {"recipe": str(recipe_path), "steps": summary["steps"], "final_loss": round(summary["loss"], 4),
-                "batch_size": recipe.train.batch_size, "learning_rate": recipe.train.learning_rate}
+                "batch_size": recipe.train.batch_size, "learning_rate": recipe.train.learning_rate,
+                "processes": processes}
     return write_study(study, out, "memtrain demo: replication after a plain fine-tune",
                        extra={"training": training, "timing": timing})

@@ -1,0 +1,120 @@
+"""Launching training over processes: `memtrain demo`'s CPU launcher, a launch accelerate cannot join
+refused, and the shipped DeepSpeed ZeRO-2 config run for real (when deepspeed is installed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_recipe
+from safetensors.torch import load_file
+
+from trainer.cli import main
+from trainer.config import load_recipe
+from trainer.io import MemtrainError
+from trainer.recipe import TrainRecipe
+from trainer.tracking import read_jsonl
+from trainer.training.launch import train_on_cpu_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl") if "loss" in r}
+
+
+def test_two_cpu_processes_from_python_equal_one(tmp_path, tiny_model, tiny_data):
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "two",
+                               train={"batch_size": 4, "max_steps": 3}, checkpoint={"every_steps": 100})
+    recipe = load_recipe(TrainRecipe, recipe_file)
+    summary = train_on_cpu_processes(recipe, 2)
+    assert summary["steps"] == 3 and summary["export"] == str(tmp_path / "two" / "pipeline")
+    assert main(["train", str(recipe_file), f"output.dir={tmp_path / 'one'}"]) == 0
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert two.keys() == one.keys() == {1, 2, 3}
+    assert all(abs(two[s] - one[s]) < 1e-5 * one[s] for s in one)
+    assert summary["loss"] == two[3]
+
+    with pytest.raises(MemtrainError, match="batch_size 4 cannot be split over 3 processes"):
+        train_on_cpu_processes(recipe, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, tiny_model, tiny_data):
+    """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: accelerate gives each process a world
+    of its own; both would train into one output dir."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", out)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainer.cli", "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "launched as 2 processes, but accelerate set up 1" in proc.stderr
+    assert "ACCELERATE_USE_CPU=1" in proc.stderr
+    assert not out.exists()
+
+
+def deepspeed_config(tmp_path: Path) -> Path:
+    """recipes/accelerate/deepspeed_zero2.yaml on this machine: 1 process (accelerate joins DeepSpeed
+    processes on GPUs only), fp32 (the CPU has no bf16 DeepSpeed path to test against)."""
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    config.update(num_processes=1, mixed_precision="no")
+    path = tmp_path / "deepspeed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model, tiny_data):
+    pytest.importorskip("deepspeed")
+    config = deepspeed_config(tmp_path)
+
+    def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+               "--main_process_port", "29641", "-m", "trainer.cli", "train", str(recipe), f"output.dir={out}", *overrides]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "unused",
+                          train={"batch_size": 2, "max_steps": 4}, checkpoint={"every_steps": 2})
+    for out, *overrides in ((tmp_path / "whole", "train.ema=true"), (tmp_path / "resumed", "train.ema=true",
+                            "train.max_steps=2"), (tmp_path / "resumed", "train.ema=true", "checkpoint.resume=latest")):
+        proc = launch(out, *overrides)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists()  # DeepSpeed's format
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+    whole, resumed = load_file(str(tmp_path / "whole" / "pipeline" / UNET)), load_file(str(tmp_path / "resumed" / "pipeline" / UNET))
+    assert all((whole[k] == resumed[k]).all() for k in whole)
+
+    proc = launch(tmp_path / "both", "model.train_text_encoder=true")
+    assert proc.returncode != 0 and "error: model.train_text_encoder:" in proc.stderr
+    assert not (tmp_path / "both").exists()
+
+
+def test_an_fsdp_or_deepspeed_config_that_is_not_in_effect_is_a_warning(monkeypatch, tmp_path, tiny_model, tiny_data):
+    """accelerate turns an FSDP config on CPUs into DDP (or a lone process) without a word."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from trainer.training.launch import check_launch
+
+    recipe = load_recipe(TrainRecipe, write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "o"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    try:
+        accelerator = Accelerator(cpu=True)
+        with pytest.warns(UserWarning, match="asks for FSDP, but this run is NO"):
+            check_launch(accelerator, recipe)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(MemtrainError, match="launched as 2 processes, but accelerate set up 1"):
+            check_launch(accelerator, recipe)
+    finally:
+        AcceleratorState._reset_state()

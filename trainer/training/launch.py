@@ -1,0 +1,87 @@
+"""Run a training recipe in N local CPU processes (gloo), one thread each, from Python; check a launch.
+
+`torch.distributed.run --standalone` starts the processes (it picks a free rendezvous port); each runs
+`memtrain train` on the recipe with the per-process batch set so that the global batch is the
+recipe's. The loop makes N processes equal one process at the same global batch (docs/recipes.md,
+"Determinism"), so this only spreads the same training over the machine's cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+import trainer
+from trainer.config import dump_recipe
+from trainer.io import MemtrainError
+from trainer.recipe import TrainRecipe
+from trainer.tracking import read_jsonl
+
+
+def per_process_batch(recipe: TrainRecipe, processes: int) -> int:
+    batch = recipe.train.batch_size
+    if processes < 1 or batch % processes:
+        raise MemtrainError(f"train.batch_size {batch} cannot be split over {processes} processes; "
+                            "use a process count that divides it")
+    return batch // processes
+
+
+def launch_command(recipe_file: Path, processes: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "trainer.cli", "train", str(recipe_file), *overrides]
+
+
+def launch_env(processes: int) -> dict[str, str]:
+    """CPU processes with one thread each (unless OMP_NUM_THREADS says otherwise), importing this copy of
+    trainer."""
+    package_root = str(Path(trainer.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                PYTHONPATH=path)
+
+
+def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
+    """Train `recipe` (its batch_size is the global batch) in `processes` gloo processes; return the
+    summary of `train` (steps, last logged loss, export path, output dir)."""
+    recipe.validate()
+    batch = per_process_batch(recipe, processes)
+    out = Path(recipe.output.dir)
+    with tempfile.TemporaryDirectory(prefix="memtrain_launch_") as tmp:
+        recipe_file = Path(tmp) / "recipe.yaml"
+        recipe_file.write_text(dump_recipe(recipe))
+        cmd = launch_command(recipe_file, processes, [f"train.batch_size={batch}"])
+        proc = subprocess.run(cmd, env=launch_env(processes), stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise MemtrainError(f"training in {processes} processes failed (exit code {proc.returncode}); "
+                            "the first error is printed above")
+    logged = read_jsonl(out / "logs" / "metrics.jsonl")
+    last = next((row for row in reversed(logged) if "loss" in row), {})
+    export = out / recipe.export if recipe.export != "none" else None
+    return {"steps": last.get("step"), "loss": last.get("loss"), "export": str(export) if export else None,
+            "output_dir": str(out)}
+
+
+def check_launch(accelerator: Accelerator, recipe: TrainRecipe) -> None:
+    """Refuse a launch whose processes would each train alone into one output dir: accelerate gives every
+    process a world of its own when the launcher's backend does not exist here (torchrun on a machine
+    without GPUs, FSDP with use_cpu); and what DeepSpeed cannot train."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise MemtrainError(
+            f"launched as {launched} processes, but accelerate set up {accelerator.num_processes} (distributed type "
+            f"{accelerator.distributed_type.value}), so each would train alone; on CPUs set ACCELERATE_USE_CPU=1 "
+            "(DDP over gloo; accelerate runs FSDP and DeepSpeed across processes on GPUs only)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.model.train_text_encoder:
+        raise MemtrainError("model.train_text_encoder: accelerate's DeepSpeed path trains one model (the UNet); "
+                            "set model.train_text_encoder=false, or use DDP")
+    for kind, env in ((DistributedType.FSDP, "ACCELERATE_USE_FSDP"), (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
+            warnings.warn(f"the accelerate config asks for {kind.value}, but this run is "
+                          f"{accelerator.distributed_type.value} (accelerate runs {kind.value} on GPUs only)", stacklevel=2)
