@@ -268,7 +268,7 @@ def test_alarm_stop_under_two_processes(tmp_path, tiny_model, tiny_data):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [s["steps"] for s in summaries] == [2, 2]
+    assert [s["steps"] for s in summaries] == [2]  # the main process alone prints the summary
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
     report = monitor_json(out)
     assert [h["step"] for h in report["history"]] == [2] and report["alarm"]["step"] == 2
