@@ -3,7 +3,9 @@ refused, and the shipped DeepSpeed ZeRO-2 config run for real (when deepspeed is
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from trainer.config import load_recipe
 from trainer.io import MemtrainError
 from trainer.recipe import TrainRecipe
 from trainer.tracking import read_jsonl
-from trainer.training.launch import train_on_cpu_processes
+from trainer.training.launch import launch_command, train_on_cpu_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -45,6 +47,29 @@ def test_two_cpu_processes_from_python_equal_one(tmp_path, tiny_model, tiny_data
         train_on_cpu_processes(recipe, 3)
 
 
+def unresolvable_host_name() -> bool:
+    """Can this test give its child processes a host name that does not resolve (a new UTS namespace)?"""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-u", "hostname", "memtrain-no-such-host"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not unresolvable_host_name(), reason="needs unshare -u (root) to rename the host")
+def test_the_processes_meet_when_the_host_name_does_not_resolve(tmp_path, tiny_model, tiny_data):
+    """A machine whose host name is in no resolver (fresh CI machines, some containers): a launch that
+    meets at the host name (`torchrun --standalone`) waits forever."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
+                          train={"batch_size": 4, "max_steps": 1}, checkpoint={"every_steps": 100},
+                          output={"export": "none"})
+    code = ("import json, sys; from trainer.config import load_recipe; from trainer.recipe import TrainRecipe; "
+            "from trainer.training.launch import train_on_cpu_processes; "
+            "print(json.dumps(train_on_cpu_processes(load_recipe(TrainRecipe, sys.argv[1]), 2)))")
+    script = f'hostname memtrain-no-such-host && exec "$0" -c "{code}" "$1"'
+    proc = subprocess.run(["unshare", "-u", "sh", "-c", script, sys.executable, str(recipe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
 def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, tiny_model, tiny_data):
     """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: accelerate gives each process a world
@@ -52,9 +77,7 @@ def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, ti
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", out)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer.cli", "train", str(recipe)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launch_command(recipe, 2, []), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "launched as 2 processes, but accelerate set up 1" in proc.stderr
     assert "ACCELERATE_USE_CPU=1" in proc.stderr

@@ -1,7 +1,7 @@
 """Run a training recipe in N local CPU processes (gloo), one thread each, from Python; check a launch.
 
-`torch.distributed.run --standalone` starts the processes (it picks a free rendezvous port); each runs
-`memtrain train` on the recipe with the per-process batch set so that the global batch is the
+`torch.distributed.run` starts the processes, meeting on 127.0.0.1 at a free port (not at the machine's
+host name, which need not resolve: `--standalone` then waits forever); each runs `memtrain train` on the recipe with the per-process batch set so that the global batch is the
 recipe's. The loop makes N processes equal one process at the same global batch (docs/recipes.md,
 "Determinism"), so this only spreads the same training over the machine's cores.
 """
@@ -9,6 +9,7 @@ recipe's. The loop makes N processes equal one process at the same global batch 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,18 +34,29 @@ def per_process_batch(recipe: TrainRecipe, processes: int) -> int:
     return batch // processes
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(recipe_file: Path, processes: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             "-m", "trainer.cli", "train", str(recipe_file), *overrides]
 
 
 def launch_env(processes: int) -> dict[str, str]:
     """CPU processes with one thread each (unless OMP_NUM_THREADS says otherwise), importing this copy of
-    trainer."""
+    trainer; gloo on the loopback interface (GLOO_SOCKET_IFNAME, unless set), as all processes are local."""
     package_root = str(Path(trainer.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                PYTHONPATH=path)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=path)
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    if loopback and "GLOO_SOCKET_IFNAME" not in env:
+        env["GLOO_SOCKET_IFNAME"] = loopback
+    return env
 
 
 def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
