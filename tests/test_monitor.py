@@ -256,8 +256,6 @@ def test_alarm_stop_keeps_the_last_good_checkpoint(tmp_path, capsys, tiny_model,
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known regression: the 2-process alarm stop hangs since the run-lock/resume merge; "
-                  "to be fixed (see the issue 19 closing note)")
 def test_alarm_stop_under_two_processes(tmp_path, tiny_model, tiny_data):
     """DDP: the main process measures, every rank stops at the same step (no hang, no new checkpoint)."""
     out = tmp_path / "two"

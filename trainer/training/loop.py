@@ -410,6 +410,9 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     if not (monitor is not None and monitor.stopped):  # a finished run resumed exports only what is missing
         existing = out / recipe.export
         exported = existing if not trained and existing.is_dir() else export(accelerator, recipe, parts, ema, out)
+    # every process tears down together: a process that destroys its process group while the main one still
+    # writes the monitor report or the export can hang on exit
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     loss = last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
     summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
