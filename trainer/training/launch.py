@@ -2,8 +2,9 @@
 
 `torch.distributed.run` starts the processes, meeting on 127.0.0.1 at a free port (not at the
 machine's host name, which need not resolve: `--standalone` then waits forever); each runs
-`memtrain train` on the recipe with the per-process batch set so that the global batch is the recipe's. The loop makes N processes equal one process at the same global batch (docs/recipes.md,
-"Determinism"), so this only spreads the same training over the machine's cores.
+`memtrain train` on the recipe with the per-process batch set so that the global batch is the recipe's.
+The loop makes N processes equal one process at the same global batch (docs/recipes.md, "Determinism"),
+so this only spreads the same training over the machine's cores.
 """
 
 from __future__ import annotations
