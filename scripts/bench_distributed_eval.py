@@ -15,11 +15,12 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from trainer.training.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +38,6 @@ def numbers(value, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, int | float) and not isinstance(v, bool):
             out[name] = float(v)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(cmd: list[str], env: dict) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,12 @@ from PIL import Image
 
 import trainer
 from trainer.cli import main
+from trainer.training.launch import free_port
 
 DRIVER = """import sys, json
 from trainer.cli import main
 sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evaluate_args(model, data, prompts) -> list[str]:
