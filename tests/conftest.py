@@ -1,9 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MEMTRAIN_CACHE", tempfile.mkdtemp(prefix="memtrain-cache-"))  # `edit --evaluate` caches here
 
 import torch  # noqa: E402
 

@@ -187,3 +187,49 @@ def test_save_edited_pipeline(tiny_model, tmp_path):
     assert json.loads((out / "edit.json").read_text())["tool"] == "memtrain edit"
     assert changed_weights(before, load_pipeline(out).unet) == result["changed"]
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+
+
+def test_a_second_edit_reuses_the_cached_before_evaluation(tiny_model, tiny_data, prompts, tmp_path, capsys):
+    """`edit --evaluate` caches the source's evaluation under a key of its files, the prompt file and the
+    settings: a second edit of the same checkpoint copies it (the same report.json, timings included, which a
+    recomputation would not reproduce) and the same general generations (the same L2 change for the same
+    edit); other settings miss the cache."""
+    cache = tmp_path / "cache"
+    common = ["--memorized", prompts / "memorized.txt", "--evaluate", tiny_data / "labels.jsonl", "--eval-n", "1",
+              "--eval-steps", "2", "--eval-detectors", "noise", "--batch-size", "64", "--eval-cache", cache]
+    runs = {}
+    for name, extra in (("first", []), ("second", []), ("other", ["--eval-steps", "3"])):
+        assert edit("uce", tiny_model, *common, *extra, "--out", tmp_path / name) == 0
+        runs[name] = json.loads((tmp_path / name / "edit.json").read_text())["evaluation"]
+        runs[name]["stderr"] = capsys.readouterr().err
+    assert runs["first"]["before_cache"]["reused"] is False
+    assert runs["second"]["before_cache"] == {"reused": True, "entry": runs["first"]["before_cache"]["entry"]}
+    assert "reusing" in runs["second"]["stderr"] and "reusing" not in runs["first"]["stderr"]
+    assert runs["other"]["before_cache"]["reused"] is False  # --eval-steps is part of the key
+    assert len(list((cache / "evaluations").iterdir())) == 2
+    first, second = ((tmp_path / n / "eval_before" / "report.json").read_bytes() for n in ("first", "second"))
+    assert first == second
+    assert runs["second"]["general_l2_change"] == runs["first"]["general_l2_change"]
+    assert runs["second"]["before"] == runs["first"]["before"] and runs["second"]["after"] == runs["first"]["after"]
+    assert "reused from the cache" in (tmp_path / "second" / "edit.md").read_text()
+    assert edit("uce", tiny_model, *common, "--no-eval-cache", "--out", tmp_path / "fresh") == 0
+    assert "before_cache" not in json.loads((tmp_path / "fresh" / "edit.json").read_text())["evaluation"]
+
+
+def test_neurons_names_skipped_prompts_on_the_console_and_in_edit_md(tiny_model, tmp_path, capsys):
+    """NeMo skips a prompt whose ||d(c)|| exceeds no reference prompt's (check=magnitude): a prompt that is
+    itself a reference prompt never does. The skip is named on stderr and in edit.md, not only in edit.json."""
+    skipped = "a large yellow triangle and a large blue cross"
+    (tmp_path / "memorized.txt").write_text(f"{skipped}\n{MEMORIZED}\n")
+    (tmp_path / "reference.txt").write_text(f"small purple diamond\n{skipped}\n")
+    out = tmp_path / "nemo"
+    assert edit("neurons", tiny_model, "--memorized", tmp_path / "memorized.txt", "--reference",
+                tmp_path / "reference.txt", "--check", "magnitude", "--out", out) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "edit.json").read_text())
+    assert skipped in report["skipped"] and "not memorized" in report["skipped"][skipped]
+    md = (out / "edit.md").read_text()
+    assert f"## Skipped prompts ({len(report['skipped'])})" in md
+    for prompt, why in report["skipped"].items():
+        assert f"'{prompt}': {why}" in err and f"| {prompt} | {why} |" in md
+    assert f"{len(report['skipped'])} of 2 memorized prompts skipped" in err

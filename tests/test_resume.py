@@ -147,6 +147,24 @@ def test_resume_with_gradient_accumulation_is_exact(tmp_path, tiny_model, tiny_d
     assert_same_run(tmp_path / "full", part, 6)
 
 
+def test_resume_with_the_adaptive_loss_mask_is_exact(tmp_path, tiny_model, tiny_data):
+    """The running ||d(c)|| window rides in the checkpoint: resumed after the warm-up (window 8 = 2 steps of
+    batch 4), the masked counts, thresholds, losses and weights equal the uninterrupted run's."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "full",
+                          train={"max_steps": 8, "loss_mask_quantile": 0.5, "loss_mask_window": 8},
+                          checkpoint={"every_steps": 4})
+    assert main(["train", str(recipe)]) == 0
+    part = tmp_path / "part"
+    assert main(["train", str(recipe), f"output.dir={part}", "train.max_steps=4", "output.export=none"]) == 0
+    assert (part / "checkpoints" / "checkpoint-4" / "loss_mask_window.safetensors").is_file()
+    assert main(["train", str(recipe), f"output.dir={part}", "checkpoint.resume=latest"]) == 0
+    assert_same_run(tmp_path / "full", part, 8)
+    full_rows, part_rows = (read_jsonl(run / "logs" / "metrics.jsonl") for run in (tmp_path / "full", part))
+    keys = ("masked", "mask_threshold", "noise_magnitude")
+    assert [[r.get(k) for k in keys] for r in full_rows] == [[r.get(k) for k in keys] for r in part_rows]
+    assert sum(r["masked"] for r in full_rows[4:]) > 0  # masking was on across the resume
+
+
 def torchrun(recipe: Path, *overrides: str, port: int) -> subprocess.CompletedProcess:
     env = dict(ENV, ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

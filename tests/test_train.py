@@ -176,6 +176,47 @@ def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data)
     assert torch.allclose(conditional_magnitude(cond, uncond, noisy, t, sched), expected, atol=1e-6)
 
 
+def test_adaptive_loss_mask_masks_the_stated_share(tmp_path, tiny_model, tiny_data):
+    """`train.loss_mask_quantile`: nothing is masked while the window fills (the warm-up), then each step's
+    samples over the running q-quantile of ||d(c)|| are: about 1 - q of them. The logged threshold is the
+    quantile of the magnitudes of the previous `window` samples, which the run logs itself (batch = window
+    here, so the window is exactly the previous step's samples)."""
+    from trainer.mitigate.loss_mask import LossMask
+
+    out = tmp_path / "q"
+    recipe = write_recipe(tmp_path / "q.yaml", tiny_model, tiny_data / "train", out,
+                          train={"loss_mask_quantile": 0.75, "loss_mask_window": 32, "max_steps": 24,
+                                 "batch_size": 8})
+    assert main(["train", str(recipe)]) == 0
+    rows = read_jsonl(out / "logs" / "metrics.jsonl")
+    warmup = 32 // 8
+    assert [r["masked"] for r in rows[:warmup]] == [0] * warmup and all("mask_threshold" not in r for r in rows[:warmup])
+    after = rows[warmup:]
+    assert all(r["mask_threshold"] > 0 for r in after)
+    share = sum(r["masked"] for r in after) / (8 * len(after))
+    assert 0.15 <= share <= 0.35, share  # stated share 0.25
+    assert len({r["mask_threshold"] for r in after}) > 1  # the threshold follows the running distribution
+
+    # the window's quantile, on values drawn from a known distribution
+    mask = LossMask(quantile=0.9, window=1000)
+    assert mask.threshold() is None
+    values = torch.rand(1500, generator=torch.Generator().manual_seed(0))
+    mask.record(values[:1000])
+    assert mask.threshold() == pytest.approx(torch.quantile(values[:1000].double(), 0.9).item())
+    mask.record(values[1000:])
+    assert torch.equal(mask.values, values[500:]) and abs(mask.threshold() - 0.9) < 0.03
+
+
+def test_loss_mask_keys_are_checked(tmp_path, tiny_model, tiny_data, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out")
+    for overrides, message in ((["train.loss_mask_quantile=0.9", "train.loss_mask_threshold=2.0"], "both set"),
+                               (["train.loss_mask_quantile=1.0"], "loss_mask_quantile"),
+                               (["train.loss_mask_quantile=0.9", "train.loss_mask_window=1"], "loss_mask_window")):
+        assert main(["train", str(recipe), *overrides]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_datasets_dataset_with_caption_lists_and_validation_images(tmp_path, tiny_model, tiny_data):
     """A `datasets` save_to_disk dataset whose caption column holds lists (MC draws one per sample),
     and validation images written at intervals."""

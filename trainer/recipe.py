@@ -69,7 +69,9 @@ class OptimSection:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0
-    loss_mask_threshold: float | None = None  # Wen et al.: drop samples with ||d(c)|| >= this (2.0)
+    loss_mask_threshold: float | None = None  # Wen et al.: drop samples with ||d(c)|| >= this fixed value (2.0)
+    loss_mask_quantile: float | None = None  # adaptive: drop samples over this quantile of the running ||d(c)|| (0.9)
+    loss_mask_window: int = 1000  # per-sample ||d(c)|| values (all processes) the quantile is taken over; warm-up
 
 
 @dataclass
@@ -213,6 +215,15 @@ class TrainRecipe:
             raise MemtrainError(
                 f"recipe: `train.loss_mask_threshold` must be > 0 (Wen et al. use 2.0), got {self.train.loss_mask_threshold}"
             )
+        if self.train.loss_mask_quantile is not None:
+            if self.train.loss_mask_threshold is not None:
+                raise MemtrainError("recipe: `train.loss_mask_threshold` and `train.loss_mask_quantile` are both set; "
+                                    "keep one (the fixed threshold or the adaptive quantile)")
+            if not 0.0 < self.train.loss_mask_quantile < 1.0:
+                raise MemtrainError("recipe: `train.loss_mask_quantile` must be in (0, 1) (0.9 masks the top 10%), "
+                                    f"got {self.train.loss_mask_quantile}")
+        if self.train.loss_mask_window < 2:
+            raise MemtrainError(f"recipe: `train.loss_mask_window` must be >= 2, got {self.train.loss_mask_window}")
         if not 0.0 < self.data.dedup_threshold <= 1.0:
             raise MemtrainError(f"recipe: `data.dedup_threshold` must be in (0, 1], got {self.data.dedup_threshold}")
         if not 0.0 <= self.data.caption_dropout <= 1.0:

@@ -38,6 +38,7 @@ from trainer.edit.unlearn import unlearn
 from trainer.io import MemtrainError, atomic_dir, write_json
 from trainer.prompts import read_labelled_prompts, read_prompts
 from trainer.report.edit import evaluate_edit, flat_numbers
+from trainer.report.eval_cache import default_root, evaluation_key, lookup, read_entry, store
 from trainer.report.evaluate import parse_detectors
 from trainer.report.render import edit_markdown
 from trainer.sample.generate import generate_images
@@ -74,6 +75,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", help="with --evaluate: local CLIPModel directory for the CLIP score")
     p.add_argument("--eval-detectors", default=",".join(DETECTORS), help="with --evaluate: detectors to run "
                    f"(comma-separated subset of {','.join(DETECTORS)}; clid = membership)")
+    p.add_argument("--eval-cache", metavar="DIR", help="with --evaluate: where the source's evaluation is cached and "
+                   "reused by later edits of the same checkpoint, prompt file and settings (default $MEMTRAIN_CACHE, "
+                   "else ~/.cache/memtrain)")
+    p.add_argument("--no-eval-cache", action="store_true", help="with --evaluate: always evaluate the source anew "
+                   "and cache nothing")
     p.add_argument("--wandb", action="store_true", help="log edit.json's numbers to W&B (respects WANDB_MODE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="samples per UNet forward (default 16)")
@@ -216,10 +222,10 @@ def run_method(pipe, args: argparse.Namespace, texts: dict) -> dict:
     memorized, anchors, preserved = texts["memorized"], texts["anchors"] or None, texts["preserved"] or None
     if args.method == "prune":
         return subspace_prune(pipe, memorized, base=texts["base"] or None, fraction=args.fraction,
-                              steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+                              steps=args.steps, seed=args.seed, batch_size=args.batch_size, progress=is_main_process())
     if args.method == "neurons":
         return nemo_block(pipe, memorized, texts["reference"], seed=args.seed, check=args.check,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, progress=is_main_process())
     if args.method == "unlearn":
         return unlearn(pipe, memorized, anchors=anchors, preserved=preserved, rank=args.rank, steps=args.steps,
                        lr=args.lr, adversarial=args.adversarial, adversarial_every=args.adversarial_every,
@@ -252,15 +258,50 @@ def _parameters(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+def _say(message: str) -> None:
+    if is_main_process():
+        print(f"memtrain edit: {message}", file=sys.stderr, flush=True)
+
+
+def cached_before(args: argparse.Namespace, eval_kw: dict) -> tuple[Path | None, str | None, Path | None]:
+    """(cache root, key, entry or None) of the source's before-evaluation; (None, None, None) without a cache.
+    The main process hashes the checkpoint; every process gets its answer."""
+    if args.evaluate is None or args.no_eval_cache:
+        return None, None, None
+    root = Path(args.eval_cache) if args.eval_cache else default_root()
+    key = None
+    if is_main_process():
+        settings = {k: v for k, v in eval_kw.items() if k not in ("device", "progress", "data", "train_data", "clip")}
+        settings["device"] = str(args.device or process_device())
+        key = evaluation_key(args.checkpoint, args.lora, args.evaluate, args.data or Path(args.evaluate).parent,
+                             {"train_data": args.train_data, "clip": args.clip}, settings)
+    key = main_process_value(key)
+    return root, key, main_process_value(lookup(root, key) if is_main_process() else None)
+
+
 def run(args: argparse.Namespace) -> int:
     texts = check_args(args)
     source, out = Path(args.checkpoint), Path(args.out)
+    _say(f"loading {source}")
     pipe = load_for_edit(source, args.lora, args.device or process_device())
     evaluating = args.evaluate is not None
     general = [r.text for r in texts["evaluate"] if r.label == 0] if evaluating else []
+    progress = is_main_process()
     gen_kw = dict(n=args.eval_n, seed=args.seed, steps=args.eval_steps, guidance_scale=args.guidance_scale,
-                  batch_size=args.batch_size, progress=False, across_processes=True)
-    general_before = generate_images(pipe, general, **gen_kw) if general else None
+                  batch_size=args.batch_size, progress=progress, across_processes=True)
+    eval_kw = dict(n=args.eval_n, batch_size=args.batch_size, seed=args.seed, data=args.data,
+                   train_data=args.train_data, clip=args.clip, steps=args.eval_steps,
+                   guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
+                   progress=progress)
+    cache_root, cache_key, entry = cached_before(args, eval_kw)
+    general_before = None
+    if entry is not None:
+        _say(f"the source's evaluation is cached: reusing {entry}")
+        general_before = read_entry(entry, None)[1]
+    if general and general_before is None:
+        _say("generating the general prompts before the edit")
+        general_before = generate_images(pipe, general, **gen_kw)
+    _say(f"{args.method}: {METHODS[args.method]}")
 
     before = snapshot(pipe.unet)
     t0 = time.perf_counter()
@@ -287,11 +328,17 @@ def run(args: argparse.Namespace) -> int:
               "seconds": round(seconds, 3), "unet_evals": evals[0], "result": _plain(result)}
     if args.method == "neurons":
         report["neurons_found"] = sum(len(v) for v in result.get("neurons", {}).values())
+    report["skipped"] = dict(result.get("skipped") or {})
+    if report["skipped"] and is_main_process():
+        print(f"memtrain edit {args.method}: {len(report['skipped'])} of {len(set(texts['memorized']))} memorized "
+              "prompts skipped (nothing blocked for them; also in edit.md):", file=sys.stderr)
+        for prompt, why in report["skipped"].items():
+            print(f"  - {prompt!r}: {why}", file=sys.stderr)
     if not changed:
         why = ("no memorization neurons were found: the prompts may not be memorized"
                if args.method == "neurons" else "the edit left every weight as it was")
         if result.get("skipped"):
-            why += f"; {len(result['skipped'])} prompts skipped, reasons in edit.json result.skipped"
+            why += f"; {len(result['skipped'])} prompts skipped, listed in edit.md with the reasons"
         report["nothing_changed"] = True
         report["warning"] = f"nothing was changed ({why}); OUT holds the unchanged model"
         if is_main_process():
@@ -311,14 +358,17 @@ def run(args: argparse.Namespace) -> int:
         edited = main_process_value(tmp)  # written by the main process: every process evaluates it
         del pipe
         if evaluating:
+            _say("evaluating the source (before) and the edit (after)" if entry is None
+                 else "evaluating the edit (after)")
             report["evaluation"] = evaluate_edit(
                 source, edited, args.evaluate, args.memorized, args.lora, lora_out, general, general_before, gen_kw,
-                dict(n=args.eval_n, batch_size=args.batch_size, seed=args.seed, data=args.data,
-                     train_data=args.train_data, clip=args.clip, steps=args.eval_steps,
-                     guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
-                     progress=False))
+                eval_kw, cached=entry)
         if tmp is None:
             return 0
+        if evaluating and cache_key is not None and entry is None:
+            report["evaluation"]["before_cache"] = {"reused": False, "entry": str(store(
+                cache_root, cache_key, tmp / "eval_before", general_before,
+                {"checkpoint": str(source), "lora": args.lora, "prompts": args.evaluate, "settings": eval_kw}))}
         write_json(report, tmp / "edit.json")
         (tmp / "edit.md").write_text(edit_markdown(report))
         if args.wandb:

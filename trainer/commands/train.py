@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
         "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
         "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
-        "gradient_checkpointing, loss_mask_threshold), checkpoint (every_steps, total_limit, resume, at_end), "
+        "gradient_checkpointing, loss_mask_quantile, loss_mask_threshold), checkpoint (every_steps, total_limit, resume, at_end), "
         "log (trackers, validation_prompts), output (dir, export, overwrite), monitor (every_steps, members, heldout, "
         "novel_prompts, alarm_threshold, alarm_action: memorization curves, see docs/recipes.md). "
         "Every key is documented in docs/recipes.md.",

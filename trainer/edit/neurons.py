@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from trainer.core.attention import cross_attention_modules
 from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, prompt_list
@@ -198,6 +199,7 @@ def _localize(
     check: str,
     blocks: Sequence[str],
     batch_size: int,
+    progress: bool = False,
 ) -> tuple[dict[str, Neurons], dict[str, str], dict[str, float]]:
     memorized = prompt_list(memorized, "memorized")
     reference = prompt_list(reference, "reference")
@@ -233,7 +235,9 @@ def _localize(
     skipped: dict[str, str] = {}
     final_ssim: dict[str, float] = {}
     table, index, e0 = core.encode_prompts(memorized)
-    for prompt, row in zip(memorized, index.tolist(), strict=True):
+    bar = tqdm(list(zip(memorized, index.tolist(), strict=True)), desc="NeMo: prompts", disable=not progress,
+               dynamic_ncols=True)
+    for prompt, row in bar:
         if prompt in found or prompt in skipped:
             continue
         target = _Prompt(core, layers, x_T, t, table, row, e0)
@@ -279,6 +283,7 @@ def _localize(
                     neurons = trial
         found[prompt] = {name: ch for name, ch in neurons.items() if ch}
         final_ssim[prompt] = max_ssim(neurons)
+    bar.close()
     return found, skipped, final_ssim
 
 
@@ -353,8 +358,9 @@ def nemo_block(
     check: str = "ssim",
     blocks: Sequence[str] = BLOCKS,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
 ) -> dict:
-    """Localize (`localize_neurons`) and block (`block_neurons`) in place.
+    """Localize (`localize_neurons`) and block (`block_neurons`) in place (`progress`: a bar over the prompts).
 
     Returns {"neurons": {prompt: [(module, channel)]}, "changed": {weight name: weights zeroed},
     "skipped": {prompt: why nothing was blocked}, "ssim": {prompt: max SSIM with its neurons blocked},
@@ -374,6 +380,7 @@ def nemo_block(
             check,
             blocks,
             batch_size,
+            progress,
         )
     neurons = {p: _as_pairs(found.get(p, {})) for p in dict.fromkeys(memorized)}
     changed = block_neurons(UNetCore(pipe).parts.unet, neurons)

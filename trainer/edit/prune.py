@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, prompt_list
 from trainer.io import MemtrainError
@@ -114,6 +115,7 @@ def subspace_prune(
     guidance_scale: float = 7.5,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
 ) -> dict:
     """Zero, IN PLACE, the `ff.net.2` weights that carry the memorized prompts (module docstring).
 
@@ -142,7 +144,8 @@ def subspace_prune(
     x_T = core.initial_noise(1, seed)
     with count_evals() as counter, _record_inputs(layers) as store:
         runs = {"target": _Trajectory(core, memorized, x_T), "base": _Trajectory(core, base, x_T)}
-        for s, t in enumerate(timesteps):
+        for s, t in enumerate(tqdm(timesteps, desc="prune: sampling steps", disable=not progress,
+                                   dynamic_ncols=True, leave=False)):
             norms = {}
             for role, run in runs.items():
                 store.reset()

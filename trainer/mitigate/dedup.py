@@ -228,6 +228,28 @@ def apply_dedup_policy(rows, policy: str, threshold: float = DEFAULT_THRESHOLD, 
     ), None
 
 
+def exposure(rows, policy: str, samples: int, threshold: float = DEFAULT_THRESHOLD, progress: bool = False) -> dict:
+    """How often a training run draws each distinct image (a near-duplicate group or a lone row): `samples`
+    draws (optimizer steps x global batch) over the rows the `policy` trains on, each drawn with its
+    sampling probability (uniform over the kept rows; `reweight`'s weights). De-duplication spends the same
+    steps on fewer rows, so each distinct image is seen more often: `views_median` is what a typical
+    (lone) image sees, `epochs` the passes over the trained rows."""
+    n = len(rows.images)
+    groups = row_groups(rows, threshold, progress) if n > 1 else []
+    distinct = np.arange(n)
+    for g in groups:
+        distinct[list(g)] = min(g)
+    if policy == "none":
+        weight = np.ones(n)
+    else:
+        weight = dedup_weights(groups, n, policy).astype(np.float64)
+    views = float(samples) * np.bincount(np.unique(distinct, return_inverse=True)[1], weights=weight / weight.sum())
+    trained_rows = int(np.count_nonzero(weight)) if policy != "reweight" else n
+    return {"samples": int(samples), "trained_rows": trained_rows, "distinct_images": int(len(views)),
+            "epochs": float(samples) / trained_rows, "views_median": float(np.median(views)),
+            "views_max": float(views.max()), "policy": policy}
+
+
 # ---------------------------------------------------------------- report
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from trainer.core.components import load_pipeline
-from trainer.core.distributed import process_device
+from trainer.core.distributed import is_main_process, process_device
 from trainer.edit.save import LORA_FILE
 from trainer.measure.metrics import auroc
 from trainer.measure.replication import l2_matrix
 from trainer.prompts import read_labelled_prompts, read_prompts
+from trainer.report.eval_cache import read_entry
 from trainer.report.evaluate import evaluate
 from trainer.sample.generate import generate_images
 
@@ -64,12 +65,17 @@ def eval_summary(report: dict, named: set[str]) -> dict:
 
 
 def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, source_lora: str | None, lora_out: bool,
-                  general: list[str], general_before: torch.Tensor | None, gen_kw: dict, eval_kw: dict) -> dict:
+                  general: list[str], general_before: torch.Tensor | None, gen_kw: dict, eval_kw: dict,
+                  cached: Path | None = None) -> dict:
     """`memtrain evaluate` on the source and the edited result (into edited/eval_before, eval_after), side by
-    side, plus the mean L2 change of the general prompts' generations at the same seeds. Under `accelerate launch`
+    side, plus the mean L2 change of the general prompts' generations at the same seeds. `cached`: an entry of
+    `report.eval_cache` holding the source's evaluation, copied instead of recomputed. Under `accelerate launch`
     every process calls it (`evaluate` and `gen_kw["across_processes"]` share the work); the main one writes."""
     t0 = time.perf_counter()
-    before = evaluate(source, prompts, out=edited / "eval_before", lora=source_lora, **eval_kw)
+    if cached is not None:
+        before = read_entry(cached, edited / "eval_before" if is_main_process() else None)[0]
+    else:
+        before = evaluate(source, prompts, out=edited / "eval_before", lora=source_lora, **eval_kw)
     after_ckpt, after_lora = (source, edited / LORA_FILE) if lora_out else (edited, None)
     after = evaluate(after_ckpt, prompts, out=edited / "eval_after", lora=after_lora, **eval_kw)
     named = set(read_prompts_texts(memorized))
@@ -77,6 +83,8 @@ def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, sour
               "files": ["eval_before/report.md", "eval_after/report.md"],
               "named_in_prompts": sum(r.label == 1 and r.text in named for r in read_labelled_prompts(prompts)),
               "notes": sorted(set(before.get("notes", []) + after.get("notes", [])))}
+    if cached is not None:
+        result["before_cache"] = {"reused": True, "entry": str(cached)}
     if general:
         device = eval_kw.get("device") or process_device()
         pipe = load_pipeline(after_ckpt, after_lora, device=device)

@@ -10,6 +10,7 @@ OUT/compare.json, OUT/compare.md, OUT/clid_curves.png and OUT/runs/NAME/.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from trainer.config import apply_overrides, builtin_recipes, from_dict, read_rec
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError, atomic_file, write_json
 from trainer.measure.features import kid
-from trainer.mitigate.dedup import apply_dedup_policy
+from trainer.mitigate.dedup import exposure
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
 from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_curves
@@ -39,6 +40,7 @@ from trainer.training.loop import train
 PLAIN_RECIPE = builtin_recipes()["toy"]
 MITIGATED_RECIPE = builtin_recipes()["toy-mitigated"]
 MONITOR_KEY = "monitor/"
+MATCHES = ("steps", "epochs")
 SAME_TRAINING = ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "seed")
 
 
@@ -55,8 +57,11 @@ def parse_alone(value: str | list[str] | tuple[str, ...] | None) -> list[tuple[s
 
 
 def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrides: list[str], plain_recipe: Path,
-              mitigated_recipe: Path, progress: bool) -> list[dict]:
-    """The recipes of every run (name, recipe, its overrides), all validated before anything is written."""
+              mitigated_recipe: Path, progress: bool, match: str = "steps") -> list[dict]:
+    """The recipes of every run (name, recipe, its overrides), all validated before anything is written.
+    `match="epochs"`: the runs' `train.max_steps` may differ (`match_exposure` sets them once the data exists)."""
+    if match not in MATCHES:
+        raise MemtrainError(f"--match must be one of {', '.join(MATCHES)}, got {match!r}")
     plain_tree = read_recipe_tree(plain_recipe)
     mitigated_tree = read_recipe_tree(mitigated_recipe)
     monitor = mitigated_tree.get("monitor")
@@ -82,6 +87,8 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
     for run in planned[1:]:
         other = run["recipe"].train
         for key in SAME_TRAINING:
+            if key == "max_steps" and match == "epochs":
+                continue
             if getattr(first, key) != getattr(other, key):
                 raise MemtrainError(
                     f"{run['recipe_path']}: `train.{key}`={getattr(other, key)!r} but the plain recipe "
@@ -91,15 +98,31 @@ def plan_runs(out: Path, base: Path, alone: list[tuple[str, list[str]]], overrid
 
 
 def training_rows(recipe) -> dict:
-    """Rows of the training data and how many the recipe trains on after its `data.dedup` policy
-    (the same `dedup.apply_dedup_policy` call as `loop.make_caption_fn_and_weights`)."""
+    """Rows of the training data, how many the recipe trains on after its `data.dedup` policy (the grouping
+    of `dedup.apply_dedup_policy`, as `loop.make_caption_fn_and_weights`) and how often it sees each distinct
+    image (`dedup.exposure`; the comparison trains in one process)."""
     rows = data_lib.load_rows(recipe.data.path, recipe.data.caption_column, recipe.data.image_column,
                               recipe.data.split, recipe.data.max_samples)
-    kept, weights = rows, None
-    if recipe.data.dedup != "none":
-        kept, weights = apply_dedup_policy(rows, recipe.data.dedup, recipe.data.dedup_threshold, progress=False)
-    return {"rows": len(rows.images), "trained_rows": len(kept.images), "dedup": recipe.data.dedup,
-            "reweighted": weights is not None}
+    opt = recipe.train
+    seen = exposure(rows, recipe.data.dedup, opt.max_steps * opt.batch_size * opt.gradient_accumulation_steps,
+                    recipe.data.dedup_threshold)
+    return {"rows": len(rows.images), "trained_rows": seen["trained_rows"], "dedup": recipe.data.dedup,
+            "reweighted": recipe.data.dedup == "reweight", "exposure": seen}
+
+
+def match_exposure(runs: list[dict], match: str) -> dict[str, dict]:
+    """{run name: training_rows}; with `match="epochs"` each run's `train.max_steps` is first set so that it
+    sees a typical distinct image as often as the plain (first) run does (`views_median`), e.g. a
+    de-duplicated run takes fewer steps."""
+    rows = {run["name"]: training_rows(run["recipe"]) for run in runs}
+    if match == "epochs":
+        ref = rows[runs[0]["name"]]["exposure"]["views_median"]
+        for run in runs[1:]:
+            opt = run["recipe"].train
+            views = rows[run["name"]]["exposure"]["views_median"]
+            opt.max_steps = max(1, math.floor(opt.max_steps * ref / views + 0.5))
+            rows[run["name"]] = training_rows(run["recipe"])
+    return rows
 
 
 def monitor_curves(metrics_jsonl: str | Path) -> list[dict]:
@@ -147,8 +170,10 @@ def measure_run(run: dict, data: Path, n: int, steps: int, progress: bool) -> di
 def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone: str | list[str] | None = None,
             n: int = 2, overrides: list[str] = (), steps: int = 50, data_config=None,
             plain_recipe: str | Path = PLAIN_RECIPE, mitigated_recipe: str | Path = MITIGATED_RECIPE,
-            progress: bool = True) -> dict:
-    """Run the comparison of the module docstring; write OUT/compare.json, compare.md, clid_curves.png."""
+            progress: bool = True, match: str = "steps") -> dict:
+    """Run the comparison of the module docstring; write OUT/compare.json, compare.md, clid_curves.png.
+    `match`: "steps" (every run the plain run's optimizer steps) or "epochs" (every run sees each distinct
+    image as often as the plain run: `match_exposure`)."""
     out, base = Path(out), Path(base)
     names = parse_alone(alone)
     for value, flag in ((n, "-n"), (steps, "--steps")):
@@ -157,9 +182,10 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
     if not (base / "model_index.json").is_file():
         raise MemtrainError(f"--base {base}: not a diffusers pipeline directory (no model_index.json); the toy "
                             "base is built by `python scripts/build_toy_base.py`")
-    runs = plan_runs(out, base, names, list(overrides), Path(plain_recipe), Path(mitigated_recipe), progress)
+    runs = plan_runs(out, base, names, list(overrides), Path(plain_recipe), Path(mitigated_recipe), progress, match)
     t_start = time.time()
     toy_world.make_toy_data(out / "data", data_config or toy_world.ToyDataConfig())
+    data_rows = match_exposure(runs, match)
     data_s = round(time.time() - t_start, 1)
     results = []
     bar = tqdm(runs, desc="compare", disable=not progress, dynamic_ncols=True)
@@ -167,7 +193,7 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
         bar.set_postfix_str(run["name"])
         recipe = run["recipe"]
         shutil.rmtree(recipe.output.dir, ignore_errors=True)  # a fresh run: the JSONL metrics file appends
-        rows = training_rows(recipe)
+        rows = data_rows[run["name"]]
         t0 = time.time()
         summary = train(recipe)
         train_s = time.time() - t0
@@ -191,6 +217,7 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
     report = {"title": "memtrain compare: plain vs mitigated fine-tune of the toy base",
               "data": {"path": str(out / "data"), "config": vars(data_config or toy_world.ToyDataConfig())},
               "base": str(base), "n_per_prompt": n, "generation_steps": steps, "overrides": list(overrides),
+              "match": match,
               "monitor": vars(runs[0]["recipe"].monitor), "runs": results,
               "timing": {"data_s": data_s, "total_s": round(time.time() - t_start, 1)}}
     save_clid_curves(results, out / "clid_curves.png")

@@ -50,7 +50,7 @@ from trainer.core.unet_core import posterior_latents
 from trainer.io import MemtrainError, TrainingInterrupted, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
 from trainer.mitigate.dedup import apply_dedup_policy
-from trainer.mitigate.loss_mask import memorization_mask
+from trainer.mitigate.loss_mask import LOSS_MASK_STATE, LossMask, memorization_mask
 from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_image_grid
 from trainer.sample.generate import generate_images
@@ -71,8 +71,11 @@ def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> sli
 
 
 def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
-                   global_batch: int, weight_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-    """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss)."""
+                   global_batch: int, weight_dtype: torch.dtype, loss_mask: LossMask | None = None,
+                   mask_threshold: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss). With
+    `loss_mask`, samples with ||d(c)|| >= `mask_threshold` are masked (None: the warm-up, none is); the
+    per-sample magnitudes are returned in `stats["magnitudes"]`."""
     unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
     opt = recipe.train
     pixels = batch["pixel_values"].to(weight_dtype)
@@ -117,12 +120,13 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=opt.snr_gamma)
         weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
-    if opt.loss_mask_threshold is not None:
+    if loss_mask is not None:
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
-                                            opt.loss_mask_threshold, pred, scheduler)
+                                            mask_threshold, pred, scheduler)
         weights = weights * keep
         stats["masked"] = (1 - keep).sum()
         stats["noise_magnitude"] = magnitude.mean()
+        stats["magnitudes"] = magnitude
     loss = (per_sample * weights).sum() / per_sample.numel()
     return loss, stats
 
@@ -294,7 +298,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     parts.update(unet=unet, text_encoder=text_encoder)
     if ema is not None:
         ema.to(accelerator.device)
-    if opt.loss_mask_threshold is not None:
+    loss_mask = LossMask.from_recipe(opt)
+    if loss_mask is not None:
         empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
         with torch.no_grad():
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
@@ -306,6 +311,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
+    if resume_path is not None and loss_mask is not None and loss_mask.adaptive:
+        load_loss_mask_state(loss_mask, resume_path, accelerator)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
     saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
     monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
@@ -356,7 +363,9 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                 with accelerator.accumulate(unet):
                     generator = step_generator(opt.seed, micro_step)
                     rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
-                    loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype)
+                    threshold = loss_mask.threshold() if loss_mask is not None else None
+                    loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype,
+                                                 loss_mask, threshold)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opt.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, opt.max_grad_norm)
@@ -364,8 +373,14 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro_step += 1
+                if loss_mask is not None:  # every process records the same global magnitudes
+                    loss_mask.record(accelerator.gather(stats.pop("magnitudes").detach()))
+                    if threshold is not None:
+                        stats["mask_threshold"] = threshold
                 running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
                 for k, v in stats.items():
+                    if k == "mask_threshold":
+                        continue
                     stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
                         accelerator.gather(v.detach().reshape(1)).mean().item())
                 if not accelerator.sync_gradients:
@@ -391,6 +406,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                         state[MONITOR_STATE] = monitor_state.state_dict()
                     if ema is not None:
                         state[EMA_STATE], tensors[EMA_STATE] = ema_state(ema)
+                    if loss_mask is not None and loss_mask.adaptive:
+                        tensors[LOSS_MASK_STATE] = loss_mask.state_dict()
                     save_checkpoint(accelerator, recipe, out, global_step, state, tensors)
                 if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
                     validation_images(accelerator, recipe, parts, global_step, out)
@@ -438,6 +455,18 @@ def load_ema_state(ema: EMAModel, checkpoint: Path) -> None:
                             f"{EMA_STATE}.safetensors); resume with train.ema=false or start a new output.dir")
     device = ema.shadow_params[0].device
     ema.load_state_dict({**settings, "shadow_params": [tensors[str(i)].to(device) for i in range(len(tensors))]})
+
+
+def load_loss_mask_state(loss_mask: LossMask, checkpoint: Path, accelerator: Accelerator) -> None:
+    """The running ||d(c)|| window of an adaptive loss mask; a checkpoint without one (a run that did not mask
+    adaptively) starts the window empty, i.e. with the warm-up again."""
+    tensors = read_checkpoint_tensors(checkpoint, LOSS_MASK_STATE)
+    if tensors is None:
+        if accelerator.is_main_process:
+            warnings.warn(f"{checkpoint} holds no loss-mask window ({LOSS_MASK_STATE}.safetensors): the adaptive "
+                          "loss mask warms up again from this step", stacklevel=2)
+        return
+    loss_mask.load_state_dict(tensors)
 
 
 def flat_config(recipe: TrainRecipe) -> dict:
