@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
 from trainer.mitigate.presets import PRESETS
 from trainer.recipe import TrainRecipe
+from trainer.report.render import compare_markdown
 from trainer.toy import world as toy_world
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
 from trainer.toy.compare import (
     MITIGATED_RECIPE,
     PLAIN_RECIPE,
     compare,
+    match_exposure,
     monitor_curves,
     parse_alone,
     plan_runs,
@@ -126,6 +129,60 @@ def test_compare_writes_both_runs_side_by_side(compared):
     assert {g["nearest_group"] for g in gens} <= {"duplicated", "singleton"}
     assert all(g["nearest_group"] == "duplicated" for g in gens if g["group"] == "duplicated" and g["nearest_is_source"])
     assert all(g["nearest_group"] == "singleton" for g in gens if g["group"] == "singleton" and g["nearest_is_source"])
+
+
+def test_exposure_per_distinct_image_and_the_membership_verdict(compared):
+    """16 draws (4 steps x batch 4): the plain run over 16 rows sees a lone image once and a duplicated one
+    (4 copies) 4 times; the de-duplicated run over 10 rows sees every distinct image 1.6 times. When CLiD
+    rises while duplicated replication falls, the verdict line says so and names the exposure."""
+    out, report = compared
+    runs = {r["name"]: r["data"]["exposure"] for r in report["runs"]}
+    assert {k: runs["plain"][k] for k in ("samples", "distinct_images", "views_median", "views_max")} == {
+        "samples": 16, "distinct_images": 10, "views_median": 1.0, "views_max": 4.0}
+    assert runs["mitigated"]["distinct_images"] == 10 and runs["mitigated"]["trained_rows"] == 10
+    assert runs["mitigated"]["views_median"] == pytest.approx(1.6) == runs["mitigated"]["views_max"]
+    assert runs["rt"]["views_median"] == 1.0
+    md = (out / "compare.md").read_text()
+    assert "| plain | 4 | 16 | 1, 4 |" in md and "| mitigated | 4 | 10 | 1.6, 1.6 |" in md
+
+    plain, mitigated = report["runs"][0], report["runs"][1]
+    verdict = next(line for line in md.splitlines() if line.startswith("- mitigated vs plain:"))
+    assert f"CLiD AUC {plain['final_monitor']['clid_auc']:.3f} -> {mitigated['final_monitor']['clid_auc']:.3f}" in verdict
+    rose = copy.deepcopy(report)  # the situation of the issue: replication fell, membership rose
+    rose["runs"][0]["replication"]["duplicated"]["fraction_replicated"] = 1.0
+    rose["runs"][1]["replication"]["duplicated"]["fraction_replicated"] = 0.0
+    rose["runs"][1]["final_monitor"]["clid_auc"] = rose["runs"][0]["final_monitor"]["clid_auc"] + 0.1
+    verdict = next(line for line in compare_markdown(rose).splitlines() if line.startswith("- mitigated vs plain:"))
+    assert "membership rose while replication fell" in verdict
+    assert "1.6 times vs 1 (1.6x as often" in verdict and "--match epochs" in verdict
+    rose["match"] = "epochs"
+    verdict = next(line for line in compare_markdown(rose).splitlines() if line.startswith("- mitigated vs plain:"))
+    assert "at matched exposure" in verdict
+    fell = copy.deepcopy(rose)
+    fell["runs"][1]["final_monitor"]["clid_auc"] = fell["runs"][0]["final_monitor"]["clid_auc"] - 0.1
+    fell["runs"][1]["final_monitor"]["clid_tpr_at_1fpr"] = fell["runs"][0]["final_monitor"]["clid_tpr_at_1fpr"]
+    assert "membership rose" not in compare_markdown(fell)
+
+
+def test_match_epochs_gives_each_run_the_plain_runs_views_per_distinct_image(tmp_path, tiny32):
+    """`--match epochs`: 8 plain steps of batch 4 over 16 rows = 2 views of a lone image; the de-duplicated
+    (10 rows) and the reweighted run (weights summing to 10) reach 2 views in 5 steps, rt keeps 8."""
+    toy_world.make_toy_data(tmp_path / "data", DATA)
+    runs = plan_runs(tmp_path, tiny32, parse_alone("rt,reweight"), [*TINY_RUN, "train.max_steps=8"], PLAIN_RECIPE,
+                     MITIGATED_RECIPE, False, match="epochs")
+    rows = match_exposure(runs, "epochs")
+    assert {r["name"]: r["recipe"].train.max_steps for r in runs} == {"plain": 8, "mitigated": 5, "rt": 8,
+                                                                       "reweight": 5}
+    assert {name: r["exposure"]["views_median"] for name, r in rows.items()} == pytest.approx(
+        {"plain": 2.0, "mitigated": 2.0, "rt": 2.0, "reweight": 2.0})
+    different = tmp_path / "other.yaml"  # steps of their own: refused when steps are matched, not with epochs
+    different.write_text(f"extends: {MITIGATED_RECIPE}\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(MemtrainError, match="max_steps"):
+        plan_runs(tmp_path, tiny32, [], [], PLAIN_RECIPE, different, False)
+    assert len(plan_runs(tmp_path, tiny32, [], [], PLAIN_RECIPE, different, False, match="epochs")) == 2
+    runs = plan_runs(tmp_path, tiny32, [], TINY_RUN, PLAIN_RECIPE, MITIGATED_RECIPE, False)
+    assert [r["recipe"].train.max_steps for r in runs] == [4, 4]
+    assert match_exposure(runs, "steps")["mitigated"]["exposure"]["views_median"] == pytest.approx(1.6)
 
 
 def test_clid_values_are_those_of_each_runs_jsonl_and_monitor(compared):

@@ -217,19 +217,21 @@ def test_a_second_edit_reuses_the_cached_before_evaluation(tiny_model, tiny_data
 
 
 def test_neurons_names_skipped_prompts_on_the_console_and_in_edit_md(tiny_model, tmp_path, capsys):
-    """NeMo skips a prompt whose ||d(c)|| exceeds no reference prompt's (check=magnitude): a prompt that is
-    itself a reference prompt never does. The skip is named on stderr and in edit.md, not only in edit.json."""
-    skipped = "a large yellow triangle and a large blue cross"
-    (tmp_path / "memorized.txt").write_text(f"{skipped}\n{MEMORIZED}\n")
-    (tmp_path / "reference.txt").write_text(f"small purple diamond\n{skipped}\n")
+    """On the untrained tiny model NeMo's memorization check (check=magnitude: the prompt's first-step ||d(c)||
+    above every reference prompt's) skips prompts; each skip is named with its reason on stderr and in edit.md,
+    not only in edit.json."""
+    (tmp_path / "memorized.txt").write_text(f"{MEMORIZED}\nsmall purple diamond\n")
+    (tmp_path / "reference.txt").write_text("small purple diamond\na large yellow triangle and a large blue cross\n")
     out = tmp_path / "nemo"
     assert edit("neurons", tiny_model, "--memorized", tmp_path / "memorized.txt", "--reference",
                 tmp_path / "reference.txt", "--check", "magnitude", "--out", out) == 0
     err = capsys.readouterr().err
     report = json.loads((out / "edit.json").read_text())
-    assert skipped in report["skipped"] and "not memorized" in report["skipped"][skipped]
+    assert report["skipped"] and set(report["skipped"]) <= {MEMORIZED, "small purple diamond"}
     md = (out / "edit.md").read_text()
     assert f"## Skipped prompts ({len(report['skipped'])})" in md
     for prompt, why in report["skipped"].items():
-        assert f"'{prompt}': {why}" in err and f"| {prompt} | {why} |" in md
+        assert "not memorized" in why
+        assert f"'{prompt}': {why}" in err
+        assert f"| {prompt} | {why.replace('|', chr(92) + '|')} |" in md  # a table cell: | escaped
     assert f"{len(report['skipped'])} of 2 memorized prompts skipped" in err
