@@ -178,33 +178,45 @@ def test_loss_mask_drops_samples_over_threshold(tmp_path, tiny_model, tiny_data)
 
 def test_adaptive_loss_mask_masks_the_stated_share(tmp_path, tiny_model, tiny_data):
     """`train.loss_mask_quantile`: nothing is masked while the window fills (the warm-up), then each step's
-    samples over the running q-quantile of ||d(c)|| are: about 1 - q of them. The logged threshold is the
-    quantile of the magnitudes of the previous `window` samples, which the run logs itself (batch = window
-    here, so the window is exactly the previous step's samples)."""
-    from trainer.mitigate.loss_mask import LossMask
-
+    samples at or over the running q-quantile of ||d(c)|| in their timestep range are: about 1 - q of them."""
     out = tmp_path / "q"
     recipe = write_recipe(tmp_path / "q.yaml", tiny_model, tiny_data / "train", out,
-                          train={"loss_mask_quantile": 0.75, "loss_mask_window": 32, "max_steps": 24,
-                                 "batch_size": 8})
+                          train={"loss_mask_quantile": 0.75, "loss_mask_window": 64, "loss_mask_timestep_bins": 4,
+                                 "max_steps": 28, "batch_size": 8})
     assert main(["train", str(recipe)]) == 0
     rows = read_jsonl(out / "logs" / "metrics.jsonl")
-    warmup = 32 // 8
+    warmup = 64 // 8
     assert [r["masked"] for r in rows[:warmup]] == [0] * warmup and all("mask_threshold" not in r for r in rows[:warmup])
     after = rows[warmup:]
     assert all(r["mask_threshold"] > 0 for r in after)
     share = sum(r["masked"] for r in after) / (8 * len(after))
     assert 0.15 <= share <= 0.35, share  # stated share 0.25
-    assert len({r["mask_threshold"] for r in after}) > 1  # the threshold follows the running distribution
+    assert len({r["mask_threshold"] for r in after}) > 1  # the thresholds follow the running distribution
 
-    # the window's quantile, on values drawn from a known distribution
-    mask = LossMask(quantile=0.9, window=1000)
-    assert mask.threshold() is None
-    values = torch.rand(1500, generator=torch.Generator().manual_seed(0))
-    mask.record(values[:1000])
-    assert mask.threshold() == pytest.approx(torch.quantile(values[:1000].double(), 0.9).item())
-    mask.record(values[1000:])
-    assert torch.equal(mask.values, values[500:]) and abs(mask.threshold() - 0.9) < 0.03
+
+def test_loss_mask_window_quantiles_per_timestep_range():
+    """The window's quantile on magnitudes that fall with the timestep (as ||d(c)|| does): one quantile over
+    all timesteps masks only low-noise samples; per timestep range, about 1 - q of every range."""
+    from trainer.mitigate.loss_mask import LossMask
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (3000,), generator=g)
+    m = 3.0 * (1 - t / 1000) + 0.3 * torch.rand(3000, generator=g)
+    shares = {}
+    for bins in (1, 10):
+        mask = LossMask(quantile=0.9, window=1000, bins=bins)
+        assert mask.thresholds(t[:8]) is None  # warm-up
+        mask.record(m[:1000], t[:1000])
+        assert torch.equal(mask.values, m[:1000]) and torch.equal(mask.steps, t[:1000])
+        if bins == 1:
+            assert mask.thresholds(t[:1]).item() == pytest.approx(torch.quantile(m[:1000].double(), 0.9).item())
+        masked = m[1000:] >= mask.thresholds(t[1000:])
+        shares[bins] = [masked[(t[1000:] // 100) == b].float().mean().item() for b in range(10)]
+        assert abs(masked.float().mean().item() - 0.1) < 0.03
+        mask.record(m[1000:], t[1000:])
+        assert torch.equal(mask.values, m[2000:])  # the last `window` values
+    assert shares[1][0] > 0.7 and max(shares[1][3:]) == 0.0  # all at low t
+    assert all(0.03 < s < 0.2 for s in shares[10])
 
 
 def test_loss_mask_keys_are_checked(tmp_path, tiny_model, tiny_data, capsys):

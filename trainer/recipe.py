@@ -72,6 +72,7 @@ class OptimSection:
     loss_mask_threshold: float | None = None  # Wen et al.: drop samples with ||d(c)|| >= this fixed value (2.0)
     loss_mask_quantile: float | None = None  # adaptive: drop samples over this quantile of the running ||d(c)|| (0.9)
     loss_mask_window: int = 1000  # per-sample ||d(c)|| values (all processes) the quantile is taken over; warm-up
+    loss_mask_timestep_bins: int = 10  # the quantile is taken per timestep range (||d(c)|| grows as t falls)
 
 
 @dataclass
@@ -222,6 +223,9 @@ class TrainRecipe:
             if not 0.0 < self.train.loss_mask_quantile < 1.0:
                 raise MemtrainError("recipe: `train.loss_mask_quantile` must be in (0, 1) (0.9 masks the top 10%), "
                                     f"got {self.train.loss_mask_quantile}")
+        if self.train.loss_mask_timestep_bins < 1:
+            raise MemtrainError("recipe: `train.loss_mask_timestep_bins` must be >= 1 (1 = one quantile over all "
+                                f"timesteps), got {self.train.loss_mask_timestep_bins}")
         if self.train.loss_mask_window < 2:
             raise MemtrainError(f"recipe: `train.loss_mask_window` must be >= 2, got {self.train.loss_mask_window}")
         if not 0.0 < self.data.dedup_threshold <= 1.0:

@@ -71,11 +71,11 @@ def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> sli
 
 
 def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
-                   global_batch: int, weight_dtype: torch.dtype, loss_mask: LossMask | None = None,
-                   mask_threshold: float | None = None) -> tuple[torch.Tensor, dict]:
+                   global_batch: int, weight_dtype: torch.dtype,
+                   loss_mask: LossMask | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss). With
-    `loss_mask`, samples with ||d(c)|| >= `mask_threshold` are masked (None: the warm-up, none is); the
-    per-sample magnitudes are returned in `stats["magnitudes"]`."""
+    `loss_mask`, samples with ||d(c)|| at or over their threshold are masked; the per-sample magnitudes and
+    timesteps are returned in `stats["magnitudes"]`, `stats["timesteps"]` (for `loss_mask.record`)."""
     unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
     opt = recipe.train
     pixels = batch["pixel_values"].to(weight_dtype)
@@ -122,11 +122,11 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
         weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
     if loss_mask is not None:
         keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
-                                            mask_threshold, pred, scheduler)
+                                            loss_mask.thresholds(timesteps), pred, scheduler)
         weights = weights * keep
         stats["masked"] = (1 - keep).sum()
         stats["noise_magnitude"] = magnitude.mean()
-        stats["magnitudes"] = magnitude
+        stats["magnitudes"], stats["timesteps"] = magnitude, timesteps
     loss = (per_sample * weights).sum() / per_sample.numel()
     return loss, stats
 
@@ -298,7 +298,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     parts.update(unet=unet, text_encoder=text_encoder)
     if ema is not None:
         ema.to(accelerator.device)
-    loss_mask = LossMask.from_recipe(opt)
+    loss_mask = LossMask.from_recipe(opt, parts["noise_scheduler"].config.num_train_timesteps)
     if loss_mask is not None:
         empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
         with torch.no_grad():
@@ -363,9 +363,9 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                 with accelerator.accumulate(unet):
                     generator = step_generator(opt.seed, micro_step)
                     rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
-                    threshold = loss_mask.threshold() if loss_mask is not None else None
+                    threshold = loss_mask.logged_threshold() if loss_mask is not None else None
                     loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype,
-                                                 loss_mask, threshold)
+                                                 loss_mask)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and opt.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, opt.max_grad_norm)
@@ -374,7 +374,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
                     optimizer.zero_grad(set_to_none=True)
                 micro_step += 1
                 if loss_mask is not None:  # every process records the same global magnitudes
-                    loss_mask.record(accelerator.gather(stats.pop("magnitudes").detach()))
+                    loss_mask.record(accelerator.gather(stats.pop("magnitudes").detach()),
+                                     accelerator.gather(stats.pop("timesteps").detach()))
                     if threshold is not None:
                         stats["mask_threshold"] = threshold
                 running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
