@@ -151,7 +151,8 @@ def test_resume_with_the_adaptive_loss_mask_is_exact(tmp_path, tiny_model, tiny_
     """The running ||d(c)|| window rides in the checkpoint: resumed after the warm-up (window 8 = 2 steps of
     batch 4), the masked counts, thresholds, losses and weights equal the uninterrupted run's."""
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "full",
-                          train={"max_steps": 8, "loss_mask_quantile": 0.5, "loss_mask_window": 8},
+                          train={"max_steps": 8, "loss_mask_quantile": 0.5, "loss_mask_window": 8,
+                                 "loss_mask_timestep_bins": 2},
                           checkpoint={"every_steps": 4})
     assert main(["train", str(recipe)]) == 0
     part = tmp_path / "part"
