@@ -42,3 +42,23 @@ def test_two_processes_match_one_process(tmp_path, tiny_model, tiny_data):
     diff = torch.cat([(w2[k] - w1[k]).flatten() for k in w1]).norm()
     moved = torch.cat([(w1[k] - base[k]).flatten() for k in w1]).norm()
     assert moved > 0 and diff / moved < 1e-2
+
+
+def test_two_processes_mask_as_one_process(tmp_path, tiny_model, tiny_data):
+    """The adaptive loss mask's window is gathered from both processes in global batch order: 2 processes of
+    batch 2 mask the same samples, with the same thresholds, as 1 process of batch 4."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "two",
+                          train={"batch_size": 2, "max_steps": 6, "loss_mask_quantile": 0.5, "loss_mask_window": 8,
+                                 "loss_mask_timestep_bins": 2})
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "trainer.cli", "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    assert main(["train", str(recipe), "train.batch_size=4", f"output.dir={one}"]) == 0
+    two_log, one_log = read_jsonl(tmp_path / "two" / "logs" / "metrics.jsonl"), read_jsonl(one / "logs" / "metrics.jsonl")
+    assert [r["masked"] for r in two_log] == [r["masked"] for r in one_log]
+    assert sum(r["masked"] for r in one_log) > 0 and "mask_threshold" in one_log[-1]
+    for a, b in zip(two_log, one_log, strict=True):
+        assert abs(a.get("mask_threshold", 0) - b.get("mask_threshold", 0)) <= 1e-5 * abs(b.get("mask_threshold", 1))
