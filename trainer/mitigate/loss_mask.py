@@ -13,6 +13,8 @@ signal from the loss. Formulas: docs/methods.md.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from trainer.core.unet_core import to_epsilon
@@ -109,6 +111,18 @@ class LossMask:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.clone(), "timesteps": self.steps.clone()}
+
+    def resume(self, tensors: dict[str, torch.Tensor] | None, checkpoint, warn: bool) -> None:
+        """Load the window saved in `checkpoint`; one saved by a run that did not mask adaptively (None)
+        leaves it empty: the warm-up starts again (`warn`: say so)."""
+        if not self.adaptive:
+            return
+        if tensors is None:
+            if warn:
+                warnings.warn(f"{checkpoint} holds no loss-mask window ({LOSS_MASK_STATE}.safetensors): the adaptive "
+                              "loss mask warms up again from this step", stacklevel=2)
+            return
+        self.load_state_dict(tensors)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         self.values = tensors["values"].float().flatten()[-self.size:]

@@ -311,8 +311,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
-    if resume_path is not None and loss_mask is not None and loss_mask.adaptive:
-        load_loss_mask_state(loss_mask, resume_path, accelerator)
+    if resume_path is not None and loss_mask is not None:
+        loss_mask.resume(read_checkpoint_tensors(resume_path, LOSS_MASK_STATE), resume_path, accelerator.is_main_process)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
     saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
     monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
@@ -456,18 +456,6 @@ def load_ema_state(ema: EMAModel, checkpoint: Path) -> None:
                             f"{EMA_STATE}.safetensors); resume with train.ema=false or start a new output.dir")
     device = ema.shadow_params[0].device
     ema.load_state_dict({**settings, "shadow_params": [tensors[str(i)].to(device) for i in range(len(tensors))]})
-
-
-def load_loss_mask_state(loss_mask: LossMask, checkpoint: Path, accelerator: Accelerator) -> None:
-    """The running ||d(c)|| window of an adaptive loss mask; a checkpoint without one (a run that did not mask
-    adaptively) starts the window empty, i.e. with the warm-up again."""
-    tensors = read_checkpoint_tensors(checkpoint, LOSS_MASK_STATE)
-    if tensors is None:
-        if accelerator.is_main_process:
-            warnings.warn(f"{checkpoint} holds no loss-mask window ({LOSS_MASK_STATE}.safetensors): the adaptive "
-                          "loss mask warms up again from this step", stacklevel=2)
-        return
-    loss_mask.load_state_dict(tensors)
 
 
 def flat_config(recipe: TrainRecipe) -> dict:
