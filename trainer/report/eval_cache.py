@@ -4,7 +4,7 @@ the same prompt file and evaluation settings instead of being recomputed.
 
 The key is a SHA-256 over what determines that evaluation: the bytes of every file of the checkpoint (and
 of the input LoRA), the bytes of the prompt file, a listing (relative path, size, modification time) of the
-directories it reads images and models from, the evaluation settings and memtrain's version. An entry is
+directories it reads images and models from, the evaluation settings and memtrain's version and sources. An entry is
 written atomically and is complete when it exists. Location: `--eval-cache DIR`, else `$MEMTRAIN_CACHE`,
 else `$XDG_CACHE_HOME/memtrain` (`~/.cache/memtrain`).
 """
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import trainer
 from trainer import __version__
 from trainer.io import MemtrainError, atomic_dir
 
@@ -67,11 +68,20 @@ def listing_digest(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
+def code_digest() -> str:
+    """SHA-256 of memtrain's own Python sources: a changed evaluation code misses the cache."""
+    root = Path(trainer.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def evaluation_key(checkpoint: str | Path, lora: str | Path | None, prompts: str | Path, image_root: str | Path,
                    directories: dict[str, str | None], settings: dict, progress: bool = True) -> str:
     """The cache key of evaluating `checkpoint` (+ `lora`) on `prompts` with `settings`; `directories`:
     the other inputs the evaluation reads (training data, CLIP model), by listing."""
-    parts = {"memtrain": __version__, "model": content_digest([checkpoint, lora], progress),
+    parts = {"memtrain": __version__, "code": code_digest(), "model": content_digest([checkpoint, lora], progress),
              "prompts": content_digest([prompts], progress=False), "images": listing_digest(image_root),
              **{k: listing_digest(v) for k, v in sorted(directories.items())},
              "settings": {k: settings[k] for k in sorted(settings)}}
