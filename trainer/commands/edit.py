@@ -366,9 +366,12 @@ def run(args: argparse.Namespace) -> int:
         if tmp is None:
             return 0
         if evaluating and cache_key is not None and entry is None:
-            report["evaluation"]["before_cache"] = {"reused": False, "entry": str(store(
-                cache_root, cache_key, tmp / "eval_before", general_before,
-                {"checkpoint": str(source), "lora": args.lora, "prompts": args.evaluate, "settings": eval_kw}))}
+            try:
+                report["evaluation"]["before_cache"] = {"reused": False, "entry": str(store(
+                    cache_root, cache_key, tmp / "eval_before", general_before,
+                    {"checkpoint": str(source), "lora": args.lora, "prompts": args.evaluate, "settings": eval_kw}))}
+            except OSError as e:  # a cache that cannot be written costs the next edit time, not this one its result
+                _say(f"warning: cannot cache the source's evaluation in {cache_root} ({e}); pass --eval-cache DIR")
         write_json(report, tmp / "edit.json")
         (tmp / "edit.md").write_text(edit_markdown(report))
         if args.wandb:
