@@ -194,14 +194,15 @@ def train(recipe: TrainRecipe) -> dict:
     )
     try:
         check_launch(accelerator, recipe)
-        global_step = 0
+        global_step, allowed = 0, {}
         if resume_path is not None:
-            global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
+            global_step, allowed = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
         with output_dir_lock(accelerator, out):
             if accelerator.is_main_process:
                 prepare_output_dir(recipe, out, global_step)
             accelerator.wait_for_everyone()
-            return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+            summary = _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+            return dict(summary, allowed_changes=allowed) if allowed else summary
     finally:
         # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
         # mixed precision, say) can run in the same Python process, e.g. from the Python API
