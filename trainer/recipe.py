@@ -151,6 +151,8 @@ FREE_SECTIONS = ("checkpoint", "log", "output", "monitor")
 FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers")
 # schedules whose learning rate does not depend on train.max_steps: a resume may extend (or shorten) the run
 LENGTH_FREE_SCHEDULERS = ("constant", "constant_with_warmup")
+# keys a checkpoint's weights fix: a resume cannot change them, even when allowed
+FIXED_KEYS = ("model.lora.rank", "model.lora.target_modules", "model.train_text_encoder", "train.ema")
 PATH_KEYS = ("model.pretrained", "data.path")  # compared as resolved paths when they exist on this machine
 
 
@@ -270,6 +272,9 @@ class TrainRecipe:
                 hint = f"did you mean `{close[0]}`? " if close else ""
                 raise MemtrainError(f"recipe: `checkpoint.allow_changes`: {key!r} is not a key a resume checks; {hint}"
                                     f"(sections {', '.join(FREE_SECTIONS)} may always change)")
+            if key in FIXED_KEYS:
+                raise MemtrainError(f"recipe: `checkpoint.allow_changes`: {key} cannot change on resume (the "
+                                    "checkpoint's weights are shaped by it); start a new output.dir")
 
     @property
     def export(self) -> str:

@@ -19,6 +19,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.io import MemtrainError, atomic_dir
 from trainer.recipe import TrainRecipe
@@ -174,17 +175,40 @@ def check_checkpoint_files(path: Path) -> None:
                                 "checkpoint (checkpoint.resume=PATH), delete this one, or start a new output.dir")
 
 
+RNG_STATE_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}  # what accelerate restores
+
+
 def check_random_states(path: Path) -> None:
     """Load every process's RNG state file as accelerate will (weights_only): accelerate swallows a file it
     refuses and resumes without the RNG state, which is not the exact resume promised; here it is an error."""
     for file in sorted(Path(path).glob("random_states_*.pkl")):
         try:
-            accelerate_load(file)
+            states = accelerate_load(file)
+            missing = RNG_STATE_KEYS - set(states) if isinstance(states, dict) else RNG_STATE_KEYS
+            if missing:
+                raise ValueError(f"it holds no {', '.join(sorted(missing))}")
         except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... on a bad file
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MemtrainError(f"checkpoint.resume: {file} cannot be loaded safely ({reason}); the checkpoint is "
                                 "damaged or was altered: resume from an earlier checkpoint (checkpoint.resume=PATH), "
                                 "delete this one, or start a new output.dir") from None
+
+
+def apply_recipe_hyperparameters(optimizer, lr_scheduler, lr: float, recipe: TrainRecipe) -> None:
+    """`accelerator.load_state` restores the optimizer's hyperparameters and the schedule's base learning rate
+    from the checkpoint; set this recipe's instead, so a change `checkpoint.allow_changes` allowed takes effect
+    (unchanged values are set to what they were). The schedule's position is the checkpoint's."""
+    opt = recipe.train
+    for group in optimizer.param_groups:
+        group.update(initial_lr=lr, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.adam_weight_decay,
+                     eps=opt.adam_epsilon)
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if isinstance(schedule, LambdaLR):  # every diffusers schedule
+        schedule.base_lrs = [lr] * len(schedule.base_lrs)
+        rates = [base * f(schedule.last_epoch) for base, f in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        schedule._last_lr = rates
 
 
 def read_checkpoint_state(path: Path, name: str) -> dict | None:

@@ -81,6 +81,7 @@ def load_components(recipe: TrainRecipe) -> dict:
     if m.prediction_type is not None:
         scheduler.register_to_config(prediction_type=m.prediction_type)
     check_dimensions(path, text_encoder, unet, vae)
+    check_resolution(recipe.data.resolution, vae, path)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=scheduler)
 
 
@@ -99,9 +100,23 @@ def check_dimensions(path: str, text_encoder, unet, vae) -> None:
         )
 
 
+def check_resolution(resolution: int | None, vae, path: str) -> None:
+    """Images must be a multiple of the VAE's downsampling factor, or the pipeline cannot generate at that size."""
+    factor = vae_factor(vae)
+    if resolution is not None and resolution % factor:
+        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+        raise MemtrainError(f"recipe: `data.resolution`={resolution} is not a multiple of the VAE factor {factor} "
+                            f"(2**(len(vae.block_out_channels) - 1)) of model.pretrained={path}; use "
+                            f"{above}" + (f" or {below}" if below >= 8 else ""))
+
+
+def vae_factor(vae) -> int:
+    """The VAE's spatial downsampling factor (8 for SD); 1 without a VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
 def native_resolution(unet, vae) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    return unet.config.sample_size * factor
+    return unet.config.sample_size * vae_factor(vae)
 
 
 def add_lora(unet, recipe: TrainRecipe) -> None:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
 from trainer.core.checkpoints import (
+    apply_recipe_hyperparameters,
     check_resume_compatible,
     export,
     list_checkpoints,
@@ -305,8 +306,10 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+        apply_recipe_hyperparameters(optimizer, lr_scheduler, lr, recipe)
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
+        ema.decay = opt.ema_decay  # load_state_dict restores the checkpoint's
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
     saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
     monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
