@@ -3,6 +3,7 @@ sampling pipeline over them. One home for every "open a diffusers checkpoint" pa
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -148,9 +149,25 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path is not None:
         check_lora_base(pipe, lora_path)
-        pipe.load_lora_weights(str(lora_path))
+        load_lora_weights(pipe, str(lora_path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+class _UNetOnlyLoraNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No LoRA keys associated to CLIPTextModel" not in record.getMessage()
+
+
+def load_lora_weights(pipe, lora) -> None:
+    """`pipe.load_lora_weights(lora)` (a file, directory or state dict), without diffusers' notice that the LoRA
+    has no text-encoder keys: memtrain's LoRAs (training, unlearn, UCE) are UNet-only by design."""
+    logger, notice = logging.getLogger("diffusers.loaders.lora_base"), _UNetOnlyLoraNotice()
+    logger.addFilter(notice)
+    try:
+        pipe.load_lora_weights(lora)
+    finally:
+        logger.removeFilter(notice)
 
 
 def pipeline_from_components(parts: dict):
