@@ -59,6 +59,10 @@ from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_
 from trainer.training.launch import check_launch
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
+# DDP's notice, once per process, that a 1x1 convolution's gradient (oneDNN's layout) has other strides on its
+# size-1 dimensions than its bucket view: the same memory order, so nothing to act on
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
 # ---------------------------------------------------------------- the loss
 
 
