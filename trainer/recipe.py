@@ -256,10 +256,15 @@ class TrainRecipe:
         flat = {key: value for key, value in _flatten(asdict(self)).items()
                 if key.split(".")[0] not in FREE_SECTIONS and key not in FREE_KEYS}
         flat["train.batch_size"] = self.train.batch_size * num_processes
-        if self.train.lr_scheduler in LENGTH_FREE_SCHEDULERS:
-            del flat["train.max_steps"]
+        unused = ["train.max_steps"] if self.train.lr_scheduler in LENGTH_FREE_SCHEDULERS else []
+        unused += [] if self.model.lora.rank else [key for key in flat if key.startswith("model.lora.") and
+                                                    key != "model.lora.rank"]
+        unused += [] if self.train.ema else ["train.ema_decay"]
+        unused += [] if self.data.dedup != "none" else ["data.dedup_threshold"]
+        for key in unused:  # keys that do not act in this recipe
+            del flat[key]
         for key in PATH_KEYS:
-            if Path(flat[key]).exists():
+            if flat[key] and Path(flat[key]).exists():
                 flat[key] = str(Path(flat[key]).resolve())
         return flat
 

@@ -45,12 +45,14 @@ def recorded_recipe(info: dict, recipe: TrainRecipe, num_processes: int) -> tupl
     recorded = {key: info[old] for old, key in LEGACY_INFO.items() if old in info}
     if "model.pretrained" in recorded and Path(recorded["model.pretrained"]).exists():
         recorded["model.pretrained"] = str(Path(recorded["model.pretrained"]).resolve())
-    current = {key: current[key] for key in recorded}
+    current = {key: current[key] for key in recorded if key in current}
     if "global_batch" in info:  # recorded as batch x processes x accumulation
         recorded["train.batch_size"] = info["global_batch"]
         current["train.batch_size"] = (recipe.train.batch_size * num_processes
                                        * recipe.train.gradient_accumulation_steps)
     return recorded, current
+
+
 def list_checkpoints(out: Path) -> list[Path]:
     ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
@@ -273,6 +275,8 @@ def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int)
     check_checkpoint_files(path)
     check_random_states(path)
     return step, changed
+
+
 def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out: Path) -> Path | None:
     """Write `out/pipeline` (a full diffusers pipeline) or `out/lora` (pytorch_lora_weights.safetensors)."""
     kind = recipe.export
