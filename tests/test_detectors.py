@@ -245,11 +245,40 @@ def test_anisotropy_counts_and_same_noise_for_every_prompt(model):
     torch.testing.assert_close(alone.M, together.M[2:3], rtol=RTOL, atol=COS_ATOL)
 
 
-def test_default_g_cos_by_family(model):
-    assert D.default_g_cos(model) == 2.0  # toy: cross_attention_dim 32 -> SD1 default
-    for dim, expected in ((768, 2.0), (1024, 0.1)):
-        unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=dim))
-        assert D.default_g_cos(dict(model, unet=unet)) == expected
+def test_default_g_cos_by_family(model, vmodel):
+    """The family follows the prediction type (a small v-prediction model is on the authors' SD 2 path), not
+    the cross-attention width; `family=` overrides it."""
+    assert (P.model_family(model), P.model_family(vmodel)) == ("sd1", "sd2")
+    assert (D.default_g_cos(model), D.default_g_cos(vmodel)) == (2.0, 0.1)
+    wide = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=1024))
+    assert D.model_family(dict(model, unet=wide)) == "sd1"  # SD 2.x-base: an epsilon model
+    sd2, sd1 = D.anisotropy(vmodel, PROMPTS, n=1), D.anisotropy(vmodel, PROMPTS, n=1, family="sd1")
+    torch.testing.assert_close(sd2.M, sd2.N + 0.1 * sd2.C)
+    torch.testing.assert_close(sd1.M, sd2.N + 2.0 * sd2.C)
+
+
+def test_v_prediction_anisotropy_norm_is_the_authors_score(vmodel):
+    """On v-models the authors take N on their score s = (sqrt(abar) v - x) / (1 - abar) at the first sampling
+    timestep: N = ||s(x_T, c) - s(x_T, c0)||, computed here from the raw v-predictions."""
+    t0 = first_t()
+    a = vmodel["scheduler"].alphas_cumprod[t0]
+    c0 = embed(vmodel, "")
+
+    def score(x, e):
+        with torch.no_grad():
+            v = vmodel["unet"](x, torch.tensor([t0]), encoder_hidden_states=e).sample
+        return (a.sqrt() * v - x) / (1 - a)
+
+    expected = []
+    for p in PROMPTS:
+        x = x_T(vmodel, 0)
+        expected.append((score(x, embed(vmodel, p)) - score(x, c0)).norm())
+    got = D.anisotropy(vmodel, PROMPTS, n=1)
+    torch.testing.assert_close(got.N, torch.stack(expected).double(), rtol=RTOL, atol=ATOL)
+    # the epsilon-space norm differs by the constant factor 1 / (1 - abar_t0) > 1
+    wen = D.noise_magnitude(vmodel, PROMPTS)
+    torch.testing.assert_close(got.N, wen / (1 - float(a)), rtol=RTOL, atol=ATOL)
+    assert (got.N > wen).all()
 
 
 # ---------------------------------------------------------------- attention entropy

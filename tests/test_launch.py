@@ -141,3 +141,14 @@ def test_an_fsdp_or_deepspeed_config_that_is_not_in_effect_is_a_warning(monkeypa
             check_launch(accelerator, recipe)
     finally:
         AcceleratorState._reset_state()
+
+
+def test_train_help_says_how_to_train_on_several_processes_and_that_the_batch_is_per_process(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for fragment in ("`train.batch_size` is per process", "train.batch_size x processes x "
+                     "train.gradient_accumulation_steps", "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2",
+                     "accelerate launch", "allow_changes"):
+        assert fragment in out, fragment

@@ -189,3 +189,17 @@ def test_cli(tiny_model, tmp_path, capsys):
                  "--lora", str(out)]) == 2
     assert "--merge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_loading_an_unlearn_lora_prints_no_text_encoder_notice(tiny_model, tmp_path):
+    """diffusers said "No LoRA keys associated to CLIPTextModel found" at every load of a UNet-only LoRA."""
+    (tmp_path / "p.txt").write_text("a small red circle\n")
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(tmp_path / "p.txt"), "--out",
+                 str(tmp_path / "lora"), "--steps", "1"]) == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "trainer.cli", "generate", str(tiny_model), "--lora",
+                          str(tmp_path / "lora"), "--prompts", "p.txt", "--out", "g", "--steps", "2"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "LoRA keys" not in run.stderr and "CLIPTextModel" not in run.stderr, run.stderr
+    assert len(list((tmp_path / "g").glob("*.png"))) == 1

@@ -6,8 +6,10 @@ diffusers' `train_text_to_image.py` / `train_text_to_image_lora.py` unless said 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from trainer.io import MemtrainError
 from trainer.mitigate.captions import CaptionAugConfig
@@ -81,6 +83,7 @@ class CheckpointSection:
     total_limit: int | None = None
     resume: str | None = None  # "latest" or a checkpoint directory
     at_end: bool = False  # also save a checkpoint at the last step (when it is not a multiple of every_steps)
+    allow_changes: list[str] = field(default_factory=list)  # recipe keys a resume may change (docs/recipes.md, Resume)
 
 
 @dataclass
@@ -146,6 +149,24 @@ class MonitorSection:
             )
 
 
+# What a resume may change: keys that do not change the training trajectory (docs/recipes.md, "Resume").
+FREE_SECTIONS = ("checkpoint", "log", "output", "monitor")
+FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers")
+# schedules whose learning rate does not depend on train.max_steps: a resume may extend (or shorten) the run
+LENGTH_FREE_SCHEDULERS = ("constant", "constant_with_warmup")
+# keys a checkpoint's weights fix: a resume cannot change them, even when allowed
+FIXED_KEYS = ("model.lora.rank", "model.lora.target_modules", "model.train_text_encoder", "train.ema")
+PATH_KEYS = ("model.pretrained", "data.path")  # compared as resolved paths when they exist on this machine
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        flat.update(_flatten(value, dotted) if isinstance(value, dict) else {dotted: value})
+    return flat
+
+
 @dataclass
 class TrainRecipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -177,6 +198,7 @@ class TrainRecipe:
             "train.dataloader_num_workers": (self.train.dataloader_num_workers, 0),
             "train.seed": (self.train.seed, 0),
             "log.validation_images": (self.log.validation_images, 1),
+            "log.validation_every": (self.log.validation_every, 0),
         }
         if self.data.resolution is not None:
             at_least["data.resolution"] = (self.data.resolution, 8)
@@ -192,6 +214,9 @@ class TrainRecipe:
         if self.train.snr_gamma is not None and self.train.snr_gamma <= 0:
             raise MemtrainError(f"recipe: `train.snr_gamma` must be > 0 (5.0 is recommended) or null (off), "
                                 f"got {self.train.snr_gamma}")
+        if self.train.noise_offset < 0:
+            raise MemtrainError(f"recipe: `train.noise_offset` must be >= 0 (0 = off; 0.1 is common), "
+                                f"got {self.train.noise_offset}")
         if self.train.max_grad_norm < 0:
             raise MemtrainError(f"recipe: `train.max_grad_norm` must be >= 0 (0 = no clipping), got {self.train.max_grad_norm}")
         for key, value in (("train.adam_beta1", self.train.adam_beta1), ("train.adam_beta2", self.train.adam_beta2)):
@@ -234,9 +259,42 @@ class TrainRecipe:
             raise MemtrainError(f"recipe: `data.caption_dropout` must be in [0, 1], got {self.data.caption_dropout}")
         self.data.captions.validate("data.captions")
         self.monitor.validate("monitor")
+        self._validate_allow_changes()
         unknown = set(self.log.trackers) - {"wandb", "tensorboard"}
         if unknown:
             raise MemtrainError(f"recipe: `log.trackers` knows wandb and tensorboard, not {sorted(unknown)}")
+
+    def trajectory(self, num_processes: int) -> dict[str, Any]:
+        """Every key that changes the training trajectory, by dotted name (what a checkpoint records and a
+        resume compares). `train.batch_size` is the batch of all processes together: N processes equal one
+        process at the same global batch (docs/recipes.md, "Determinism"), so a resume may re-split it."""
+        flat = {key: value for key, value in _flatten(asdict(self)).items()
+                if key.split(".")[0] not in FREE_SECTIONS and key not in FREE_KEYS}
+        flat["train.batch_size"] = self.train.batch_size * num_processes
+        unused = ["train.max_steps"] if self.train.lr_scheduler in LENGTH_FREE_SCHEDULERS else []
+        unused += [] if self.model.lora.rank else [key for key in flat if key.startswith("model.lora.") and
+                                                    key != "model.lora.rank"]
+        unused += [] if self.train.ema else ["train.ema_decay"]
+        unused += [] if self.data.dedup != "none" else ["data.dedup_threshold"]
+        for key in unused:  # keys that do not act in this recipe
+            del flat[key]
+        for key in PATH_KEYS:
+            if flat[key] and Path(flat[key]).exists():
+                flat[key] = str(Path(flat[key]).resolve())
+        return flat
+
+    def _validate_allow_changes(self) -> None:
+        checked = [key for key in _flatten(asdict(self)) if key.split(".")[0] not in FREE_SECTIONS
+                   and key not in FREE_KEYS]
+        for key in self.checkpoint.allow_changes:
+            if key not in checked:
+                close = difflib.get_close_matches(key, checked, n=1, cutoff=0.6)
+                hint = f"did you mean `{close[0]}`? " if close else ""
+                raise MemtrainError(f"recipe: `checkpoint.allow_changes`: {key!r} is not a key a resume checks; {hint}"
+                                    f"(sections {', '.join(FREE_SECTIONS)} may always change)")
+            if key in FIXED_KEYS:
+                raise MemtrainError(f"recipe: `checkpoint.allow_changes`: {key} cannot change on resume (the "
+                                    "checkpoint's weights are shaped by it); start a new output.dir")
 
     @property
     def export(self) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core.components import load_lora_weights
 from trainer.core.distributed import is_main_process, main_process_value, on_main_process, process_device
 from trainer.core.unet_core import count_unet_samples
 from trainer.detect import DETECTORS
@@ -315,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         if state is None:
             raise MemtrainError("unlearn returned no LoRA state dict")
         if args.merge:
-            pipe.load_lora_weights(state)
+            load_lora_weights(pipe, state)
             pipe.fuse_lora()
             pipe.unload_lora_weights()
     changed = lora_changes(state) if lora_out else changed_weights(before, pipe.unet)

@@ -17,12 +17,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="fine-tune a diffusers SD checkpoint from a YAML recipe (full or LoRA)",
         description="Fine-tune a Stable Diffusion checkpoint. RECIPE is a YAML file (see recipes/); "
-        "overrides are key.sub=value pairs, e.g. train.max_steps=200 model.lora.rank=8. "
-        "Run under `accelerate launch` for several GPUs. Sections: model (pretrained, prediction_type, "
+        "overrides are key.sub=value pairs, e.g. train.max_steps=200 model.lora.rank=8.\n\n"
+        "Several processes: `train.batch_size` is per process, so the global batch is train.batch_size x processes "
+        "x train.gradient_accumulation_steps (halve train.batch_size on 2 processes to keep a 1-process run's "
+        "batch). Several GPUs: run under `accelerate launch` (recipes/accelerate/*.yaml). Several CPU processes "
+        "(gloo): `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29500 "
+        "-m trainer.cli train RECIPE` (docs/multi-gpu.md).\n\nSections: model (pretrained, prediction_type, "
         "lora.rank/alpha/target_modules, train_text_encoder), data (path, caption_column, resolution, "
         "center_crop, random_flip, captions.*, dedup), train (batch_size, gradient_accumulation_steps, "
         "max_steps, learning_rate, lr_scheduler, snr_gamma, noise_offset, ema, mixed_precision, "
-        "gradient_checkpointing, loss_mask_quantile, loss_mask_threshold), checkpoint (every_steps, total_limit, resume, at_end), "
+        "gradient_checkpointing, loss_mask_quantile, loss_mask_threshold), checkpoint (every_steps, total_limit, resume, at_end, "
+        "allow_changes: a resume refuses a changed recipe unless allowed), "
         "log (trackers, validation_prompts), output (dir, export, overwrite), monitor (every_steps, members, heldout, "
         "novel_prompts, alarm_threshold, alarm_action: memorization curves, see docs/recipes.md). "
         "Every key is documented in docs/recipes.md.",

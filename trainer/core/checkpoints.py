@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.io import MemtrainError, atomic_dir
 from trainer.recipe import TrainRecipe
@@ -26,14 +28,29 @@ CHECKPOINT_INFO = "memtrain_checkpoint.json"
 
 
 def checkpoint_info(recipe: TrainRecipe, num_processes: int) -> dict:
-    return {
-        "model": recipe.model.pretrained,
-        "lora_rank": recipe.model.lora.rank,
-        "lora_target_modules": recipe.model.lora.target_modules,
-        "train_text_encoder": recipe.model.train_text_encoder,
-        "ema": recipe.train.ema,
-        "global_batch": recipe.train.batch_size * num_processes * recipe.train.gradient_accumulation_steps,
-    }
+    """What a checkpoint records of its recipe: every key that changes the training trajectory."""
+    return {"recipe": recipe.trajectory(num_processes)}
+
+
+# what checkpoints written before `recipe` was recorded hold, by the recipe key each stands for
+LEGACY_INFO = {"model": "model.pretrained", "lora_rank": "model.lora.rank", "lora_target_modules":
+               "model.lora.target_modules", "train_text_encoder": "model.train_text_encoder", "ema": "train.ema"}
+
+
+def recorded_recipe(info: dict, recipe: TrainRecipe, num_processes: int) -> tuple[dict, dict]:
+    """(recorded, current) trajectory keys of a checkpoint's info and of `recipe`, over the same keys."""
+    current = recipe.trajectory(num_processes)
+    if "recipe" in info:
+        return info["recipe"], current
+    recorded = {key: info[old] for old, key in LEGACY_INFO.items() if old in info}
+    if "model.pretrained" in recorded and Path(recorded["model.pretrained"]).exists():
+        recorded["model.pretrained"] = str(Path(recorded["model.pretrained"]).resolve())
+    current = {key: current[key] for key in recorded if key in current}
+    if "global_batch" in info:  # recorded as batch x processes x accumulation
+        recorded["train.batch_size"] = info["global_batch"]
+        current["train.batch_size"] = (recipe.train.batch_size * num_processes
+                                       * recipe.train.gradient_accumulation_steps)
+    return recorded, current
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -160,6 +177,42 @@ def check_checkpoint_files(path: Path) -> None:
                                 "checkpoint (checkpoint.resume=PATH), delete this one, or start a new output.dir")
 
 
+RNG_STATE_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}  # what accelerate restores
+
+
+def check_random_states(path: Path) -> None:
+    """Load every process's RNG state file as accelerate will (weights_only): accelerate swallows a file it
+    refuses and resumes without the RNG state, which is not the exact resume promised; here it is an error."""
+    for file in sorted(Path(path).glob("random_states_*.pkl")):
+        try:
+            states = accelerate_load(file)
+            missing = RNG_STATE_KEYS - set(states) if isinstance(states, dict) else RNG_STATE_KEYS
+            if missing:
+                raise ValueError(f"it holds no {', '.join(sorted(missing))}")
+        except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... on a bad file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MemtrainError(f"checkpoint.resume: {file} cannot be loaded safely ({reason}); the checkpoint is "
+                                "damaged or was altered: resume from an earlier checkpoint (checkpoint.resume=PATH), "
+                                "delete this one, or start a new output.dir") from None
+
+
+def apply_recipe_hyperparameters(optimizer, lr_scheduler, lr: float, recipe: TrainRecipe) -> None:
+    """`accelerator.load_state` restores the optimizer's hyperparameters and the schedule's base learning rate
+    from the checkpoint; set this recipe's instead, so a change `checkpoint.allow_changes` allowed takes effect
+    (unchanged values are set to what they were). The schedule's position is the checkpoint's."""
+    opt = recipe.train
+    for group in optimizer.param_groups:
+        group.update(initial_lr=lr, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.adam_weight_decay,
+                     eps=opt.adam_epsilon)
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if isinstance(schedule, LambdaLR):  # every diffusers schedule
+        schedule.base_lrs = [lr] * len(schedule.base_lrs)
+        rates = [base * f(schedule.last_epoch) for base, f in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        schedule._last_lr = rates
+
+
 def read_checkpoint_state(path: Path, name: str) -> dict | None:
     """A JSON document saved with `save_checkpoint(state={name: ...})`, or None when the checkpoint has none."""
     file = Path(path) / f"{name}.json"
@@ -197,8 +250,9 @@ def resolve_resume(recipe: TrainRecipe, out: Path) -> Path | None:
     return path
 
 
-def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int) -> int:
-    """The checkpoint's step, after checking its settings match the recipe's and its files are readable."""
+def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int) -> tuple[int, dict]:
+    """(the checkpoint's step, the recipe changes `checkpoint.allow_changes` allowed: key -> [old, new]), after
+    checking that every other trajectory key matches the recipe's and that the files are readable."""
     try:
         info = json.loads((path / CHECKPOINT_INFO).read_text())
         step = int(info["step"])
@@ -208,15 +262,19 @@ def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int)
     if step > recipe.train.max_steps:
         raise MemtrainError(f"checkpoint.resume: {path} is at step {step}, past train.max_steps="
                             f"{recipe.train.max_steps}; raise train.max_steps or start a new output.dir")
-    expected = checkpoint_info(recipe, num_processes)
-    for key, value in expected.items():
-        if key in info and info[key] != value:
-            raise MemtrainError(
-                f"checkpoint.resume: {path} was trained with {key}={info[key]!r} but this recipe has {value!r}; "
-                "resume with the same settings or start a new output.dir"
-            )
+    recorded, current = recorded_recipe(info, recipe, num_processes)
+    changed = {key: [recorded.get(key), current.get(key)] for key in sorted(set(recorded) & set(current))
+               if recorded.get(key) != current.get(key)}
+    refused = [key for key in changed if key not in recipe.checkpoint.allow_changes]
+    if refused:
+        listed = ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in refused)
+        batch = " (train.batch_size counts all processes)" if "train.batch_size" in refused else ""
+        raise MemtrainError(
+            f"checkpoint.resume: {path} was trained with another recipe: {listed}{batch}; resume with the same "
+            f"values, allow the change with checkpoint.allow_changes=[{','.join(refused)}], or start a new output.dir")
     check_checkpoint_files(path)
-    return step
+    check_random_states(path)
+    return step, changed
 
 
 def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out: Path) -> Path | None:

@@ -3,6 +3,7 @@ sampling pipeline over them. One home for every "open a diffusers checkpoint" pa
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ def load_components(recipe: TrainRecipe) -> dict:
     if m.prediction_type is not None:
         scheduler.register_to_config(prediction_type=m.prediction_type)
     check_dimensions(path, text_encoder, unet, vae)
+    check_resolution(recipe.data.resolution, vae, path)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=scheduler)
 
 
@@ -99,9 +101,23 @@ def check_dimensions(path: str, text_encoder, unet, vae) -> None:
         )
 
 
+def check_resolution(resolution: int | None, vae, path: str) -> None:
+    """Images must be a multiple of the VAE's downsampling factor, or the pipeline cannot generate at that size."""
+    factor = vae_factor(vae)
+    if resolution is not None and resolution % factor:
+        below, above = resolution // factor * factor, (resolution // factor + 1) * factor
+        raise MemtrainError(f"recipe: `data.resolution`={resolution} is not a multiple of the VAE factor {factor} "
+                            f"(2**(len(vae.block_out_channels) - 1)) of model.pretrained={path}; use "
+                            f"{above}" + (f" or {below}" if below >= 8 else ""))
+
+
+def vae_factor(vae) -> int:
+    """The VAE's spatial downsampling factor (8 for SD); 1 without a VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
 def native_resolution(unet, vae) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    return unet.config.sample_size * factor
+    return unet.config.sample_size * vae_factor(vae)
 
 
 def add_lora(unet, recipe: TrainRecipe) -> None:
@@ -133,9 +149,25 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path is not None:
         check_lora_base(pipe, lora_path)
-        pipe.load_lora_weights(str(lora_path))
+        load_lora_weights(pipe, str(lora_path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+class _UNetOnlyLoraNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No LoRA keys associated to CLIPTextModel" not in record.getMessage()
+
+
+def load_lora_weights(pipe, lora) -> None:
+    """`pipe.load_lora_weights(lora)` (a file, directory or state dict), without diffusers' notice that the LoRA
+    has no text-encoder keys: memtrain's LoRAs (training, unlearn, UCE) are UNet-only by design."""
+    logger, notice = logging.getLogger("diffusers.loaders.lora_base"), _UNetOnlyLoraNotice()
+    logger.addFilter(notice)
+    try:
+        pipe.load_lora_weights(lora)
+    finally:
+        logger.removeFilter(notice)
 
 
 def pipeline_from_components(parts: dict):

@@ -30,7 +30,7 @@ from trainer.detect.prompt import (
     token_attribution,
 )
 
-DETECTOR_STEPS = 50  # the detectors' DDIM schedule (first step t = 981 on SD 1.x)
+DETECTOR_STEPS = 50  # the detectors' DDIM schedule (first step t = 981 on SD 1.x / 2.x, 999 with "trailing" spacing)
 
 
 @dataclass(frozen=True)

@@ -153,15 +153,15 @@ class AnisotropyScores:
 
 
 def model_family(components) -> str:
-    """"sd2" when the UNet's cross_attention_dim is 1024 (the OpenCLIP ViT-H text encoder of SD 2.x),
-    else "sd1" (768, and tiny models). Realistic Vision is SD 1.x-shaped: name it explicitly."""
-    dim = get_parts(components).unet.config.cross_attention_dim
-    dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-    return "sd2" if dim == 1024 else "sd1"
+    """"sd2" for a v-prediction model (the authors' SD 2 code path: SD 2.0 / 2.1 at 768 px), else "sd1"
+    (epsilon models: SD 1.x, SD 2.x-base, tiny models). Realistic Vision is SD 1.x-shaped: name it
+    explicitly (`family=`), as any other model whose published weights differ."""
+    scheduler = get_parts(components).scheduler
+    return "sd2" if scheduler.config.get("prediction_type") == "v_prediction" else "sd1"
 
 
 def default_g_cos(components) -> float:
-    """The published g_cos of the model's family (`model_family`): 2 for SD 1.x, 0.1 for SD 2.x."""
+    """The published g_cos of the model's family (`model_family`): 2 for SD 1.x, 0.1 for SD 2.x (v-prediction)."""
     return ANISOTROPY_WEIGHTS[model_family(components)][1]
 
 
@@ -181,11 +181,13 @@ def anisotropy(
     """Anisotropy metric (Asthana & Belagiannis, "Detecting and mitigating memorization in
     diffusion models through anisotropy of the log-probability", ICLR 2026; code
     rohanasthana/memorization-anisotropy). Denoising-free, on pure noise x_T only:
-    N = ||d(c)|| at the first DDIM timestep, C = cos(eps(x_T, t', c0), d(c)) at t' = timesteps[-3]
+    N = ||d(c)|| at the first DDIM timestep t0, C = cos(eps(x_T, t', c0), d(c)) at t' = timesteps[-3]
     (over channels, averaged over positions), M = g_norm * N + g_cos * C, averaged over n generations;
-    4 UNet evals per generation. (g_norm, g_cos) default to the authors' `ANISOTROPY_WEIGHTS[family]`.
+    4 UNet evals per generation. (g_norm, g_cos) default to the authors' `ANISOTROPY_WEIGHTS[family]`,
+    `family` to `model_family` (by prediction type). On v-prediction models N is taken, as in the
+    authors' code, on their score (sqrt(abar) v - x) / (1 - abar): ||d(c)|| in epsilon space / (1 - abar_t0).
     `cos_space`: the reference code's choice by default (raw output for v-prediction models, else
-    epsilon); the norm is in epsilon space. `reuse_uncond`: see `noise_magnitude`.
+    epsilon). `reuse_uncond`: see `noise_magnitude`.
     """
     prompts = prompt_list(prompts)
     n = check_n(n)
@@ -201,6 +203,8 @@ def anisotropy(
     if len(timesteps) < 3:
         raise MemtrainError(f"anisotropy needs num_inference_steps >= 3, got {num_inference_steps}")
     t_norm, t_cos = int(timesteps[0]), int(timesteps[-3])
+    # v-models: the authors' score difference is the epsilon-space one divided by 1 - abar_t0
+    score_scale = 1.0 - float(core.alphas_cumprod[t_norm]) if core.prediction_type == "v_prediction" else 1.0
     unique, inverse = unique_prompts(prompts)
     x_T = core.initial_noise(n, seed)
     norm_term = torch.empty(len(unique), n, dtype=torch.float64)
@@ -209,7 +213,7 @@ def anisotropy(
         table, index, e0 = core.encode_prompts(unique[rows])
         req_x, req_e = cond_uncond_pairs(torch.arange(n).repeat(len(index)), index.repeat_interleave(n), e0)
         eps = core.eps(x_T, t_norm, table, req_x, req_e, dedupe=reuse_uncond).double()
-        norm_term[rows] = (eps[0::2] - eps[1::2]).flatten(1).norm(dim=1).view(-1, n).cpu()
+        norm_term[rows] = (eps[0::2] - eps[1::2]).flatten(1).norm(dim=1).view(-1, n).cpu() / score_scale
         eps = core.eps(x_T, t_cos, table, req_x, req_e, space=cos_space, dedupe=reuse_uncond).double()
         uncond = eps[1::2]
         cos = F.cosine_similarity(uncond, eps[0::2] - uncond, dim=1)  # [jobs, H, W]

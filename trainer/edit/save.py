@@ -17,7 +17,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from trainer.core.components import LORA_FILE, check_lora_base, load_pipeline, lora_file
+from trainer.core.components import LORA_FILE, check_lora_base, load_lora_weights, load_pipeline, lora_file
 from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
 
 EDIT_TOOL = "memtrain edit"
@@ -40,7 +40,7 @@ def load_for_edit(checkpoint: str | Path, lora: str | Path | None = None, device
     pipe = load_pipeline(path, None, device=device)
     if lora_path is not None:
         check_lora_base(pipe, lora_path)
-        pipe.load_lora_weights(str(lora_path))
+        load_lora_weights(pipe, str(lora_path))
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     return pipe

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
 from trainer.core.checkpoints import (
+    apply_recipe_hyperparameters,
     check_resume_compatible,
     export,
     list_checkpoints,
@@ -57,6 +58,10 @@ from trainer.sample.generate import generate_images
 from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_dir
 from trainer.training.launch import check_launch
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
+
+# DDP's notice, once per process, that a 1x1 convolution's gradient (oneDNN's layout) has other strides on its
+# size-1 dimensions than its bucket view: the same memory order, so nothing to act on
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 # ---------------------------------------------------------------- the loss
 
@@ -198,14 +203,15 @@ def train(recipe: TrainRecipe) -> dict:
     )
     try:
         check_launch(accelerator, recipe)
-        global_step = 0
+        global_step, allowed = 0, {}
         if resume_path is not None:
-            global_step = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
+            global_step, allowed = check_resume_compatible(resume_path, recipe, accelerator.num_processes)
         with output_dir_lock(accelerator, out):
             if accelerator.is_main_process:
                 prepare_output_dir(recipe, out, global_step)
             accelerator.wait_for_everyone()
-            return _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+            summary = _train_loop(recipe, accelerator, parts, dataset, sampler, loader, resume_path, global_step, monitor)
+            return dict(summary, allowed_changes=allowed) if allowed else summary
     finally:
         # the Accelerator state is a process-wide singleton: clear it so another recipe (with another
         # mixed precision, say) can run in the same Python process, e.g. from the Python API
@@ -309,8 +315,10 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+        apply_recipe_hyperparameters(optimizer, lr_scheduler, lr, recipe)
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
+        ema.decay = opt.ema_decay  # load_state_dict restores the checkpoint's
     if resume_path is not None and loss_mask is not None:
         loss_mask.resume(read_checkpoint_tensors(resume_path, LOSS_MASK_STATE), resume_path, accelerator.is_main_process)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
