@@ -18,6 +18,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from trainer.toy import world as toy_world  # noqa: E402
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline  # noqa: E402
@@ -58,6 +59,28 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, /, **sections) 
         recipe[key] = {**recipe.get(key, {}), **value}
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
+
+
+# ---------------------------------------------------------------- N processes = 1 process, gradient for gradient
+
+# Recipe keys that make the optimizer plain SGD, so that the weights show the gradient's scale: AdamW with
+# beta1 = 0, no weight decay and an epsilon far above every |gradient| steps by lr * g / (|g| + eps), i.e.
+# (lr / eps) * g to a relative |g| / eps (<= 1e-5 on the tiny model), and no clipping. Adam's own update is
+# invariant to the gradient's scale and clipping bounds it: a sum over processes instead of the mean passes
+# under either.
+SGD = {"adam_beta1": 0.0, "adam_weight_decay": 0.0, "adam_epsilon": 1e4, "max_grad_norm": 0.0, "learning_rate": 1e3}
+
+
+def assert_same_sgd_steps(base_dir, a_dir, b_dir) -> None:
+    """Two SGD runs moved every UNet weight by the same amount (the sum of their steps' gradients, times the
+    learning rate) up to float rounding (measured 2e-6): a gradient twice or half as large is a relative error
+    of 1 or 0.5."""
+    name = "unet/diffusion_pytorch_model.safetensors"
+    base, a, b = (load_file(str(d / name)) for d in (base_dir, a_dir, b_dir))
+    moved_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    moved_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert moved_b.norm() > 1e-3 * torch.cat([v.flatten() for v in base.values()]).norm()  # training moved it
+    assert (moved_a - moved_b).norm() < 1e-4 * moved_b.norm(), float((moved_a - moved_b).norm() / moved_b.norm())
 
 
 # ---------------------------------------------------------------- the demo's model, trained once per run
