@@ -10,6 +10,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -59,6 +60,14 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, /, **sections) 
         recipe[key] = {**recipe.get(key, {}), **value}
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
+
+
+def optional_extra(module: str):
+    """The mark of a test of an optional extra: skipped where `module` is not installed, except under
+    MEMTRAIN_REQUIRE_EXTRAS=1 (.ci/run, which installs the extras), where it runs and so fails without it."""
+    missing = importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing and os.environ.get("MEMTRAIN_REQUIRE_EXTRAS") != "1",
+                              reason=f"{module} is not installed (an optional extra: `make extras`)")
 
 
 # ---------------------------------------------------------------- N processes = 1 process, gradient for gradient

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SGD, assert_same_sgd_steps, write_recipe
+from conftest import SGD, assert_same_sgd_steps, optional_extra, write_recipe
 from safetensors.torch import load_file
 
 from trainer.cli import main
@@ -97,8 +97,8 @@ def deepspeed_config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@optional_extra("deepspeed")
 def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model, tiny_data):
-    pytest.importorskip("deepspeed")
     config = deepspeed_config(tmp_path)
 
     def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
