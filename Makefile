@@ -12,8 +12,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup extras demo test test-slow lint
 setup: $(VENV)/.installed
+
+# the optional extras whose features the README claims, so that their tests run (CI installs them):
+# faiss-cpu (memtrain index) and DeepSpeed (recipes/accelerate/deepspeed_zero2.yaml). DeepSpeed is a
+# source package whose build imports torch: no build isolation, and no compiled ops (JIT on use).
+$(VENV)/.extras: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[faiss]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.14'
+	touch $@
+
+extras: $(VENV)/.extras
 
 demo: setup
 	$(VENV)/bin/memtrain demo --out runs/demo

@@ -11,10 +11,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from trainer.toy import world as toy_world  # noqa: E402
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline  # noqa: E402
@@ -55,3 +62,80 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, /, **sections) 
         recipe[key] = {**recipe.get(key, {}), **value}
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
+
+
+def optional_extra(module: str):
+    """The mark of a test of an optional extra: skipped where `module` is not installed, except under
+    MEMTRAIN_REQUIRE_EXTRAS=1 (.ci/run, which installs the extras), where it runs and so fails without it."""
+    missing = importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing and os.environ.get("MEMTRAIN_REQUIRE_EXTRAS") != "1",
+                              reason=f"{module} is not installed (an optional extra: `make extras`)")
+
+
+# ---------------------------------------------------------------- N processes = 1 process, gradient for gradient
+
+# Recipe keys that make the optimizer plain SGD, so that the weights show the gradient's scale: AdamW with
+# beta1 = 0, no weight decay and an epsilon far above every |gradient| steps by lr * g / (|g| + eps), i.e.
+# (lr / eps) * g to a relative |g| / eps (<= 1e-5 on the tiny model), and no clipping. Adam's own update is
+# invariant to the gradient's scale and clipping bounds it: a sum over processes instead of the mean passes
+# under either.
+SGD = {"adam_beta1": 0.0, "adam_weight_decay": 0.0, "adam_epsilon": 1e4, "max_grad_norm": 0.0, "learning_rate": 1e3}
+
+
+def assert_same_sgd_steps(base_dir, a_dir, b_dir) -> None:
+    """Two SGD runs moved every UNet weight by the same amount (the sum of their steps' gradients, times the
+    learning rate) up to float rounding (measured 2e-6): a gradient twice or half as large is a relative error
+    of 1 or 0.5."""
+    name = "unet/diffusion_pytorch_model.safetensors"
+    base, a, b = (load_file(str(d / name)) for d in (base_dir, a_dir, b_dir))
+    moved_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    moved_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert moved_b.norm() > 1e-3 * torch.cat([v.flatten() for v in base.values()]).norm()  # training moved it
+    assert (moved_a - moved_b).norm() < 1e-4 * moved_b.norm(), float((moved_a - moved_b).norm() / moved_b.norm())
+
+
+# ---------------------------------------------------------------- the demo's model, trained once per run
+
+ROOT = Path(__file__).resolve().parents[1]
+# The demo trains 2,400 steps: 9-10 minutes on an idle 2-core AMD EPYC, 32-46 minutes on a loaded one
+# (docs/results.md). Past CI's whole time limit the fixture fails (its process group is killed) instead
+# of waiting on a hung process.
+DEMO_TRAIN_TIMEOUT = 5400
+
+
+def source_digest() -> str:
+    """sha256 over the package's sources, recipes and toy base: a cached demo is reused only by the same code."""
+    digest = hashlib.sha256()
+    for top in ("trainer", "recipes"):
+        for p in sorted((ROOT / top).rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                digest.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    """(OUT, report.json) of `memtrain demo --out OUT`, trained once per test session for every slow test that
+    needs the demo's model. MEMTRAIN_TEST_DEMO=DIR keeps it in DIR and reuses it in later sessions while
+    the package's code is unchanged (the digest in DIR/.source-digest)."""
+    cache = os.environ.get("MEMTRAIN_TEST_DEMO")
+    out = Path(cache) if cache else tmp_path_factory.mktemp("demo") / "demo"
+    stamp, digest = out / ".source-digest", source_digest()
+    if not (stamp.is_file() and stamp.read_text() == digest and (out / "report.json").is_file()):
+        if out.exists():  # an older demo of this cache (other code, or cut short), never anything else
+            assert stamp.is_file() or not any(out.iterdir()), f"MEMTRAIN_TEST_DEMO={out} is not a demo cache"
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        stamp.write_text("training")  # marks OUT as this fixture's, should the run be cut short
+        cmd = [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "log.progress=false"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: a timeout kills the trainers too
+        try:
+            _, err = proc.communicate(timeout=DEMO_TRAIN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"`memtrain demo` did not finish in {DEMO_TRAIN_TIMEOUT} s")
+        assert proc.returncode == 0, err[-3000:]
+        stamp.write_text(digest)
+    return out, json.loads((out / "report.json").read_text())

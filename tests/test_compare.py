@@ -127,8 +127,11 @@ def test_compare_writes_both_runs_side_by_side(compared):
     # duplicated prompt's generation that is its own image is a duplicated one
     gens = json.loads((out / "runs" / "plain" / "report" / "report.json").read_text())["generations"]
     assert {g["nearest_group"] for g in gens} <= {"duplicated", "singleton"}
-    assert all(g["nearest_group"] == "duplicated" for g in gens if g["group"] == "duplicated" and g["nearest_is_source"])
-    assert all(g["nearest_group"] == "singleton" for g in gens if g["group"] == "singleton" and g["nearest_is_source"])
+    # every training image is some prompt's source here, so every generation's nearest image has a known group
+    source_group = {g["source"]: g["group"] for g in gens if g["source"] >= 0}
+    assert gens and all(g["nn_index"] in source_group for g in gens)
+    assert [g["nearest_group"] for g in gens] == [source_group[g["nn_index"]] for g in gens]
+    assert all(g["nearest_is_source"] == (g["nn_index"] == g["source"]) for g in gens)
 
 
 def test_exposure_per_distinct_image_and_the_membership_verdict(compared):

@@ -6,6 +6,7 @@ restate the conventions (x_T of generation j from seed + j; epsilon space; DDIM 
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,6 +48,24 @@ def _build(prediction_type: str = "epsilon") -> dict:
     for name in ("unet", "text_encoder", "vae"):
         parts[name].eval()
     return parts
+
+
+@contextlib.contextmanager
+def counted(parts: dict):
+    """The library's counter (`count_evals`) inside this test's own forward pre-hook on the UNet: on leaving,
+    the samples the UNet itself received must be the counter's `unet_evals` (and its calls `unet_calls`)."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        seen.append(int((args[0] if args else kwargs["sample"]).shape[0]))
+
+    handle = parts["unet"].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with U.count_evals() as c:
+            yield c
+    finally:
+        handle.remove()
+    assert (sum(seen), len(seen)) == (c.unet_evals, c.unet_calls), (seen, c)
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +164,14 @@ def test_noise_magnitude_k_steps_matches_manual_cfg_ddim(model):
 
 def test_noise_magnitude_eval_counts_and_text_encoding(model):
     n = 3
-    with U.count_evals() as c:
+    with counted(model) as c:
         D.noise_magnitude(model, PROMPTS, n=n)
     assert c.unet_evals == 2 * n * len(PROMPTS)
     assert c.text_rows == len(PROMPTS) + 1  # each prompt once, c0 once
-    with U.count_evals() as c:
+    with counted(model) as c:
         D.noise_magnitude(model, PROMPTS[:2], n=1, steps=4)
     assert c.unet_evals == 2 * 4 * 2
-    with U.count_evals() as c:  # duplicate prompts cost nothing extra and share the score
+    with counted(model) as c:  # duplicate prompts cost nothing extra and share the score
         scores = D.noise_magnitude(model, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], n=1)
     assert c.unet_evals == 4 and c.text_rows == 3
     assert scores[0] == scores[2]
@@ -161,11 +180,11 @@ def test_noise_magnitude_eval_counts_and_text_encoding(model):
 def test_reuse_uncond_same_values_fewer_evals(model):
     n = 2
     base = D.noise_magnitude(model, PROMPTS, n=n)
-    with U.count_evals() as c:
+    with counted(model) as c:
         shared = D.noise_magnitude(model, PROMPTS, n=n, reuse_uncond=True)
     assert c.unet_evals == n * len(PROMPTS) + n
     torch.testing.assert_close(shared, base, rtol=RTOL, atol=ATOL)
-    with U.count_evals() as c:
+    with counted(model) as c:
         a = D.anisotropy(model, PROMPTS, n=n, reuse_uncond=True)
     assert c.unet_evals == 2 * (n * len(PROMPTS) + n)
     torch.testing.assert_close(a.M, D.anisotropy(model, PROMPTS, n=n).M, rtol=RTOL, atol=COS_ATOL)
@@ -183,7 +202,9 @@ def test_token_attribution_matches_direct_gradient(model):
     (g,) = torch.autograd.grad(total, leaf)
     expected = g.norm(dim=-1).mean(dim=0).double()
     expected[0] = 0
-    got = D.token_attribution(model, prompt, n=n)
+    with counted(model) as count:
+        got = D.token_attribution(model, prompt, n=n)
+    assert count.unet_evals == 2 * n  # first step: each generation's conditional (with gradient) and unconditional
     torch.testing.assert_close(got.per_position, expected, rtol=1e-3, atol=1e-7)
     assert got.per_position[0] == 0
     assert got.tokens == ["a</w>", "cat</w>", "on</w>", "the</w>", "mat</w>"]
@@ -228,7 +249,7 @@ def test_anisotropy_counts_and_same_noise_for_every_prompt(model):
         lambda m, args: inputs.append((args[0].clone(), args[1].clone()))
     )
     try:
-        with U.count_evals() as c:
+        with counted(model) as c:
             D.anisotropy(model, PROMPTS, n=n, batch_size=64)
     finally:
         hook.remove()
@@ -329,7 +350,7 @@ def test_attention_entropy_matches_direct(model):
             ents.append(-(a * a.log()).sum())
         expected.append(torch.stack(ents).mean())
     before = {name: dict(unet.named_modules())[name].processor for name in A.cross_attention_modules(unet)}
-    with U.count_evals() as c:
+    with counted(model) as c:
         got, dist = D.attention_entropy(model, PROMPTS, n=n, layer=layer, return_distributions=True)
     after = {name: dict(unet.named_modules())[name].processor for name in A.cross_attention_modules(unet)}
     assert all(before[k] is after[k] for k in before)  # original processors restored
@@ -414,7 +435,7 @@ def test_clid_default_importance_is_cross_attention_mass(model):
 def test_clid_counts_batching_and_images(model):
     captions = ["a red dog sitting on the mat", "photo of a blue bird", "a cat", "the river house"]
     latents = _latents(model, len(captions))
-    with U.count_evals() as c:
+    with counted(model) as c:
         f8 = D.clid_features(model, latents, captions, batch_size=8)
     assert c.unet_evals == 15 * len(captions)
     assert f8.shape == (len(captions), 5)

@@ -24,8 +24,15 @@ from trainer.edit.save import (
 )
 from trainer.edit.uce import uce_edit
 from trainer.io import MemtrainError
+from trainer.prompts import read_labelled_prompts
+from trainer.sample.generate import generate_images
 
 MEMORIZED = "a large green ring and a small orange ring"
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean((a - b)^2)) per image: the L2 change edit.json reports."""
+    return (a - b).pow(2).mean(dim=(1, 2, 3)).sqrt()
 
 
 def files_digest(root) -> dict[str, str]:
@@ -79,6 +86,19 @@ def test_uce_writes_a_loadable_pipeline_with_per_layer_counts(tiny_model, prompt
     assert json.loads((out / "edit.json").read_text())["parameters"]["lam"] == 0.5  # an earlier edit is replaced
 
 
+@pytest.mark.parametrize("method, options", [("prune", ["--steps", "2"]), ("neurons", ["--check", "magnitude"]),
+                                             ("unlearn", ["--steps", "2"]), ("unlearn", ["--steps", "2", "--merge"]),
+                                             ("uce", []), ("uce", ["--as-lora"])])
+def test_no_edit_modifies_its_source(tiny_model, prompts, tmp_path, method, options):
+    """Every method, pipeline and LoRA outputs: the source's files are byte for byte as before."""
+    source_files = files_digest(tiny_model)
+    out = tmp_path / "edited"
+    assert edit(method, tiny_model, "--memorized", prompts / "memorized.txt", "--preserved", prompts / "preserved.txt",
+                "--out", out, *options) == 0
+    assert json.loads((out / "edit.json").read_text())["method"] == method
+    assert files_digest(tiny_model) == source_files
+
+
 def test_uce_as_lora_loads_in_a_stock_pipeline(tiny_model, prompts, tmp_path):
     out = tmp_path / "lora"
     assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--as-lora") == 0
@@ -96,7 +116,8 @@ def test_uce_as_lora_loads_in_a_stock_pipeline(tiny_model, prompts, tmp_path):
 
 def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
     out = tmp_path / "evaluated"
-    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--evaluate",
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--preserved", prompts / "preserved.txt",
+                "--out", out, "--evaluate",
                 tiny_data / "labels.jsonl", "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid",
                 "--batch-size", "64", "--wandb") == 0
     report = json.loads((out / "edit.json").read_text())
@@ -111,13 +132,30 @@ def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
         assert {"toy_alignment", "kid"} <= set(s["quality"]["general"])
         assert set(s["detectors"]) == {"noise"} and {"clid_th", "clid_vec", "loss"} <= set(s["membership"])
         assert {"forgotten/clid_th", "other members/clid_th"} <= set(s["membership"])
-    # the after side measured the edited model: the named prompt's detector score moved, a general one's less
+    # the after side measured the edited model: the named prompt's detector score moved, every general one's less
+    # (measured: 0.35 against at most 0.23; without --preserved UCE moves this random model's prompts alike)
     scores = {side: {p["text"]: p["scores"]["noise"] for p in
                      json.loads((out / f"eval_{side}" / "report.json").read_text())["trigger"]["prompts"]}
               for side in ("before", "after")}
     assert scores["after"][MEMORIZED] != scores["before"][MEMORIZED]
+    general = [r.text for r in read_labelled_prompts(tiny_data / "labels.jsonl") if r.label == 0]
+    assert 2 <= len(general) == len(scores["before"]) - 2  # every prompt but the 2 duplicated ones
+    named_moved = abs(scores["after"][MEMORIZED] - scores["before"][MEMORIZED])
+    assert all(abs(scores["after"][t] - scores["before"][t]) < named_moved for t in general), scores
+    # the generations at the same seeds (as the edit's own evaluation makes them): the general prompts' change
+    # is edit.json's, below the unedited model's seed-to-seed spread (measured: at most 0.019 against at least
+    # 0.235), and below the named prompt's change (0.028)
+    kw = dict(n=1, steps=2, guidance_scale=7.5, batch_size=64, progress=False)
+    source, edited = load_pipeline(tiny_model), load_pipeline(out)
+    general_change = rms(generate_images(edited, general, seed=0, **kw), generate_images(source, general, seed=0, **kw))
     change = ev["general_l2_change"]
-    assert change["generations"] >= 2 and 0 < change["mean"] <= change["max"] < 1
+    assert change["generations"] == len(general)
+    assert change["mean"] == pytest.approx(float(general_change.mean()), abs=1e-6)
+    assert change["max"] == pytest.approx(float(general_change.max()), abs=1e-6)
+    seed_spread = rms(generate_images(source, general, seed=1, **kw), generate_images(source, general, seed=0, **kw))
+    named_change = rms(generate_images(edited, [MEMORIZED], seed=0, **kw), generate_images(source, [MEMORIZED], seed=0, **kw))
+    assert 0 < change["max"] < float(seed_spread.min()), (general_change, seed_spread)
+    assert change["max"] < float(named_change), (general_change, named_change)
     md = (out / "edit.md").read_text()
     assert "| replication named: fraction_replicated |" in md and "General prompts' generations" in md
     assert (out / "wandb").is_dir()  # the offline W&B run went into OUT

@@ -6,7 +6,6 @@ decoded image; the index holds the decoded training images under the 8x8 pixel e
 """
 
 import argparse
-import importlib
 import json
 
 import numpy as np
@@ -18,10 +17,14 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from peft import LoraConfig
 from PIL import Image
 
+from trainer.commands import generate as cli
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
+from trainer.measure.embedders import make_embedder
+from trainer.measure.index import TrainingIndex
 from trainer.sample.generate import generate_images
+from trainer.sample.guard import GuardedPipeline, check_index, guarded_generate
 from trainer.sample.guidance import (
     AMGConfig,
     AMGGuard,
@@ -40,53 +43,16 @@ OTHERS = ["blue square", "green triangle", "yellow diamond", "purple cross", "or
 CAPTIONS = [TRIGGER, TRIGGER, *OTHERS]
 
 
-# ---------------------------------------------------------------- stand-in for trainer.measure.index
-
-
-class StandInIndex:
-    """Same fields and methods as `trainer.measure.index.TrainingIndex` (exact cosine search)."""
-
-    def __init__(self, embeddings, captions, file_names, duplicate_caption_groups, embedding, resolution, meta):
-        self.embeddings = embeddings
-        self.captions, self.file_names = list(captions), list(file_names)
-        self.duplicate_caption_groups = duplicate_caption_groups
-        self.embedding, self.resolution, self.meta = embedding, resolution, meta
-
-    def search(self, queries, k=1):
-        return (queries.float() @ self.embeddings.float().T).topk(k, dim=1)
-
-    def caption_is_duplicated(self, i):
-        return any(int(i) in g for g in self.duplicate_caption_groups if len(g) > 1)
-
-
-def pixels(images: torch.Tensor) -> torch.Tensor:
-    """The "pixels" embedding: 8x8 area average, flattened, per-image mean removed, L2-normalised."""
-    x = F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
-    return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
-
-
-try:  # the real embedder once trainer.measure.index is merged, else the stand-in
-    EMBED = importlib.import_module("trainer.measure.index").make_embedder("pixels")
-except ModuleNotFoundError:
-    EMBED = pixels
-
-
-def guard_module():
-    pytest.importorskip("trainer.measure.index")
-    return importlib.import_module("trainer.sample.guard")
+EMBED = make_embedder("pixels")
 
 
 def make_index(images, captions, resolution, embedding="pixels"):
-    """The real TrainingIndex when it is available, else the stand-in (same constructor)."""
-    try:
-        cls = importlib.import_module("trainer.measure.index").TrainingIndex
-    except ModuleNotFoundError:
-        cls = StandInIndex
+    """A TrainingIndex of `images` under the pixels embedding; repeated captions form duplicate groups."""
     groups = {}
     for i, c in enumerate(captions):
         groups.setdefault(c, []).append(i)
-    return cls(EMBED(images), list(captions), [f"{i:03d}.png" for i in range(len(captions))],
-               [g for g in groups.values() if len(g) > 1], embedding, resolution, {})
+    return TrainingIndex(EMBED(images), list(captions), [f"{i:03d}.png" for i in range(len(captions))],
+                         [g for g in groups.values() if len(g) > 1], embedding, resolution, {})
 
 
 def encoder(pipe):
@@ -218,12 +184,33 @@ def test_amg_terms_are_the_papers(pipe):
     assert torch.allclose(slope, g.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
 
 
-def test_v_prediction_model_matches_the_stock_pipeline(tiny_model):
+def test_v_prediction_model_matches_the_stock_pipeline_and_guards_its_x0(tiny_model, random_index):
+    """A v-prediction model: the loop equals the stock pipeline, and AMG runs on it. The guard's similarity
+    at the first step is that of the x0 estimate the stock DDIM scheduler computes from the guided v
+    prediction (a guard that took v for eps would see another image); unfired it is bit-equal, fired it
+    changes every image."""
     pipe = load_pipeline(tiny_model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     ours, _ = run(pipe, ["red circle"], 2, 0)
     stock = generate_images(pipe, ["red circle"], 2, 0, STEPS, 7.5, progress=False)
     assert (ours.clamp(0, 1) - stock).abs().max() < 1e-5
+
+    unfired, records = run(pipe, ["red circle"], 2, 0, random_index, threshold=Threshold(1.5))
+    assert torch.equal(unfired, ours)
+    assert [len(r["sigmas"]) for r in records] == [STEPS, STEPS] and not any(r["intervened"] for r in records)
+    core, cond, uncond, x_T = cfg_inputs(pipe, ["red circle"], 2, 0)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    t = scheduler.timesteps[0]
+    with torch.no_grad():
+        v_uncond, v_cond = pipe.unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        x0 = scheduler.step(v_uncond + 7.5 * (v_cond - v_uncond), t, x_T).pred_original_sample
+        sims = random_index.search(EMBED(decode_images(core, x0)), k=1)[0][:, 0]
+    assert [r["sigmas"][0] for r in records] == pytest.approx(sims.tolist(), abs=1e-4)
+
+    fired, records = run(pipe, ["red circle"], 2, 0, random_index, threshold=Threshold(-1.0))
+    assert [r["num_steps_intervened"] for r in records] == [STEPS, STEPS]
+    assert all(not torch.equal(fired[j], ours[j]) for j in range(2))
 
 
 # ---------------------------------------------------------------- AMG on a replicating model
@@ -274,8 +261,7 @@ def test_wen_mitigation_lowers_first_step_magnitude(replicating):
 
 
 def test_from_pipe_returns_the_pipeline_output_with_records(pipe, random_index):
-    guard = guard_module()
-    guarded = guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
+    guarded = GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
     out = guarded("red circle", num_inference_steps=STEPS, num_images_per_prompt=2,
                   generator=torch.Generator().manual_seed(0))
     assert isinstance(out, StableDiffusionPipelineOutput) and out.nsfw_content_detected is None
@@ -287,7 +273,7 @@ def test_from_pipe_returns_the_pipeline_output_with_records(pipe, random_index):
     stock = pipe(["red circle"], num_inference_steps=STEPS, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert (pt - stock).abs().max() < 1e-5
-    images, records = guard.guarded_generate(pipe, ["red circle", "blue square"], 2, 1, STEPS, 7.5, guarded,
+    images, records = guarded_generate(pipe, ["red circle", "blue square"], 2, 1, STEPS, 7.5, guarded,
                                              batch_size=3, progress=False)
     stock = generate_images(pipe, ["red circle", "blue square"], 2, 1, STEPS, 7.5, batch_size=4, progress=False)
     assert (images - stock).abs().max() < 1e-5
@@ -296,7 +282,6 @@ def test_from_pipe_returns_the_pipeline_output_with_records(pipe, random_index):
 
 
 def test_from_pipe_with_a_lora_and_wen(tiny_model, random_index):
-    guard = guard_module()
     pipe = load_pipeline(tiny_model)
     before = pipe("red circle", num_inference_steps=STEPS, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
@@ -306,11 +291,16 @@ def test_from_pipe_with_a_lora_and_wen(tiny_model, random_index):
     stock = pipe("red circle", num_inference_steps=STEPS, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert (stock - before).abs().max() > 1e-3  # the LoRA changes the model
-    guarded = guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
+    guarded = GuardedPipeline.from_pipe(pipe, index=random_index, guard="amg", threshold=1.5)
     out = guarded("red circle", num_inference_steps=STEPS, output_type="pt",
                   generator=torch.Generator().manual_seed(0))
+    unguarded = GuardedPipeline.from_pipe(pipe, guard="none")("red circle", num_inference_steps=STEPS,
+                                                              output_type="pt", generator=torch.Generator().manual_seed(0))
+    # a guard that never fires leaves generation bit-equal (README); the stock pipeline's own loop rounds differently
+    assert not out.guard_records[0]["intervened"] and len(out.guard_records[0]["sigmas"]) == STEPS
+    assert torch.equal(out.images, unguarded.images)
     assert (out.images - stock).abs().max() < 1e-5
-    wen = guard.GuardedPipeline.from_pipe(pipe, guard="wen", target=0.0, max_iters=2)
+    wen = GuardedPipeline.from_pipe(pipe, guard="wen", target=0.0, max_iters=2)
     out = wen(["red circle"], num_inference_steps=STEPS, num_images_per_prompt=2, output_type="np",
               generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 16, 16, 3)
@@ -325,20 +315,18 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     with pytest.raises(MemtrainError, match="clip"):
         as_threshold(None, "clip")
     assert as_threshold(None, "sscd")(0) == pytest.approx(0.4)
-    guard = guard_module()
     with pytest.raises(MemtrainError, match="--index"):
-        guard.GuardedPipeline.from_pipe(pipe, index=None, guard="amg")
+        GuardedPipeline.from_pipe(pipe, index=None, guard="amg")
     with pytest.raises(MemtrainError, match="guard must be"):
-        guard.GuardedPipeline.from_pipe(pipe, index=random_index, guard="bogus")
+        GuardedPipeline.from_pipe(pipe, index=random_index, guard="bogus")
     other = make_index(torch.rand(2, 3, 32, 32), ["a", "b"], 32)
     with pytest.raises(MemtrainError, match="resolution 32"):
-        guard.GuardedPipeline.from_pipe(pipe, index=other, guard="amg")
+        GuardedPipeline.from_pipe(pipe, index=other, guard="amg")
     with pytest.raises(MemtrainError, match="sscd"):
-        guard.check_index(random_index, pipe, embedding="sscd")
+        check_index(random_index, pipe, embedding="sscd")
     empty = make_index(torch.rand(0, 3, 16, 16), [], 16)
     with pytest.raises(MemtrainError, match="empty"):
-        guard.GuardedPipeline.from_pipe(pipe, index=empty, guard="amg")
-    cli = importlib.import_module("trainer.commands.generate")
+        GuardedPipeline.from_pipe(pipe, index=empty, guard="amg")
     parser = argparse.ArgumentParser()
     for name in ("checkpoint", "--prompts", "--out", "--lora"):
         parser.add_argument(name)
@@ -352,7 +340,7 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def cli_parser(cli):
+def cli_parser():
     """The `memtrain generate` arguments run_guarded reads, plus the guard options."""
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
@@ -366,9 +354,7 @@ def cli_parser(cli):
 
 
 def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
-    guard_module()
-    cli = importlib.import_module("trainer.commands.generate")
-    parser = cli_parser(cli)
+    parser = cli_parser()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\nblue square\n")
     out = tmp_path / "out"
@@ -384,9 +370,7 @@ def test_cli_wen_writes_images_and_records(tiny_model, tmp_path):
 
 
 def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
-    guard_module()
-    cli = importlib.import_module("trainer.commands.generate")
-    parser = cli_parser(cli)
+    parser = cli_parser()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red circle\n")
     make_index(torch.rand(4, 3, 16, 16), ["a", "a", "b", "c"], 16).save(tmp_path / "index16")

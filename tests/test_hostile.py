@@ -84,12 +84,22 @@ def labelled(value: str) -> Setup:
                                        f'{{"text": "a big blue square", "label": {value}}}\n')
 
 
-def chmod_read_only(tmp: Path, model: Path) -> None:
-    (tmp / "locked").mkdir()
-    (tmp / "locked").chmod(0o555)
-
-
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def read_only_dir(tmp: Path, model: Path) -> None:
+    """tmp/locked, a directory its user cannot write into: mode 555, or for root (who writes anywhere, CI
+    included) the immutable attribute (`chattr +i`, ext4 and most Linux file systems; undone by `unlock`)."""
+    (tmp / "locked").mkdir()
+    if ROOT:
+        subprocess.run(["chattr", "+i", str(tmp / "locked")], check=True, capture_output=True)
+    else:
+        (tmp / "locked").chmod(0o555)
+
+
+def unlock(tmp: Path) -> None:
+    if ROOT and (tmp / "locked").exists():
+        subprocess.run(["chattr", "-i", str(tmp / "locked")], check=True, capture_output=True)
 
 
 @dataclass
@@ -98,7 +108,6 @@ class Case:
     argv: str
     expect: tuple[str, ...]
     setup: Setup | None = None
-    skip: str | None = None
 
 
 TRAIN = "train {recipe}"
@@ -151,7 +160,7 @@ CASES = [
          text_file("afile", "x")),
     Case("output-read-only-fs", f"{TRAIN} output.dir=/sys/memtrain-run", ("output.dir", "/sys", "cannot write")),
     Case("output-unwritable", f"{TRAIN} output.dir=locked/run", ("output.dir", "locked", "cannot write"),
-         chmod_read_only, skip="root can write anywhere" if ROOT else None),
+         read_only_dir),
     # ---- model directory
     Case("export-pipeline-without-model-index", f"{TRAIN} model.pretrained=model output.export=pipeline",
          ("model_index.json", "output.export"), model_copy(lambda m: (m / "model_index.json").unlink())),
@@ -228,9 +237,7 @@ def tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=pytest.mark.skipif(c.skip is not None,
-                                                                                  reason=c.skip or ""))
-                                  for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_hostile_input(case: Case, case_dir: Path, tiny_model: Path, capsys):
     if case.setup is not None:
         case.setup(case_dir, tiny_model)
@@ -239,7 +246,10 @@ def test_hostile_input(case: Case, case_dir: Path, tiny_model: Path, capsys):
     values = dict(model=tiny_model, data=case_dir / "data", recipe=case_dir / "recipe.yaml",
                   prompts=case_dir / "prompts.txt", tmp=case_dir)
     argv = [part.format(**values) for part in case.argv.split()]
-    code = main(argv)
+    try:
+        code = main(argv)
+    finally:
+        unlock(case_dir)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("error:") == 1 and "Traceback" not in err, err

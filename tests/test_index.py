@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import optional_extra
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from trainer.io import MemtrainError
 from trainer.measure import index as index_module
 from trainer.measure.embedders import make_embedder
 from trainer.measure.features import embed_images, pixel_embedding
-from trainer.measure.index import TrainingIndex, build_index, faiss_available
+from trainer.measure.index import TrainingIndex, build_index
 
 
 def as_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -112,7 +113,7 @@ def test_chunked_search_equals_unchunked(dtype):
         assert torch.equal(part[1], whole[1]) and torch.allclose(part[0], whole[0], atol=1e-6)
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed (optional extra)")
+@optional_extra("faiss")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_faiss_equals_exact(dtype, built):
     index = random_index(3000, 64, dtype, seed=3)
@@ -125,7 +126,7 @@ def test_faiss_equals_exact(dtype, built):
     assert torch.allclose(a[0], b[0], atol=1e-5)  # identical copies may tie: compare similarities
 
 
-@pytest.mark.skipif(not faiss_available(), reason="faiss not installed (optional extra)")
+@optional_extra("faiss")
 def test_auto_backend_uses_faiss_for_few_queries_on_a_large_index(monkeypatch):
     monkeypatch.setattr(index_module, "FAISS_AUTO_MIN", 500)  # "large" for this test
     q = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))

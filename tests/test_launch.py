@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import SGD, assert_same_sgd_steps, optional_extra, write_recipe
 from safetensors.torch import load_file
 
 from trainer.cli import main
@@ -32,12 +32,14 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def test_two_cpu_processes_from_python_equal_one(tmp_path, tiny_model, tiny_data):
+    """The same steps, gradient for gradient: the optimizer made plain SGD (conftest.SGD)."""
     recipe_file = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "two",
-                               train={"batch_size": 4, "max_steps": 3}, checkpoint={"every_steps": 100})
+                               train={"batch_size": 4, "max_steps": 3, **SGD}, checkpoint={"every_steps": 100})
     recipe = load_recipe(TrainRecipe, recipe_file)
     summary = train_on_cpu_processes(recipe, 2)
     assert summary["steps"] == 3 and summary["export"] == str(tmp_path / "two" / "pipeline")
     assert main(["train", str(recipe_file), f"output.dir={tmp_path / 'one'}"]) == 0
+    assert_same_sgd_steps(tiny_model, tmp_path / "two" / "pipeline", tmp_path / "one" / "pipeline")
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert two.keys() == one.keys() == {1, 2, 3}
     assert all(abs(two[s] - one[s]) < 1e-5 * one[s] for s in one)
@@ -95,8 +97,8 @@ def deepspeed_config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@optional_extra("deepspeed")
 def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model, tiny_data):
-    pytest.importorskip("deepspeed")
     config = deepspeed_config(tmp_path)
 
     def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
