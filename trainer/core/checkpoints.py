@@ -36,6 +36,12 @@ def checkpoint_info(recipe: TrainRecipe, num_processes: int) -> dict:
     }
 
 
+def same_path(a, b) -> bool:
+    """True when two model paths name the same existing directory (a trailing slash, a symlink, ./ apart)."""
+    a, b = Path(str(a)), Path(str(b))
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def list_checkpoints(out: Path) -> list[Path]:
     ckpts = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
@@ -210,7 +216,7 @@ def check_resume_compatible(path: Path, recipe: TrainRecipe, num_processes: int)
                             f"{recipe.train.max_steps}; raise train.max_steps or start a new output.dir")
     expected = checkpoint_info(recipe, num_processes)
     for key, value in expected.items():
-        if key in info and info[key] != value:
+        if key in info and info[key] != value and not (key == "model" and same_path(info[key], value)):
             raise MemtrainError(
                 f"checkpoint.resume: {path} was trained with {key}={info[key]!r} but this recipe has {value!r}; "
                 "resume with the same settings or start a new output.dir"

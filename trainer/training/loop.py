@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,9 +44,17 @@ from trainer.core.components import (
     frozen_dtype,
     load_components,
     native_resolution,
+    pickle_error,
     pipeline_from_components,
 )
-from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
+from trainer.core.run_lock import (
+    acquire,
+    check_fresh_or_resumed,
+    check_inputs_kept,
+    check_unlocked,
+    clear_earlier_run,
+    release,
+)
 from trainer.core.unet_core import posterior_latents
 from trainer.io import MemtrainError, TrainingInterrupted, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
@@ -160,7 +169,9 @@ def train(recipe: TrainRecipe) -> dict:
     opt = recipe.train
     out = Path(recipe.output.dir)
     # ---- everything that can be wrong with the inputs is checked before anything is written
-    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
+    inputs = {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained}
+    check_output_dir(out, "output.dir", inputs)
+    check_inputs_kept(out, inputs)
     check_unlocked(out)
     check_fresh_or_resumed(out, recipe.checkpoint.resume, recipe.output.overwrite)
     parts = load_components(recipe)
@@ -304,6 +315,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+        except pickle.UnpicklingError as e:
+            raise pickle_error(resume_path, "checkpoint.resume", e) from None
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
