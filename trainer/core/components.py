@@ -85,6 +85,14 @@ def pickle_error(directory: Path, what: str, error: Exception) -> MemtrainError:
                          f"True): {str(error).splitlines()[0]}); replace it with the original or a .safetensors file")
 
 
+def load_error(directory: Path, what: str, error: Exception) -> MemtrainError:
+    """One MemtrainError for a failed pipeline load: a refused pickle named (`pickle_error`), else the loader's
+    own message."""
+    if isinstance(error, pickle.UnpicklingError) or (directory.is_dir() and refused_archive(directory)):
+        return pickle_error(directory, what, error)
+    return MemtrainError(f"{what}: cannot load a Stable Diffusion pipeline ({error})")
+
+
 def frozen_dtype(recipe: TrainRecipe) -> torch.dtype:
     """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
@@ -114,10 +122,8 @@ def load_components(recipe: TrainRecipe) -> dict:
         if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe),
                                                 **kw)
-    except OSError as e:
-        raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
-    except pickle.UnpicklingError as e:
-        raise pickle_error(local, f"model.pretrained={path}", e) from None
+    except (OSError, pickle.UnpicklingError) as e:  # diffusers wraps a refused pickle in an OSError
+        raise load_error(local, f"model.pretrained={path}", e) from None
     if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if m.prediction_type is not None:
@@ -174,10 +180,8 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise MemtrainError(f"{path}: cannot load a Stable Diffusion pipeline ({e})") from None
-    except pickle.UnpicklingError as e:
-        raise pickle_error(local, str(path), e) from None
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # diffusers wraps a refused pickle in an OSError
+        raise load_error(local, str(path), e) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path is not None:
         check_lora_base(pipe, lora_path)
