@@ -156,11 +156,6 @@ def is_write_failure(error: BaseException) -> bool:
     return isinstance(error, SafetensorError) and "os error" in str(error).lower()
 
 
-def _newest_file(directory: Path) -> Path:
-    files = [p for p in directory.rglob("*") if p.is_file()]
-    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else directory
-
-
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, command: str | None = None, inputs: dict[str, str | Path | None] | None = None,
                flag: str = "--out") -> Iterator[Path]:
@@ -179,10 +174,9 @@ def atomic_dir(out: str | Path, command: str | None = None, inputs: dict[str, st
         if command is not None:
             write_manifest(tmp, command)
     except BaseException as e:
-        failed = _newest_file(tmp) if is_write_failure(e) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        if failed is not None:
-            raise MemtrainError(f"writing {failed} failed ({e}); nothing was written to {out}: free disk space (or "
+        if is_write_failure(e):
+            raise MemtrainError(f"writing into {out} failed ({e}); nothing was written to {out}: free disk space (or "
                                 "choose another output directory) and run again") from None
         raise
     if out.exists():
