@@ -8,12 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +23,6 @@ from trainer.io import MANIFEST, MemtrainError, check_replaceable, claim_output,
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import INDEX_FILE, TrainingIndex, check_index_data, fingerprint_of
 from trainer.report.guard_sections import index_replication
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet(argv: list[str]) -> int:
@@ -174,38 +169,44 @@ def test_metadata_with_a_byte_order_mark_is_read(tiny_data, tmp_path, kind):
 # ---------------------------------------------------------------- full disks
 
 
-def cli(*argv, cwd: Path, limit: int) -> subprocess.CompletedProcess:
-    def preexec():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600, preexec_fn=preexec)
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """A real write failure in this process: files may not grow past `limit` bytes (EFBIG, not SIGXFSZ)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
-def assert_one_write_error(proc: subprocess.CompletedProcess, command: str, out: Path) -> None:
+def assert_one_write_error(argv: list, command: str, out: Path, limit: int, capsys) -> None:
     """One line naming the output and the failure; nothing partial left (safetensors removes its own file)."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and proc.stderr.count(f"memtrain {command}: error:") == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    with file_size_limit(limit):
+        code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err and err.count(f"memtrain {command}: error:") == 1, err
+    last = err.strip().splitlines()[-1]
     assert last.startswith(f"memtrain {command}: error: writing into {out} failed") and "File too large" in last, last
     assert f"nothing was written to {out}: free disk space" in last, last
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
-def test_a_full_disk_during_index_is_one_clear_error(tiny_data, tmp_path):
+def test_a_full_disk_during_index_is_one_clear_error(tiny_data, tmp_path, capsys):
     out = tmp_path / "idx"
-    proc = cli("index", tiny_data / "train", "--out", out, "--no-progress", cwd=tmp_path, limit=2000)
-    assert_one_write_error(proc, "index", out)
+    assert_one_write_error(["index", tiny_data / "train", "--out", out, "--no-progress"], "index", out, 2000, capsys)
 
 
-def test_a_full_disk_during_edit_is_one_clear_error(tiny_model, tmp_path):
+def test_a_full_disk_during_edit_is_one_clear_error(tiny_model, tmp_path, capsys):
     (tmp_path / "mem.txt").write_text("a small red circle\n")
     out = tmp_path / "edited"
     limit = (tiny_model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size // 2
-    proc = cli("edit", "uce", tiny_model, "--memorized", tmp_path / "mem.txt", "--out", out, cwd=tmp_path,
-               limit=limit)
-    assert_one_write_error(proc, "edit", out)
+    assert_one_write_error(["edit", "uce", tiny_model, "--memorized", tmp_path / "mem.txt", "--out", out], "edit",
+                           out, limit, capsys)
 
 
 # ---------------------------------------------------------------- resume through another spelling of the path
