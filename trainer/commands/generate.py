@@ -76,13 +76,13 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("-n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
+    prompts = [r["text"] for r in read_prompts(args.prompts)]  # a bad prompt file is named first
     check_output(args.out, "generate", read_paths(args))
     if args.index and args.guard != "amg" and is_main_process():
         print(f"memtrain generate: warning: --index {args.index} is used only by --guard amg; it is ignored here",
               file=sys.stderr)
     if args.guard != "none":
         return run_guarded(args)
-    prompts = [r["text"] for r in read_prompts(args.prompts)]
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size,
                              progress=is_main_process(), across_processes=True)
