@@ -56,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "search, without loading the training images")
     x.add_argument("--index-model", help="CLIP model directory / SSCD TorchScript file of a clip / sscd index")
     x.add_argument("--index-threshold", type=float,
-                   help="cosine similarity above which a generation replicates (default 0.5 for sscd, 0.85 for "
-                   "pixels; required for clip)")
+                   help="cosine similarity in (-1, 1) above which a generation replicates (default 0.5 for sscd, "
+                   "0.85 for pixels; required for clip)")
     x.add_argument("--guard", choices=("amg", "wen"),
                    help="also generate with the guard (amg needs --index; wen: Wen et al.'s prompt-embedding "
                    "mitigation) and report both side by side")
