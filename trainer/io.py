@@ -26,16 +26,19 @@ class TrainingInterrupted(KeyboardInterrupt):
 MANIFEST = ".memtrain-manifest.json"
 
 
+def _walk_files(directory: Path) -> Iterator[str]:
+    for root, dirs, names in os.walk(directory):
+        base = Path(root)
+        for path in [base / n for n in names] + [base / d for d in dirs if (base / d).is_symlink()]:
+            name = path.relative_to(directory).as_posix()
+            if name != MANIFEST:
+                yield name
+
+
 def output_files(directory: str | Path) -> list[str]:
     """Every file (and symlink) under `directory` as a sorted relative POSIX path, the manifest left out;
     symlinked directories are entries, not followed."""
-    directory = Path(directory)
-    files = []
-    for root, dirs, names in os.walk(directory):
-        base = Path(root)
-        files += [(base / n).relative_to(directory).as_posix() for n in names]
-        files += [(base / d).relative_to(directory).as_posix() for d in dirs if (base / d).is_symlink()]
-    return sorted(f for f in files if f != MANIFEST)
+    return sorted(_walk_files(Path(directory)))
 
 
 def write_manifest(directory: str | Path, command: str, files: list[str] | None = None) -> None:
@@ -76,15 +79,16 @@ def check_replaceable(out: str | Path, command: str, inputs: dict[str, str | Pat
         if source is not None and Path(source).exists() and target in Path(source).resolve().parents:
             raise MemtrainError(f"{flag} {out}: holds the input {name} {source}, which replacing {out} would "
                                 f"delete; choose another {flag}")
+    manifest = read_manifest(out)
+    if manifest is None:  # the first file found is enough to refuse (no walk of a large folder)
+        first = next(_walk_files(out), None)
+        if first is None:
+            return
+        raise MemtrainError(f"{flag} {out}: holds {first} and no {MANIFEST} of an earlier `memtrain {command}`; "
+                            f"replacing it would delete it: choose another {flag} or remove {out}")
     files = output_files(out)
     if not files:
         return
-    manifest = read_manifest(out)
-    what = f"{len(files) - 1} more" if len(files) > 1 else ""
-    first = files[0] + (f" (and {what})" if what else "")
-    if manifest is None:
-        raise MemtrainError(f"{flag} {out}: holds {first} and no {MANIFEST} of an earlier `memtrain {command}`; "
-                            f"replacing it would delete them: choose another {flag} or remove {out}")
     if manifest.get("command") != command:
         raise MemtrainError(f"{flag} {out}: holds the output of `memtrain {manifest.get('command')}`, not of "
                             f"`memtrain {command}`; choose another {flag} or remove {out}")
