@@ -1,4 +1,6 @@
-"""Small I/O helpers: atomic writes (temp path, then rename) and the one user-facing error type."""
+"""Small I/O helpers: the one user-facing error type, atomic writes (temp path, then rename), and the one
+rule for output folders: a command replaces a folder only when its manifest (`.memtrain-manifest.json`)
+says this command wrote everything in it and no input lies in it (`check_replaceable`)."""
 
 from __future__ import annotations
 
