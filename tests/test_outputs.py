@@ -33,7 +33,7 @@ def quiet(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def index_dir(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index") / "idx"
-    assert quiet(["index", tiny_data / "train", "--out", out, "--no-progress"]) == 0
+    assert quiet(["index", tiny_data / "train", "--out", out, "--no-progress", "--resolution", "16"]) == 0  # the tiny model's
     return out
 
 
@@ -139,12 +139,15 @@ def test_second_similarity_skips_exact_copies_of_the_nearest(index_dir, tiny_dat
     assert int((copies == copies[section["generations"][0]["nearest_index"]]).sum()) == 4
 
 
-def test_generate_says_when_it_ignores_an_index(index_dir, tiny_model, tmp_path, capsys):
+def test_generate_and_evaluate_say_when_they_ignore_an_index(index_dir, tiny_model, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a small red circle\n")
     assert quiet(["generate", tiny_model, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "g", "--steps", "2",
                   "--index", index_dir]) == 0
     err = capsys.readouterr().err
     assert f"warning: --index {index_dir} is used only by --guard amg" in err
+    assert quiet(["evaluate", tiny_model, "--prompts", tmp_path / "p.txt", "--out", tmp_path / "e", "--no-generate",
+                  "--detectors", "noise", "--index", index_dir]) == 0
+    assert f"warning: --index {index_dir} measures the replication of generations" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- metadata with a byte-order mark

@@ -11,6 +11,7 @@ docs/methods.md gives every convention; `trainer.report.sections` computes each 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +142,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
         raise MemtrainError(f"--index-threshold must be in (-1, 1) (a cosine similarity), got {index_threshold}")
     if index is not None and train_data is not None:
         check_index_data(index, train_data)
+    if index is not None and not generate and distributed.is_main_process():
+        print(f"memtrain evaluate: warning: --index {index} measures the replication of generations; with "
+              "--no-generate it is not used", file=sys.stderr)
     checkpoint_path = Path(checkpoint)
     if not checkpoint_path.exists():
         raise MemtrainError(f"checkpoint {checkpoint}: no such directory (want a diffusers pipeline directory)")
