@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
+from trainer.core import run_lock
 from trainer.core.checkpoints import (
     check_resume_compatible,
     export,
@@ -47,14 +48,7 @@ from trainer.core.components import (
     pickle_error,
     pipeline_from_components,
 )
-from trainer.core.run_lock import (
-    acquire,
-    check_fresh_or_resumed,
-    check_inputs_kept,
-    check_unlocked,
-    clear_earlier_run,
-    release,
-)
+from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
 from trainer.core.unet_core import posterior_latents
 from trainer.io import MemtrainError, TrainingInterrupted, check_output_dir
 from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
@@ -171,7 +165,7 @@ def train(recipe: TrainRecipe) -> dict:
     # ---- everything that can be wrong with the inputs is checked before anything is written
     inputs = {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained}
     check_output_dir(out, "output.dir", inputs)
-    check_inputs_kept(out, inputs)
+    run_lock.check_inputs_kept(out, inputs)
     check_unlocked(out)
     check_fresh_or_resumed(out, recipe.checkpoint.resume, recipe.output.overwrite)
     parts = load_components(recipe)
