@@ -122,10 +122,10 @@ def test_generate_and_evaluate_never_replace_a_directory_they_did_not_write(tmp_
     prompts.write_text("a small red circle\n")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     err = run_fails(capsys, "generate", str(tiny_model), "--prompts", str(prompts), "--out", str(run), "--steps", "2")
-    assert str(run) in err and "choose a new output directory" in err
+    assert str(run) in err and "choose another --out" in err
     err = run_fails(capsys, "evaluate", str(tiny_model), "--prompts", str(prompts), "--out", str(run),
                     "--no-generate", "--detectors", "noise")
-    assert "choose a new output directory" in err
+    assert "choose another --out" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     out = tmp_path / "gen"
     for _ in range(2):  # the second run replaces the first one's output

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from trainer.commands import dedup as dedup_command
 from trainer.data import Rows
-from trainer.io import MemtrainError
+from trainer.io import MANIFEST, MemtrainError
 from trainer.measure.features import embed_images
 from trainer.mitigate import dedup as dedup
 
@@ -208,7 +208,7 @@ def test_cli_writes_the_three_files(tmp_path, planted, capsys):
     data = write_imagefolder(tmp_path / "data", images, captions)
     out = tmp_path / "out"
     assert run_cli(data, "--out", out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["groups.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "groups.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert {frozenset(g["members"]) for g in report["image_groups"]} == set(groups)
     assert report["threshold"] == 0.95 and report["embedding"] == "pixels"

@@ -23,7 +23,7 @@ from trainer.edit.save import (
     snapshot,
 )
 from trainer.edit.uce import uce_edit
-from trainer.io import MemtrainError
+from trainer.io import MANIFEST, MemtrainError
 from trainer.prompts import read_labelled_prompts
 from trainer.sample.generate import generate_images
 
@@ -68,7 +68,7 @@ def test_uce_writes_a_loadable_pipeline_with_per_layer_counts(tiny_model, prompt
     assert files_digest(tiny_model) == source_files  # the source is never modified
     report = json.loads((out / "edit.json").read_text())
     assert report["method"] == "uce" and report["output"] == "pipeline" and report["unet_evals"] == 0
-    assert report["files"] == sorted(p.name for p in out.iterdir())
+    assert report["files"] == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
     assert (out / "edit.md").read_text().count(".attn2.to_") == len(report["changed"])
 
     before = load_pipeline(tiny_model).unet.state_dict()
@@ -102,7 +102,7 @@ def test_no_edit_modifies_its_source(tiny_model, prompts, tmp_path, method, opti
 def test_uce_as_lora_loads_in_a_stock_pipeline(tiny_model, prompts, tmp_path):
     out = tmp_path / "lora"
     assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--as-lora") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["edit.json", "edit.md", LORA_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "edit.json", "edit.md", LORA_FILE]
     report = json.loads((out / "edit.json").read_text())
     assert report["output"] == "lora" and report["result"]["lora"]["max_residual"] <= 1e-3
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
@@ -192,7 +192,7 @@ def test_bad_input_fails_before_writing(tiny_model, prompts, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    assert "not an earlier `memtrain edit` output" in run_fails(capsys, "uce", tiny_model, "--memorized", mem,
+    assert "keep.txt and no .memtrain-manifest.json" in run_fails(capsys, "uce", tiny_model, "--memorized", mem,
                                                                 "--out", other)
     assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
     assert not out.exists() and not list(tmp_path.glob(".*tmp-*"))

@@ -15,7 +15,7 @@ from test_monitor import wandb_records
 
 from trainer import prompts
 from trainer.cli import main
-from trainer.io import MemtrainError
+from trainer.io import MANIFEST, MemtrainError
 from trainer.measure import features as F
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.report import evaluate as E
@@ -223,7 +223,7 @@ def test_plain_text_prompts_give_scores_only(tmp_path, tiny_model):
     q = report["quality"]["groups"]["all"]
     assert q["generations"] == 2 and "toy_alignment" in q and "kid" not in q
     files = sorted(p.name for p in (tmp_path / "eval").iterdir())
-    assert files == ["report.json", "report.md", "scores_by_group.png"]
+    assert files == [MANIFEST, "report.json", "report.md", "scores_by_group.png"]
 
 
 def test_no_generate_keeps_detectors_and_membership(tmp_path, tiny_model, tiny_data):

@@ -27,6 +27,7 @@ from PIL import Image
 from trainer.cli import main
 from trainer.config import load_recipe
 from trainer.data import open_image
+from trainer.io import write_manifest
 from trainer.measure.features import embed_images
 from trainer.recipe import TrainRecipe
 
@@ -100,6 +101,74 @@ def read_only_dir(tmp: Path, model: Path) -> None:
 def unlock(tmp: Path) -> None:
     if ROOT and (tmp / "locked").exists():
         subprocess.run(["chattr", "-i", str(tmp / "locked")], check=True, capture_output=True)
+
+
+def earlier_output(command: str, folder: str, files: dict[str, str], after: dict[str, str] | None = None) -> Setup:
+    """./folder as an earlier `memtrain COMMAND` output holding `files` (its manifest lists them), plus `after`:
+    files put there later by the user."""
+    def setup(tmp: Path, model: Path) -> None:
+        for name, text in files.items():
+            (tmp / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / folder / name).write_text(text)
+        write_manifest(tmp / folder, command)
+        for name, text in (after or {}).items():
+            (tmp / folder / name).write_text(text)
+    return setup
+
+
+def folder_with(folder: str, **files: str) -> Setup:
+    def setup(tmp: Path, model: Path) -> None:
+        (tmp / folder).mkdir()
+        for name, text in files.items():
+            (tmp / folder / name.replace("_", ".")).write_text(text)
+    return setup
+
+
+def demo_copy(tmp: Path, model: Path) -> None:
+    """./D as a copy of an earlier demo: report.json, the fine-tuned model in train/pipeline, the data in data/."""
+    shutil.copytree(model, tmp / "D" / "train" / "pipeline")
+    shutil.copytree(tmp / "data", tmp / "D" / "data")
+    (tmp / "D" / "report.json").write_text("{}")
+
+
+class Planted:
+    """Unpickling this runs `touch PWNED` (the case's directory would change): a loader must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def planted_model_bin(model: Path) -> None:
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"weight": Planted()}, model / "unet" / "diffusion_pytorch_model.bin")
+
+
+def checkpoint_with_planted(name: str) -> Setup:
+    """A 2-step run in ./run whose checkpoint-2/NAME is a planted pickle."""
+    def setup(tmp: Path, model: Path) -> None:
+        assert main(["train", str(tmp / "recipe.yaml"), "output.dir=run", "train.max_steps=2",
+                     "output.export=none"]) == 0
+        torch.save({"state": Planted()}, tmp / "run" / "checkpoints" / "checkpoint-2" / name)
+    return setup
+
+
+def built_index(drop_rows: int = 0) -> Setup:
+    """./idx: `memtrain index` of the case's data, or of a copy without its last `drop_rows` rows."""
+    def setup(tmp: Path, model: Path) -> None:
+        data = tmp / "data"
+        if drop_rows:
+            data = tmp / "other"
+            shutil.copytree(tmp / "data", data)
+            lines = (data / "metadata.jsonl").read_text().splitlines()[:-drop_rows]
+            (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        assert main(["index", str(data), "--out", str(tmp / "idx"), "--no-progress"]) == 0
+        if drop_rows:
+            shutil.rmtree(data)
+    return setup
+
+
+def remove(part: str) -> Callable[[Path], None]:
+    return lambda model: shutil.rmtree(model / part)
 
 
 @dataclass
@@ -196,7 +265,7 @@ CASES = [
     Case("edit-lora-not-lora", f"{EDIT} --lora not_lora.safetensors", ("not_lora.safetensors", "LoRA"), not_a_lora),
     # ---- generate / evaluate arguments and prompt files
     Case("generate-n-negative", f"{GEN} -n -1", ("-n must be >= 1",)),
-    Case("generate-out-cwd", "generate {model} --prompts {prompts} --out . --steps 2", ("--out .", "choose a new")),
+    Case("generate-out-cwd", "generate {model} --prompts {prompts} --out . --steps 2", ("--out .", "choose another --out")),
     Case("generate-prompts-latin1", "generate {model} --prompts latin1.txt --out gen", ("latin1.txt", "not UTF-8"),
          lambda tmp, model: (tmp / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")),
     Case("evaluate-prompts-latin1", EVAL.replace("{prompts}", "latin1.txt"), ("latin1.txt", "not UTF-8"),
@@ -217,6 +286,52 @@ CASES = [
     Case("generate-out-inside-checkpoint", GEN.replace("--out gen", "--out {model}/gen"), ("--out", "inside the input")),
     Case("evaluate-out-inside-checkpoint", EVAL.replace("--out eval", "--out {model}/eval"),
          ("--out", "inside the input")),
+    # ---- an output folder is replaced only when it holds nothing but the command's own earlier output, and
+    # never when an input lies in it (trainer.io.check_replaceable)
+    Case("evaluate-out-holds-its-model", "evaluate D/train/pipeline --prompts {prompts} --data D/data --out D "
+         "--no-generate --detectors noise", ("--out D", "holds the input CHECKPOINT"), demo_copy),
+    Case("evaluate-out-holds-its-prompts", "evaluate {model} --prompts E/p.jsonl --out E --no-generate "
+         "--detectors noise", ("--out E", "holds the input --prompts"),
+         earlier_output("evaluate", "E", {"report.json": "{}", "p.jsonl": '{"text": "a small red circle"}\n'})),
+    Case("generate-out-holds-its-prompts", "generate {model} --prompts G/my.txt --out G --steps 2",
+         ("--out G", "holds the input --prompts"),
+         earlier_output("generate", "G", {"generations.jsonl": "{}\n", "my.txt": "a small red circle\n"})),
+    Case("generate-out-holds-a-later-file", "generate {model} --prompts {prompts} --out G --steps 2",
+         ("--out G", "notes.txt", "did not write"),
+         earlier_output("generate", "G", {"generations.jsonl": "{}\n"}, after={"notes.txt": "mine"})),
+    Case("generate-out-without-manifest", "generate {model} --prompts {prompts} --out G --steps 2",
+         ("--out G", "generations.jsonl", ".memtrain-manifest.json"), folder_with("G", generations_jsonl="{}\n")),
+    Case("evaluate-out-of-generate", EVAL.replace("--out eval", "--out G"), ("--out G", "`memtrain generate`"),
+         earlier_output("generate", "G", {"generations.jsonl": "{}\n"})),
+    Case("edit-out-holds-its-lora", "edit uce {model} --memorized {prompts} --lora A/pytorch_lora_weights.safetensors "
+         "--out A", ("--out A", "holds the input --lora"),
+         earlier_output("edit", "A", {"edit.json": '{"tool": "memtrain edit"}', "pytorch_lora_weights.safetensors": "x"})),
+    Case("toy-data-out-holds-other-files", "toy-data T --n-duplicated 1 --copies 2 --n-singletons 1 --n-heldout 1 "
+         "--n-novel 1", ("OUT T", "keep.txt"), folder_with("T", keep_txt="mine")),
+    Case("dedup-out-holds-other-files", "dedup {data} --out R", ("--out R", "keep.txt"), folder_with("R", keep_txt="mine")),
+    Case("index-out-holds-other-files", "index {data} --out I --no-progress", ("--out I", "keep.txt"),
+         folder_with("I", keep_txt="mine")),
+    Case("train-model-in-its-export", f"{TRAIN} model.pretrained=run/pipeline output.dir=run output.overwrite=true",
+         ("output.dir run", "model.pretrained", "run/pipeline"),
+         lambda tmp, model: shutil.copytree(model, tmp / "run" / "pipeline")),
+    # ---- indexes
+    Case("evaluate-index-threshold-2", f"{EVAL} --index idx --index-threshold 2", ("--index-threshold", "(-1, 1)"),
+         built_index()),
+    Case("evaluate-index-threshold-minus-1", f"{EVAL} --index idx --index-threshold=-1",
+         ("--index-threshold", "(-1, 1)"), built_index()),
+    Case("evaluate-index-of-other-data", f"{EVAL} --index idx --train-data {{data}}",
+         ("--index idx", "another data set", "--train-data DATA"), built_index(drop_rows=1)),
+    Case("index-resolution-huge", "index {data} --out idx --resolution 100000", ("--resolution", "4096")),
+    # ---- planted pickles, missing model folders
+    Case("model-bin-pickle", GEN.replace("{model}", "model"), ("diffusion_pytorch_model.bin", "refused"),
+         model_copy(planted_model_bin)),
+    Case("resume-pickled-optimizer", f"{TRAIN} output.dir=run checkpoint.resume=latest", ("optimizer.bin", "refused"),
+         checkpoint_with_planted("optimizer.bin")),
+    Case("resume-pickled-scheduler", f"{TRAIN} output.dir=run checkpoint.resume=latest", ("scheduler.bin", "refused"),
+         checkpoint_with_planted("scheduler.bin")),
+    Case("edit-prune-no-tokenizer", EDIT.replace("{model}", "model"), ("tokenizer/",), model_copy(remove("tokenizer"))),
+    Case("generate-no-vae", GEN.replace("{model}", "model"), ("vae/",), model_copy(remove("vae"))),
+    Case("train-no-vae", f"{TRAIN} model.pretrained=model", ("vae/",), model_copy(remove("vae"))),
     # ---- toy data
     Case("toy-data-nothing-to-find", "toy-data toy --n-duplicated 0", ("--n-duplicated", "nothing")),
     Case("toy-data-one-copy", "toy-data toy --copies 1", ("--copies", ">= 2")),

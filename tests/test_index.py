@@ -259,7 +259,7 @@ def test_bad_input(built, tiny_data, tmp_path, capsys, monkeypatch):
         build_index(str(tiny_data / "train"), str(tmp_path / "ix"), embedding="clip", progress=False)
     with pytest.raises(MemtrainError, match="overlaps the training data"):
         build_index(str(tiny_data / "train"), str(tiny_data / "train" / "ix"), progress=False)
-    with pytest.raises(MemtrainError, match="exists and is not a memtrain index"):
+    with pytest.raises(MemtrainError, match="holds notes.txt and no .memtrain-manifest.json"):
         build_index(str(tiny_data / "train"), str(tmp_path / "junk"), progress=False)
     with pytest.raises(MemtrainError, match=r"queries must be \[M, 198\]"):
         TrainingIndex.load(out).search(torch.randn(2, 10))

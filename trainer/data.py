@@ -40,7 +40,7 @@ def _read_metadata(root: Path) -> tuple[Path, list[dict]]:
     if jsonl.exists():
         return jsonl, read_jsonl_objects(jsonl)
     if csv_path.exists():
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of a name
             rows = [dict(r, _line=i) for i, r in enumerate(csv.DictReader(f), 2)]
         return csv_path, rows
     raise MemtrainError(f"{root} has no metadata.jsonl or metadata.csv (diffusers imagefolder format)")

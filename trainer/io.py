@@ -1,8 +1,11 @@
-"""Small I/O helpers: atomic writes (temp path, then rename) and the one user-facing error type."""
+"""Small I/O helpers: the one user-facing error type, atomic writes (temp path, then rename), and the one
+rule for output folders: a command replaces a folder only when its manifest (`.memtrain-manifest.json`)
+says this command wrote everything in it and no input lies in it (`check_replaceable`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 
 class MemtrainError(Exception):
@@ -20,17 +25,98 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says where it stopped and how to resume."""
 
 
-def check_replaceable(out: str | Path, marker: str, flag: str = "--out") -> None:
-    """A MemtrainError unless `out` is absent, an empty directory, or an earlier output holding `marker`:
-    a command never replaces a directory it did not write (a training run, a dataset, a checkpoint)."""
+MANIFEST = ".memtrain-manifest.json"
+
+
+def _walk_files(directory: Path) -> Iterator[str]:
+    for root, dirs, names in os.walk(directory):
+        base = Path(root)
+        for path in [base / n for n in names] + [base / d for d in dirs if (base / d).is_symlink()]:
+            name = path.relative_to(directory).as_posix()
+            if name != MANIFEST:
+                yield name
+
+
+def output_files(directory: str | Path) -> list[str]:
+    """Every file (and symlink) under `directory` as a sorted relative POSIX path, the manifest left out;
+    symlinked directories are entries, not followed."""
+    return sorted(_walk_files(Path(directory)))
+
+
+def write_manifest(directory: str | Path, command: str, files: list[str] | None = None) -> None:
+    """`directory/.memtrain-manifest.json`: the command and the files it wrote (default: all there now). An
+    entry ending in "/" owns a whole sub-directory (commands that write as they go: demo, compare)."""
+    files = output_files(directory) if files is None else list(files)
+    write_json({"tool": "memtrain", "command": command, "files": files}, Path(directory) / MANIFEST)
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of an earlier memtrain output, or None when there is none or it is not one."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and manifest.get("tool") == "memtrain" and isinstance(manifest.get("files"), list)
+    return manifest if ok else None
+
+
+def _owned(file: str, listed: set[str]) -> bool:
+    return file in listed or any(file.startswith(entry) for entry in listed if entry.endswith("/"))
+
+
+def check_replaceable(out: str | Path, command: str, inputs: dict[str, str | Path | None] | None = None,
+                      flag: str = "--out") -> None:
+    """The one rule for every command that writes an output directory: `out` may be replaced only when it is
+    absent, empty, or holds nothing but `memtrain COMMAND`'s own earlier output (its manifest lists every file
+    there), and never when an input (a file or directory of `inputs`, {what: path}) lies in it. Otherwise a
+    MemtrainError naming the directory and the input or foreign file. `atomic_dir(out, command)` applies it."""
+    inputs = inputs or {}
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
-        raise MemtrainError(f"{flag} {out}: exists and is not a directory; choose a new output directory")
-    if any(out.iterdir()) and not (out / marker).exists():
-        raise MemtrainError(f"{flag} {out}: exists and holds something else (no {marker}); it would be replaced: "
-                            "choose a new output directory")
+        raise MemtrainError(f"{flag} {out}: exists and is not a directory; choose another {flag}")
+    target = out.resolve()
+    for name, source in inputs.items():
+        if source is not None and Path(source).exists() and target in Path(source).resolve().parents:
+            raise MemtrainError(f"{flag} {out}: holds the input {name} {source}, which replacing {out} would "
+                                f"delete; choose another {flag}")
+    manifest = read_manifest(out)
+    if manifest is None:  # the first file found is enough to refuse (no walk of a large folder)
+        first = next(_walk_files(out), None)
+        if first is None:
+            return
+        raise MemtrainError(f"{flag} {out}: holds {first} and no {MANIFEST} of an earlier `memtrain {command}`; "
+                            f"replacing it would delete it: choose another {flag} or remove {out}")
+    files = output_files(out)
+    if not files:
+        return
+    if manifest.get("command") != command:
+        raise MemtrainError(f"{flag} {out}: holds the output of `memtrain {manifest.get('command')}`, not of "
+                            f"`memtrain {command}`; choose another {flag} or remove {out}")
+    listed = {str(f) for f in manifest["files"]}
+    foreign = [f for f in files if not _owned(f, listed)]
+    if foreign:
+        raise MemtrainError(f"{flag} {out}: holds {foreign[0]}, which `memtrain {command}` did not write (not in "
+                            f"{MANIFEST}); replacing {out} would delete it: choose another {flag} or move it away")
+
+
+def check_output(out: str | Path, command: str, inputs: dict[str, str | Path | None], flag: str = "--out") -> None:
+    """What a command checks before loading anything: `out` lies outside its inputs (`check_not_inside`) and
+    may be replaced (`check_replaceable`)."""
+    check_not_inside(out, inputs, flag)
+    check_replaceable(out, command, inputs, flag)
+
+
+def claim_output(out: str | Path, command: str, entries: list[str], inputs: dict[str, str | Path | None],
+                 flag: str = "--out") -> Path:
+    """For a command that writes `out` as it goes (demo, compare): `check_output`, then a manifest naming the
+    `entries` it will write ("name/" for a sub-directory), so a rerun, even after an interruption, may replace them."""
+    check_output(out, command, inputs, flag)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, command, entries)
+    return out
 
 
 def check_output_dir(out: str | Path, key: str = "--out", inputs: dict[str, str | Path | None] | None = None) -> None:
@@ -66,21 +152,38 @@ def check_not_inside(out: str | Path, inputs: dict[str, str | Path | None], flag
                                 "input: choose an output directory elsewhere")
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A full disk, quota, file-size limit or read-only file system, as OSError or as safetensors reports it."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return isinstance(error, SafetensorError) and "os error" in str(error).lower()
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, replaces: str | None = None) -> Iterator[Path]:
+def atomic_dir(out: str | Path, command: str | None = None, inputs: dict[str, str | Path | None] | None = None,
+               flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out`, on failure it is removed.
 
-    `replaces`: the file that marks an earlier output of the same command; an existing `out` without it
-    is refused (`check_replaceable`) rather than deleted."""
+    `command`: the memtrain command writing `out`. An existing `out` is replaced only under the rule of
+    `check_replaceable` (checked here again, at the moment of replacing), and the new directory gets a
+    manifest of the files the command wrote, which lets a later run of the same command replace it."""
     out = Path(out)
-    if replaces is not None:
-        check_replaceable(out, replaces)
+    if command is not None:
+        check_replaceable(out, command, inputs, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-    except BaseException:
+        if command is not None:
+            write_manifest(tmp, command)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(e):
+            raise MemtrainError(f"writing into {out} failed ({e}); nothing was written to {out}: free disk space (or "
+                                "choose another output directory) and run again") from None
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -118,7 +221,7 @@ def read_jsonl_objects(path: str | Path, prefix: str = "") -> list[dict]:
     malformed line is a MemtrainError naming the file and line (after `prefix`, e.g. the recipe key)."""
     path = Path(path)
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):  # a leading BOM is skipped
         if not line.strip():
             continue
         try:

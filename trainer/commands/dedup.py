@@ -7,7 +7,7 @@ from pathlib import Path
 
 from trainer.core.components import check_device
 from trainer.data import load_rows
-from trainer.io import MemtrainError, atomic_file, check_not_inside, write_json
+from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.features import EMBEDDINGS, _check_path
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.report.plots import plot_groups
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             f"{root} has no metadata.jsonl (diffusers imagefolder: one JSON object per line "
             "with file_name and text)"
         )
-    check_not_inside(args.out, {"DATA": root})
+    inputs = {"DATA": root, "--clip": args.clip, "--sscd": args.sscd}
+    check_output(args.out, "dedup", inputs)
     check_device(args.device)
     embedding = args.embedding or ("clip" if args.clip else "sscd" if args.sscd else "pixels")
     if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
@@ -99,11 +100,10 @@ def run(args: argparse.Namespace) -> int:
     )
     report["data"] = str(root)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(report, out / "report.json")
-    with atomic_file(out / "report.md") as f:
-        f.write(dedup_markdown(report, str(root)))
-    plot_groups(report, rows.images, names, out / "groups.png")
+    with atomic_dir(out, "dedup", inputs) as tmp:
+        write_json(report, tmp / "report.json")
+        (tmp / "report.md").write_text(dedup_markdown(report, str(root)))
+        plot_groups(report, rows.images, names, tmp / "groups.png")
     s = report["summary"]
     print(
         f"{report['n']} images: {s['image_groups']} near-duplicate groups ({s['duplicates_to_drop']} extra copies), "

@@ -28,7 +28,7 @@ from trainer.edit.save import (
     EDIT_TOOL,
     changed_weights,
     check_checkpoint,
-    check_output,
+    check_edit_output,
     load_for_edit,
     save_lora,
     snapshot,
@@ -147,6 +147,12 @@ def _texts(path: str | None, flag: str) -> list[str]:
         raise MemtrainError(f"{flag}: {e}") from None
 
 
+def read_paths(args: argparse.Namespace) -> dict:
+    """The files and directories an edit reads besides CKPT: --out may not hold any of them."""
+    names = ("lora", "memorized", "anchors", "preserved", "evaluate", "data", "train_data", "clip", "base", "reference")
+    return {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in names}
+
+
 def check_args(args: argparse.Namespace) -> dict:
     """Every check that needs no model: prompt files, numbers, paths. Returns the prompt lists."""
     texts = {"memorized": _texts(args.memorized, "--memorized"), "anchors": _texts(args.anchors, "--anchors"),
@@ -200,7 +206,7 @@ def check_args(args: argparse.Namespace) -> dict:
     check_checkpoint(args.checkpoint)
     if args.lora is not None and not Path(args.lora).exists():
         raise MemtrainError(f"--lora {args.lora}: no such file or directory")
-    check_output(args.out, args.checkpoint)
+    check_edit_output(args.out, args.checkpoint, read_paths(args))
     return texts
 
 
@@ -347,7 +353,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         report["nothing_changed"] = False
 
-    with on_main_process(atomic_dir(check_output(out, source))) as tmp:  # other processes of a launch only evaluate
+    inputs = {"CHECKPOINT": source, **read_paths(args)}
+    check_edit_output(out, source, inputs)
+    with on_main_process(atomic_dir(out, "edit", inputs)) as tmp:  # other processes of a launch only evaluate
         if tmp is not None:
             if lora_out:
                 save_lora(state, tmp)

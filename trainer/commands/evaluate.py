@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
-from trainer.io import check_not_inside
+from trainer.io import check_output
 from trainer.report.evaluate import evaluate, flat_summary
 from trainer.sample.guidance import WEN_TARGET
 
@@ -56,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "search, without loading the training images")
     x.add_argument("--index-model", help="CLIP model directory / SSCD TorchScript file of a clip / sscd index")
     x.add_argument("--index-threshold", type=float,
-                   help="cosine similarity above which a generation replicates (default 0.5 for sscd, 0.85 for "
-                   "pixels; required for clip)")
+                   help="cosine similarity in (-1, 1) above which a generation replicates (default 0.5 for sscd, "
+                   "0.85 for pixels; required for clip)")
     x.add_argument("--guard", choices=("amg", "wen"),
                    help="also generate with the guard (amg needs --index; wen: Wen et al.'s prompt-embedding "
                    "mitigation) and report both side by side")
@@ -70,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_not_inside(args.out, {"CHECKPOINT": args.checkpoint, "--train-data": args.train_data, "--data": args.data,
-                                "--index": args.index})
+    check_output(args.out, "evaluate", {"CHECKPOINT": args.checkpoint, "--train-data": args.train_data,
+                                        "--data": args.data, "--index": args.index, **read_paths(args)})
     report = evaluate(args.checkpoint, args.prompts, memorized=args.memorized, not_memorized=args.not_memorized,
                       train_data=args.train_data, out=args.out, lora=args.lora, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
@@ -83,6 +83,12 @@ def _run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0
+
+
+def read_paths(args: argparse.Namespace) -> dict:
+    """The input files of `evaluate` besides its directories: --out may not hold any of them."""
+    return {"--prompts": args.prompts, "--memorized": args.memorized, "--not-memorized": args.not_memorized,
+            "--lora": args.lora, "--sscd": args.sscd, "--clip": args.clip, "--index-model": args.index_model}
 
 
 def _guard_options(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from PIL import Image
 
 from trainer.core.components import load_pipeline
 from trainer.core.distributed import is_main_process, process_device
-from trainer.io import MemtrainError, atomic_dir, check_not_inside, check_replaceable
+from trainer.io import MemtrainError, atomic_dir, check_output
 from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
@@ -39,11 +40,12 @@ def write_images(images: torch.Tensor, names: list[str], directory: Path) -> Non
             meta.write(json.dumps({"file_name": file, "text": name}) + "\n")
 
 
-def save_images(images: torch.Tensor, names: list[str], out: str | Path) -> None:
-    """`write_images` into `out`, atomically (on the main process only; other processes of a launch return)."""
+def save_images(images: torch.Tensor, names: list[str], out: str | Path, inputs: dict | None = None) -> None:
+    """`write_images` into `out`, atomically (on the main process only; other processes of a launch return);
+    `out` is replaced only under `io.check_replaceable`'s rule (`inputs`: the files it must not delete)."""
     if not is_main_process():
         return
-    with atomic_dir(out, replaces="generations.jsonl") as tmp:
+    with atomic_dir(out, "generate", inputs) as tmp:
         write_images(images, names, tmp)
 
 
@@ -64,19 +66,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def read_paths(args: argparse.Namespace) -> dict:
+    """The files and directories `generate` reads: its --out may not hold or lie in any of them."""
+    return {"CHECKPOINT": args.checkpoint, "--prompts": args.prompts, "--lora": args.lora, "--index": args.index,
+            "--embedder-path": args.embedder_path, "--wen-calibrate": args.wen_calibrate}
+
+
 def _run(args: argparse.Namespace) -> int:
     for flag, value in (("-n", args.n), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
-    check_replaceable(args.out, "generations.jsonl")
-    check_not_inside(args.out, {"CHECKPOINT": args.checkpoint, "--index": args.index})
+    prompts = [r["text"] for r in read_prompts(args.prompts)]  # a bad prompt file is named first
+    check_output(args.out, "generate", read_paths(args))
+    if args.index and args.guard != "amg" and is_main_process():
+        print(f"memtrain generate: warning: --index {args.index} is used only by --guard amg; it is ignored here",
+              file=sys.stderr)
     if args.guard != "none":
         return run_guarded(args)
-    prompts = [r["text"] for r in read_prompts(args.prompts)]
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size,
                              progress=is_main_process(), across_processes=True)
-    save_images(images, [p for p in prompts for _ in range(args.n)], args.out)
+    save_images(images, [p for p in prompts for _ in range(args.n)], args.out, read_paths(args))
     if is_main_process():
         print(json.dumps({"images": len(images), "out": args.out}))
     return 0
@@ -140,7 +150,7 @@ def run_guarded(args: argparse.Namespace) -> int:
                                        args.guard, index, args.batch_size, is_main_process(), True, **options)
     if not is_main_process():
         return 0
-    with atomic_dir(args.out, replaces="generations.jsonl") as tmp:
+    with atomic_dir(args.out, "generate", read_paths(args)) as tmp:
         write_images(images, [p for p in prompts for _ in range(args.n)], tmp)
         with open(tmp / "guard_records.jsonl", "w") as f:
             for i, rec in enumerate(records):

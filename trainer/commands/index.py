@@ -36,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resolution",
         type=int,
         default=None,
-        help="image side the index is built at (short side resized, centre crop); default: the images' own "
-        "size when they are all the same square size",
+        help="image side the index is built at, 8 to 4096 (short side resized, centre crop); default: the "
+        "images' own size when they are all the same square size",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images embedded at a time (default 64)")
     p.add_argument(

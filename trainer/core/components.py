@@ -3,7 +3,9 @@ sampling pipeline over them. One home for every "open a diffusers checkpoint" pa
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -48,6 +50,50 @@ def check_weight_files(model: Path, what: str) -> None:
             raise MemtrainError(f"{what}: {file} is empty (0 bytes); copy or export the model again")
 
 
+def check_model_folders(model: Path, what: str) -> None:
+    """A MemtrainError naming the first part of a local pipeline directory that is missing: tokenizer/,
+    text_encoder/, unet/ and scheduler/ always, vae/ when model_index.json lists it."""
+    try:
+        listed = json.loads((model / "model_index.json").read_text())
+    except (OSError, ValueError):
+        listed = {}
+    listed = listed if isinstance(listed, dict) else {}
+    vae = isinstance(listed.get("vae"), list) and listed["vae"][:1] != [None]
+    for name in ("tokenizer", "text_encoder", "unet", "scheduler", *(("vae",) if vae else ())):
+        if not (model / name).is_dir():
+            raise MemtrainError(f"{what}: no {name}/ folder in {model}; copy it from the model's source (a diffusers "
+                                "pipeline directory has tokenizer, text_encoder, unet, scheduler and vae)")
+
+
+def refused_archive(directory: Path) -> Path | None:
+    """The first pickled torch file under `directory` that `torch.load(weights_only=True)` refuses (it holds
+    more than tensors, e.g. a planted pickle that would run code; nothing of it is executed)."""
+    for file in sorted(Path(directory).rglob("*")):
+        if file.is_file() and file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            try:
+                torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                return file
+            except Exception:  # noqa: BLE001 - damaged in another way: the loader's own error names it
+                continue
+    return None
+
+
+def pickle_error(directory: Path, what: str, error: Exception) -> MemtrainError:
+    """One MemtrainError for an UnpicklingError raised while loading from `directory`, naming the file."""
+    file = refused_archive(directory) or directory
+    return MemtrainError(f"{what}: {file} holds more than tensors and is refused unread (torch.load(weights_only="
+                         f"True): {str(error).splitlines()[0]}); replace it with the original or a .safetensors file")
+
+
+def load_error(directory: Path, what: str, error: Exception) -> MemtrainError:
+    """One MemtrainError for a failed pipeline load: a refused pickle named (`pickle_error`), else the loader's
+    own message."""
+    if isinstance(error, pickle.UnpicklingError) or (directory.is_dir() and refused_archive(directory)):
+        return pickle_error(directory, what, error)
+    return MemtrainError(f"{what}: cannot load a Stable Diffusion pipeline ({error})")
+
+
 def frozen_dtype(recipe: TrainRecipe) -> torch.dtype:
     """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
@@ -61,6 +107,7 @@ def load_components(recipe: TrainRecipe) -> dict:
     if local.exists() and not (local / "model_index.json").exists() and not (local / "unet").exists():
         raise MemtrainError(f"model.pretrained={path}: not a diffusers pipeline directory (no model_index.json)")
     if local.is_dir():
+        check_model_folders(local, f"model.pretrained={path}")
         check_weight_files(local, f"model.pretrained={path}")
         if recipe.export == "pipeline" and not (local / "model_index.json").exists():
             raise MemtrainError(f"model.pretrained={path}: no model_index.json, which output.export=pipeline needs "
@@ -72,11 +119,12 @@ def load_components(recipe: TrainRecipe) -> dict:
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-    except OSError as e:
-        raise MemtrainError(f"model.pretrained={path}: cannot load a Stable Diffusion pipeline ({e})") from None
-    vae = None
-    if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe), **kw)
+        vae = None
+        if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe),
+                                                **kw)
+    except (OSError, pickle.UnpicklingError) as e:  # diffusers wraps a refused pickle in an OSError
+        raise load_error(local, f"model.pretrained={path}", e) from None
     if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
         tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     if m.prediction_type is not None:
@@ -94,6 +142,9 @@ def check_dimensions(path: str, text_encoder, unet, vae) -> None:
             f"text_encoder.hidden_size={text_encoder.config.hidden_size}; the text encoder is from another model"
         )
     channels = vae.config.latent_channels if vae is not None else 3
+    if vae is None and unet.config.in_channels != channels:
+        raise MemtrainError(f"model.pretrained={path}: no vae/ folder, and unet.in_channels={unet.config.in_channels} "
+                            "wants a VAE's latents (a pixel-space UNet takes 3); copy vae/ from the model's source")
     if unet.config.in_channels != channels:
         raise MemtrainError(
             f"model.pretrained={path}: unet.in_channels={unet.config.in_channels} but the "
@@ -139,13 +190,14 @@ def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str 
     if local.exists() and not (local / "model_index.json").exists():
         raise MemtrainError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
     if local.is_dir():
+        check_model_folders(local, str(path))
         check_weight_files(local, str(path))
     lora_path = lora_file(lora) if lora is not None else None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise MemtrainError(f"{path}: cannot load a Stable Diffusion pipeline ({e})") from None
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # diffusers wraps a refused pickle in an OSError
+        raise load_error(local, str(path), e) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path is not None:
         check_lora_base(pipe, lora_path)

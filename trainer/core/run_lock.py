@@ -133,6 +133,20 @@ def check_fresh_or_resumed(out: Path, resume: str | None, overwrite: bool) -> No
         )
 
 
+def check_inputs_kept(out: Path, inputs: dict[str, str | None]) -> None:
+    """A MemtrainError when an input (e.g. model.pretrained = OUT/pipeline of an earlier run) lies in what this
+    run writes into `out` (RUN_OUTPUTS: replaced by the export, cleared by output.overwrite)."""
+    for name in RUN_OUTPUTS:
+        target = (Path(out) / name).resolve()
+        for key, source in inputs.items():
+            if source is None or not Path(source).exists():
+                continue
+            resolved = Path(source).resolve()
+            if resolved == target or target in resolved.parents:
+                raise MemtrainError(f"output.dir {out}: the input {key} {source} lies in {Path(out) / name}, which "
+                                    "this run replaces; choose another output.dir or copy the input elsewhere")
+
+
 def clear_earlier_run(out: Path) -> None:
     """Delete what an earlier `memtrain train` wrote into `out` (and nothing else)."""
     for name in RUN_OUTPUTS:

@@ -4,8 +4,8 @@ An edit reads a diffusers pipeline directory (optionally with a LoRA, which must
 base: every module it names exists with the right shapes; it is fused into the weights before the
 edit) and writes either a whole pipeline directory (safetensors) or `pytorch_lora_weights.safetensors`,
 each atomically (`trainer.io.atomic_dir` / `atomic_file`). The output may not be the source, lie
-inside it or contain it, and an existing non-empty output directory is replaced only when it is an
-earlier `memtrain edit` output (it has an `edit.json` written by memtrain).
+inside it or contain it, and an existing non-empty output directory is replaced only when it holds
+nothing but an earlier `memtrain edit` output and none of the edit's inputs (`trainer.io.check_replaceable`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from trainer.core.components import LORA_FILE, check_lora_base, load_lora_weights, load_pipeline, lora_file
-from trainer.io import MemtrainError, atomic_dir, atomic_file, write_json
+from trainer.io import MemtrainError, atomic_dir, atomic_file, check_output, write_json
 
 EDIT_TOOL = "memtrain edit"
 
@@ -65,18 +65,9 @@ def changed_weights(before: dict[str, torch.Tensor], unet) -> dict[str, int]:
     return out
 
 
-def is_edit_output(path: Path) -> bool:
-    marker = path / "edit.json"
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("tool") == EDIT_TOOL
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        return False
-
-
-def check_output(out: str | Path, source: str | Path) -> Path:
-    """`out` as a Path, after refusing outputs that would modify the source or clobber unrelated files."""
+def check_edit_output(out: str | Path, source: str | Path, inputs: dict | None = None) -> Path:
+    """`out` as a Path, after refusing outputs that would modify the source or replace anything but an earlier
+    `memtrain edit` output (`trainer.io.check_replaceable`; `inputs`: the other files the edit reads)."""
     out_path, src = Path(out), Path(source)
     o, s = out_path.resolve(), src.resolve()
     if o == s or s in o.parents:
@@ -84,12 +75,7 @@ def check_output(out: str | Path, source: str | Path) -> Path:
                             "never modify their source: choose a new directory")
     if o in s.parents:
         raise MemtrainError(f"--out {out}: contains the source {source}; choose a directory outside it")
-    if out_path.exists():
-        if not out_path.is_dir():
-            raise MemtrainError(f"--out {out}: exists and is not a directory")
-        if any(out_path.iterdir()) and not is_edit_output(out_path):
-            raise MemtrainError(f"--out {out}: exists, is not empty and is not an earlier `memtrain edit` output; "
-                                "choose a new directory or remove it")
+    check_output(out_path, "edit", {"CHECKPOINT": source, **(inputs or {})})
     return out_path
 
 
@@ -110,8 +96,8 @@ def write_pipeline(pipe, directory: str | Path, source: str | Path) -> None:
 
 def save_edited_pipeline(pipe, out: str | Path, source: str | Path, report: dict | None = None) -> Path:
     """Write the edited pipeline to `out` atomically, with `edit.json` (`report`, marked as a memtrain edit)."""
-    out = check_output(out, source)
-    with atomic_dir(out) as tmp:
+    out = check_edit_output(out, source)
+    with atomic_dir(out, "edit", {"CHECKPOINT": source}) as tmp:
         write_pipeline(pipe, tmp, source)
         write_json({"tool": EDIT_TOOL, "source": str(source), **(report or {})}, tmp / "edit.json")
     return out

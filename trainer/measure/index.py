@@ -10,7 +10,9 @@ faiss is installed (`backend="auto"`: large CPU indexes queried a few images at 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
-from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.embedders import make_embedder
 from trainer.mitigate.dedup import caption_groups
 
@@ -44,6 +46,7 @@ _MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this oft
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats
 _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
 
 
@@ -67,6 +70,7 @@ class TrainingIndex:
     meta: dict = field(default_factory=dict)
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _copy_ids: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = self.embeddings.shape[0] if self.embeddings.ndim == 2 else -1
@@ -91,6 +95,13 @@ class TrainingIndex:
     def caption_is_duplicated(self, i: int) -> bool:
         """True when training row i shares its caption (exactly or after normalisation) with another row."""
         return int(i) in self._duplicated
+
+    def copy_ids(self) -> np.ndarray:
+        """[N] ids: rows with byte-identical embeddings (the same image stored more than once) share an id."""
+        if self._copy_ids is None:
+            rows = self.embeddings.detach().cpu().contiguous().numpy()
+            self._copy_ids = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+        return self._copy_ids
 
     def to(self, device) -> TrainingIndex:
         self.embeddings = self.embeddings.to(device)
@@ -174,7 +185,7 @@ class TrainingIndex:
         dtype = {v: k for k, v in DTYPES.items()}.get(self.embeddings.dtype)
         if dtype is None:
             raise MemtrainError(f"index embeddings must be float16 or float32, got {self.embeddings.dtype}")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, "index") as tmp:
             save_file(
                 {"embeddings": self.embeddings.detach().contiguous().cpu()},
                 str(tmp / EMBEDDINGS_FILE),
@@ -313,6 +324,58 @@ def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) 
     return w
 
 
+def _size(source) -> int | None:
+    """Bytes of a row's image: the file's size, or the stored bytes of a datasets row (None when unknown)."""
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            return len(source["bytes"])
+        source = source.get("path")
+    if isinstance(source, str | Path):
+        try:
+            return Path(source).stat().st_size
+        except OSError:
+            return None
+    return None
+
+
+def data_fingerprint(images: Sequence, file_names: Sequence[str]) -> dict:
+    """{"count", "sha256"}: the number of rows and a hash of each row's file name and size, which tells the
+    data set an index was built from without decoding an image."""
+    digest = hashlib.sha256()
+    for source, name in zip(images, file_names, strict=True):
+        digest.update(f"{name}\t{_size(source)}\n".encode())
+    return {"count": len(file_names), "sha256": digest.hexdigest()}
+
+
+def fingerprint_of(data: str | Path, caption_column: str = "text", image_column: str = "image") -> dict:
+    """`data_fingerprint` of a training set directory (the file names as `memtrain index` records them)."""
+    rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
+    root = Path(data)
+    return data_fingerprint(rows.images, [_file_name(s, root, i) for i, s in enumerate(rows.images)])
+
+
+def check_index_data(index: str | Path, data: str | Path) -> None:
+    """A MemtrainError when the index at `index` was built from another data set than `data` (its fingerprint,
+    written by `memtrain index`, differs); a warning for an index without one (built by an older memtrain)."""
+    try:
+        info = json.loads((Path(index) / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return  # TrainingIndex.load names what is wrong with it
+    recorded = (info.get("meta") or {}).get("fingerprint") if isinstance(info, dict) else None
+    if not isinstance(recorded, dict):
+        print(f"memtrain: warning: --index {index} records no fingerprint of its data (built by an older memtrain): "
+              f"it cannot be checked against --train-data {data}; rebuild it with `memtrain index {data} --out INDEX`",
+              file=sys.stderr)
+        return
+    found = fingerprint_of(data)
+    if found != {k: recorded.get(k) for k in found}:
+        count = recorded.get("count")
+        what = (f"{count} images, --train-data {found['count']}" if count != found["count"] else
+                f"both {count} images, but other file names or sizes")
+        raise MemtrainError(f"--index {index} was built from another data set than --train-data {data} ({what}); "
+                            f"rebuild it with `memtrain index {data} --out INDEX` or pass the matching --train-data")
+
+
 def _file_name(source, root: Path, row: int) -> str:
     """The image's path relative to the data directory, or "row i" for an image stored in a dataset."""
     if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
@@ -356,16 +419,14 @@ def build_index(
     out_path = Path(out).resolve()
     if out_path == root.resolve() or root.resolve() in out_path.parents or out_path in root.resolve().parents:
         raise MemtrainError(f"--out {out} overlaps the training data {data}; write the index somewhere else")
-    if out_path.is_file() or (
-        out_path.exists() and any(out_path.iterdir()) and not (out_path / INDEX_FILE).exists()
-    ):
-        raise MemtrainError(f"--out {out} exists and is not a memtrain index; choose a new directory")
+    check_output(out, "index", {"DATA": data, "--model": path})
     if batch_size < 1:
         raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
     if dtype not in DTYPES.values():
         raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
-    if resolution is not None and resolution < 1:
-        raise MemtrainError(f"--resolution must be >= 1, got {resolution}")
+    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
+                            f"embedded at), got {resolution}")
     embedder = make_embedder(embedding, path, device)
 
     t0 = time.perf_counter()
@@ -375,6 +436,9 @@ def build_index(
         raise MemtrainError(f"training data {data} has no images; nothing to index")
     if resolution is None:
         resolution = _default_resolution(rows.images, rows.names, progress)
+        if resolution > MAX_RESOLUTION:
+            raise MemtrainError(f"training images are {resolution}x{resolution}, above --resolution's "
+                                f"{MAX_RESOLUTION}; pass --resolution (the model's training resolution)")
     emb = torch.empty((n, embedder.dim), dtype=dtype)
     with torch.no_grad(), tqdm(total=n, desc=f"index ({embedding})", unit="img", disable=not progress) as bar:
         for start in range(0, n, batch_size):
@@ -389,10 +453,11 @@ def build_index(
             bar.update(stop - start)
     seconds = time.perf_counter() - t0
     groups = caption_groups(rows.captions)
+    file_names = [_file_name(s, root, i) for i, s in enumerate(rows.images)]
     index = TrainingIndex(
         embeddings=emb,
         captions=[c[0] for c in rows.captions],
-        file_names=[_file_name(s, root, i) for i, s in enumerate(rows.images)],
+        file_names=file_names,
         duplicate_caption_groups=groups["normalized"],
         embedding=embedding,
         resolution=int(resolution),
@@ -402,6 +467,7 @@ def build_index(
             exact_caption_groups=len(groups["exact"]),
             build_seconds=round(seconds, 3),
             images_per_second=round(n / max(seconds, 1e-9), 1),
+            fingerprint=data_fingerprint(rows.images, file_names),
         ),
     )
     index.save(out)

@@ -11,6 +11,7 @@ docs/methods.md gives every convention; `trainer.report.sections` computes each 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from trainer.measure.features import (
     load_clip_scorer,
     load_sscd,
 )
+from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
 from trainer.report.guard_sections import (
@@ -113,7 +115,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     detectors = parse_detectors(detectors)
-    check_replaceable(out, "report.json")
+    inputs = {"CHECKPOINT": checkpoint, "--prompts": prompts, "--memorized": memorized,
+              "--not-memorized": not_memorized, "--lora": lora, "--train-data": train_data, "--data": data,
+              "--sscd": sscd, "--clip": clip, "--index": index, "--index-model": index_model}
+    check_replaceable(out, "evaluate", inputs)
     if (prompts is None) == (memorized is None):
         raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
     if prompts is not None:
@@ -133,6 +138,13 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     guard = None if guard == "none" else guard
     check_extras(attack, attack_steps, guard, index, generate, any(r.label == 1 for r in rows),
                  train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
+    if index_threshold is not None and not -1 < index_threshold < 1:
+        raise MemtrainError(f"--index-threshold must be in (-1, 1) (a cosine similarity), got {index_threshold}")
+    if index is not None and train_data is not None:
+        check_index_data(index, train_data)
+    if index is not None and not generate and distributed.is_main_process():
+        print(f"memtrain evaluate: warning: --index {index} measures the replication of generations; with "
+              "--no-generate it is not used", file=sys.stderr)
     checkpoint_path = Path(checkpoint)
     if not checkpoint_path.exists():
         raise MemtrainError(f"checkpoint {checkpoint}: no such directory (want a diffusers pipeline directory)")
@@ -173,7 +185,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     figures: dict = {}
 
     n_stages = 5 + bool(attack) + bool(guard)
-    with distributed.on_main_process(atomic_dir(out, replaces="report.json")) as tmp, \
+    with distributed.on_main_process(atomic_dir(out, "evaluate", inputs)) as tmp, \
             tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
         run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb and tmp else None
         try:

@@ -2,9 +2,10 @@
 replication against a training-image index (`--index`, `trainer.measure.index`) and guarded sampling
 side by side with the stock sampler (`--guard amg|wen`, Chen et al. 2024 / Wen et al. 2024).
 
-Index replication: each generation is embedded with the index's own embedder and its two nearest
-training images are looked up (exact cosine search); it is replicated when the cosine similarity to
-the nearest exceeds the threshold: 0.5 for SSCD (the convention of Somepalli et al. 2023 and AMG),
+Index replication: each generation is embedded with the index's own embedder and its nearest training
+image is looked up (exact cosine search), and the next nearest that is not an exact copy of it (a row
+with a byte-identical embedding: the same image stored twice), whose similarity is
+`second_similarity`; it is replicated when the cosine similarity to the nearest exceeds the threshold: 0.5 for SSCD (the convention of Somepalli et al. 2023 and AMG),
 `trainer.sample.guidance.PIXEL_THRESHOLD` (0.85, calibrated on the toy world, see its comment) for
 the pixel embedding; a CLIP index needs an explicit threshold. Only the [N, d] embeddings are held,
 never the training images, so a large training set works.
@@ -96,15 +97,17 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
                       embedder: ImageEmbedder, threshold: float, batch_size: int = 32) -> dict:
     """Nearest training images of each generation from the index (module docstring), summarized per group."""
     start = time.perf_counter()
-    sims, nn = index.search(_embed(embedder, generated, batch_size), k=min(INDEX_NEIGHBOURS, len(index)))
+    copies = index.copy_ids()  # the second neighbour skips exact copies of the nearest (module docstring)
+    k = min(len(index), max(INDEX_NEIGHBOURS, int(np.bincount(copies).max()) + 1))
+    sims, nn = index.search(_embed(embedder, generated, batch_size), k=k)
     sims, nn = sims.double().numpy(), nn.numpy()
     rows = []
     for i in range(len(generated)):
         j = int(nn[i, 0])
+        second = next((float(sims[i, c]) for c in range(1, k) if copies[nn[i, c]] != copies[j]), None)
         rows.append({"group": groups[i], "text": captions[i], "nearest_index": j,
                      "nearest_file": index.file_names[j], "nearest_caption": index.captions[j],
-                     "similarity": float(sims[i, 0]),
-                     "second_similarity": float(sims[i, 1]) if sims.shape[1] > 1 else None,
+                     "similarity": float(sims[i, 0]), "second_similarity": second,
                      "replicated": bool(sims[i, 0] > threshold)})
     summary = {}
     for group in dict.fromkeys(groups):

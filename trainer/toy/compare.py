@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from trainer import data as data_lib
 from trainer.config import apply_overrides, builtin_recipes, from_dict, read_recipe_tree
 from trainer.core.components import load_pipeline
-from trainer.io import MemtrainError, atomic_file, write_json
+from trainer.io import MemtrainError, atomic_file, claim_output, write_json
 from trainer.measure.features import kid
 from trainer.mitigate.dedup import exposure
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
@@ -183,6 +183,8 @@ def compare(out: str | Path = "runs/compare", base: str | Path = TOY_BASE, alone
         raise MemtrainError(f"--base {base}: not a diffusers pipeline directory (no model_index.json); the toy "
                             "base is built by `python scripts/build_toy_base.py`")
     runs = plan_runs(out, base, names, list(overrides), Path(plain_recipe), Path(mitigated_recipe), progress, match)
+    claim_output(out, "compare", ["data/", "runs/", "compare.json", "compare.md", "clid_curves.png"],
+                 {"--base": base, "plain recipe": plain_recipe, "mitigated recipe": mitigated_recipe})
     t_start = time.time()
     toy_world.make_toy_data(out / "data", data_config or toy_world.ToyDataConfig())
     data_rows = match_exposure(runs, match)

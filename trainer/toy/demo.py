@@ -15,7 +15,7 @@ import torch
 
 from trainer.config import load_recipe
 from trainer.core.components import load_pipeline
-from trainer.io import MemtrainError
+from trainer.io import MemtrainError, claim_output
 from trainer.recipe import TrainRecipe
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
@@ -45,6 +45,8 @@ def run_demo(out: str | Path, base: str | Path = TOY_BASE, recipe_path: str | Pa
     out = Path(out)
     if not Path(base).exists():
         raise MemtrainError(f"toy base {base} is missing; build it with `python scripts/build_toy_base.py`")
+    claim_output(out, "demo", ["data/", "train/", "report.json", "report.md", "replication.png"],
+                 {"--base": base, "--recipe": recipe_path if Path(recipe_path).is_file() else None})
     timing = {}
     t0 = time.time()
     toy_world.make_toy_data(out / "data", toy_world.ToyDataConfig())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.io import MemtrainError, atomic_dir
+from trainer.io import MemtrainError, atomic_dir, check_replaceable
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -161,8 +161,10 @@ def _write_split(root: Path, rows: list[tuple[str, Image.Image]]) -> None:
 
 
 def make_toy_data(out: str | Path, cfg: ToyDataConfig | None = None) -> dict:
-    """Write `out/train`, `out/heldout` (imagefolder) and `out/labels.jsonl`; return a summary."""
+    """Write `out/train`, `out/heldout` (imagefolder) and `out/labels.jsonl`; return a summary. An existing
+    `out` is replaced only when it is an earlier toy data set and nothing else (`trainer.io.check_replaceable`)."""
     cfg = cfg or ToyDataConfig()
+    check_replaceable(out, "toy-data", flag="OUT")
     for key in ("n_duplicated", "copies", "n_singletons", "n_heldout", "n_novel"):
         if getattr(cfg, key) < 0:
             raise MemtrainError(f"toy-data: --{key.replace('_', '-')} must be >= 0, got {getattr(cfg, key)}")
@@ -193,7 +195,7 @@ def make_toy_data(out: str | Path, cfg: ToyDataConfig | None = None) -> dict:
     # shuffle the training rows so duplicates are spread through the metadata like in a crawl
     random.Random(cfg.seed + 1).shuffle(train_rows)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "toy-data", flag="OUT") as tmp:
         _write_split(tmp / "train", train_rows)
         _write_split(tmp / "heldout", held_rows)
         with open(tmp / "labels.jsonl", "w") as f:

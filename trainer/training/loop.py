@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
+from trainer.core import run_lock
 from trainer.core.checkpoints import (
     apply_recipe_hyperparameters,
     check_resume_compatible,
@@ -44,6 +46,7 @@ from trainer.core.components import (
     frozen_dtype,
     load_components,
     native_resolution,
+    pickle_error,
     pipeline_from_components,
 )
 from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
@@ -169,7 +172,9 @@ def train(recipe: TrainRecipe) -> dict:
     opt = recipe.train
     out = Path(recipe.output.dir)
     # ---- everything that can be wrong with the inputs is checked before anything is written
-    check_output_dir(out, "output.dir", {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained})
+    inputs = {"data.path": recipe.data.path, "model.pretrained": recipe.model.pretrained}
+    check_output_dir(out, "output.dir", inputs)
+    run_lock.check_inputs_kept(out, inputs)
     check_unlocked(out)
     check_fresh_or_resumed(out, recipe.checkpoint.resume, recipe.output.overwrite)
     parts = load_components(recipe)
@@ -315,6 +320,8 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             accelerator.load_state(str(resume_path))
         except (RuntimeError, KeyError, ValueError) as e:
             raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
+        except pickle.UnpicklingError as e:
+            raise pickle_error(resume_path, "checkpoint.resume", e) from None
         apply_recipe_hyperparameters(optimizer, lr_scheduler, lr, recipe)
     if resume_path is not None and ema is not None:
         load_ema_state(ema, resume_path)
