@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
 from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
 from trainer.mitigate.dedup import caption_groups
 
@@ -65,6 +66,8 @@ class TrainingIndex:
     embedding: str
     resolution: int
     meta: dict = field(default_factory=dict)
+    # `memtrain index --heldout`: {"copy": Calibration dict, "null_similarity": float, "heldout": dir, "vae": dir}
+    calibration: dict = field(default_factory=dict)
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
 
@@ -91,6 +94,24 @@ class TrainingIndex:
     def caption_is_duplicated(self, i: int) -> bool:
         """True when training row i shares its caption (exactly or after normalisation) with another row."""
         return int(i) in self._duplicated
+
+    def copy_calibration(self) -> Calibration | None:
+        """The top-1 similarity threshold calibrated on held-out images (`memtrain index --heldout`), if any."""
+        if not self.calibration.get("copy"):
+            return None
+        return Calibration.from_dict(self.calibration["copy"], where="index.json calibration")
+
+    def null_similarity(self) -> float:
+        """Mean cosine similarity of unrelated images: held-out to training images when the index is
+        calibrated, else between distinct training images (exact, from the mean embedding)."""
+        if self.calibration.get("null_similarity") is not None:
+            return float(self.calibration["null_similarity"])
+        n = len(self)
+        mean = self.embeddings.double().mean(dim=0)
+        if n < 2:
+            return 0.0
+        total = float(mean @ mean) * n * n - float(self.embeddings.double().pow(2).sum())
+        return total / (n * (n - 1))
 
     def to(self, device) -> TrainingIndex:
         self.embeddings = self.embeddings.to(device)
@@ -189,6 +210,7 @@ class TrainingIndex:
                     count=len(self),
                     dim=self.dim,
                     meta=self.meta,
+                    calibration=self.calibration,
                     duplicate_caption_groups=self.duplicate_caption_groups,
                     captions=self.captions,
                     file_names=self.file_names,
@@ -266,6 +288,7 @@ class TrainingIndex:
             info["embedding"],
             int(info["resolution"]),
             dict(info.get("meta", {})),
+            dict(info.get("calibration") or {}),
         )
 
 
@@ -337,6 +360,7 @@ def build_index(
     image_column: str = "image",
     progress: bool = True,
     device=None,
+    save: bool = True,
 ) -> TrainingIndex:
     """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
     save_to_disk directory) at `resolution` and write the index to `out` (atomically).
@@ -404,7 +428,8 @@ def build_index(
             images_per_second=round(n / max(seconds, 1e-9), 1),
         ),
     )
-    index.save(out)
+    if save:  # False: the caller adds to it (e.g. a calibration) and saves it
+        index.save(out)
     return index
 
 
