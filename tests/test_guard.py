@@ -22,6 +22,7 @@ from PIL import Image
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
+from trainer.report.guard_sections import saturation
 from trainer.sample.generate import generate_images
 from trainer.sample.guidance import (
     SSCD_THRESHOLD,
@@ -275,6 +276,10 @@ def test_amg_stops_a_replicating_generation(replicating):
         assert records[j]["intervened"] and records[j]["nearest_index"] in trigger_rows
         assert records[j]["nearest_caption"] == TRIGGER
         assert float(guarded_sims[j]) < float(sims[j, 0]) - 0.15, (sims[:, 0], guarded_sims)
+    # the firing guard moves the image away from the copy, not into saturation (the bound on its norm)
+    assert float(saturation(guarded).max()) <= float(saturation(plain).max()) + 0.02, (saturation(plain),
+                                                                                      saturation(guarded))
+    assert all(r["terms"]["dissimilarity"] > 0 for r in records if r["intervened"])
     # above 1 the cosine threshold never fires: the guarded output is the unguarded one, bit for bit
     unfired, records = run(pipe, [TRIGGER], 2, 0, index, threshold=Threshold(1.01))
     assert torch.equal(unfired, plain) and not any(r["intervened"] for r in records)
