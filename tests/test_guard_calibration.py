@@ -95,3 +95,15 @@ def test_calibration_drives_evaluate_and_the_amg_trigger(calibrated, tiny_model,
     scale = guarded.amg.scale
     assert scale.trigger == copy.threshold and scale.null == pytest.approx(index.null_similarity())
     assert scale(copy.threshold) == pytest.approx(SSCD_THRESHOLD(0))  # a clean estimate at the threshold triggers
+
+
+def test_vae_positives_give_the_recall(tmp_path, tiny_data, tiny_model, capsys):
+    out = tmp_path / "index"
+    assert main(["index", str(tiny_data / "train"), "--out", str(out), "--resolution", "16", "--no-progress",
+                 "--heldout", str(tiny_data / "heldout"), "--vae", str(tiny_model)]) == 0
+    copy = TrainingIndex.load(out).copy_calibration()
+    assert copy.source == "training images through the model's VAE" and copy.n_positive == 16
+    assert 0.0 <= copy.recall <= 1.0 and copy.fpr_target == 0.01
+    assert json.loads(capsys.readouterr().out)["calibration"] == copy.describe()
+    assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "i2"), "--vae", str(tiny_model)]) == 2
+    assert "--vae serves the calibration" in capsys.readouterr().err

@@ -240,20 +240,25 @@ class AMGGuard:
         a = self.core.alphas_cumprod[t]
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
-    def _search(self, query: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top-1 similarity [M], nearest [M]) of embedded estimates, updating each row's frequent caption."""
+    def _search(self, query: torch.Tensor, rows: list[int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-1 similarity [M], nearest [M]) of embedded estimates, updating each row's frequent caption:
+        the most common caption among the 1000 nearest training images above lambda_t, when it occurs more
+        than 20 times (txt2img.py l.255-265; kept once found, ddim.py l.283-284). Deviation: the authors'
+        1000 nearest of LAION's billions are near-copies; of a small training set they can be all of it,
+        so only neighbours above the threshold count."""
         sims, idx = self.index.search(query.detach(), k=self.k)
-        for r, neighbours in zip(rows, idx.tolist(), strict=True):
-            caption, count = Counter(self.index.captions[j] for j in neighbours).most_common(1)[0]
-            if count > DEDUP_MIN_COUNT:  # txt2img.py l.262-265, kept while none is found (ddim.py l.283-284)
-                self.records[r].dup_caption = caption
+        above = self.config.scale(sims.double().cpu()) > self.config.threshold(t)
+        for r, neighbours, keep in zip(rows, idx.tolist(), above.tolist(), strict=True):
+            counts = Counter(self.index.captions[j] for j, ok in zip(neighbours, keep, strict=True) if ok)
+            if counts and counts.most_common(1)[0][1] > DEDUP_MIN_COUNT:
+                self.records[r].dup_caption = counts.most_common(1)[0][0]
         return sims[:, 0].float().cpu(), idx[:, 0].long().cpu()
 
     def nearest(self, latents: torch.Tensor, eps_hat: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma [B] cosine to the nearest training image, n0 [B]) of the decoded x0 estimate."""
         with torch.no_grad():
             query = self.embedder(decode_images(self.core, self._x0(latents, eps_hat, t)))
-        return self._search(query, list(range(len(latents))))
+        return self._search(query, list(range(len(latents))), t)
 
     def similarity_gradient(
         self, latents: torch.Tensor, eps: torch.Tensor, t: int, rows: torch.Tensor
@@ -263,7 +268,7 @@ class AMGGuard:
         x = latents[rows.to(latents.device)].detach().requires_grad_(True)
         with torch.enable_grad():
             query = self.embedder(decode_images(self.core, self._x0(x, eps[rows.to(eps.device)].detach(), t)))
-            sigma, n0 = self._search(query, rows.tolist())
+            sigma, n0 = self._search(query, rows.tolist(), t)
             reference = self.index.embeddings[n0.to(self.index.embeddings.device)].to(query.device, query.dtype)
             (grad,) = torch.autograd.grad((query * reference).sum(), x)
         return sigma, grad.float()
