@@ -88,18 +88,25 @@ def test_uce_edit_removes_the_named_prompts_replication(demo, tmp_path):
 
 @pytest.mark.slow
 def test_amg_guard_stops_the_duplicated_prompts_replicating(demo, tmp_path):
-    """docs/results.md: AMG (pixel index) took the duplicated prompts from 65.6% replication to 3.1%, and
-    where it never fired the generation is bit-equal to unguarded sampling."""
+    """docs/results.md: AMG with the trigger calibrated on held-out images (pixel index) removes >= 90% of the
+    duplicated prompts' index copies, without saturating, and where it never fired the generation is
+    bit-equal to unguarded sampling."""
     from trainer.cli import main
     from trainer.report.evaluate import evaluate
 
     out, _ = demo
     prompts = _named_and_general(out, tmp_path)
-    assert main(["index", str(out / "data" / "train"), "--out", str(tmp_path / "index")]) == 0
+    assert main(["index", str(out / "data" / "train"), "--out", str(tmp_path / "index"), "--heldout",
+                 str(out / "data" / "heldout"), "--vae", str(out / "train" / "pipeline")]) == 0
     report = evaluate(out / "train" / "pipeline", prompts, data=out / "data", train_data=str(out / "data" / "train"),
                       n=2, guidance_scale=3, detectors="noise", guard="amg", index=tmp_path / "index",
                       out=tmp_path / "eval", progress=False)
     trigger = report["guard"]["groups"]["trigger"]
-    unguarded, guarded = trigger["unguarded"]["fraction_replicated"], trigger["guarded"]["fraction_replicated"]
-    assert unguarded >= 0.3 and guarded <= 0.25 * unguarded, (unguarded, guarded)
+    unguarded, guarded = (trigger["unguarded"]["fraction_replicated_index"],
+                          trigger["guarded"]["fraction_replicated_index"])
+    assert unguarded >= 0.3 and guarded <= 0.1 * unguarded, (unguarded, guarded)
+    assert "calibrated at 1.0% false positives" in report["guard"]["trigger"]
+    for group in ("trigger", "general"):
+        g = report["guard"]["groups"][group]["guarded"]
+        assert g["saturation_max"] <= g["unguarded_saturation_max"] + 0.02, g
     assert report["guard"]["groups"]["general"]["guarded"]["max_abs_change_not_intervened"] in (0.0, None)
