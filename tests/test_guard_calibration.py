@@ -47,6 +47,13 @@ def test_guard_option_out_of_range_is_one_error_naming_it(command, extra, flag, 
     assert not out.exists()
 
 
+def test_index_threshold_out_of_range_is_one_error(tmp_path, capsys):
+    argv = ["evaluate", str(tmp_path / "no-model"), "--prompts", str(tmp_path / "p.txt"), "--index",
+            str(tmp_path / "i"), "--index-threshold", "2", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "error: --index-threshold must be a cosine similarity" in capsys.readouterr().err
+
+
 def test_index_without_guard_warns_that_it_is_unused(tmp_path, tiny_model, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")

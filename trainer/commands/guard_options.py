@@ -16,6 +16,8 @@ from trainer.sample.guidance import C1_DEFAULT, C3_DEFAULT, WEN_LR, WEN_MAX_ITER
 # option -> (attribute, lowest, highest, lowest allowed?, highest allowed?, what the range means)
 RANGES = {
     "--guard-threshold": ("guard_threshold", -1.0, 1.0, False, False, "a cosine similarity strictly between -1 and 1"),
+    "--index-threshold": ("index_threshold", -1.0, 1.0, False, False,
+                          "a cosine similarity strictly between -1 and 1 (evaluate)"),
     "--amg-c1": ("amg_c1", 0.0, math.inf, True, False, ">= 0 (0 turns despecification off)"),
     "--amg-c3": ("amg_c3", 0.0, math.inf, True, False, ">= 0 (0 turns the dissimilarity term off)"),
     "--amg-check-every": ("amg_check_every", 1, math.inf, True, False, "an integer >= 1 (1: every step)"),
