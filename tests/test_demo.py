@@ -101,20 +101,27 @@ def test_uce_edit_removes_the_named_prompts_replication(demo_run, tmp_path):
 
 
 def test_amg_guard_stops_the_duplicated_prompts_replicating(demo_run, tmp_path):
-    """docs/results.md: AMG (pixel index) took the duplicated prompts from 65.6% replication to 3.1%, and
-    where it never fired the generation is bit-equal to unguarded sampling."""
+    """docs/results.md: AMG with the trigger calibrated on held-out images (pixel index) removes >= 90% of the
+    duplicated prompts' index copies, without saturating, and where it never fired the generation is
+    bit-equal to unguarded sampling."""
     out, _ = demo_run
     prompts = _named_and_general(out, tmp_path)
-    assert main(["index", str(out / "data" / "train"), "--out", str(tmp_path / "index")]) == 0
+    assert main(["index", str(out / "data" / "train"), "--out", str(tmp_path / "index"), "--heldout",
+                 str(out / "data" / "heldout"), "--vae", str(out / "train" / "pipeline")]) == 0
     report = evaluate(out / "train" / "pipeline", prompts, data=out / "data", train_data=str(out / "data" / "train"),
                       n=2, guidance_scale=3, detectors="noise", guard="amg", index=tmp_path / "index",
                       out=tmp_path / "eval", progress=False)
     trigger = report["guard"]["groups"]["trigger"]
-    unguarded, guarded = trigger["unguarded"]["fraction_replicated"], trigger["guarded"]["fraction_replicated"]
-    # 32 generations each side. Measured 65.6% -> 3.1%; the bounds as for UCE above (README's "at least 75%")
-    assert unguarded >= 0.3 and guarded <= 0.25 * unguarded, (unguarded, guarded)
-    # bit-equal where the guard never fired: the general prompts, of which it fired on 20% (measured), so some
-    # generations were left unguarded and the maximum is over a non-empty set
+    unguarded, guarded = (trigger["unguarded"]["fraction_replicated_index"],
+                          trigger["guarded"]["fraction_replicated_index"])
+    # 32 generations each side; the issue's target: >= 90% of the index copies removed (docs/results.md)
+    assert unguarded >= 0.3 and guarded <= 0.1 * unguarded, (unguarded, guarded)
+    assert "calibrated at 1.0% false positives" in report["guard"]["trigger"]
+    for group in ("trigger", "general"):  # no saturated blotches where the guard fired
+        g = report["guard"]["groups"][group]["guarded"]
+        assert g["saturation_max"] <= g["unguarded_saturation_max"] + 0.02, g
+    # bit-equal where the guard never fired: some general generations were left unguarded (measured: it fired
+    # on 67-73% of them), so the maximum is over a non-empty set
     general = report["guard"]["groups"]["general"]["guarded"]
     assert general["fraction_intervened"] < 1, general
     assert general["max_abs_change_not_intervened"] == 0.0, general

@@ -15,7 +15,8 @@ from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.report import evaluate as E
 from trainer.sample.generate import generate_images
-from trainer.sample.guidance import PIXEL_THRESHOLD
+from trainer.sample.guard import PIXEL_FALLBACK
+from trainer.sample.guidance import Threshold
 
 FAST = ["--steps", "3", "-n", "1", "--batch-size", "64", "--detectors", "noise"]
 
@@ -35,7 +36,7 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--train-data",
                  str(tiny_data / "train"), "--out", str(out), *FAST, "--attack", "--attack-eps", "0.1,0.2",
-                 "--attack-steps", "1", "--index", str(index_dir), "--guard", "amg", "--guard-threshold", "1.5"]) == 0
+                 "--attack-steps", "1", "--index", str(index_dir), "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
@@ -58,7 +59,8 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
 
     # index replication: the nearest training image of each generation, as the index finds it
     ix = report["replication"]["index"]
-    assert ix["threshold"] == PIXEL_THRESHOLD.base and ix["images"] == 16
+    assert ix["threshold"] == PIXEL_FALLBACK and ix["images"] == 16
+    assert "uncalibrated" in ix["criterion"] and ix["criterion"] in md  # the report names its criterion
     assert "groups" in report["replication"]  # the L2-ratio section is kept (training images given)
     pipe = load_pipeline(tiny_model)
     texts = [g["text"] for g in ix["generations"]]
@@ -76,7 +78,8 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
         assert s["fraction_replicated"] == fraction(flags)
         assert printed[f"replication_index/{group}/fraction_replicated"] == s["fraction_replicated"]
 
-    # guarded sampling with a cosine threshold above 1: AMG never fires, the outputs are the unguarded ones
+    # guarded sampling with no despecification nor dissimilarity (and no caption > 20 times): AMG never
+    # changes a step, the outputs are the unguarded ones
     guard = report["guard"]
     assert guard["guard"] == "amg" and guard["generations"] == len(texts) and set(guard["groups"]) == {"trigger",
                                                                                                       "general"}
@@ -118,7 +121,8 @@ def test_index_only_replication_and_wen_guard(tmp_path, tiny_model, tiny_data, i
 def test_amg_that_always_fires(tmp_path, tiny_model, tiny_data, index_dir):
     """A threshold below every cosine: AMG intervenes at every step of every generation and moves them."""
     report = E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", n=1, steps=3,
-                        detectors="noise", index=index_dir, guard="amg", guard_options={"threshold": -2.0},
+                        detectors="noise", index=index_dir, guard="amg",
+                        guard_options={"threshold": Threshold(-1.0)},
                         progress=False)
     guard = report["guard"]
     for s in guard["groups"].values():
@@ -126,8 +130,12 @@ def test_amg_that_always_fires(tmp_path, tiny_model, tiny_data, index_dir):
         assert g["fraction_intervened"] == 1 and g["fraction_steps_intervened"] == 1
         assert g["max_abs_change_not_intervened"] is None
     assert all(r["num_steps_intervened"] == 3 for r in guard["records"])
-    # the dissimilarity term re-evaluates the UNet with autograd on the firing rows: more evals per image
-    assert guard["guarded"]["unet_evals_per_image"] > guard["unguarded"]["unet_evals_per_image"]
+    # the dissimilarity gradient goes through x0, the VAE decoder and the embedder only (the authors' code):
+    # no UNet evaluation beyond the sampler's when no caption is frequent enough for deduplication
+    assert guard["guarded"]["unet_evals_per_image"] == guard["unguarded"]["unet_evals_per_image"]
+    for s in guard["groups"].values():  # the bounded guard moves the images without saturating them
+        g = s["guarded"]
+        assert g["intervened_rmse_mean"] > 0 and g["saturation_max"] <= g["unguarded_saturation_max"] + 0.05
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -7,6 +7,7 @@ decoded image; the index holds the decoded training images under the 8x8 pixel e
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -23,11 +24,14 @@ from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
+from trainer.report.guard_sections import saturation
 from trainer.sample.generate import generate_images
 from trainer.sample.guard import GuardedPipeline, check_index, guarded_generate
 from trainer.sample.guidance import (
+    SSCD_THRESHOLD,
     AMGConfig,
     AMGGuard,
+    SimilarityScale,
     Threshold,
     as_threshold,
     calibrate_wen_target,
@@ -144,44 +148,74 @@ def test_unfired_guard_is_the_plain_loop_bit_for_bit_and_the_stock_pipeline(pipe
     assert not torch.equal(plain, fired)
 
 
-def test_amg_terms_are_the_papers(pipe):
-    """One guided step: eps_hat + G_spe + G_dup + G_sim with the scales of Chen et al."""
+def test_amg_terms_are_the_authors_code(pipe):
+    """One guided step against a hand computation of the authors' p_sample_ddim (AMG-sd ddim.py l.292-329)."""
     b, s0, step = 2, 7.5, 3
     core, cond, uncond, x_T = cfg_inputs(pipe, ["red circle"], b, 0)
-    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    index = make_index(images, ["red circle", "red circle", "blue square"], 16)  # y_N = the prompt when n0 < 2
+    gen = torch.Generator().manual_seed(2)
+    # 22 rows share the caption "red circle" (> 20 among the nearest 1000: the frequent-caption rule)
+    images = torch.rand(24, 3, 16, 16, generator=gen)
+    captions = ["red circle"] * 22 + ["blue square", "green triangle"]
+    index = make_index(images, captions, 16)
     table = torch.cat([uncond, cond])
     t = int(core.sampling_timesteps(STEPS)[step])
     with torch.no_grad():
         eps = core.eps(x_T, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
-    eps_u, eps_c = eps.chunk(2)
-    eps_hat = eps_u + s0 * (eps_c - eps_u)
-    no_sim = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(Threshold(-1.0), c2=2.0, c3=0.0), b)
-    sigma, n0 = no_sim.nearest(x_T, eps_hat, t)
+        eps_u, eps_c = eps.chunk(2)
+        eps_hat = eps_u + s0 * (eps_c - eps_u)
+        eps_n = core.eps(x_T, t, pipe.encode_prompt(["red circle"], pipe.device, 1, False)[0],
+                         torch.arange(b), torch.zeros(b, dtype=torch.long))
+    always = Threshold(-1.0)
+    no_sim = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(always, c3=0.0), b)
+    sigma, _ = no_sim.nearest(x_T, eps_hat, t)
     guided = no_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0)
+    assert [r.dup_caption for r in no_sim.records] == ["red circle"] * b
     d = eps_c - eps_u
     for j in range(b):
-        s1 = min(max(13.0 * float(sigma[j]), 0.0), s0 - 1)
-        s2 = min(max(2.0 * float(sigma[j]), 0.0), max(s0 - s1 - 1, 0.0)) if int(n0[j]) < 2 else 0.0
-        assert torch.allclose(guided[j], eps_hat[j] - (s1 + s2) * d[j], atol=1e-5)
-    # G_sim = c3 sqrt(1 - abar_t) grad sigma_t: check the gradient against a central difference
-    only_sim = AMGGuard(core, index, EMBED, encoder(pipe),
-                        AMGConfig(Threshold(-1.0), despecification=False, deduplication=False, c3=1.0), b)
-    g = (only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat)
-    g = g / (1 - core.alphas_cumprod[t]).sqrt()
-    reference = index.embeddings[n0]
+        u = float(sigma[j])
+        if u <= 0:  # l.292: no guidance below similarity 0
+            assert torch.equal(guided[j], eps_hat[j])
+            continue
+        s1 = max(min(6.5 / 0.5 * u, s0 - 1), 0.0)  # l.293 (6.5 = s0 - 1 at s0 = 7.5)
+        s2 = max(min(s0 - 1 - s1, (s0 - 1 - s1) / 0.3 * u), 0.0)  # l.304
+        expected = eps_u + (s0 - s1) * d[j] + s2 * (eps_u[j] - eps_n[j])  # l.311
+        assert torch.allclose(guided[j], expected[j], atol=1e-5)
+    # the dissimilarity term, l.319: c3 (sigma - 0.3) exp((1000 - t) / 170) sqrt(1 - abar_t) grad_{x_t} sigma,
+    # the gradient through x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) with eps held (txt2img.py l.243-313)
+    only_sim = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(
+        always, despecification=False, deduplication=False, c3=100.0, max_ratio=float("inf")), b)
+    g = only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat
+    a = core.alphas_cumprod[t]
+    sigma, n0 = only_sim.nearest(x_T, eps_hat, t)
+    weight = 100.0 * (sigma - 0.3) * math.exp((1000 - t) / 170) * float((1 - a).sqrt())
+    grad = g / weight.view(-1, 1, 1, 1)
+    reference = index.embeddings[n0].float()
 
     def sigma_at(x):
         with torch.no_grad():
-            e = core.eps(x, t, table, torch.arange(b).repeat(2), torch.arange(2 * b))
-            eu, ec = e.chunk(2)
-            a = core.alphas_cumprod[t]
-            x0 = (x - (1 - a).sqrt() * (eu + s0 * (ec - eu))) / a.sqrt()
-            return (EMBED(decode_images(core, x0)) * reference).sum(dim=1)
+            return (EMBED(decode_images(core, (x - (1 - a).sqrt() * eps_hat) / a.sqrt())) * reference).sum(dim=1)
 
-    h = 1e-2 / g.flatten(1).norm(dim=1).max()
-    slope = (sigma_at(x_T + h * g) - sigma_at(x_T - h * g)) / (2 * h)
-    assert torch.allclose(slope, g.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
+    h = 1e-2 / grad.flatten(1).norm(dim=1).max()
+    slope = (sigma_at(x_T + h * grad) - sigma_at(x_T - h * grad)) / (2 * h)
+    assert torch.allclose(slope, grad.flatten(1).pow(2).sum(dim=1), rtol=0.05), slope
+    # memtrain's bound: the term's norm is at most max_ratio times the guided prediction's
+    bounded = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(
+        always, despecification=False, deduplication=False, c3=100.0, max_ratio=0.01), b)
+    g = bounded.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat
+    ratio = g.flatten(1).norm(dim=1) / eps_hat.flatten(1).norm(dim=1)
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.01), rtol=1e-3)
+    assert all(r.bounded_steps == 1 for r in bounded.records)
+
+
+def test_amg_schedule_and_similarity_scale_are_the_authors():
+    """lambda_t = asy(t, 0.3, 0.4, 0.005, 0) (ddim.py l.16-17, l.272-278); SSCD's scale is the identity."""
+    for t in (0, 1, 250, 500, 981, 999):
+        assert SSCD_THRESHOLD(t) == pytest.approx(0.3 - (0.3 - 0.4) * math.exp(-0.005 * t))
+    assert SimilarityScale()(0.37) == pytest.approx(0.37)
+    scale = SimilarityScale(null=0.1, trigger=0.7)  # a calibrated index: 0.7 triggers a clean estimate
+    assert scale(0.7) == pytest.approx(SSCD_THRESHOLD(0)) and scale(0.1) == pytest.approx(0.0)
+    with pytest.raises(MemtrainError, match="must exceed"):
+        SimilarityScale(null=0.5, trigger=0.4)
 
 
 def test_v_prediction_model_matches_the_stock_pipeline_and_guards_its_x0(tiny_model, random_index):
@@ -229,6 +263,10 @@ def test_amg_stops_a_replicating_generation(replicating):
         assert records[j]["intervened"] and records[j]["nearest_index"] in trigger_rows
         assert records[j]["nearest_caption"] == TRIGGER
         assert float(guarded_sims[j]) < float(sims[j, 0]) - 0.15, (sims[:, 0], guarded_sims)
+    # the firing guard moves the image away from the copy, not into saturation (the bound on its norm)
+    assert float(saturation(guarded).max()) <= float(saturation(plain).max()) + 0.02, (saturation(plain),
+                                                                                      saturation(guarded))
+    assert all(r["terms"]["dissimilarity"] > 0 for r in records if r["intervened"])
     # above 1 the cosine threshold never fires: the guarded output is the unguarded one, bit for bit
     unfired, records = run(pipe, [TRIGGER], 2, 0, index, threshold=Threshold(1.01))
     assert torch.equal(unfired, plain) and not any(r["intervened"] for r in records)
@@ -312,8 +350,6 @@ def test_from_pipe_with_a_lora_and_wen(tiny_model, random_index):
 
 
 def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
-    with pytest.raises(MemtrainError, match="clip"):
-        as_threshold(None, "clip")
     assert as_threshold(None, "sscd")(0) == pytest.approx(0.4)
     with pytest.raises(MemtrainError, match="--index"):
         GuardedPipeline.from_pipe(pipe, index=None, guard="amg")
@@ -328,7 +364,7 @@ def test_bad_inputs_raise_one_memtrain_error(pipe, random_index, tmp_path):
     with pytest.raises(MemtrainError, match="empty"):
         GuardedPipeline.from_pipe(pipe, index=empty, guard="amg")
     parser = argparse.ArgumentParser()
-    for name in ("checkpoint", "--prompts", "--out", "--lora"):
+    for name in ("checkpoint", "--prompts", "--out", "--lora", "--index"):
         parser.add_argument(name)
     cli.add_guard_arguments(parser)
     prompts = tmp_path / "prompts.txt"
@@ -344,7 +380,7 @@ def cli_parser():
     """The `memtrain generate` arguments run_guarded reads, plus the guard options."""
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
-    for name in ("--prompts", "--out", "--lora"):
+    for name in ("--prompts", "--out", "--lora", "--index"):
         parser.add_argument(name)
     for name, value in (("-n", 2), ("--seed", 0), ("--steps", 3), ("--batch-size", 4)):
         parser.add_argument(name, type=int, default=value)
@@ -377,8 +413,8 @@ def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
     make_index(torch.rand(4, 3, 32, 32), ["a", "a", "b", "c"], 32).save(tmp_path / "index32")
     base = [str(tiny_model), "--prompts", str(prompts), "--steps", "3", "--guard", "amg"]
     out = tmp_path / "out"
-    args = parser.parse_args([*base, "--out", str(out), "--index", str(tmp_path / "index16"), "--guard-threshold",
-                              "1.5"])
+    args = parser.parse_args([*base, "--out", str(out), "--index", str(tmp_path / "index16"), "--amg-c1", "0",
+                              "--amg-c3", "0"])
     assert cli.run_guarded(args) == 0
     rows = [json.loads(line) for line in (out / "guard_records.jsonl").read_text().splitlines()]
     assert [(r["guard"], r["intervened"], len(r["sigmas"])) for r in rows] == [("amg", False, 3), ("amg", False, 3)]

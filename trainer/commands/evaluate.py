@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.commands.guard_options import add_guard_arguments, guard_options
 from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
 from trainer.io import check_output
 from trainer.report.evaluate import evaluate, flat_summary
-from trainer.sample.guidance import WEN_TARGET
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
     p.add_argument("--device", help="torch device (default: this process's accelerator under accelerate launch, else cuda if "
                    "available, else cpu)")
-    x = p.add_argument_group("re-trigger test, training-image index, guarded sampling")
+    x = p.add_argument_group("re-trigger test, training-image index")
     x.add_argument("--attack", action="store_true",
                    help="re-trigger test of the memorized prompts (Kowalczuk et al. 2025): replication after a "
                    "text-embedding perturbation, no image known (noise) and image known (image)")
@@ -56,20 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "search, without loading the training images")
     x.add_argument("--index-model", help="CLIP model directory / SSCD TorchScript file of a clip / sscd index")
     x.add_argument("--index-threshold", type=float,
-                   help="cosine similarity in (-1, 1) above which a generation replicates (default 0.5 for sscd, "
-                   "0.85 for pixels; required for clip)")
-    x.add_argument("--guard", choices=("amg", "wen"),
-                   help="also generate with the guard (amg needs --index; wen: Wen et al.'s prompt-embedding "
-                   "mitigation) and report both side by side")
-    x.add_argument("--guard-threshold", type=float,
-                   help="AMG's similarity threshold lambda (constant; default: the paper's schedule for sscd, "
-                   "0.85 for pixels)")
-    x.add_argument("--wen-target", type=float, default=WEN_TARGET,
-                   help=f"--guard wen: first-step magnitude target (default {WEN_TARGET:g})")
+                   help="cosine similarity in (-1, 1) above which a generation replicates (default: the index's "
+                   "calibration from `memtrain index --heldout`; else 0.5 for sscd, 0.85 for pixels; required for clip)")
+    add_guard_arguments(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    options = guard_options(args, index_has_other_use=True)  # --index also serves replication
     check_output(args.out, "evaluate", {"CHECKPOINT": args.checkpoint, "--train-data": args.train_data,
                                         "--data": args.data, "--index": args.index, **read_paths(args)})
     report = evaluate(args.checkpoint, args.prompts, memorized=args.memorized, not_memorized=args.not_memorized,
@@ -79,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance_scale, device=args.device, attack=args.attack,
                       attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
                       index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
-                      guard_options=_guard_options(args))
+                      guard_options=options)
     if is_main_process():
         print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0
@@ -90,10 +84,3 @@ def read_paths(args: argparse.Namespace) -> dict:
     return {"--prompts": args.prompts, "--memorized": args.memorized, "--not-memorized": args.not_memorized,
             "--lora": args.lora, "--sscd": args.sscd, "--clip": args.clip, "--index-model": args.index_model}
 
-
-def _guard_options(args: argparse.Namespace) -> dict:
-    if args.guard == "amg":
-        return {"threshold": args.guard_threshold}
-    if args.guard == "wen":
-        return {"target": args.wen_target}
-    return {}

@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from trainer.commands.guard_options import add_guard_arguments, guard_options
 from trainer.core.components import load_pipeline
 from trainer.core.distributed import is_main_process, process_device
 from trainer.io import MemtrainError, atomic_dir, check_output
-from trainer.measure.embedders import INDEX_EMBEDDINGS
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
-from trainer.sample.guard import GUARDS, guarded_generate, load_index
-from trainer.sample.guidance import (
-    C1_DEFAULT,
-    C2_DEFAULT,
-    C3_DEFAULT,
-    WEN_LR,
-    WEN_MAX_ITERS,
-    WEN_TARGET,
-    calibrate_wen_target,
-)
+from trainer.sample.guard import guarded_generate, load_index
 
 
 def write_images(images: torch.Tensor, names: list[str], directory: Path) -> None:
@@ -62,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--index", help="training-image index directory (`memtrain index`), for --guard amg")
     add_guard_arguments(p)
     p.set_defaults(func=_run)
 
@@ -77,12 +68,10 @@ def _run(args: argparse.Namespace) -> int:
         if value < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     prompts = [r["text"] for r in read_prompts(args.prompts)]  # a bad prompt file is named first
+    options = guard_options(args)
     check_output(args.out, "generate", read_paths(args))
-    if args.index and args.guard != "amg" and is_main_process():
-        print(f"memtrain generate: warning: --index {args.index} is used only by --guard amg; it is ignored here",
-              file=sys.stderr)
     if args.guard != "none":
-        return run_guarded(args)
+        return run_guarded(args, options)
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size,
                              progress=is_main_process(), across_processes=True)
@@ -95,57 +84,13 @@ def _run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- guarded sampling
 
 
-def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("guarded sampling")
-    g.add_argument("--guard", choices=GUARDS, default="none",
-                   help="amg: Anti-Memorization Guidance (Chen et al. 2024, needs --index); wen: optimise the "
-                        "prompt embedding first (Wen et al. 2024); none: the stock pipeline (default)")
-    g.add_argument("--index", help="training-image index directory (`memtrain index`), for --guard amg")
-    g.add_argument("--guard-embedding", choices=INDEX_EMBEDDINGS,
-                   help="require the index to be built with this embedding (default: whatever it was built with)")
-    g.add_argument("--embedder-path", help="CLIP model directory / SSCD TorchScript file for a clip/sscd index")
-    g.add_argument("--guard-threshold", type=float,
-                   help="AMG similarity threshold lambda (constant); default: the paper's schedule for sscd, "
-                        "0.85 for pixels; required for clip")
-    g.add_argument("--amg-c1", type=float, default=C1_DEFAULT, help=f"despecification scale (default {C1_DEFAULT:g})")
-    g.add_argument("--amg-c2", type=float, default=C2_DEFAULT,
-                   help=f"caption-deduplication scale (default {C2_DEFAULT:g})")
-    g.add_argument("--amg-c3", type=float, default=C3_DEFAULT, help=f"dissimilarity scale (default {C3_DEFAULT:g})")
-    g.add_argument("--amg-check-every", type=int, default=1,
-                   help="check the similarity every k-th step only (default 1: every step, as the paper)")
-    g.add_argument("--wen-target", type=float,
-                   help=f"first-step magnitude target (default {WEN_TARGET:g}, or calibrated with --wen-calibrate)")
-    g.add_argument("--wen-calibrate", metavar="PROMPTS",
-                   help="general prompts: set the target to the 95%% quantile of their first-step magnitude")
-    g.add_argument("--wen-lr", type=float, default=WEN_LR)
-    g.add_argument("--wen-max-iters", type=int, default=WEN_MAX_ITERS)
-
-
-def guard_options(args: argparse.Namespace, pipe) -> dict:
-    """Keyword options for `guarded_generate` from the parsed arguments."""
-    if args.guard == "amg":
-        return dict(threshold=args.guard_threshold, c1=args.amg_c1, c2=args.amg_c2, c3=args.amg_c3,
-                    check_every=args.amg_check_every, embedder_path=args.embedder_path)
-    if args.guard == "wen":
-        if args.wen_target is not None and args.wen_calibrate:
-            raise MemtrainError("give either --wen-target or --wen-calibrate, not both")
-        target = args.wen_target if args.wen_target is not None else WEN_TARGET
-        if args.wen_calibrate:
-            general = [r["text"] for r in read_prompts(args.wen_calibrate)]
-            target = calibrate_wen_target(pipe, general, 0.95, args.seed, args.steps)
-        return dict(target=target, lr=args.wen_lr, max_iters=args.wen_max_iters)
-    return {}
-
-
-
-
-def run_guarded(args: argparse.Namespace) -> int:
+def run_guarded(args: argparse.Namespace, options: dict | None = None) -> int:
     if args.guard == "amg" and not args.index:
         raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
     prompts = [r["text"] for r in read_prompts(args.prompts)]
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     index = load_index(args.index, pipe, args.guard_embedding) if args.guard == "amg" else None
-    options = guard_options(args, pipe)
+    options = guard_options(args) if options is None else options
     images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
                                        args.guard, index, args.batch_size, is_main_process(), True, **options)
     if not is_main_process():

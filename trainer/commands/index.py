@@ -7,8 +7,11 @@ import argparse
 import json
 
 from trainer.core.components import check_device
-from trainer.measure.embedders import INDEX_EMBEDDINGS
+from trainer.io import MemtrainError, check_not_inside
+from trainer.measure.calibration import DEFAULT_FPR
+from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
 from trainer.measure.index import DTYPES, build_index, index_summary
+from trainer.measure.index_calibration import calibrate_index, image_sources
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--image-column", default="image", help="image column of a datasets directory (default image)"
     )
+    p.add_argument("--heldout", metavar="DIR",
+                   help="held-out images never trained on (an imagefolder or a directory of images): calibrate the "
+                   "copy threshold (top-1 similarity) at --fpr false positives on them and store it in the index; "
+                   "`evaluate --index` and `--guard amg` then use it")
+    p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
+                   help=f"with --heldout: the false-positive rate on the held-out images (default {DEFAULT_FPR:g})")
+    p.add_argument("--vae", metavar="PIPE",
+                   help="with --heldout: the model's pipeline directory; held-out and (up to 1024) training images go "
+                   "through its VAE, and the share of training images the threshold flags (recall) is recorded")
     p.add_argument("--device", default=None, help="device for clip/sscd (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -54,6 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
+    if args.heldout is None and args.vae is not None:
+        raise MemtrainError("--vae serves the calibration: give --heldout DIR too")
+    if not 0.0 < args.fpr < 1.0:
+        raise MemtrainError(f"--fpr must be in (0, 1), got {args.fpr:g}")
+    if args.heldout is not None:
+        image_sources(args.heldout, "--heldout")  # checked before anything is embedded
+        check_not_inside(args.out, {"--heldout": args.heldout, **({"--vae": args.vae} if args.vae else {})})
     index = build_index(
         args.data,
         args.out,
@@ -66,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         progress=not args.no_progress,
         device=args.device,
+        save=args.heldout is None,
     )
-    print(json.dumps(index_summary(index, args.out), indent=2))
+    if args.heldout is not None:
+        embedder = make_embedder(index.embedding, args.model, args.device)
+        calibrate_index(index, args.heldout, embedder, args.fpr, args.vae, args.batch_size, not args.no_progress,
+                        args.device)
+        index.save(args.out)
+    summary = index_summary(index, args.out)
+    if index.copy_calibration() is not None:
+        summary["calibration"] = index.copy_calibration().describe()
+    print(json.dumps(summary, indent=2))
     return 0

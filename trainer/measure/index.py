@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
+from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
 from trainer.mitigate.dedup import caption_groups
 
@@ -68,6 +69,8 @@ class TrainingIndex:
     embedding: str
     resolution: int
     meta: dict = field(default_factory=dict)
+    # `memtrain index --heldout`: {"copy": Calibration dict, "null_similarity": float, "heldout": dir, "vae": dir}
+    calibration: dict = field(default_factory=dict)
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
     _copy_ids: Any = field(default=None, init=False, repr=False, compare=False)
@@ -102,6 +105,24 @@ class TrainingIndex:
             rows = self.embeddings.detach().cpu().contiguous().numpy()
             self._copy_ids = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
         return self._copy_ids
+
+    def copy_calibration(self) -> Calibration | None:
+        """The top-1 similarity threshold calibrated on held-out images (`memtrain index --heldout`), if any."""
+        if not self.calibration.get("copy"):
+            return None
+        return Calibration.from_dict(self.calibration["copy"], where="index.json calibration")
+
+    def null_similarity(self) -> float:
+        """Mean cosine similarity of unrelated images: held-out to training images when the index is
+        calibrated, else between distinct training images (exact, from the mean embedding)."""
+        if self.calibration.get("null_similarity") is not None:
+            return float(self.calibration["null_similarity"])
+        n = len(self)
+        mean = self.embeddings.double().mean(dim=0)
+        if n < 2:
+            return 0.0
+        total = float(mean @ mean) * n * n - float(self.embeddings.double().pow(2).sum())
+        return total / (n * (n - 1))
 
     def to(self, device) -> TrainingIndex:
         self.embeddings = self.embeddings.to(device)
@@ -200,6 +221,7 @@ class TrainingIndex:
                     count=len(self),
                     dim=self.dim,
                     meta=self.meta,
+                    calibration=self.calibration,
                     duplicate_caption_groups=self.duplicate_caption_groups,
                     captions=self.captions,
                     file_names=self.file_names,
@@ -277,6 +299,7 @@ class TrainingIndex:
             info["embedding"],
             int(info["resolution"]),
             dict(info.get("meta", {})),
+            dict(info.get("calibration") or {}),
         )
 
 
@@ -400,6 +423,7 @@ def build_index(
     image_column: str = "image",
     progress: bool = True,
     device=None,
+    save: bool = True,
 ) -> TrainingIndex:
     """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
     save_to_disk directory) at `resolution` and write the index to `out` (atomically).
@@ -470,7 +494,8 @@ def build_index(
             fingerprint=data_fingerprint(rows.images, file_names),
         ),
     )
-    index.save(out)
+    if save:  # False: the caller adds to it (e.g. a calibration) and saves it
+        index.save(out)
     return index
 
 

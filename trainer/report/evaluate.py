@@ -162,9 +162,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     pipe = load_pipeline(checkpoint_path, lora, device=device)
     pipe.set_progress_bar_config(disable=True)
     resolution = model_resolution(pipe)
-    training_index = embedder = None
+    training_index = embedder = index_criterion = None
     if index is not None:
-        training_index, embedder, index_threshold = index_and_embedder(index, pipe, index_model, index_threshold)
+        training_index, embedder, index_criterion = index_and_embedder(index, pipe, index_model, index_threshold)
     notes: list[str] = []
     cost: dict[str, dict] = {}
     config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),
@@ -174,7 +174,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
               "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1",
               "attack": attack, "attack_eps": attack_eps, "attack_steps": attack_steps if attack else None,
               "index": str(index) if index else None, "index_model": str(index_model) if index_model else None,
-              "index_threshold": index_threshold, "guard": guard}
+              "index_threshold": index_threshold,
+              "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard}
     report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
                     "config": config, "label_mapping": LABEL_MAPPING, "roc_convention": ROC_CONVENTION,
                     "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
@@ -227,7 +228,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 if training_index is not None:
                     rep = rep or {}
                     rep["index"] = index_replication(generated, gen_groups, captions_of(gen_rows, n), training_index,
-                                                     embedder, index_threshold, batch_size)
+                                                     embedder, index_criterion, batch_size)
                     rep["index"]["path"] = str(index)
                 if rep is not None:
                     report["replication"] = rep
@@ -315,7 +316,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 t0 = time.perf_counter()
                 section = guard_section(
                     pipe, guard, generated, [r.text for r in gen_rows], n, gen_groups, seed, steps, guidance_scale,
-                    batch_size, progress, cost["generation"], references, training_index, embedder, index_threshold,
+                    batch_size, progress, cost["generation"], references, training_index, embedder, index_criterion,
                     (lambda im, caps: general_scenario(im, caps, heldout, clip_scorer, batch_size, feature)),
                     report["quality"]["groups"], guard_options, across_processes=True)
                 report["guard"] = section

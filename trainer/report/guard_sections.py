@@ -2,13 +2,16 @@
 replication against a training-image index (`--index`, `trainer.measure.index`) and guarded sampling
 side by side with the stock sampler (`--guard amg|wen`, Chen et al. 2024 / Wen et al. 2024).
 
-Index replication: each generation is embedded with the index's own embedder and its nearest training
-image is looked up (exact cosine search), and the next nearest that is not an exact copy of it (a row
-with a byte-identical embedding: the same image stored twice), whose similarity is
-`second_similarity`; it is replicated when the cosine similarity to the nearest exceeds the threshold: 0.5 for SSCD (the convention of Somepalli et al. 2023 and AMG),
-`trainer.sample.guidance.PIXEL_THRESHOLD` (0.85, calibrated on the toy world, see its comment) for
-the pixel embedding; a CLIP index needs an explicit threshold. Only the [N, d] embeddings are held,
-never the training images, so a large training set works.
+Index replication: each generation is embedded with the index's own embedder and its nearest
+training image is looked up (exact cosine search), and the next nearest that is not an exact copy of it
+(a row with a byte-identical embedding: the same image stored twice), whose similarity is
+`second_similarity`; it is replicated when the cosine similarity to
+the nearest exceeds the threshold: the index's own calibration on held-out images when it has one
+(`memtrain index --heldout`), else an uncalibrated constant named in the report: 0.5 for SSCD (the
+convention of Somepalli et al. 2023 and AMG), 0.85 for the pixel embedding (set on the toy world); a
+CLIP index needs a calibration or an explicit threshold. Only the [N, d] embeddings are held, never the
+training images, so a large training set works. The guard section also compares each intervened
+generation with its unguarded version: pixel RMSE and the share of saturated pixels (at 0 or 1).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from trainer.core import distributed
 from trainer.core.unet_core import count_unet_samples
 from trainer.detect.attack import attack_section
 from trainer.io import MemtrainError
+from trainer.measure.calibration import Calibration, uncalibrated
 from trainer.measure.embedders import ImageEmbedder, make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.measure.replication import (
@@ -32,11 +36,12 @@ from trainer.measure.replication import (
     replication_metrics,
     summarize_replication,
 )
-from trainer.sample.guard import GUARDS, guarded_generate, load_index
-from trainer.sample.guidance import PIXEL_THRESHOLD
+from trainer.sample.guard import GUARDS, PIXEL_FALLBACK, GuardedPipeline, guarded_generate, load_index
 
 DEFAULT_ATTACK_EPS = (0.05, 0.1, 0.2)
-INDEX_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD.base}
+INDEX_THRESHOLDS = {"sscd": (SSCD_THRESHOLD, "Somepalli et al.'s SSCD convention 0.5"),
+                    "pixels": (PIXEL_FALLBACK, f"the toy-world constant {PIXEL_FALLBACK:g}")}
+SATURATED = 1.0 / 255  # a pixel channel within this of 0 or 1 is saturated
 INDEX_NEIGHBOURS = 2
 
 
@@ -75,17 +80,29 @@ def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str 
         raise MemtrainError(f"--index {index}: no such index; build one with `memtrain index DATA --out {index}`")
 
 
+def index_calibration(index: TrainingIndex, threshold: float | None, where: str) -> Calibration:
+    """The replication criterion of an index: `threshold` when given, else its held-out calibration, else
+    the embedding's uncalibrated constant (named)."""
+    metric = f"top-1 cosine similarity ({index.embedding} index)"
+    if threshold is not None:
+        return uncalibrated(metric, threshold, True, f"--index-threshold {threshold:g}")
+    copy = index.copy_calibration()
+    if copy is not None:
+        return copy
+    if index.embedding not in INDEX_THRESHOLDS:
+        raise MemtrainError(f"{where}: no default replication threshold for the {index.embedding!r} embedding; "
+                            "calibrate the index (`memtrain index DATA --heldout DIR`) or pass --index-threshold")
+    value, source = INDEX_THRESHOLDS[index.embedding]
+    return uncalibrated(metric, value, True, source)
+
+
 def index_and_embedder(path: str | Path, pipe, model: str | Path | None,
-                       threshold: float | None) -> tuple[TrainingIndex, ImageEmbedder, float]:
-    """(index, its embedder, replication threshold) for `--index` (checked against the model's resolution)."""
+                       threshold: float | None) -> tuple[TrainingIndex, ImageEmbedder, Calibration]:
+    """(index, its embedder, replication criterion) for `--index` (checked against the model's resolution)."""
     index = load_index(path, pipe)
-    if threshold is None:
-        if index.embedding not in INDEX_THRESHOLDS:
-            raise MemtrainError(f"--index {path}: no default replication threshold for the {index.embedding!r} "
-                                "embedding; pass --index-threshold")
-        threshold = INDEX_THRESHOLDS[index.embedding]
+    calibration = index_calibration(index, threshold, f"--index {path}")
     model = model or (index.meta or {}).get("model")
-    return index, make_embedder(index.embedding, model, pipe.device), float(threshold)
+    return index, make_embedder(index.embedding, model, pipe.device), calibration
 
 
 @torch.no_grad()
@@ -94,8 +111,11 @@ def _embed(embedder: ImageEmbedder, images: torch.Tensor, batch_size: int) -> to
 
 
 def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: Sequence[str], index: TrainingIndex,
-                      embedder: ImageEmbedder, threshold: float, batch_size: int = 32) -> dict:
+                      embedder: ImageEmbedder, calibration: Calibration | float, batch_size: int = 32) -> dict:
     """Nearest training images of each generation from the index (module docstring), summarized per group."""
+    if not isinstance(calibration, Calibration):
+        calibration = index_calibration(index, float(calibration), "index")
+    threshold = calibration.threshold
     start = time.perf_counter()
     copies = index.copy_ids()  # the second neighbour skips exact copies of the nearest (module docstring)
     k = min(len(index), max(INDEX_NEIGHBOURS, int(np.bincount(copies).max()) + 1))
@@ -108,7 +128,7 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
         rows.append({"group": groups[i], "text": captions[i], "nearest_index": j,
                      "nearest_file": index.file_names[j], "nearest_caption": index.captions[j],
                      "similarity": float(sims[i, 0]), "second_similarity": second,
-                     "replicated": bool(sims[i, 0] > threshold)})
+                     "replicated": bool(calibration.flags(sims[i, 0]))})
     summary = {}
     for group in dict.fromkeys(groups):
         idx = [i for i, g in enumerate(groups) if g == group]
@@ -118,9 +138,10 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
                           "nearest_caption_is_prompt": float(np.mean([rows[i]["nearest_caption"] == captions[i]
                                                                       for i in idx]))}
     return {"embedding": index.embedding, "images": len(index), "resolution": index.resolution,
-            "threshold": threshold, "groups": summary, "generations": rows,
+            "threshold": threshold, "calibration": calibration.to_dict(), "criterion": calibration.describe(),
+            "groups": summary, "generations": rows,
             "similarity": f"cosine similarity of the {index.embedding} embeddings to the nearest training image "
-                          f"(exact search); replicated when > {threshold:g}",
+                          f"(exact search); replicated when {calibration.describe()}",
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -141,21 +162,40 @@ def attack_report(pipe, texts: list[str], images: torch.Tensor | None, reference
     return section
 
 
+def saturation(images: torch.Tensor) -> torch.Tensor:
+    """Per image: the share of pixel channels at 0 or 1 (within 1/255), the signature of a guard pushed too far."""
+    x = images.float().flatten(1)
+    return ((x <= SATURATED) | (x >= 1 - SATURATED)).float().mean(1)
+
+
+def intervened_quality(generated: torch.Tensor, guarded: torch.Tensor, idx: list[int], records: list[dict]) -> dict:
+    """Intervened generations against their unguarded versions: pixel RMSE and saturation (mean, max)."""
+    hit = [i for i in idx if records[i]["intervened"]]
+    plain_sat, guard_sat = saturation(generated[idx]), saturation(guarded[idx])
+    out = {"saturation_mean": float(guard_sat.mean()), "saturation_max": float(guard_sat.max()),
+           "unguarded_saturation_mean": float(plain_sat.mean()), "unguarded_saturation_max": float(plain_sat.max())}
+    if hit:
+        rmse = (guarded[hit] - generated[hit]).float().flatten(1).pow(2).mean(1).sqrt()
+        out.update(intervened_rmse_mean=float(rmse.mean()), intervened_saturation_mean=float(saturation(guarded[hit]).mean()),
+                   intervened_unguarded_saturation_mean=float(saturation(generated[hit]).mean()))
+    return out
+
+
 def _replication_fractions(images: torch.Tensor, idx: list[int], references: torch.Tensor | None,
-                           index_hits: list[dict] | None, threshold: float | None) -> dict:
+                           index_hits: list[dict] | None, calibration: Calibration | None) -> dict:
     out = {}
     if references is not None:  # the replication section's criterion (Gu et al.'s ratio, replication_stats)
         ratio = replication_metrics(images[idx], references)["ratio"]
         out["fraction_replicated"] = summarize_replication(ratio, RATIO_THRESHOLD, False)["fraction"]
     if index_hits is not None:
-        out["fraction_replicated_index"] = float(np.mean([index_hits[i]["similarity"] > threshold for i in idx]))
+        out["fraction_replicated_index"] = float(np.mean(calibration.flags([index_hits[i]["similarity"] for i in idx])))
     return out
 
 
 def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n: int, groups: Sequence[str],
                   seed: int, steps: int, guidance_scale: float, batch_size: int, progress: bool,
                   baseline_cost: dict, references: torch.Tensor | None = None, index: TrainingIndex | None = None,
-                  embedder: ImageEmbedder | None = None, threshold: float | None = None,
+                  embedder: ImageEmbedder | None = None, calibration: Calibration | float | None = None,
                   quality: Callable[[torch.Tensor, list[str]], dict] | None = None,
                   baseline_quality: dict | None = None, options: dict | None = None,
                   across_processes: bool = False) -> dict:
@@ -164,25 +204,32 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
     Per group (trigger / general): replication with and without the guard (the replication section's
     criteria: L2 ratio when `references` are given, index similarity when `index` is), quality (`quality`
     of the guarded images beside `baseline_quality`), the fraction of generations and of sampling steps
-    where the guard intervened, and the largest pixel change of a generation it did not intervene in.
+    where the guard intervened, the largest pixel change of a generation it did not intervene in, and the
+    intervened generations against their unguarded versions (`intervened_quality`).
     `across_processes`: the processes of `accelerate launch` share the generations (`guarded_generate`)."""
     options = dict(options or {})
-    if guard == "amg" and embedder is not None:
-        options.setdefault("embedder", embedder)
+    if index is not None and calibration is not None and not isinstance(calibration, Calibration):
+        calibration = index_calibration(index, float(calibration), "index")
+    sampler, trigger = guard, None
+    if guard == "amg":
+        if embedder is not None:
+            options.setdefault("embedder", embedder)
+        sampler = GuardedPipeline.from_pipe(pipe, index, "amg", **options)
+        trigger = sampler.trigger
     start = time.perf_counter()
     with count_unet_samples(pipe.unet) as counted:
-        guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, guard, index, batch_size,
-                                            progress, across_processes, **options)
+        guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, sampler, index, batch_size,
+                                            progress, across_processes, **({} if guard == "amg" else options))
     unet_evals = distributed.sum_over_processes(counted[0])
     seconds = time.perf_counter() - start
     captions = [t for t in texts for _ in range(n)]
     base_hits = guard_hits = None
     if index is not None:
-        base_hits = index_replication(generated, groups, captions, index, embedder, threshold, batch_size)
-        guard_hits = index_replication(guarded, groups, captions, index, embedder, threshold, batch_size)
+        base_hits = index_replication(generated, groups, captions, index, embedder, calibration, batch_size)
+        guard_hits = index_replication(guarded, groups, captions, index, embedder, calibration, batch_size)
     change = (guarded - generated).flatten(1).abs().amax(1)
     result = {"guard": guard, "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
-              "generations": len(guarded), "steps": steps,
+              "generations": len(guarded), "steps": steps, "trigger": trigger,
               "criteria": {},
               "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
                             "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
@@ -192,16 +239,17 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
     if references is not None:
         result["criteria"]["fraction_replicated"] = "L2 ratio NN1/NN2 < 1/3 (the replication section)"
     if index is not None:
-        result["criteria"]["fraction_replicated_index"] = f"index cosine similarity > {threshold:g}"
+        result["criteria"]["fraction_replicated_index"] = calibration.describe()
     result["seconds_ratio"] = result["guarded"]["seconds_per_image"] / max(result["unguarded"]["seconds_per_image"],
                                                                          1e-12)
     for group in dict.fromkeys(groups):
         idx = [i for i, g in enumerate(groups) if g == group]
         recs = [records[i] for i in idx]
         calm = [i for i in idx if not records[i]["intervened"]]
-        plain = _replication_fractions(generated, idx, references, base_hits and base_hits["generations"], threshold)
+        plain = _replication_fractions(generated, idx, references, base_hits and base_hits["generations"],
+                                       calibration)
         guarded_side = _replication_fractions(guarded, idx, references, guard_hits and guard_hits["generations"],
-                                              threshold)
+                                              calibration)
         if quality is not None:
             guarded_side.update({k: v for k, v in quality(guarded[idx], [captions[i] for i in idx]).items()
                                  if k != "notes"})
@@ -214,6 +262,7 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         else:  # Wen et al. act once, on the prompt embedding, before sampling
             guarded_side["mean_iterations"] = float(np.mean([r["iterations"] for r in recs]))
         guarded_side["max_abs_change_not_intervened"] = float(change[calm].max()) if calm else None
+        guarded_side.update(intervened_quality(generated, guarded, idx, records))
         result["groups"][group] = {"generations": len(idx), "unguarded": plain, "guarded": guarded_side}
     result["records"] = [{k: v for k, v in r.items() if k != "sigmas"} for r in records]
     return result

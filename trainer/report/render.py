@@ -134,6 +134,7 @@ def _index_lines(ix: dict) -> list[str]:
              f"Index `{ix.get('path', '')}`: {ix['images']} training images, {ix['embedding']} embedding at "
              f"{ix['resolution']}x{ix['resolution']}. Similarity = {ix['similarity']}. Per generation: the nearest "
              "training image (file, caption) in report.json, `replication.index.generations`.", "",
+             f"Criterion: {ix.get('criterion', ix.get('similarity'))}.", "",
              "| group | generations | similarity mean | p95 | max | replicated | nearest caption is the prompt |",
              "|---|---|---|---|---|---|---|"]
     for group, s in ix["groups"].items():
@@ -167,7 +168,8 @@ def _guard_lines(g: dict) -> list[str]:
              f"{g['generations']} generations, DDIM {g['steps']} steps. Replicated: {crit}. Seconds per image: "
              f"{u['seconds_per_image']:.3g} unguarded, {gd['seconds_per_image']:.3g} guarded (ratio "
              f"{g['seconds_ratio']:.2f}); UNet evals per image {u['unet_evals_per_image']:g} vs "
-             f"{gd['unet_evals_per_image']:g}.", "",
+             f"{gd['unet_evals_per_image']:g}."
+             + (f" AMG trigger: {g['trigger']}." if g.get("trigger") else ""), "",
              "| group | guard | replicated | replicated (index) | toy alignment | KID | CLIP score | generations "
              "intervened | steps intervened | max change where not intervened |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -179,6 +181,16 @@ def _guard_lines(g: dict) -> list[str]:
                          f"{_fmt(v.get('kid'), '.4g')} | {_fmt(v.get('clip_score'), '.2f')} | "
                          f"{_fmt(v.get('fraction_intervened'), '%')} | {_fmt(v.get('fraction_steps_intervened'), '%')} | "
                          f"{_fmt(v.get('max_abs_change_not_intervened'), '.2g')} |")
+    lines += ["", "Intervened generations against their unguarded versions (same prompt and seed): pixel RMSE, "
+              "and the share of saturated pixel channels (at 0 or 1).", "",
+              "| group | intervened RMSE to unguarded | saturation (intervened) | saturation unguarded (same images) "
+              "| saturation max guarded | saturation max unguarded |", "|---|---|---|---|---|---|"]
+    for group, s in g["groups"].items():
+        v = s["guarded"]
+        lines.append(f"| {group} | {_fmt(v.get('intervened_rmse_mean'), '.3g')} | "
+                     f"{_fmt(v.get('intervened_saturation_mean'), '%')} | "
+                     f"{_fmt(v.get('intervened_unguarded_saturation_mean'), '%')} | "
+                     f"{_fmt(v.get('saturation_max'), '%')} | {_fmt(v.get('unguarded_saturation_max'), '%')} |")
     return [*lines, ""]
 
 

@@ -23,23 +23,58 @@ from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
+from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
 from trainer.sample.guidance import (
     C1_DEFAULT,
-    C2_DEFAULT,
     C3_DEFAULT,
+    SSCD_THRESHOLD,
     WEN_LR,
     WEN_MAX_ITERS,
     WEN_TARGET,
     AMGConfig,
     AMGGuard,
-    as_threshold,
+    SimilarityScale,
+    Threshold,
+    calibrate_wen_target,
     decode_images,
     mitigate_prompt_embedding,
     sample_latents,
 )
 
 GUARDS = ("none", "amg", "wen")
+# The pixel embedding's trigger when the index is not calibrated: a constant set on the toy world
+# (docs/methods.md), named as uncalibrated in every record and report that uses it.
+PIXEL_FALLBACK = 0.85
+
+
+def amg_trigger(index, threshold=None) -> tuple[Threshold, SimilarityScale]:
+    """(lambda_t on the SSCD scale, the map of the index's similarities onto it) for AMG.
+
+    `threshold`: a `Threshold` is used as is, on the embedder's own scale (identity map); a number is the
+    similarity at which a clean estimate triggers (the authors' schedule scaled to it); None: SSCD keeps
+    the authors' schedule, an index calibrated with `memtrain index --heldout` triggers at its calibrated
+    threshold, an uncalibrated pixel index at the toy-world constant 0.85 (named as such)."""
+    if isinstance(threshold, Threshold):
+        return threshold, SimilarityScale(source=f"constant threshold {threshold}")
+    if isinstance(threshold, int | float):
+        return SSCD_THRESHOLD, SimilarityScale(index.null_similarity(), float(threshold),
+                                               f"--guard-threshold {float(threshold):g}")
+    if threshold is not None:
+        raise MemtrainError(f"AMG threshold must be a number or a Threshold, got {threshold!r}")
+    if index.embedding == "sscd":
+        return SSCD_THRESHOLD, SimilarityScale()
+    copy = index.copy_calibration()
+    if copy is not None:
+        return SSCD_THRESHOLD, SimilarityScale(index.null_similarity(), copy.threshold, copy.describe())
+    if index.embedding == "pixels":
+        return SSCD_THRESHOLD, SimilarityScale(
+            index.null_similarity(), PIXEL_FALLBACK,
+            f"uncalibrated: the toy-world constant {PIXEL_FALLBACK:g}; build the index with "
+            "`memtrain index DATA --heldout DIR` to calibrate it on your data")
+    raise MemtrainError(
+        f"no AMG trigger for an uncalibrated {index.embedding!r} index: build it with `memtrain index DATA "
+        "--heldout DIR` (held-out images) or pass --guard-threshold")
 
 
 def check_index(index, pipe, embedding: str | None = None, where: str = "index") -> None:
@@ -75,7 +110,7 @@ class GuardedPipeline:
 
     def __init__(
         self, pipe, index=None, guard: str = "amg", embedder=None, embedder_path=None, threshold=None,
-        c1: float = C1_DEFAULT, c2: float = C2_DEFAULT, c3: float = C3_DEFAULT, despecification: bool = True,
+        c1: float = C1_DEFAULT, c3: float = C3_DEFAULT, despecification: bool = True,
         deduplication: bool = True, dissimilarity: bool = True, check_every: int = 1, target: float = WEN_TARGET, lr: float = WEN_LR,
         max_iters: int = WEN_MAX_ITERS, batch_size: int | None = None,
     ):
@@ -86,11 +121,12 @@ class GuardedPipeline:
         self.embedder = embedder
         if guard == "amg":
             check_index(index, pipe)
-            self.amg = AMGConfig(as_threshold(threshold, index.embedding), c1, c2, c3, despecification,
-                                 deduplication, dissimilarity, check_every)
+            lam, scale = amg_trigger(index, threshold)
+            self.amg = AMGConfig(lam, c1, c3, despecification, deduplication, dissimilarity, check_every, scale)
             if self.embedder is None:
                 path = embedder_path or (index.meta or {}).get("embedder_path")
                 self.embedder = make_embedder(index.embedding, path, pipe.device)
+        self.trigger = self.amg.scale.source if self.amg else None
         self.wen = dict(target=float(target), lr=float(lr), max_iters=int(max_iters))
 
     @classmethod
@@ -173,6 +209,10 @@ def guarded_generate(
         records = [{"guard": "none", "intervened": False, "prompt": p, "seed": seed + j}
                    for p in prompts for j in range(n)]
         return images, records
+    if options.get("calibrate"):  # Wen et al.'s target from general prompts (`--wen-calibrate`)
+        general = [r["text"] for r in read_prompts(options["calibrate"])]
+        options["target"] = calibrate_wen_target(pipe, general, 0.95, seed, steps)
+    options.pop("calibrate", None)
     guarded = guard if isinstance(guard, GuardedPipeline) else GuardedPipeline.from_pipe(pipe, index, guard, **options)
     jobs = [(p, seed + j) for p in prompts for j in range(n)]
     core = UNetCore(pipe)

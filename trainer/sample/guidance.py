@@ -4,13 +4,17 @@ loop with an optional per-step guard that may only add to the guided prediction 
 Implements Anti-Memorization Guidance (Chen, Liu & Xu, CVPR 2024, "Towards memorization-free diffusion
 models") and the inference-time prompt-embedding mitigation of Wen et al. (ICLR 2024, "Detecting,
 explaining, and mitigating memorization in diffusion models"). The index and embedder are arguments
-(duck-typed). Deviations: AMG's c2 and c3 are our choices, `check_every` > 1 skips checks to save VAE
-decodes, and the pixel embedding's threshold is calibrated on the toy world. Formulas: docs/methods.md.
+(duck-typed). AMG's constants are the authors' code's (cited line by line below and in docs/methods.md);
+deviations: despecification is gated by the threshold as in the paper (the code applies it at every
+step, `despecification_floor=0` reproduces that), the dissimilarity term's norm is bounded, other
+embedders than SSCD are mapped onto the SSCD scale (`SimilarityScale`), and `check_every` > 1 skips
+checks to save VAE decodes. Formulas: docs/methods.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,9 +23,19 @@ import torch
 from trainer.core.unet_core import UNetCore, prompt_list
 from trainer.io import MemtrainError
 
-C1_DEFAULT = 13.0  # Chen et al.: s1 = clip(13 sigma_t, 0, s0 - 1) (capped at 6.5 for s0 = 7.5)
-C2_DEFAULT = 13.0  # not recovered from the paper: same as c1 (s2 is capped at s0 - s1 - 1)
-C3_DEFAULT = 10000.0  # not recovered from the paper: our choice (see docs/methods.md); the scale depends on the embedder
+# AMG's constants, each from the authors' code (chenchen-usyd/AMG-sd, commit d76d4c8; docs/methods.md
+# cites the lines). They are written on the SSCD cosine scale; other embedders are mapped onto it
+# (`SimilarityScale`).
+C1_DEFAULT = 13.0  # ddim.py l.293: s1 = clip(6.5 / 0.5 * sigma, 0, 6.5)
+DEDUP_FULL_AT = 0.3  # ddim.py l.304: s2 = clip((6.5 - s1) / 0.3 * sigma, 0, 6.5 - s1) (the adaptive c2)
+DEDUP_WINDOW = 10  # ddim.py l.294-302 (g3_count): once fired, deduplication runs for 10 steps
+DEDUP_NEIGHBOURS, DEDUP_MIN_COUNT = 1000, 20  # txt2img.py l.255-265: a caption > 20 times among the 1000 nearest
+C3_DEFAULT = 100.0  # txt2img.py l.477 (--guidance_scale 100), returned as -grad * 100 (l.324)
+DISSIMILARITY_BASE = 0.3  # ddim.py l.319: the dissimilarity is scaled by (sigma - 0.3)
+DISSIMILARITY_TIME = 170.0  # ddim.py l.319: ... and by exp((1000 - t) / 170)
+# memtrain's bound (not the authors'): the dissimilarity term's norm is at most this multiple of the
+# guided prediction's, so a firing guard cannot push the estimate out of the latent distribution.
+DISSIMILARITY_MAX_RATIO = 1.0
 WEN_TARGET = 3.0  # Wen et al.'s default target for SD 1.4
 WEN_LR, WEN_MAX_ITERS = 0.05, 10
 
@@ -38,24 +52,46 @@ class Threshold:
         return self.base + self.amplitude * math.exp(-self.rate * float(t))
 
 
-SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)  # Chen et al., for SSCD cosine similarity
-# For the "pixels" embedding: a constant calibrated on the toy world (deviation; docs/methods.md).
-# Recalibrate on your own held-out images.
-PIXEL_THRESHOLD = Threshold(0.85, 0.0, 0.0)
-DEFAULT_THRESHOLDS = {"sscd": SSCD_THRESHOLD, "pixels": PIXEL_THRESHOLD}
+# ddim.py l.16-17 and l.272-278: asy(t, 0.3, 0.4, 0.005, 0) = 0.3 - (0.3 - 0.4) exp(-0.005 t)
+SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)
+
+
+@dataclass(frozen=True)
+class SimilarityScale:
+    """An embedder's cosine similarity s on the SSCD scale AMG's constants are written in:
+    u = lambda_0 (s - null) / (trigger - null), lambda_0 = 0.4 the authors' threshold at t = 0.
+
+    `null`: the similarity of unrelated images (0 for SSCD); `trigger`: the similarity at which a clean
+    estimate should trigger the guard (for an index calibrated on held-out images, its threshold at the
+    stated false-positive rate). SSCD's own scale is the identity. `source` says where `trigger` came from.
+    """
+
+    null: float = 0.0
+    trigger: float = 0.4
+    source: str = "the authors' SSCD schedule"
+
+    def __post_init__(self):
+        if not self.trigger > self.null:
+            raise MemtrainError(
+                f"AMG trigger similarity {self.trigger:.4g} must exceed the similarity of unrelated images "
+                f"({self.null:.4g}, the index's mean similarity): choose a higher --guard-threshold"
+            )
+
+    @property
+    def slope(self) -> float:
+        return SSCD_THRESHOLD(0) / (self.trigger - self.null)
+
+    def __call__(self, s):
+        return (s - self.null) * self.slope
 
 
 def as_threshold(value, embedding: str | None = None) -> Threshold:
-    """A `Threshold` from a number (constant lambda), a (base, amplitude, rate) tuple, or the embedding's default."""
+    """A `Threshold` (on the SSCD scale) from a number (constant lambda), a (base, amplitude, rate) tuple,
+    or, for None, the authors' schedule."""
     if isinstance(value, Threshold):
         return value
     if value is None:
-        if embedding in DEFAULT_THRESHOLDS:
-            return DEFAULT_THRESHOLDS[embedding]
-        raise MemtrainError(
-            f"no default AMG threshold for the {embedding!r} embedding: pass --guard-threshold "
-            f"(known defaults: {', '.join(DEFAULT_THRESHOLDS)})"
-        )
+        return SSCD_THRESHOLD
     if isinstance(value, (int, float)):
         return Threshold(float(value))
     try:
@@ -129,26 +165,38 @@ def sample_latents(
 
 @dataclass
 class AMGConfig:
+    """AMG's settings; `threshold` and the scales act on the SSCD scale that `scale` maps similarities to.
+
+    `despecification_floor`: despecification fires when u > lambda_t (None, the paper's rule) or when
+    u > this floor (0.0 reproduces the authors' code, ddim.py l.292, which applies it at every step).
+    """
+
     threshold: Threshold = SSCD_THRESHOLD
     c1: float = C1_DEFAULT
-    c2: float = C2_DEFAULT
     c3: float = C3_DEFAULT
     despecification: bool = True
     deduplication: bool = True
     dissimilarity: bool = True
     check_every: int = 1  # 1 = the paper (every step); k > 1 checks only every k-th step (cheaper)
+    scale: SimilarityScale = field(default_factory=SimilarityScale)
+    max_ratio: float = DISSIMILARITY_MAX_RATIO
+    despecification_floor: float | None = None
 
 
 @dataclass
 class GuardRecord:
-    """What the guard saw for one image."""
+    """What the guard saw for one image (similarities on the embedder's own cosine scale)."""
 
     steps: list[int] = field(default_factory=list)  # sampling steps (0 = first) where the guard intervened
-    sigmas: list[float] = field(default_factory=list)  # sigma_t at every checked step
+    sigmas: list[float] = field(default_factory=list)  # similarity at every checked step
     max_sigma: float = float("-inf")
     nearest_index: int = -1  # nearest training image at the step of max sigma
     nearest_file: str | None = None
     nearest_caption: str | None = None
+    dup_caption: str | None = None  # the frequent caption deduplication steers from (authors' dup_caption)
+    dedup_left: int = 0  # steps left in the deduplication window
+    terms: dict = field(default_factory=lambda: {"despecification": 0, "deduplication": 0, "dissimilarity": 0})
+    bounded_steps: int = 0  # steps where the dissimilarity term was cut to DISSIMILARITY_MAX_RATIO
 
     def as_dict(self) -> dict:
         return {
@@ -160,12 +208,16 @@ class GuardRecord:
             "nearest_index": self.nearest_index,
             "nearest_file": self.nearest_file,
             "nearest_caption": self.nearest_caption,
+            "dup_caption": self.dup_caption,
+            "terms": dict(self.terms),
+            "bounded_steps": self.bounded_steps,
             "sigmas": list(self.sigmas),
         }
 
 
 class AMGGuard:
-    """Anti-Memorization Guidance for one batch of B images (formulas: docs/methods.md).
+    """Anti-Memorization Guidance for one batch of B images, as the authors' `p_sample_ddim` (formulas
+    and line references: docs/methods.md).
 
     `encode(captions) -> [K, L, D]` encodes training captions y_N for the caption-deduplication term
     (the pipeline's `encode_prompt`, so text-encoder LoRA and the like apply).
@@ -182,36 +234,53 @@ class AMGGuard:
     ):
         self.core, self.index, self.embedder, self.encode, self.config = core, index, embedder, encode, config
         self.records = [GuardRecord() for _ in range(batch)]
+        self.k = min(DEDUP_NEIGHBOURS, len(index.captions))
+
+    def _x0(self, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        a = self.core.alphas_cumprod[t]
+        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def _search(self, query: torch.Tensor, rows: list[int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-1 similarity [M], nearest [M]) of embedded estimates, updating each row's frequent caption:
+        the most common caption among the 1000 nearest training images above lambda_t, when it occurs more
+        than 20 times (txt2img.py l.255-265; kept once found, ddim.py l.283-284). Deviation: the authors'
+        1000 nearest of LAION's billions are near-copies; of a small training set they can be all of it,
+        so only neighbours above the threshold count."""
+        sims, idx = self.index.search(query.detach(), k=self.k)
+        above = self.config.scale(sims.double().cpu()) > self.config.threshold(t)
+        for r, neighbours, keep in zip(rows, idx.tolist(), above.tolist(), strict=True):
+            counts = Counter(self.index.captions[j] for j, ok in zip(neighbours, keep, strict=True) if ok)
+            if counts and counts.most_common(1)[0][1] > DEDUP_MIN_COUNT:
+                self.records[r].dup_caption = counts.most_common(1)[0][0]
+        return sims[:, 0].float().cpu(), idx[:, 0].long().cpu()
 
     def nearest(self, latents: torch.Tensor, eps_hat: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma [B] cosine to the nearest training image, n0 [B]) of the decoded x0 estimate."""
-        a = self.core.alphas_cumprod[t]
         with torch.no_grad():
-            x0 = (latents - (1 - a).sqrt() * eps_hat) / a.sqrt()
-            query = self.embedder(decode_images(self.core, x0))
-            sims, idx = self.index.search(query, k=1)
-        return sims[:, 0].float().cpu(), idx[:, 0].long().cpu()
+            query = self.embedder(decode_images(self.core, self._x0(latents, eps_hat, t)))
+        return self._search(query, list(range(len(latents))), t)
 
     def similarity_gradient(
-        self, latents: torch.Tensor, t: int, table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """grad_{x_t} sigma_t for `rows` (through the CFG x0 estimate, the VAE decoder and the embedder)."""
-        b = len(table) // 2
+        self, latents: torch.Tensor, eps: torch.Tensor, t: int, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma [M], grad_{x_t} sigma [M, ...]) of `rows` at prediction `eps`, through x0 = (x_t - sqrt(1 -
+        abar) eps) / sqrt(abar), the VAE decoder and the embedder, `eps` held constant (txt2img.py l.243-313)."""
         x = latents[rows.to(latents.device)].detach().requires_grad_(True)
-        m = len(rows)
-        x_index = torch.arange(m).repeat(2)
-        e_index = torch.cat([rows, rows + b])
         with torch.enable_grad():
-            eps = self.core.eps(x, t, table, x_index, e_index, grad=True)
-            _, _, eps_hat = _guided(eps, guidance_scale)
-            a = self.core.alphas_cumprod[t]
-            x0 = (x - (1 - a).sqrt() * eps_hat) / a.sqrt()
-            query = self.embedder(decode_images(self.core, x0))
-            reference = self.index.embeddings[targets].to(query.device, query.dtype)
-            sigma = (query * reference).sum(dim=1)
-            (grad,) = torch.autograd.grad(sigma.sum(), x)
-        return grad.float()
+            query = self.embedder(decode_images(self.core, self._x0(x, eps[rows.to(eps.device)].detach(), t)))
+            sigma, n0 = self._search(query, rows.tolist(), t)
+            reference = self.index.embeddings[n0.to(self.index.embeddings.device)].to(query.device, query.dtype)
+            (grad,) = torch.autograd.grad((query * reference).sum(), x)
+        return sigma, grad.float()
+
+    def _record(self, step: int, sigma: torch.Tensor, n0: torch.Tensor) -> None:
+        for r, rec in enumerate(self.records):
+            s = float(sigma[r])
+            rec.sigmas.append(s)
+            if s > rec.max_sigma:
+                i = int(n0[r])
+                rec.max_sigma, rec.nearest_index = s, i
+                rec.nearest_file, rec.nearest_caption = self.index.file_names[i], self.index.captions[i]
 
     def guide(
         self, step: int, t: int, latents: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor,
@@ -221,46 +290,67 @@ class AMGGuard:
         if step % max(1, int(cfg.check_every)):
             return eps_hat
         sigma, n0 = self.nearest(latents, eps_hat, t)
+        self._record(step, sigma, n0)
+        u, lam, s0 = cfg.scale(sigma.double()), cfg.threshold(t), float(guidance_scale)
+        floor = lam if cfg.despecification_floor is None else cfg.despecification_floor
+        b, dev = len(latents), eps_hat.device
+        s1, s2 = torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
+        dup: list[int] = []
         for r, rec in enumerate(self.records):
-            s = float(sigma[r])
-            rec.sigmas.append(s)
-            if s > rec.max_sigma:
-                i = int(n0[r])
-                rec.max_sigma, rec.nearest_index = s, i
-                rec.nearest_file, rec.nearest_caption = self.index.file_names[i], self.index.captions[i]
-        fire = sigma > cfg.threshold(t)
-        if not bool(fire.any()):
-            return eps_hat
-        rows = fire.nonzero()[:, 0]
-        for r in rows.tolist():
-            self.records[r].steps.append(step)
-        dev = eps_hat.device
-        rd = rows.to(dev)
-        sig = sigma[rows].to(dev).view(-1, 1, 1, 1)
-        s0 = float(guidance_scale)
-        guidance = torch.zeros_like(eps_hat[rd])
-        s1 = (cfg.c1 * sig).clamp(0.0, s0 - 1.0) if cfg.despecification else torch.zeros_like(sig)
-        if cfg.despecification:
-            guidance = guidance - s1 * (eps_cond[rd] - eps_uncond[rd])
-        if cfg.deduplication:
-            dup = [k for k, r in enumerate(rows.tolist()) if self.index.caption_is_duplicated(int(n0[r]))]
-            if dup:
-                captions = [self.index.captions[int(n0[int(rows[k])])] for k in dup]
-                unique = sorted(set(captions))
-                caption_table = self.encode(unique).to(self.core.device, self.core.dtype)
-                e_index = torch.tensor([unique.index(c) for c in captions])
-                eps_caption = self.core.eps(latents, t, caption_table, rows[dup], e_index)
-                kd = torch.tensor(dup, device=dev)
-                cap = (s0 - s1[kd] - 1.0).clamp(min=0.0)
-                s2 = torch.minimum((cfg.c2 * sig[kd]).clamp(min=0.0), cap)
-                guidance[kd] = guidance[kd] - s2 * (eps_caption - eps_uncond[rd[kd]])
-        if cfg.dissimilarity and cfg.c3 != 0:
-            grad = self.similarity_gradient(latents, t, table, rows, n0[rows], guidance_scale)
-            a = self.core.alphas_cumprod[t]
-            guidance = guidance + cfg.c3 * (1 - a).sqrt() * grad.to(dev)
-        eps_hat = eps_hat.clone()
-        eps_hat[rd] = eps_hat[rd] + guidance
-        return eps_hat
+            fired = bool(u[r] > lam)
+            if not u[r] > 0:  # ddim.py l.292: no guidance at all below similarity 0
+                continue
+            if cfg.deduplication and ((rec.dup_caption is not None and fired) or rec.dedup_left > 0):
+                if rec.dup_caption is not None and fired:
+                    rec.dedup_left = DEDUP_WINDOW  # ddim.py l.296-302: (re)start the 10-step window
+                rec.dedup_left -= 1
+                dup.append(r)
+            if cfg.despecification and (bool(u[r] > floor) or r in dup):
+                s1[r] = min(max(cfg.c1 * float(u[r]), 0.0), s0 - 1.0)  # ddim.py l.293
+        for r in dup:  # ddim.py l.304: the adaptive c2 = (s0 - 1 - s1) / 0.3
+            cap = max(s0 - 1.0 - float(s1[r]), 0.0)
+            s2[r] = min(max(cap / DEDUP_FULL_AT * float(u[r]), 0.0), cap)
+        guided = eps_hat - s1.to(dev, eps_hat.dtype).view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
+        if dup:
+            captions = [self.records[r].dup_caption for r in dup]
+            unique = sorted(set(captions))
+            caption_table = self.encode(unique).to(self.core.device, self.core.dtype)
+            rows = torch.tensor(dup)
+            eps_caption = self.core.eps(latents, t, caption_table, rows, torch.tensor([unique.index(c) for c in captions]))
+            scale = s2[rows].to(dev, eps_hat.dtype).view(-1, 1, 1, 1)
+            guided[rows.to(dev)] = guided[rows.to(dev)] - scale * (eps_caption - eps_uncond[rows.to(dev)])
+        changed = (s1 > 0) | (s2 > 0)
+        candidates = (changed | (u > lam)).nonzero()[:, 0]
+        if not cfg.dissimilarity or cfg.c3 == 0:
+            candidates = candidates[:0]
+        if not len(candidates) and not bool(changed.any()):
+            return eps_hat  # nothing fired: the unguarded step, bit for bit
+        bounded, sim_fired = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+        if len(candidates):
+            sigma2, grad = self.similarity_gradient(latents, guided, t, candidates)
+            u2 = cfg.scale(sigma2.double())
+            fire2 = u2 > lam  # ddim.py l.318 / l.328: on the similarity after despecification and deduplication
+            rows, u2, grad = candidates[fire2], u2[fire2], grad[fire2.to(grad.device)]
+            if len(rows):
+                a = self.core.alphas_cumprod[t]
+                time_factor = math.exp((self.core.num_train_timesteps - t) / DISSIMILARITY_TIME)  # ddim.py l.319
+                weight = cfg.c3 * (u2 - DISSIMILARITY_BASE) * time_factor * cfg.scale.slope
+                term = weight.to(dev, torch.float32).view(-1, 1, 1, 1) * (1 - a).sqrt() * grad.to(dev)
+                rd = rows.to(dev)
+                limit = cfg.max_ratio * guided[rd].float().flatten(1).norm(dim=1)
+                norm = term.flatten(1).norm(dim=1)
+                cut = norm > limit
+                term = term * torch.where(cut, limit / norm.clamp_min(1e-12), torch.ones_like(norm)).view(-1, 1, 1, 1)
+                guided[rd] = guided[rd] + term.to(guided.dtype)
+                bounded[rows], sim_fired[rows] = cut.cpu(), True
+        for r, rec in enumerate(self.records):
+            terms = {"despecification": bool(s1[r] > 0), "deduplication": r in dup, "dissimilarity": bool(sim_fired[r])}
+            if any(terms.values()):
+                rec.steps.append(step)
+                for name, on in terms.items():
+                    rec.terms[name] += int(on)
+                rec.bounded_steps += int(bounded[r])
+        return guided
 
 
 # ---------------------------------------------------------------- Wen et al.
