@@ -106,7 +106,7 @@ def test_resume_from_incompatible_checkpoint(tmp_path, capsys, tiny_model, tiny_
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     err = run_fails(capsys, "train", str(recipe), "checkpoint.resume=latest", "model.lora.rank=4",
                     "train.max_steps=4")
-    assert "lora_rank=0" in err and "checkpoint-2" in err
+    assert "model.lora.rank 0 -> 4" in err and "checkpoint-2" in err
     err = run_fails(capsys, "train", str(recipe), f"checkpoint.resume={tmp_path / 'nowhere'}")
     assert "no such checkpoint directory" in err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
