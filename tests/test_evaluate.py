@@ -131,18 +131,25 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     gens = rep["generations"]
     assert [g["group"] for g in gens] == ["trigger"] * 4 + ["general"] * 8
     assert all("nearest_is_own_image" in g for g in gens[:4]) and not any("nearest_is_own_image" in g for g in gens[4:])
+    # the copy verdict: L2 to the nearest reference, calibrated on the 4 held-out rows (member 0) through the VAE
+    cal = rep["calibration"]
+    assert report["verdict"]["calibrated"] and cal["metric"] == "L2 to the nearest training image"
+    assert cal["n_heldout"] == 4 and cal["fpr_heldout"] == 0.0 and cal["n_positive"] == 10
+    assert report["verdict"]["criterion"] in (out / "report.md").read_text().split("## Trigger")[0]
     for group in ("trigger", "general"):
         rows = [g for g in gens if g["group"] == group]
         ratio = np.array([g["ratio"] for g in rows])
         s = rep["groups"][group]
         assert s["generations"] == len(rows)
-        assert s["fraction_replicated"] == np.mean(ratio < 1 / 3)
+        assert [g["score"] for g in rows] == [g["l2"] for g in rows]
+        assert s["fraction_replicated"] == np.mean([g["l2"] < cal["threshold"] for g in rows])
+        assert s["fraction_ratio_1_3"] == np.mean(ratio < 1 / 3)
         assert s["similarity_p95"] == pytest.approx(np.percentile(1 - ratio, 95))
         assert s["similarity_max"] == pytest.approx(np.max(1 - ratio))
     assert report["cost"]["generation"]["unet_evals"] == 6 * 2 * 2 * 2  # prompts x n x steps x (cond, uncond)
     # diagnostic: the ROC numbers again without the novel prompts whose generations replicate
     verified = trigger["without_replicating_negatives"]
-    replicating = {g["text"] for g in gens if g["group"] == "general" and g["ratio"] < 1 / 3}
+    replicating = {g["text"] for g in gens if g["group"] == "general" and g["l2"] < cal["threshold"]}
     keep = [p for p in prompts if not (p["label"] == 0 and p["text"] in replicating)]
     assert verified["excluded"] == sorted(replicating)
     assert verified["n_negative"] == sum(p["label"] == 0 for p in keep) > 0

@@ -55,7 +55,7 @@ def evaluate_markdown(report: dict) -> str:
             verified = trigger.get("without_replicating_negatives")
             if verified and verified["excluded"] and verified["detectors"]:
                 lines += ["", f"Diagnostic: {len(verified['excluded'])} of the {trigger['n_negative']} non-memorized "
-                          "prompts have a generation that replicates a training image (ratio < 1/3; listed in report.json "
+                          "prompts have a generation that replicates a training image (the copy verdict; listed in report.json "
                           "as `trigger.without_replicating_negatives`). Without them:", "",
                           "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
                 lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
