@@ -331,7 +331,8 @@ def write(path, text: str):
 
 @pytest.mark.parametrize("case", ["no_model_index", "missing_checkpoint", "missing_sscd", "missing_clip",
                                   "vision_only_clip", "empty", "bad_json", "no_text", "bad_label",
-                                  "no_negatives", "no_positives", "missing_image", "bad_detector"])
+                                  "no_negatives", "no_positives", "missing_image", "bad_detector",
+                                  "missing_heldout", "bad_fpr", "bad_groups", "sscd_criterion_without_sscd"])
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, tiny_model, tiny_data, case):
     out = tmp_path / "out"
     labels = tiny_data / "labels.jsonl"
@@ -374,6 +375,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, tiny_model
         expected = [str(prompts), "line 1", "none.png", "does not exist"]
     elif case == "bad_detector":
         extra, expected = ["--detectors", "noise,sail"], ["--detectors", "sail"]
+    elif case == "missing_heldout":
+        extra, expected = ["--heldout", tmp_path / "none"], ["--heldout", "not a directory"]
+    elif case == "bad_fpr":
+        extra, expected = ["--fpr", "1.5"], ["--fpr must be in (0, 1)"]
+    elif case == "bad_groups":
+        extra, expected = ["--groups", "trigger,novel"], ["--groups", "novel"]
+    elif case == "sscd_criterion_without_sscd":
+        extra, expected = ["--criterion", "sscd"], ["--criterion sscd", "--sscd"]
     err = run_fails(capsys, ckpt, "--prompts", prompts, "--out", out, *FAST, *extra)
     for text in expected:
         assert text in err, (text, err)
