@@ -71,6 +71,10 @@ def test_calibrated_verdict_flags_copies_in_a_family_world_and_holds_its_rate(to
     related_l2 = replication_metrics(vae_roundtrip(toy_pipe, related), references)["l2"].numpy()
     new_l2 = replication_metrics(vae_roundtrip(toy_pipe, new), references)["l2"].numpy()
     assert np.median(related_l2) < np.median(new_l2)
+    assert verdict["record"]["heldout_in_training"] == 0
+    # training images passed as held-out by mistake are counted (the report says to remove them)
+    mixed = replication_verdict(toy_pipe, references, train, torch.cat([calib, train[:5]]), fpr=0.02)
+    assert mixed["record"]["heldout_in_training"] == 5
     # and the calibrated threshold does not flag more fresh held-out images than the stated rate allows
     # (2% of 80, binomial slack of two standard deviations)
     fresh_l2 = replication_metrics(vae_roundtrip(toy_pipe, fresh), references)["l2"].numpy()

@@ -156,6 +156,9 @@ def _verdict_lines(report: dict) -> list[str]:
         head = (f"**Copy verdict: uncalibrated.** {v['criterion']}. Reason: {v['source']}; the held-out "
                 "false-positive rate of this criterion on your data is unknown.")
     lines = [head]
+    if v.get("heldout_in_training"):
+        lines.append(f"**{v['heldout_in_training']} held-out images are also training images** "
+                     "(pixel-equal): they pull the threshold to 0; remove them from the held-out set.")
     if v.get("calibrated") and 0 < v["heldout_images"] < 100 and v["calibration"].get("fpr_target"):
         lines.append(f"With {v['heldout_images']} held-out images the threshold is the closest one; a stated rate "
                      f"of {v['calibration']['fpr_target']:.0%} needs at least 100 to be resolved.")

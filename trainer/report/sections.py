@@ -34,6 +34,7 @@ from trainer.measure.replication import (
     L2_METRIC,
     SSCD_METRIC,
     calibrate_replication,
+    replication_metrics,
     replication_stats,
     unique_images,
     vae_roundtrip,
@@ -281,7 +282,8 @@ def replication_verdict(pipe, references: torch.Tensor, originals: torch.Tensor,
                                       batch_size)
         calibration = every[name]
         record.update(source="held-out images through the model's VAE vs the unique training images through it",
-                      heldout_images=len(heldout), alternatives={k: c.to_dict() for k, c in every.items()})
+                      heldout_images=len(heldout), alternatives={k: c.to_dict() for k, c in every.items()},
+                      heldout_in_training=int((replication_metrics(heldout, originals)["l2"] == 0).sum()))
     record.update(calibration=calibration.to_dict(), criterion=calibration.describe(),
                   calibrated=calibration.calibrated)
     return {"calibration": calibration, "record": record}
