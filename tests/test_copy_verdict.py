@@ -147,3 +147,27 @@ def test_heldout_rows_are_generated_and_judged(tmp_path, tiny_model, tiny_data):
     groups = [g["group"] for g in report["replication"]["generations"]]
     assert groups == ["trigger"] * 2 + ["heldout"] * 4
     assert "| heldout | 4 |" in (out / "report.md").read_text()
+
+
+def test_a_user_without_memorized_labels_gets_flagged_prompts(tmp_path, tiny_model, tiny_data):
+    """Known non-memorized prompts (label 0) beside unlabelled prompts to judge: the detector's threshold is
+    calibrated on the former, and the prompts above it are flagged."""
+    labels = [json.loads(line) for line in (tiny_data / "labels.jsonl").read_text().splitlines() if line.strip()]
+    rows = [{"text": r["text"], "label": 0} for r in labels if r["group"] == "novel"]
+    rows += [{"text": r["text"]} for r in labels if r["group"] in ("duplicated", "singleton")]
+    prompts = tmp_path / "judge.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--no-generate",
+                 *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    trigger = report["trigger"]
+    assert not trigger["labelled"] and trigger["n_prompts"] == len(rows)
+    d = trigger["detectors"]["noise"]
+    scores = np.array([p["scores"]["noise"] for p in trigger["prompts"]])
+    reference = scores[[p["label"] == 0 for p in trigger["prompts"]]]
+    assert d["calibration"]["n_heldout"] == 4 and d["calibration"]["threshold"] == reference.max()
+    assert d["flagged"] == np.flatnonzero(scores > reference.max()).tolist()
+    assert all(trigger["prompts"][i]["label"] is None for i in d["flagged"])
+    md = (out / "report.md").read_text()
+    assert "known non-memorized prompts (label 0) calibrate" in md and d["verdict"] in md

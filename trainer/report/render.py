@@ -61,12 +61,21 @@ def evaluate_markdown(report: dict) -> str:
                 lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
                           for k, v in verified["detectors"].items()]
         else:
-            lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`); "
-                      "the detectors are uncalibrated: no non-memorized prompts (label 0) to set a threshold on.", "",
-                      "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]
+            n_ref = sum(p["label"] == 0 for p in trigger["prompts"])
+            lines += [f"{trigger['n_prompts']} prompts without memorized labels (report.json, `trigger.prompts`): "
+                      + (f"the {n_ref} known non-memorized prompts (label 0) calibrate each detector's threshold, "
+                         "and the prompts above it are flagged." if n_ref else
+                         "scores only; the detectors are uncalibrated: no non-memorized prompts (label 0) to set a "
+                         "threshold on."), "",
+                      "| detector | mean score | UNet evals / prompt | threshold (calibrated) | flagged |", "|---|---|---|---|---|"]
             for name, d in trigger["detectors"].items():
                 mean = float(np.mean([p["scores"][name] for p in trigger["prompts"]]))
-                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} |")
+                cal = d.get("calibration") or {}
+                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} | "
+                             f"{_fmt(cal.get('threshold'), '.4g')} | {len(d.get('flagged', []))} of {trigger['n_prompts']} |")
+            lines += ["", *[f"- {d['verdict']}" for d in trigger["detectors"].values() if d.get("verdict")]]
+            if n_ref:
+                lines += _flagged_lines(trigger)
         lines += ["", _figure(report, "roc.png", "ROC"), ""]
     rep = report.get("replication") or {}
     if rep.get("groups"):

@@ -79,7 +79,7 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
     if not names:
         return result
     raw = detector_scores(pipe, [r.text for r in scored], names, seed, batch_size, progress)
-    labels = np.array([r.label for r in scored], dtype=float) if labelled else None
+    labels = np.array([np.nan if r.label is None else r.label for r in scored], dtype=float)
     for name, d in raw.items():
         scores = d["scores"]
         extras = [k for k in d if k not in ("scores", "unet_evals", "seconds")]
