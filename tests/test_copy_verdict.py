@@ -75,6 +75,11 @@ def test_calibrated_verdict_flags_copies_in_a_family_world_and_holds_its_rate(to
     # training images passed as held-out by mistake are counted (the report says to remove them)
     mixed = replication_verdict(toy_pipe, references, train, torch.cat([calib, train[:5]]), fpr=0.02)
     assert mixed["record"]["heldout_in_training"] == 5
+    # an earlier verdict is reused for the same VAE (even without held-out images), recalibrated for another
+    again = replication_verdict(toy_pipe, references, train, None, reuse=verdict["record"])
+    assert again["calibration"] == cal and again["record"]["reused"].startswith("the earlier report's")
+    other = replication_verdict(toy_pipe, references, train, calib, fpr=0.02, reuse={**verdict["record"], "vae": "x"})
+    assert other["record"]["reused"].startswith("not reused") and other["calibration"] == cal
     # and the calibrated threshold does not flag more fresh held-out images than the stated rate allows
     # (2% of 80, binomial slack of two standard deviations)
     fresh_l2 = replication_metrics(vae_roundtrip(toy_pipe, fresh), references)["l2"].numpy()

@@ -271,13 +271,11 @@ def replication_verdict(pipe, references: torch.Tensor, originals: torch.Tensor,
                       reused="the earlier report's calibration (the same VAE weights)")
     elif reuse is not None:
         record["reused"] = "not reused: the VAE differs from the earlier report's, recalibrated"
-    if calibration is not None:
-        pass
-    elif heldout is None or len(heldout) == 0:
+    if calibration is None and (heldout is None or len(heldout) == 0):
         calibration = GU_RATIO
         record.update(source="no held-out images (--heldout DIR, or prompt rows with member 0 / group heldout)",
                       heldout_images=0)
-    else:
+    elif calibration is None:
         every = calibrate_replication(vae_roundtrip(pipe, heldout), references, originals, fpr, sscd_model,
                                       batch_size)
         calibration = every[name]
