@@ -60,12 +60,19 @@ def main() -> None:
     refs = vae_roundtrip(pipe, unique)
     held, _ = load_image_dir(data / "heldout")
     held_vae = vae_roundtrip(pipe, held)
-    gens = generate_images(pipe, [r["text"] for r in rows], n=args.n, seed=args.seed, guidance_scale=args.guidance_scale)
+    saved = out / "generations.npy"  # uint8 [G, 3, H, W]: a rerun with the same settings measures again
+    if saved.exists() and np.load(saved).shape[0] == len(rows) * args.n:
+        gens = torch.from_numpy(np.load(saved)).float() / 255
+    else:
+        gens = generate_images(pipe, [r["text"] for r in rows], n=args.n, seed=args.seed,
+                               guidance_scale=args.guidance_scale)
+        gens = (gens * 255).round() / 255
+        np.save(saved, (gens * 255).round().to(torch.uint8).numpy())
 
     m = replication_metrics(gens, refs)
     h = replication_metrics(held_vae, refs)
     h_pix = replication_metrics(held, unique)  # the pixel images, without the VAE
-    keys = ("l2", "l2_second", "ratio", "nn_index")
+    keys = ("l2", "l2_second", "ratio", "nn_index", "tiled_l2", "nl2")
     generations = []
     for i in range(len(gens)):
         r = rows[i // args.n]
@@ -81,10 +88,13 @@ def main() -> None:
 
     cal_l2 = calibrate(h["l2"].numpy(), "NN1 L2", higher_is_copy=False, fpr=args.fpr)
     cal_ratio = calibrate(h["ratio"].numpy(), "NN1/NN2 ratio", higher_is_copy=False, fpr=args.fpr)
+    cal_tiled = calibrate(h["tiled_l2"].numpy(), "tiled L2", higher_is_copy=False, fpr=args.fpr)
     criteria = {"ratio < 1/3 (Gu)": lambda g: g["ratio"] < 1 / 3,
                 "ratio < 0.5 (demo)": lambda g: g["ratio"] < 0.5,
                 f"L2 < {cal_l2.threshold:.4f} (held-out {args.fpr:.0%})": lambda g: g["l2"] < cal_l2.threshold,
-                f"ratio < {cal_ratio.threshold:.3f} (held-out {args.fpr:.0%})": lambda g: g["ratio"] < cal_ratio.threshold}
+                f"ratio < {cal_ratio.threshold:.3f} (held-out {args.fpr:.0%})": lambda g: g["ratio"] < cal_ratio.threshold,
+                f"tiled L2 < {cal_tiled.threshold:.4f} (held-out {args.fpr:.0%})":
+                    lambda g: g["tiled_l2"] < cal_tiled.threshold}
     table = {}
     for group in GROUPS:
         gs = [g for g in generations if g["group"] == group]
@@ -93,24 +103,28 @@ def main() -> None:
         table[group] = {"generations": len(gs), **{name: float(np.mean([f(g) for g in gs])) for name, f in criteria.items()},
                         "nearest is own image": float(np.mean([g["nearest_is_source"] for g in gs])),
                         "nearest is duplicated": float(np.mean([g["nearest_group"] == "duplicated" for g in gs])),
-                        "L2 quantiles": _q([g["l2"] for g in gs]), "ratio quantiles": _q([g["ratio"] for g in gs])}
+                        "L2 quantiles": _q([g["l2"] for g in gs]), "ratio quantiles": _q([g["ratio"] for g in gs]),
+                        "tiled L2 quantiles": _q([g["tiled_l2"] for g in gs])}
     held_row = {"images": len(held), **{name: float(np.mean([f(x) for x in heldout])) for name, f in criteria.items()},
-                "L2 quantiles": _q(h["l2"]), "ratio quantiles": _q(h["ratio"]),
+                "L2 quantiles": _q(h["l2"]), "ratio quantiles": _q(h["ratio"]), "tiled L2 quantiles": _q(h["tiled_l2"]),
                 "pixel L2 quantiles": _q(h_pix["l2"]), "pixel ratio quantiles": _q(h_pix["ratio"])}
     result = {"pipeline": args.pipeline, "data": str(data), "n": args.n, "guidance_scale": args.guidance_scale,
-              "calibration": {"l2": cal_l2.to_dict(), "ratio": cal_ratio.to_dict()}, "groups": table,
+              "calibration": {"l2": cal_l2.to_dict(), "ratio": cal_ratio.to_dict(),
+                                                               "tiled_l2": cal_tiled.to_dict()}, "groups": table,
               "heldout_images_vae": held_row, "generations": generations, "heldout": heldout}
     (out / "measure.json").write_text(json.dumps(result, indent=1))
 
     names_ = list(criteria)
     lines = ["| generations of | n | " + " | ".join(names_) + " | NN1 is own image | NN1 L2 min / 5% / median / 95% / max "
-             "| ratio min / 5% / median / 95% / max |", "|" + "---|" * (len(names_) + 5)]
+             "| ratio min / 5% / median / 95% / max | tiled L2 min / 5% / median / 95% / max |",
+             "|" + "---|" * (len(names_) + 6)]
     for group, t in [*table.items(), ("held-out images (VAE), not generated", held_row)]:
         n = t.get("generations", t.get("images"))
         own = f"{t['nearest is own image']:.0%}" if "nearest is own image" in t else "-"
         lines.append(f"| {group} | {n} | " + " | ".join(f"{t[c]:.1%}" for c in names_) + f" | {own} | "
                      + " / ".join(f"{v:.3f}" for v in t["L2 quantiles"]) + " | "
-                     + " / ".join(f"{v:.2f}" for v in t["ratio quantiles"]) + " |")
+                     + " / ".join(f"{v:.2f}" for v in t["ratio quantiles"]) + " | "
+                     + " / ".join(f"{v:.3f}" for v in t["tiled L2 quantiles"]) + " |")
     (out / "measure.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -118,13 +132,13 @@ def main() -> None:
         idx = [i for i, g in enumerate(generations) if g["group"] == group]
         if idx:
             idx = sorted(idx, key=lambda i: generations[i]["l2"])
-            titles = [f"{generations[i]['l2']:.3f} r={generations[i]['ratio']:.2f} "
+            titles = [f"{generations[i]['l2']:.3f} r={generations[i]['ratio']:.2f} t={generations[i]['tiled_l2']:.2f} "
                       f"{'own' if generations[i]['nearest_is_source'] else generations[i]['nearest_group'][:4]}"
                       for i in idx]
             save_replication_grid(out / f"{group}.png", gens[idx], refs[m["nn_index"][idx]], titles, ncols=8)
     order = np.argsort(h["l2"].numpy())
     save_replication_grid(out / "heldout_images.png", held_vae[order], refs[h["nn_index"][order]],
-                          [f"{h['l2'][i]:.3f} r={h['ratio'][i]:.2f}" for i in order], ncols=8)
+                          [f"{h['l2'][i]:.3f} r={h['ratio'][i]:.2f} t={h['tiled_l2'][i]:.2f}" for i in order], ncols=8)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,4 @@ def test_cli_world_option(tmp_path, capsys):
     with pytest.raises(MemtrainError, match="cannot cut"):
         families.make_families_data(tmp_path / "y", families.FamiliesConfig(n_families=1, n_singletons=400))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
