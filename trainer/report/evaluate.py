@@ -370,6 +370,11 @@ def flat_summary(report: dict) -> dict[str, float]:
         for k, v in s.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 flat[f"replication/{group}/{k}"] = v
+    verdict = report.get("verdict", {}).get("calibration")
+    if verdict:
+        flat["replication/verdict/threshold"] = verdict["threshold"]
+        flat["replication/verdict/fpr_heldout"] = verdict["fpr_heldout"]
+        flat["replication/verdict/recall"] = verdict["recall"]
     for name, s in report.get("membership", {}).get("scores", {}).items():
         flat[f"membership/{name}/auroc"] = s["auroc"]
         flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
