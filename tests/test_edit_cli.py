@@ -156,7 +156,14 @@ def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
     named_change = rms(generate_images(edited, [MEMORIZED], seed=0, **kw), generate_images(source, [MEMORIZED], seed=0, **kw))
     assert 0 < change["max"] < float(seed_spread.min()), (general_change, seed_spread)
     assert change["max"] < float(named_change), (general_change, named_change)
+    # one copy verdict before and after: the before report's calibration, reused (the edit leaves the VAE alone)
+    verdicts = {side: json.loads((out / f"eval_{side}" / "report.json").read_text())["verdict"]
+                for side in ("before", "after")}
+    assert verdicts["before"]["calibrated"] and verdicts["before"]["calibration"] == verdicts["after"]["calibration"]
+    assert verdicts["after"]["reused"].startswith("the earlier report's calibration")
+    assert verdicts["before"]["vae"] == verdicts["after"]["vae"]
     md = (out / "edit.md").read_text()
+    assert verdicts["before"]["criterion"] in "\n".join(md.splitlines()[:8])
     assert "| replication named: fraction_replicated |" in md and "General prompts' generations" in md
     assert (out / "wandb").is_dir()  # the offline W&B run went into OUT
 

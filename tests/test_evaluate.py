@@ -131,18 +131,25 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     gens = rep["generations"]
     assert [g["group"] for g in gens] == ["trigger"] * 4 + ["general"] * 8
     assert all("nearest_is_own_image" in g for g in gens[:4]) and not any("nearest_is_own_image" in g for g in gens[4:])
+    # the copy verdict: L2 to the nearest reference, calibrated on the 4 held-out rows (member 0) through the VAE
+    cal = rep["calibration"]
+    assert report["verdict"]["calibrated"] and cal["metric"] == "L2 to the nearest training image"
+    assert cal["n_heldout"] == 4 and cal["fpr_heldout"] == 0.0 and cal["n_positive"] == 10
+    assert report["verdict"]["criterion"] in (out / "report.md").read_text().split("## Trigger")[0]
     for group in ("trigger", "general"):
         rows = [g for g in gens if g["group"] == group]
         ratio = np.array([g["ratio"] for g in rows])
         s = rep["groups"][group]
         assert s["generations"] == len(rows)
-        assert s["fraction_replicated"] == np.mean(ratio < 1 / 3)
+        assert [g["score"] for g in rows] == [g["l2"] for g in rows]
+        assert s["fraction_replicated"] == np.mean([g["l2"] < cal["threshold"] for g in rows])
+        assert s["fraction_ratio_1_3"] == np.mean(ratio < 1 / 3)
         assert s["similarity_p95"] == pytest.approx(np.percentile(1 - ratio, 95))
         assert s["similarity_max"] == pytest.approx(np.max(1 - ratio))
     assert report["cost"]["generation"]["unet_evals"] == 6 * 2 * 2 * 2  # prompts x n x steps x (cond, uncond)
     # diagnostic: the ROC numbers again without the novel prompts whose generations replicate
     verified = trigger["without_replicating_negatives"]
-    replicating = {g["text"] for g in gens if g["group"] == "general" and g["ratio"] < 1 / 3}
+    replicating = {g["text"] for g in gens if g["group"] == "general" and g["l2"] < cal["threshold"]}
     keep = [p for p in prompts if not (p["label"] == 0 and p["text"] in replicating)]
     assert verified["excluded"] == sorted(replicating)
     assert verified["n_negative"] == sum(p["label"] == 0 for p in keep) > 0
@@ -324,7 +331,8 @@ def write(path, text: str):
 
 @pytest.mark.parametrize("case", ["no_model_index", "missing_checkpoint", "missing_sscd", "missing_clip",
                                   "vision_only_clip", "empty", "bad_json", "no_text", "bad_label",
-                                  "no_negatives", "no_positives", "missing_image", "bad_detector"])
+                                  "no_negatives", "no_positives", "missing_image", "bad_detector",
+                                  "missing_heldout", "bad_fpr", "bad_groups", "sscd_criterion_without_sscd"])
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, tiny_model, tiny_data, case):
     out = tmp_path / "out"
     labels = tiny_data / "labels.jsonl"
@@ -367,6 +375,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, capsys, tiny_model
         expected = [str(prompts), "line 1", "none.png", "does not exist"]
     elif case == "bad_detector":
         extra, expected = ["--detectors", "noise,sail"], ["--detectors", "sail"]
+    elif case == "missing_heldout":
+        extra, expected = ["--heldout", tmp_path / "none"], ["--heldout", "not a directory"]
+    elif case == "bad_fpr":
+        extra, expected = ["--fpr", "1.5"], ["--fpr must be in (0, 1)"]
+    elif case == "bad_groups":
+        extra, expected = ["--groups", "trigger,novel"], ["--groups", "novel"]
+    elif case == "sscd_criterion_without_sscd":
+        extra, expected = ["--criterion", "sscd"], ["--criterion sscd", "--sscd"]
     err = run_fails(capsys, ckpt, "--prompts", prompts, "--out", out, *FAST, *extra)
     for text in expected:
         assert text in err, (text, err)

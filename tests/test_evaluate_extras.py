@@ -45,6 +45,7 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
 
     # re-trigger test: the 2 duplicated (label 1) prompts, both attackers (their rows have file_name)
     attack = report["attack"]
+    assert attack["criterion"] == report["verdict"]["criterion"]  # copies under attack: the report's verdict
     assert attack["prompts"] == 2 and [r["eps"] for r in attack["rows"]] == [0.1, 0.2]
     for row in attack["rows"]:
         assert 0 <= row["plain"] <= 1
@@ -81,6 +82,7 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
     # guarded sampling with no despecification nor dissimilarity (and no caption > 20 times): AMG never
     # changes a step, the outputs are the unguarded ones
     guard = report["guard"]
+    assert report["verdict"]["criterion"] in guard["criteria"]["fraction_replicated"]
     assert guard["guard"] == "amg" and guard["generations"] == len(texts) and set(guard["groups"]) == {"trigger",
                                                                                                       "general"}
     assert guard["guarded"]["seconds_per_image"] > 0 and guard["guarded"]["unet_evals_per_image"] >= 2 * 3

@@ -76,9 +76,13 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
 
 
 def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
-    """True when the prompts carry labels; a MemtrainError naming the file when one class is missing."""
+    """True when the prompts carry labels of both classes; a MemtrainError naming the file when one class is
+    missing. A file whose only labels are 0 (known non-memorized prompts) beside unlabelled prompts to judge
+    is unlabelled (False): the label-0 prompts then calibrate the detectors' thresholds."""
     labels = [r.label for r in rows if r.label is not None]
     if not labels:
+        return False
+    if not any(labels) and any(r.label is None and r.member is None for r in rows):
         return False
     missing = "negatives (label 0 / group novel)" if all(labels) else (
         "positives (label 1 / group duplicated)" if not any(labels) else None)

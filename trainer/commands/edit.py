@@ -37,6 +37,7 @@ from trainer.edit.save import (
 from trainer.edit.uce import LAYERS, LORA_TOL, uce_edit, uce_lora
 from trainer.edit.unlearn import unlearn
 from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.measure.calibration import DEFAULT_FPR
 from trainer.prompts import read_labelled_prompts, read_prompts
 from trainer.report.edit import evaluate_edit, flat_numbers
 from trainer.report.eval_cache import default_root, evaluation_key, lookup, read_entry, store
@@ -70,6 +71,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "file's directory)")
     p.add_argument("--train-data", help="with --evaluate: the training set replication is measured against "
                    "(imagefolder or datasets path; default: the member images of the prompt file)")
+    p.add_argument("--heldout", help="with --evaluate: images never trained on (imagefolder) that calibrate the copy "
+                   "verdict (member-0 rows of the prompt file count too); see `memtrain evaluate --help`")
+    p.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="with --evaluate: false-positive rate of the "
+                   f"calibrated thresholds (default {DEFAULT_FPR:g})")
     p.add_argument("--eval-n", type=int, default=2, help="with --evaluate: generations per prompt (default 2)")
     p.add_argument("--eval-steps", type=int, default=50, help="with --evaluate: DDIM steps of the generations")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="with --evaluate: generation guidance")
@@ -201,8 +206,12 @@ def check_args(args: argparse.Namespace) -> dict:
         parse_detectors(args.eval_detectors)
         if args.data is not None and not Path(args.data).is_dir():
             raise MemtrainError(f"--data {args.data}: not a directory")
-    elif args.data is not None:
-        raise MemtrainError("--data is only used with --evaluate PROMPTS")
+        if args.heldout is not None and not Path(args.heldout).is_dir():
+            raise MemtrainError(f"--heldout {args.heldout}: not a directory (an imagefolder of images never trained on)")
+        if not 0 < args.fpr < 1:
+            raise MemtrainError(f"--fpr must be in (0, 1), got {args.fpr}")
+    elif args.data is not None or args.heldout is not None:
+        raise MemtrainError("--data and --heldout are only used with --evaluate PROMPTS")
     check_checkpoint(args.checkpoint)
     if args.lora is not None and not Path(args.lora).exists():
         raise MemtrainError(f"--lora {args.lora}: no such file or directory")
@@ -278,10 +287,11 @@ def cached_before(args: argparse.Namespace, eval_kw: dict) -> tuple[Path | None,
     root = Path(args.eval_cache) if args.eval_cache else default_root()
     key = None
     if is_main_process():
-        settings = {k: v for k, v in eval_kw.items() if k not in ("device", "progress", "data", "train_data", "clip")}
+        settings = {k: v for k, v in eval_kw.items()
+                    if k not in ("device", "progress", "data", "train_data", "clip", "heldout")}
         settings["device"] = str(args.device or process_device())
         key = evaluation_key(args.checkpoint, args.lora, args.evaluate, args.data or Path(args.evaluate).parent,
-                             {"train_data": args.train_data, "clip": args.clip}, settings)
+                             {"train_data": args.train_data, "clip": args.clip, "heldout": args.heldout}, settings)
     key = main_process_value(key)
     return root, key, main_process_value(lookup(root, key) if is_main_process() else None)
 
@@ -299,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     eval_kw = dict(n=args.eval_n, batch_size=args.batch_size, seed=args.seed, data=args.data,
                    train_data=args.train_data, clip=args.clip, steps=args.eval_steps,
                    guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
-                   progress=progress)
+                   progress=progress, heldout=args.heldout, fpr=args.fpr)
     cache_root, cache_key, entry = cached_before(args, eval_kw)
     general_before = None
     if entry is not None:

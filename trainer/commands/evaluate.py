@@ -10,6 +10,7 @@ from trainer.commands.guard_options import add_guard_arguments, guard_options
 from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
 from trainer.io import check_output
+from trainer.measure.calibration import DEFAULT_FPR
 from trainer.report.evaluate import evaluate, flat_summary
 
 
@@ -43,6 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
     p.add_argument("--detectors", default=",".join(DETECTORS),
                    help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = membership)")
+    c = p.add_argument_group("copy verdict and generation groups")
+    c.add_argument("--heldout", help="imagefolder (or datasets directory) of images never trained on: calibrates the "
+                   "copy verdict at --fpr false positives on them (member-0 / group heldout rows of the prompt file "
+                   "count too); without any, Gu et al.'s ratio < 1/3, reported as uncalibrated")
+    c.add_argument("--fpr", type=float, default=DEFAULT_FPR,
+                   help=f"false-positive rate of every calibrated threshold: the copy verdict on held-out images, "
+                   f"the detectors' on non-memorized prompts (default {DEFAULT_FPR:g})")
+    c.add_argument("--criterion", default="auto", choices=("auto", "l2", "ratio", "sscd"),
+                   help="the copy verdict's score: l2 (to the nearest training image), ratio (NN1/NN2, Gu et al.), "
+                   "sscd (needs --sscd); auto = sscd with --sscd, else l2")
+    c.add_argument("--groups", default="trigger,general",
+                   help="prompt rows to generate from: trigger (label 1), general (label 0), member (other training "
+                   "members, e.g. toy singletons), heldout (member 0: the verdict's false-positive rate on "
+                   "generations); default trigger,general")
     p.add_argument("--device", help="torch device (default: this process's accelerator under accelerate launch, else cuda if "
                    "available, else cpu)")
     x = p.add_argument_group("re-trigger test, training-image index")
@@ -65,7 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     options = guard_options(args, index_has_other_use=True)  # --index also serves replication
     check_output(args.out, "evaluate", {"CHECKPOINT": args.checkpoint, "--train-data": args.train_data,
-                                        "--data": args.data, "--index": args.index, **read_paths(args)})
+                                        "--data": args.data, "--index": args.index, "--heldout": args.heldout,
+                                        **read_paths(args)})
     report = evaluate(args.checkpoint, args.prompts, memorized=args.memorized, not_memorized=args.not_memorized,
                       train_data=args.train_data, out=args.out, lora=args.lora, n=args.n,
                       batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
@@ -73,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
                       guidance_scale=args.guidance_scale, device=args.device, attack=args.attack,
                       attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
                       index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
-                      guard_options=options)
+                      guard_options=options, heldout=args.heldout, fpr=args.fpr, criterion=args.criterion,
+                      groups=args.groups)
     if is_main_process():
         print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0

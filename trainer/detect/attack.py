@@ -23,7 +23,8 @@ from trainer.core.unet_core import (
     prompt_list,
 )
 from trainer.io import MemtrainError
-from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics
+from trainer.measure.calibration import Calibration
+from trainer.measure.replication import GU_RATIO, RATIO_THRESHOLD, replication_metrics, verdict_scores
 from trainer.sample.generate import generate_images
 
 ATTACKERS = ("noise", "image")
@@ -244,12 +245,15 @@ def generate_from_embeddings(
     return images if output_type == "latent" else images.clamp(0, 1)
 
 
-def _replication(generated: torch.Tensor, references: torch.Tensor, n_prompts: int) -> dict:
+def _replication(generated: torch.Tensor, references: torch.Tensor, n_prompts: int,
+                 calibration: Calibration = GU_RATIO, sscd_model=None, batch_size: int = 32) -> dict:
     m = replication_metrics(generated, references)
-    flags = m["ratio_memorized"].float().cpu()
+    scores = verdict_scores(generated, references, calibration, sscd_model, batch_size)
+    flags = torch.from_numpy(calibration.flags(scores)).float()
     return {
         "replication": float(flags.mean()),
         "mean_l2": float(m["l2"].mean()),
+        "ratio_1_3": float(m["ratio_memorized"].float().mean()),
         "per_prompt": flags.view(n_prompts, -1).mean(1).tolist(),
     }
 
@@ -268,13 +272,16 @@ def attack_section(
     sample_steps: int = 50,
     guidance_scale: float = 7.5,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    calibration: Calibration = GU_RATIO,
+    sscd_model=None,
 ) -> dict:
     """The report's re-trigger section (JSON-serialisable): replication at each eps of the plain prompt
     and of both attackers, plus UNet evals and seconds per attacker.
 
     `images` [P, 3, H, W]: each prompt's memorized training image (None skips the "image" attacker);
-    `references`: the deduplicated training images replication is measured against (Gu et al.'s
-    NN1/NN2 ratio < 1/3 per generation). Replication of the plain prompt does not depend on eps
+    `references`: the deduplicated training images replication is measured against, by the report's copy
+    verdict `calibration` (default Gu et al.'s NN1/NN2 ratio < 1/3; `sscd_model` for an SSCD verdict;
+    `trainer.measure.replication.verdict_scores`). Replication of the plain prompt does not depend on eps
     and is measured once. `steps` is the attack budget, `sample_steps` the DDIM steps of the
     generations (n per prompt, seeds seed + j as `memtrain generate`).
     """
@@ -285,7 +292,7 @@ def attack_section(
     if images is not None:
         _check_images(images, len(prompts))
     plain = generate_images(pipe, prompts, n, seed, sample_steps, guidance_scale, batch_size, progress=False)
-    plain_row = _replication(plain, references, len(prompts))
+    plain_row = _replication(plain, references, len(prompts), calibration, sscd_model, batch_size)
     totals = {a: {"unet_evals": 0, "seconds": 0.0} for a in ATTACKERS}
     rows = []
     for eps in eps_values:
@@ -299,7 +306,7 @@ def attack_section(
             gen = generate_from_embeddings(pipe, res["embeddings"], n, seed, sample_steps, guidance_scale,
                                            batch_size)
             row[attacker] = {
-                **_replication(gen, references, len(prompts)),
+                **_replication(gen, references, len(prompts), calibration, sscd_model, batch_size),
                 "objective_before": float(res["objective_before"].mean()),
                 "objective_after": float(res["objective_after"].mean()),
                 "max_delta_norm_ratio": float(res["delta_norm_ratio"].max()),
@@ -317,6 +324,8 @@ def attack_section(
         "steps": steps,
         "n_noise": n_noise,
         "ratio_threshold": RATIO_THRESHOLD,
+        "criterion": calibration.describe(),
+        "calibration": calibration.to_dict(),
         "plain": plain_row,
         "rows": rows,
         "attackers": totals,

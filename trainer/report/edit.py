@@ -68,8 +68,9 @@ def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, sour
                   general: list[str], general_before: torch.Tensor | None, gen_kw: dict, eval_kw: dict,
                   cached: Path | None = None) -> dict:
     """`memtrain evaluate` on the source and the edited result (into edited/eval_before, eval_after), side by
-    side, plus the mean L2 change of the general prompts' generations at the same seeds. `cached`: an entry of
-    `report.eval_cache` holding the source's evaluation, copied instead of recomputed. Under `accelerate launch`
+    side, both judged by the before report's copy verdict (reused when the VAE is unchanged), plus the mean L2
+    change of the general prompts' generations at the same seeds. `cached`: an entry of `report.eval_cache`
+    holding the source's evaluation, copied instead of recomputed. Under `accelerate launch`
     every process calls it (`evaluate` and `gen_kw["across_processes"]` share the work); the main one writes."""
     t0 = time.perf_counter()
     if cached is not None:
@@ -77,12 +78,16 @@ def evaluate_edit(source: Path, edited: Path, prompts: str, memorized: str, sour
     else:
         before = evaluate(source, prompts, out=edited / "eval_before", lora=source_lora, **eval_kw)
     after_ckpt, after_lora = (source, edited / LORA_FILE) if lora_out else (edited, None)
-    after = evaluate(after_ckpt, prompts, out=edited / "eval_after", lora=after_lora, **eval_kw)
+    # one copy verdict for both sides: the before report's calibration, reused when the VAE is unchanged
+    after = evaluate(after_ckpt, prompts, out=edited / "eval_after", lora=after_lora, calibration=before.get("verdict"),
+                     **eval_kw)
     named = set(read_prompts_texts(memorized))
     result = {"prompts": prompts, "before": eval_summary(before, named), "after": eval_summary(after, named),
               "files": ["eval_before/report.md", "eval_after/report.md"],
               "named_in_prompts": sum(r.label == 1 and r.text in named for r in read_labelled_prompts(prompts)),
-              "notes": sorted(set(before.get("notes", []) + after.get("notes", [])))}
+              "notes": sorted(set(before.get("notes", []) + after.get("notes", []))),
+              "verdict": {side: {k: r["verdict"].get(k) for k in ("criterion", "calibrated", "reused")}
+                          for side, r in (("before", before), ("after", after)) if "verdict" in r}}
     if cached is not None:
         result["before_cache"] = {"reused": True, "entry": str(cached)}
     if general:

@@ -24,6 +24,7 @@ from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
+from trainer.measure.calibration import DEFAULT_FPR, Calibration
 from trainer.measure.features import (
     choose_quality_feature,
     clip_quality_feature,
@@ -33,6 +34,7 @@ from trainer.measure.features import (
 )
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
+from trainer.measure.replication import verdict_key
 from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
 from trainer.report.guard_sections import (
     DEFAULT_ATTACK_EPS,
@@ -49,8 +51,11 @@ from trainer.report.sections import (
     CLID_FOLDS,
     captions_of,
     general_scenario,
+    generation_rows,
+    heldout_images,
     membership_by_group,
     membership_scenario,
+    parse_groups,
     replication_section,
     trigger_scenario,
     without_replicating_negatives,
@@ -93,7 +98,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
              not_memorized: str | Path | None = None, progress: bool = True, attack: bool = False,
              attack_eps: str | Sequence[float] = DEFAULT_ATTACK_EPS, attack_steps: int = 20,
              index: str | Path | None = None, index_model: str | Path | None = None,
-             index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None) -> dict:
+             index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None,
+             heldout: str | Path | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
+             groups: str | Sequence[str] = ("trigger", "general"), calibration: dict | None = None) -> dict:
     """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
 
     Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
@@ -105,6 +112,13 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
     side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`.
 
+    The copy verdict (`trainer.report.sections.replication_verdict`) is calibrated at `fpr` false positives on
+    held-out images (`heldout`: a directory of never-trained images, plus the member-0 rows of the prompt
+    file) by `criterion` (auto: SSCD with `sscd`, else L2); `calibration` (an earlier report's `verdict`)
+    is reused instead when the model's VAE has the same weights (`sections.replication_verdict`). `groups`: which rows to generate
+    from (trigger, general, member, heldout; `sections.generation_rows`). Detectors' thresholds are
+    calibrated at `fpr` on the non-memorized prompts.
+
     Under `accelerate launch` every process runs this call: detectors, CLiD and the generations (stock and
     guarded) are shared out by whole batches (`trainer.core.distributed`), each process on its own device
     unless `device` is given; the rest is recomputed on every process; only the main process writes.
@@ -115,9 +129,18 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     detectors = parse_detectors(detectors)
+    groups = parse_groups(groups)
+    if not 0 < fpr < 1:
+        raise MemtrainError(f"--fpr must be in (0, 1), got {fpr}")
+    if criterion not in ("auto", "l2", "ratio", "sscd") or (criterion == "sscd" and sscd is None):
+        raise MemtrainError(f"--criterion {criterion}: choose auto, l2, ratio or sscd (sscd needs --sscd MODEL)")
+    if calibration is not None:
+        Calibration.from_dict(calibration.get("calibration", {}), "the reused copy verdict")
+    if heldout is not None and not Path(heldout).is_dir():
+        raise MemtrainError(f"--heldout {heldout}: not a directory (an imagefolder of images never trained on)")
     inputs = {"CHECKPOINT": checkpoint, "--prompts": prompts, "--memorized": memorized,
               "--not-memorized": not_memorized, "--lora": lora, "--train-data": train_data, "--data": data,
-              "--sscd": sscd, "--clip": clip, "--index": index, "--index-model": index_model}
+              "--sscd": sscd, "--clip": clip, "--index": index, "--index-model": index_model, "--heldout": heldout}
     check_replaceable(out, "evaluate", inputs)
     if (prompts is None) == (memorized is None):
         raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
@@ -175,7 +198,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
               "attack": attack, "attack_eps": attack_eps, "attack_steps": attack_steps if attack else None,
               "index": str(index) if index else None, "index_model": str(index_model) if index_model else None,
               "index_threshold": index_threshold,
-              "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard}
+              "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard,
+              "heldout": str(heldout) if heldout else None, "fpr": fpr, "criterion": criterion, "groups": groups}
     report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
                     "config": config, "label_mapping": LABEL_MAPPING, "roc_convention": ROC_CONVENTION,
                     "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
@@ -193,7 +217,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
             # 1. trigger scenario: detectors
             stages.set_postfix_str("detectors")
             t0 = time.perf_counter()
-            trigger = trigger_scenario(pipe, rows, detectors, prompts, seed, batch_size, progress)
+            trigger = trigger_scenario(pipe, rows, detectors, prompts, seed, batch_size, progress, fpr)
             report["trigger"] = trigger
             cost["detectors"] = {"seconds": round(time.perf_counter() - t0, 2),
                                  "unet_evals": sum(d["unet_evals"] for d in trigger["detectors"].values())}
@@ -201,9 +225,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
 
             # 2. generation and replication
             stages.set_postfix_str("generate")
-            gen_rows = ([r for r in rows if r.label is not None] if labelled else list(rows)) if generate else []
-            scenario = {1: "trigger", 0: "general"}
-            gen_groups = [scenario[r.label] if labelled else "all" for r in gen_rows for _ in range(n)]
+            picked = generation_rows(rows, groups, labelled) if generate else []
+            gen_rows = [r for r, _ in picked]
+            gen_groups = [g for _, g in picked for _ in range(n)]
             generated = None
             if gen_rows:
                 t0 = time.perf_counter()
@@ -219,10 +243,12 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
             stages.update()
 
             stages.set_postfix_str("replication")
+            heldout_set, heldout_from = heldout_images(heldout, rows, data, prompts, resolution, progress)
             if generated is not None:
                 t0 = time.perf_counter()
                 rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, train_data,
-                                                resolution, sscd_model, batch_size, progress)
+                                                resolution, sscd_model, batch_size, progress, heldout_set, fpr,
+                                                criterion, calibration)
                 if rep is None:
                     notes.append(note + ("; replication from --index only" if training_index is not None else ""))
                 if training_index is not None:
@@ -232,6 +258,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                     rep["index"]["path"] = str(index)
                 if rep is not None:
                     report["replication"] = rep
+                    if "verdict" in rep:
+                        rep["verdict"]["heldout_from"] = heldout_from
+                        report["verdict"] = rep["verdict"]
                     if "_references" in rep:
                         references = rep.pop("_references")
                         verified = without_replicating_negatives(report.get("trigger", {}), rep)
@@ -268,12 +297,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
             stages.set_postfix_str("quality")
             if generated is not None:
                 t0 = time.perf_counter()
-                heldout_rows = [r for r in rows if r.member == 0]
-                heldout = load_images([data / r.file_name for r in heldout_rows],
-                                      [f"{prompts}, line {r.line} ({r.file_name})" for r in heldout_rows],
-                                      resolution, "held-out images", progress) if heldout_rows else None
-                if heldout is None:
-                    notes.append("KID skipped: the prompt file has no held-out images (member 0 / group heldout)")
+                if heldout_set is None:
+                    notes.append("KID skipped: no held-out images (--heldout DIR, or member 0 / group heldout rows)")
                 captions = captions_of(gen_rows, n)
                 feature = (clip_quality_feature(clip_scorer, batch_size) if clip_scorer is not None
                            else choose_quality_feature(captions))
@@ -281,14 +306,15 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 for group in dict.fromkeys(gen_groups):
                     idx = [i for i, g in enumerate(gen_groups) if g == group]
                     quality["groups"][group] = general_scenario(
-                        generated[idx], [captions[i] for i in idx], heldout, clip_scorer, batch_size, feature)
-                if heldout is not None and "replicated" in figures and len(heldout) >= 2:
+                        generated[idx], [captions[i] for i in idx], heldout_set, clip_scorer, batch_size, feature)
+                if heldout_set is not None and "replicated" in figures and len(heldout_set) >= 2:
                     quality["kid_reference"] = kid(feature.features(figures["replicated"][1]),
-                                                   feature.features(heldout))
+                                                   feature.features(heldout_set))
                 report["quality"] = quality
                 cost["quality"] = {"seconds": round(time.perf_counter() - t0, 2)}
             stages.update()
             references = figures["replicated"][1] if "replicated" in figures else None
+            verdict = Calibration.from_dict(report["verdict"]["calibration"]) if "verdict" in report else None
 
             # 5. the re-trigger test of the memorized prompts (Kowalczuk et al. 2025)
             if attack:
@@ -306,7 +332,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 else:
                     report["attack"] = attack_report(pipe, [r.text for r in mem_rows], images, references,
                                                      attack_eps, n, seed, attack_steps, steps, guidance_scale,
-                                                     batch_size)
+                                                     batch_size, verdict, sscd_model)
                     cost["attack"] = {k: report["attack"][k] for k in ("seconds", "unet_evals")}
                 stages.update()
 
@@ -317,8 +343,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 section = guard_section(
                     pipe, guard, generated, [r.text for r in gen_rows], n, gen_groups, seed, steps, guidance_scale,
                     batch_size, progress, cost["generation"], references, training_index, embedder, index_criterion,
-                    (lambda im, caps: general_scenario(im, caps, heldout, clip_scorer, batch_size, feature)),
-                    report["quality"]["groups"], guard_options, across_processes=True)
+                    (lambda im, caps: general_scenario(im, caps, heldout_set, clip_scorer, batch_size, feature)),
+                    report["quality"]["groups"], guard_options, across_processes=True, calibration=verdict,
+                    sscd_model=sscd_model)
                 report["guard"] = section
                 cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2),
                                  "unet_evals": section["guarded"]["unet_evals"]}
@@ -356,6 +383,11 @@ def flat_summary(report: dict) -> dict[str, float]:
         for k, v in s.items():
             if isinstance(v, int | float) and not isinstance(v, bool):
                 flat[f"replication/{group}/{k}"] = v
+    verdict = report.get("verdict", {}).get("calibration")
+    if verdict:
+        flat["replication/verdict/threshold"] = verdict["threshold"]
+        flat["replication/verdict/fpr_heldout"] = verdict["fpr_heldout"]
+        flat["replication/verdict/recall"] = verdict["recall"]
     for name, s in report.get("membership", {}).get("scores", {}).items():
         flat[f"membership/{name}/auroc"] = s["auroc"]
         flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
@@ -437,12 +469,19 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
     if replication and "replicated" in figures:
         generated, references = figures["replicated"]
         gens = replication["generations"]
-        order = sorted((i for i, g in enumerate(gens) if not math.isnan(g["ratio"])), key=lambda i: gens[i]["ratio"])
+        cal = Calibration.from_dict(replication["calibration"])
+        sign = -1.0 if cal.higher_is_copy else 1.0  # most copy-like first
+        order = sorted((i for i, g in enumerate(gens) if not math.isnan(g["score"])), key=lambda i: sign * gens[i]["score"])
         picks = order[:REPLICATED_GRID]
         if picks:
-            titles = [f"{gens[i]['group']} r={gens[i]['ratio']:.2f} L2={gens[i]['l2']:.3f}" for i in picks]
+            key = verdict_key(cal)
+            op = ">" if cal.higher_is_copy else "<"
+            titles = [f"{'COPY' if gens[i]['replicated'] else 'not a copy'} ({gens[i]['group']}): {key} "
+                      f"{gens[i]['score']:.3f} {op if gens[i]['replicated'] else 'vs'} {cal.threshold:.3f}, "
+                      f"r={gens[i]['ratio']:.2f}" for i in picks]
             nearest = references[[gens[i]["nn_index"] for i in picks]]
-            save_replication_grid(out / "replicated.png", generated[picks], nearest, titles, ncols=4)
+            save_replication_grid(out / "replicated.png", generated[picks], nearest, titles, ncols=4,
+                                  caption=f"copy: {cal.describe()}")
             files.append("replicated.png")
     report["files"] = ["report.json", "report.md", *files]
     write_json(report, out / "report.json")

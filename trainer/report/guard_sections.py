@@ -31,10 +31,10 @@ from trainer.measure.calibration import Calibration, uncalibrated
 from trainer.measure.embedders import ImageEmbedder, make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.measure.replication import (
-    RATIO_THRESHOLD,
+    GU_RATIO,
     SSCD_THRESHOLD,
-    replication_metrics,
     summarize_replication,
+    verdict_scores,
 )
 from trainer.sample.guard import GUARDS, PIXEL_FALLBACK, GuardedPipeline, guarded_generate, load_index
 
@@ -147,15 +147,16 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
 
 def attack_report(pipe, texts: list[str], images: torch.Tensor | None, references: torch.Tensor,
                   eps_values: Sequence[float], n: int, seed: int, steps: int, sample_steps: int,
-                  guidance_scale: float, batch_size: int) -> dict:
+                  guidance_scale: float, batch_size: int, calibration: Calibration = GU_RATIO,
+                  sscd_model=None) -> dict:
     """`trainer.detect.attack.attack_section` for the memorized prompts, with its total cost (`unet_evals`,
     `seconds`: the attacks plus the generations of the plain and perturbed prompts; the attackers' own
-    optimisation cost is under `attackers`)."""
+    optimisation cost is under `attackers`); copies judged by the report's verdict `calibration`."""
     start = time.perf_counter()
     with count_unet_samples(pipe.unet) as counted:
         section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed,
                                  steps=steps, sample_steps=sample_steps, guidance_scale=guidance_scale,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, calibration=calibration, sscd_model=sscd_model)
     section["texts"] = list(texts)
     section["seconds"] = round(time.perf_counter() - start, 2)
     section["unet_evals"] = counted[0]
@@ -182,34 +183,35 @@ def intervened_quality(generated: torch.Tensor, guarded: torch.Tensor, idx: list
 
 
 def _replication_fractions(images: torch.Tensor, idx: list[int], references: torch.Tensor | None,
-                           index_hits: list[dict] | None, calibration: Calibration | None) -> dict:
+                           index_hits: list[dict] | None, index_verdict: Calibration | None,
+                           calibration: Calibration = GU_RATIO, sscd_model=None) -> dict:
     out = {}
-    if references is not None:  # the replication section's criterion (Gu et al.'s ratio, replication_stats)
-        ratio = replication_metrics(images[idx], references)["ratio"]
-        out["fraction_replicated"] = summarize_replication(ratio, RATIO_THRESHOLD, False)["fraction"]
+    if references is not None:  # the replication section's copy verdict (replication_stats)
+        scores = verdict_scores(images[idx], references, calibration, sscd_model)
+        out["fraction_replicated"] = float(calibration.flags(scores).mean())
     if index_hits is not None:
-        out["fraction_replicated_index"] = float(np.mean(calibration.flags([index_hits[i]["similarity"] for i in idx])))
+        out["fraction_replicated_index"] = float(np.mean(index_verdict.flags([index_hits[i]["similarity"] for i in idx])))
     return out
 
 
 def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n: int, groups: Sequence[str],
                   seed: int, steps: int, guidance_scale: float, batch_size: int, progress: bool,
                   baseline_cost: dict, references: torch.Tensor | None = None, index: TrainingIndex | None = None,
-                  embedder: ImageEmbedder | None = None, calibration: Calibration | float | None = None,
+                  embedder: ImageEmbedder | None = None, index_verdict: Calibration | float | None = None,
                   quality: Callable[[torch.Tensor, list[str]], dict] | None = None,
                   baseline_quality: dict | None = None, options: dict | None = None,
-                  across_processes: bool = False) -> dict:
+                  across_processes: bool = False, calibration: Calibration = GU_RATIO, sscd_model=None) -> dict:
     """Guarded generations of the same prompts and seeds as `generated` (the stock sampler's), side by side.
 
     Per group (trigger / general): replication with and without the guard (the replication section's
-    criteria: L2 ratio when `references` are given, index similarity when `index` is), quality (`quality`
+    criteria: its copy verdict `calibration` when `references` are given, index similarity when `index` is), quality (`quality`
     of the guarded images beside `baseline_quality`), the fraction of generations and of sampling steps
     where the guard intervened, the largest pixel change of a generation it did not intervene in, and the
     intervened generations against their unguarded versions (`intervened_quality`).
     `across_processes`: the processes of `accelerate launch` share the generations (`guarded_generate`)."""
     options = dict(options or {})
-    if index is not None and calibration is not None and not isinstance(calibration, Calibration):
-        calibration = index_calibration(index, float(calibration), "index")
+    if index is not None and index_verdict is not None and not isinstance(index_verdict, Calibration):
+        index_verdict = index_calibration(index, float(index_verdict), "index")
     sampler, trigger = guard, None
     if guard == "amg":
         if embedder is not None:
@@ -225,8 +227,8 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
     captions = [t for t in texts for _ in range(n)]
     base_hits = guard_hits = None
     if index is not None:
-        base_hits = index_replication(generated, groups, captions, index, embedder, calibration, batch_size)
-        guard_hits = index_replication(guarded, groups, captions, index, embedder, calibration, batch_size)
+        base_hits = index_replication(generated, groups, captions, index, embedder, index_verdict, batch_size)
+        guard_hits = index_replication(guarded, groups, captions, index, embedder, index_verdict, batch_size)
     change = (guarded - generated).flatten(1).abs().amax(1)
     result = {"guard": guard, "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
               "generations": len(guarded), "steps": steps, "trigger": trigger,
@@ -237,9 +239,9 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
                           "unet_evals": unet_evals},
               "groups": {}}
     if references is not None:
-        result["criteria"]["fraction_replicated"] = "L2 ratio NN1/NN2 < 1/3 (the replication section)"
+        result["criteria"]["fraction_replicated"] = f"{calibration.describe()} (the replication section)"
     if index is not None:
-        result["criteria"]["fraction_replicated_index"] = calibration.describe()
+        result["criteria"]["fraction_replicated_index"] = index_verdict.describe()
     result["seconds_ratio"] = result["guarded"]["seconds_per_image"] / max(result["unguarded"]["seconds_per_image"],
                                                                          1e-12)
     for group in dict.fromkeys(groups):
@@ -247,9 +249,9 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         recs = [records[i] for i in idx]
         calm = [i for i in idx if not records[i]["intervened"]]
         plain = _replication_fractions(generated, idx, references, base_hits and base_hits["generations"],
-                                       calibration)
+                                       index_verdict, calibration, sscd_model)
         guarded_side = _replication_fractions(guarded, idx, references, guard_hits and guard_hits["generations"],
-                                              calibration)
+                                              index_verdict, calibration, sscd_model)
         if quality is not None:
             guarded_side.update({k: v for k, v in quality(guarded[idx], [captions[i] for i in idx]).items()
                                  if k != "notes"})

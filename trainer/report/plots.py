@@ -106,11 +106,13 @@ def save_replication_grid(
     nearest: torch.Tensor,
     titles: Sequence[str] | None = None,
     ncols: int = 4,
+    caption: str = "",
 ) -> Path:
     """Pairs (generated image | its nearest training image) side by side, `ncols` pairs per row.
 
     `generated[i]` and `nearest[i]` share one panel, separated by a white gap, titled `titles[i]`
-    (e.g. "duplicated  L2=0.031"); the figure title says which side is which.
+    (e.g. "duplicated  L2=0.031"); the figure title says which side is which, then `caption` (e.g. the
+    copy verdict the titles apply).
     """
     gen = _to_display(generated, "generated")
     near = _to_display(nearest, "nearest")
@@ -132,7 +134,8 @@ def save_replication_grid(
         if i < n:
             ax.imshow(np.concatenate([gen[i], gap, near[i]], axis=1), interpolation="nearest")
             ax.set_title(_title(labels[i], 44), fontsize=7)
-    fig.suptitle("left: generated   right: nearest training image", fontsize=9)
+    head = "left: generated   right: nearest training image"
+    fig.suptitle(head + (f"\n{textwrap.fill(caption, 40 * cols)}" if caption else ""), fontsize=9)
     return _save(fig, path)
 
 

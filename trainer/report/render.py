@@ -25,7 +25,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 def evaluate_markdown(report: dict) -> str:
     c = report["config"]
     counts = report["counts"]
-    lines = [f"# {report['title']}", "",
+    lines = [f"# {report['title']}", "", *_verdict_lines(report),
              f"Prompts: `{c['prompts']}` ({counts['prompts']} rows: {counts['memorized']} memorized, "
              f"{counts['not_memorized']} not memorized, {counts['members']} members, {counts['non_members']} "
              f"non-members). Data root: `{c['data']}`. Generations: {c['n']} per prompt, DDIM {c['steps']} steps, "
@@ -37,47 +37,69 @@ def evaluate_markdown(report: dict) -> str:
         lines += ["## Trigger scenario: detectors", ""]
         if trigger["labelled"]:
             lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", ""]
-            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt | "
+                      "threshold (calibrated) | flagged: memorized | flagged: not memorized |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for d in trigger["detectors"].values():
+                labels = [trigger["prompts"][i]["label"] for i in d.get("flagged", [])]
+                cal = d.get("calibration") or {}
                 lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
                              f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
-                             f"{d['unet_evals_per_prompt']:g} |")
+                             f"{d['unet_evals_per_prompt']:g} | {_fmt(cal.get('threshold'), '.4g')} | "
+                             f"{labels.count(1)} of {trigger['n_positive']} | {labels.count(0)} of "
+                             f"{trigger['n_negative']} |")
+            lines += ["", "Each detector's verdict: a prompt is flagged as memorized when its score is above the "
+                      "threshold that flags at most the stated share of the non-memorized prompts:", ""]
+            lines += [f"- {d['verdict']}" for d in trigger["detectors"].values() if d.get("verdict")]
+            lines += _flagged_lines(trigger)
             verified = trigger.get("without_replicating_negatives")
             if verified and verified["excluded"] and verified["detectors"]:
                 lines += ["", f"Diagnostic: {len(verified['excluded'])} of the {trigger['n_negative']} non-memorized "
-                          "prompts have a generation that replicates a training image (ratio < 1/3; listed in report.json "
+                          "prompts have a generation that replicates a training image (the copy verdict; listed in report.json "
                           "as `trigger.without_replicating_negatives`). Without them:", "",
                           "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
                 lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
                           for k, v in verified["detectors"].items()]
         else:
-            lines += [f"{trigger['n_prompts']} unlabelled prompts: scores only (report.json, `trigger.prompts`).", "",
-                      "| detector | mean score | UNet evals / prompt |", "|---|---|---|"]
+            n_ref = sum(p["label"] == 0 for p in trigger["prompts"])
+            lines += [f"{trigger['n_prompts']} prompts without memorized labels (report.json, `trigger.prompts`): "
+                      + (f"the {n_ref} known non-memorized prompts (label 0) calibrate each detector's threshold, "
+                         "and the prompts above it are flagged." if n_ref else
+                         "scores only; the detectors are uncalibrated: no non-memorized prompts (label 0) to set a "
+                         "threshold on."), "",
+                      "| detector | mean score | UNet evals / prompt | threshold (calibrated) | flagged |", "|---|---|---|---|---|"]
             for name, d in trigger["detectors"].items():
                 mean = float(np.mean([p["scores"][name] for p in trigger["prompts"]]))
-                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} |")
+                cal = d.get("calibration") or {}
+                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} | "
+                             f"{_fmt(cal.get('threshold'), '.4g')} | {len(d.get('flagged', []))} of {trigger['n_prompts']} |")
+            lines += ["", *[f"- {d['verdict']}" for d in trigger["detectors"].values() if d.get("verdict")]]
+            if n_ref:
+                lines += _flagged_lines(trigger)
         lines += ["", _figure(report, "roc.png", "ROC"), ""]
     rep = report.get("replication") or {}
     if rep.get("groups"):
         sscd = any("sscd_p95" in s for s in rep["groups"].values())
         lines += ["## Replication", "",
                   f"Generations against the {rep['unique_train_images']} {rep['reference']} "
-                  f"({rep['train_images']} training images from {rep['training_images']}). Similarity = "
-                  f"{rep['similarity']}." + (" SSCD: max cosine to any reference image; replicated when > 0.5."
-                                             if sscd else ""), "",
-                  "| group | generations | similarity p95 | similarity max | replicated | (vs originals) | "
-                  "tiled L2 <= 0.15 | nL2 < 1.4 | nearest is own image |" + (" SSCD p95 | SSCD max | SSCD > 0.5 |"
-                                                                           if sscd else ""),
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if sscd else "")]
+                  f"({rep['train_images']} training images from {rep['training_images']}). Replicated (copy): "
+                  f"{rep['criterion']}. Similarity = {rep['similarity']}; ratio < 1/3 is Gu et al.'s criterion."
+                  + (" SSCD: max cosine to any reference image; > 0.5 is Somepalli et al.'s convention." if sscd
+                     else ""), "",
+                  "| group | generations | replicated | (vs originals) | median score | ratio < 1/3 | similarity p95 | "
+                  "similarity max | tiled L2 <= 0.15 | nL2 < 1.4 | nearest is own image |"
+                  + (" SSCD p95 | SSCD max | SSCD > 0.5 |" if sscd else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if sscd else "")]
         for group, s in rep["groups"].items():
-            row = (f"| {group} | {s['generations']} | {_fmt(s['similarity_p95'])} | {_fmt(s['similarity_max'])} | "
-                   f"{_fmt(s['fraction_replicated'], '%')} | {_fmt(s['fraction_replicated_vs_originals'], '%')} | "
+            row = (f"| {group} | {s['generations']} | {_fmt(s['fraction_replicated'], '%')} | "
+                   f"{_fmt(s['fraction_replicated_vs_originals'], '%')} | {_fmt(s.get('score_median'), '.4g')} | "
+                   f"{_fmt(s['fraction_ratio_1_3'], '%')} | {_fmt(s['similarity_p95'])} | {_fmt(s['similarity_max'])} | "
                    f"{_fmt(s['fraction_tiled_l2'], '%')} | {_fmt(s['fraction_nl2'], '%')} | "
                    f"{_fmt(s['nearest_is_own_image'], '%')} |")
             if sscd:
                 row += f" {_fmt(s['sscd_p95'])} | {_fmt(s['sscd_max'])} | {_fmt(s['sscd_fraction'], '%')} |"
             lines.append(row)
+        lines += _calibration_lines(rep.get("verdict") or {})
         lines += ["", _figure(report, "replicated.png", "most replicated generations"), ""]
     if rep.get("index"):
         lines += _index_lines(rep["index"])
@@ -129,6 +151,56 @@ def evaluate_markdown(report: dict) -> str:
     return "\n".join(kept)
 
 
+FLAGGED_LISTED = 20
+
+
+def _verdict_lines(report: dict) -> list[str]:
+    """The report's first lines: how a copy is decided and whether the threshold was calibrated."""
+    v = report.get("verdict")
+    if not v:
+        return []
+    if v.get("calibrated"):
+        head = f"**Copy verdict (calibrated)**: {v['criterion']}. Held-out images: {v.get('heldout_from', '-')}."
+    else:
+        head = (f"**Copy verdict: uncalibrated.** {v['criterion']}. Reason: {v['source']}; the held-out "
+                "false-positive rate of this criterion on your data is unknown.")
+    lines = [head]
+    if v.get("heldout_in_training"):
+        lines.append(f"**{v['heldout_in_training']} held-out images are also training images** "
+                     "(pixel-equal): they pull the threshold to 0; remove them from the held-out set.")
+    if v.get("calibrated") and 0 < v["heldout_images"] < 100 and v["calibration"].get("fpr_target"):
+        lines.append(f"With {v['heldout_images']} held-out images the threshold is the closest one; a stated rate "
+                     f"of {v['calibration']['fpr_target']:.0%} needs at least 100 to be resolved.")
+    return [" ".join(lines), ""]
+
+
+def _flagged_lines(trigger: dict) -> list[str]:
+    flagged = [p for p in trigger["prompts"] if p.get("flagged_by")]
+    if not flagged:
+        return ["", "No prompt is flagged by any detector."]
+    lines = ["", f"Prompts flagged by at least one detector ({len(flagged)}; all in report.json, "
+             "`trigger.prompts[].flagged_by`):", "", "| prompt | label | flagged by |", "|---|---|---|"]
+    lines += [f"| {p['text']} | {_fmt_plain(p['label'])} | {', '.join(p['flagged_by'])} |"
+              for p in flagged[:FLAGGED_LISTED]]
+    if len(flagged) > FLAGGED_LISTED:
+        lines.append(f"| ... {len(flagged) - FLAGGED_LISTED} more | | |")
+    return lines
+
+
+def _calibration_lines(v: dict) -> list[str]:
+    alternatives = v.get("alternatives")
+    if not alternatives:
+        return []
+    lines = ["", "Each criterion calibrated on the same held-out images (the verdict's criterion is named "
+             "above; `--criterion` chooses):", "",
+             "| criterion | threshold | held-out flagged | training images recalled |", "|---|---|---|---|"]
+    for name, c in alternatives.items():
+        op = ">" if c["higher_is_copy"] else "<"
+        lines.append(f"| {name} | {op} {c['threshold']:.4g} | {_fmt(c['fpr_heldout'], '%')} of {c['n_heldout']} | "
+                     f"{_fmt(c['recall'], '%')} of {c['n_positive']} |")
+    return lines
+
+
 def _index_lines(ix: dict) -> list[str]:
     lines = ["## Replication (training-image index)", "",
              f"Index `{ix.get('path', '')}`: {ix['images']} training images, {ix['embedding']} embedding at "
@@ -148,7 +220,7 @@ def _attack_lines(a: dict) -> list[str]:
     lines = ["## Re-trigger test", "",
              f"{a['prompts']} memorized prompts; per prompt a text-embedding perturbation d with ||d|| <= eps ||e|| "
              f"({a['steps']} PGD steps, {a['n_noise']} noise draws a step; Kowalczuk et al. 2025), then {a['n']} "
-             f"generation(s) per prompt. Replication: NN1/NN2 L2 ratio < {a['ratio_threshold']:.3g} against the "
+             f"generation(s) per prompt. Replicated (copy): {a.get('criterion', 'NN1/NN2 L2 ratio < 1/3')}, against the "
              "replication section's references. \"noise\": no image known (maximizes Wen et al.'s first-step noise "
              "magnitude); \"image\": the training image known (minimizes its denoising loss).", "",
              "| eps | plain prompt | attack \"noise\" | attack \"image\" |", "|---|---|---|---|"]
@@ -432,6 +504,11 @@ def edit_markdown(report: dict) -> str:
              f"Output: {report['output']} in {report['out']}. Edit time {report['seconds']:.2f} s, "
              f"{report['unet_evals']} UNet evaluations, {report['total_changed']} weights changed in "
              f"{report['layers_changed']} parameters.", ""]
+    verdict = (report.get("evaluation") or {}).get("verdict", {})
+    if verdict.get("before", {}).get("criterion"):
+        reused = verdict.get("after", {}).get("reused") or "recalibrated on the edit"
+        lines += [f"**Copy verdict{'' if verdict['before'].get('calibrated') else ': uncalibrated'}** (before and after): "
+                  f"{verdict['before']['criterion']}; after the edit: {reused}.", ""]
     if report.get("warning"):
         lines += [f"**Warning: {report['warning']}**", ""]
     if report.get("skipped"):

@@ -3,6 +3,7 @@ replication, membership (CLiD) and the general scenario (quality). Each returns 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from trainer.core import distributed
 from trainer.core.unet_core import count_evals
-from trainer.data import find_training_images, load_images
+from trainer.data import find_training_images, load_images, load_rows
 from trainer.detect import PROMPT_DETECTORS
 from trainer.detect.clid import (
     clid_features,
@@ -24,9 +25,20 @@ from trainer.detect.clid import (
     fit_clid_alpha,
 )
 from trainer.io import MemtrainError
+from trainer.measure.calibration import DEFAULT_FPR, Calibration, calibrate
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.metrics import auroc, tpr_at_fpr
-from trainer.measure.replication import replication_stats, unique_images, vae_roundtrip
+from trainer.measure.replication import (
+    CRITERIA,
+    GU_RATIO,
+    L2_METRIC,
+    SSCD_METRIC,
+    calibrate_replication,
+    replication_metrics,
+    replication_stats,
+    unique_images,
+    vae_roundtrip,
+)
 from trainer.prompts import PromptRow, _group_name, check_labels
 
 CLID_FOLDS = 2
@@ -52,8 +64,9 @@ def detector_scores(pipe, texts: Sequence[str], detectors: Sequence[str], seed: 
 
 
 def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], source: str | Path,
-                     seed: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
-    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR."""
+                     seed: int = 0, batch_size: int = 32, progress: bool = True, fpr: float = DEFAULT_FPR) -> dict:
+    """Detector scores of the labelled prompts (all prompts when none is labelled), AUROC and TPR@1%FPR, and
+    each detector's verdict (`detector_verdict`): its threshold at `fpr` on the non-memorized prompts."""
     labelled = check_labels(rows, source)
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
     names = [d for d in detectors if d in PROMPT_DETECTORS]
@@ -66,7 +79,7 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
     if not names:
         return result
     raw = detector_scores(pipe, [r.text for r in scored], names, seed, batch_size, progress)
-    labels = np.array([r.label for r in scored], dtype=float) if labelled else None
+    labels = np.array([np.nan if r.label is None else r.label for r in scored], dtype=float)
     for name, d in raw.items():
         scores = d["scores"]
         extras = [k for k in d if k not in ("scores", "unet_evals", "seconds")]
@@ -83,8 +96,24 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
                              mean_negative=float(scores[labels == 0].mean()))
             except MemtrainError as e:
                 raise MemtrainError(f"{source}: {name}: {e}") from None
+        entry.update(detector_verdict(scores, labels, entry["name"], fpr))
+        for i in entry.get("flagged", []):
+            result["prompts"][i].setdefault("flagged_by", []).append(name)
         result["detectors"][name] = entry
     return result
+
+
+def detector_verdict(scores: np.ndarray, labels: np.ndarray | None, title: str, fpr: float = DEFAULT_FPR) -> dict:
+    """A detector's verdict: the score threshold flagging at most `fpr` of the non-memorized (label 0) prompts
+    (`trainer.measure.calibration.calibrate`, higher = memorized), its recall of the memorized prompts, and the
+    indices of the prompts it flags; without non-memorized prompts, uncalibrated (scores only)."""
+    if labels is None or not (labels == 0).any():
+        return {"calibration": None, "verdict": f"{title}: uncalibrated, no non-memorized prompts (label 0) to set "
+                                                 "a threshold on; scores only", "flagged": []}
+    cal = calibrate(scores[labels == 0], title, True, fpr, scores[labels == 1] if (labels == 1).any() else None,
+                    "memorized prompts")
+    return {"calibration": cal.to_dict(), "verdict": cal.describe(),
+            "flagged": np.flatnonzero(cal.flags(scores)).tolist()}
 
 
 def without_replicating_negatives(trigger: dict, replication: dict) -> dict | None:
@@ -183,10 +212,14 @@ def general_scenario(generated: torch.Tensor, captions: Sequence[str], heldout: 
 
 def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[PromptRow], n: int,
                         gen_groups: Sequence[str], rows: Sequence[PromptRow], data: Path, train_data: str | None,
-                        resolution: int,
-                        sscd_model=None, batch_size: int = 32, progress: bool = True) -> tuple[dict | None, str]:
+                        resolution: int, sscd_model=None, batch_size: int = 32, progress: bool = True,
+                        heldout: torch.Tensor | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
+                        reuse: dict | None = None) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
-    (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not)."""
+    (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not).
+
+    The copy verdict (`replication_verdict`): `reuse` (an earlier report's `verdict`) when the VAE is the same,
+    else calibrated at `fpr` on `heldout` (never-trained images, as stored), else Gu et al.'s ratio."""
     train = find_training_images(train_data, data, rows)
     if train is None:
         return None, (f"replication skipped: no training images found (no imagefolder at {data / 'train'} or "
@@ -197,21 +230,125 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
     originals_all = load_images(paths, names, resolution, "training images", progress)
     originals, inverse = unique_images(originals_all)
     references = vae_roundtrip(pipe, originals)
+    verdict = replication_verdict(pipe, references, originals, heldout, fpr, criterion, sscd_model, batch_size,
+                                  reuse)
     # the unique training image each generation's own prompt was trained on (toy: duplicated rows)
     index_of = {Path(p).resolve(): int(inverse[i]) for i, p in enumerate(paths) if isinstance(p, Path)}
     sources = [index_of.get((data / r.file_name).resolve(), -1) if r.file_name else -1
                for r in gen_rows for _ in range(n)]
-    rep = replication_stats(generated, gen_groups, references, originals, sources, sscd_model, batch_size)
+    rep = replication_stats(generated, gen_groups, references, originals, sources, sscd_model, batch_size,
+                            verdict["calibration"])
     for text, row in zip(captions_of(gen_rows, n), rep["generations"], strict=True):
         row["text"] = text
     rep.update(training_images=described, train_images=len(originals_all), unique_train_images=len(originals),
                reference="unique training images as reproduced by the model's VAE (decode(encode(x)), posterior "
                          "mean)",
-               similarity="1 - NN1/NN2 (L2 ratio of Gu et al.); replicated when the ratio < 1/3",
+               similarity="1 - NN1/NN2 (L2 ratio of Gu et al.)", verdict=verdict["record"],
                _references=references)
     return rep, ""
+
+
+def replication_verdict(pipe, references: torch.Tensor, originals: torch.Tensor, heldout: torch.Tensor | None,
+                        fpr: float = DEFAULT_FPR, criterion: str = "auto", sscd_model=None, batch_size: int = 32,
+                        reuse: dict | None = None) -> dict:
+    """The copy verdict of a report: {"calibration": Calibration, "record": JSON-ready provenance}.
+
+    `criterion` auto = SSCD similarity with an SSCD model, else L2 to the nearest training image; every
+    criterion is calibrated (`calibrate_replication`) so the record shows the alternatives' thresholds and
+    recall too. Without held-out images: Gu et al.'s ratio < 1/3, uncalibrated. `reuse`: an earlier
+    report's verdict record, taken as it is when its VAE has the same weights (`vae_fingerprint`; an edit
+    changes the UNet or text encoder, so before and after an edit are judged by one threshold)."""
+    if criterion not in ("auto", *CRITERIA):
+        raise MemtrainError(f"--criterion must be auto or one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if criterion == "sscd" and sscd_model is None:
+        raise MemtrainError("--criterion sscd needs --sscd MODEL")
+    name = CRITERIA[criterion] if criterion != "auto" else SSCD_METRIC if sscd_model is not None else L2_METRIC
+    record: dict = {"criterion_requested": criterion, "vae": vae_fingerprint(pipe)}
+    calibration = None
+    if reuse is not None and reuse.get("vae") == record["vae"]:
+        calibration = Calibration.from_dict(reuse["calibration"], "the reused copy verdict")
+        record.update({k: v for k, v in reuse.items() if k not in ("calibration", "criterion", "calibrated")},
+                      reused="the earlier report's calibration (the same VAE weights)")
+    elif reuse is not None:
+        record["reused"] = "not reused: the VAE differs from the earlier report's, recalibrated"
+    if calibration is None and (heldout is None or len(heldout) == 0):
+        calibration = GU_RATIO
+        record.update(source="no held-out images (--heldout DIR, or prompt rows with member 0 / group heldout)",
+                      heldout_images=0)
+    elif calibration is None:
+        every = calibrate_replication(vae_roundtrip(pipe, heldout), references, originals, fpr, sscd_model,
+                                      batch_size)
+        calibration = every[name]
+        record.update(source="held-out images through the model's VAE vs the unique training images through it",
+                      heldout_images=len(heldout), alternatives={k: c.to_dict() for k, c in every.items()},
+                      heldout_in_training=int((replication_metrics(heldout, originals)["l2"] == 0).sum()))
+    record.update(calibration=calibration.to_dict(), criterion=calibration.describe(),
+                  calibrated=calibration.calibrated)
+    return {"calibration": calibration, "record": record}
+
+
+def vae_fingerprint(pipe) -> str:
+    """sha256 of the VAE's parameters and buffers (names, shapes, bytes): which autoencoder a calibration holds for."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(pipe.vae.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def captions_of(rows: Sequence[PromptRow], n: int) -> list[str]:
     """The caption of each generation (prompt-major, as `generate_images` orders them)."""
     return [r.text for r in rows for _ in range(n)]
+
+
+GENERATION_GROUPS = ("trigger", "general", "member", "heldout")
+
+
+def parse_groups(value: str | Sequence[str]) -> list[str]:
+    """`--groups trigger,general,member,heldout`: which prompt rows `evaluate` generates from."""
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [g for g in names if g not in GENERATION_GROUPS]
+    if unknown or not names:
+        raise MemtrainError(f"--groups: unknown {unknown or 'empty list'}; choose from {','.join(GENERATION_GROUPS)}")
+    return list(dict.fromkeys(names))
+
+
+def generation_rows(rows: Sequence[PromptRow], groups: Sequence[str], labelled: bool) -> list[tuple[PromptRow, str]]:
+    """(row, group) of each prompt to generate from: `trigger` = label 1 (memorized), `general` = label 0,
+    `member` = other training members (e.g. toy singletons), `heldout` = non-members (member 0, the measured
+    false-positive rate of the copy verdict on generations). Unlabelled prompt files: every row is group `all`
+    unless its member role is asked for."""
+    out = []
+    for r in rows:
+        role = "member" if r.member == 1 else "heldout" if r.member == 0 else None
+        if labelled:
+            group = "trigger" if r.label == 1 else "general" if r.label == 0 else role
+        else:
+            group = role if role in groups else "all"
+        if group == "all" or group in groups:
+            out.append((r, group))
+    return out
+
+
+def heldout_images(heldout_dir: str | Path | None, rows: Sequence[PromptRow], data: Path, source: Path,
+                   resolution: int, progress: bool = True) -> tuple[torch.Tensor | None, str]:
+    """Never-trained images: the rows of `--heldout DIR` (any `load_rows` source) and the prompt file's
+    member-0 rows with a file_name; (images [N, 3, r, r] or None, where they came from)."""
+    paths, names, parts = [], [], []
+    if heldout_dir is not None:
+        try:
+            found = load_rows(str(heldout_dir))
+        except OSError as e:
+            raise MemtrainError(f"--heldout {heldout_dir}: cannot load the held-out images ({e})") from None
+        paths += list(found.images)
+        names += list(found.names)
+        parts.append(f"{len(found.images)} from --heldout {heldout_dir}")
+    member0 = [r for r in rows if r.member == 0 and r.file_name]
+    if member0:
+        paths += [data / r.file_name for r in member0]
+        names += [f"{source}, line {r.line} ({r.file_name})" for r in member0]
+        parts.append(f"{len(member0)} member-0 rows of {source}")
+    if not paths:
+        return None, "none"
+    return load_images(paths, names, resolution, "held-out images", progress), " and ".join(parts)
