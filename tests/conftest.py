@@ -119,14 +119,15 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict]:
     needs the demo's model. MEMTRAIN_TEST_DEMO=DIR keeps it in DIR and reuses it in later sessions while
     the package's code is unchanged (the digest in DIR/.source-digest)."""
     cache = os.environ.get("MEMTRAIN_TEST_DEMO")
-    out = Path(cache) if cache else tmp_path_factory.mktemp("demo") / "demo"
-    stamp, digest = out / ".source-digest", source_digest()
+    root = Path(cache) if cache else tmp_path_factory.mktemp("demo")
+    # the stamp lies beside OUT, not in it: `memtrain demo` replaces only a folder of its own output
+    out, stamp, digest = root / "demo", root / ".source-digest", source_digest()
     if not (stamp.is_file() and stamp.read_text() == digest and (out / "report.json").is_file()):
-        if out.exists():  # an older demo of this cache (other code, or cut short), never anything else
-            assert stamp.is_file() or not any(out.iterdir()), f"MEMTRAIN_TEST_DEMO={out} is not a demo cache"
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        stamp.write_text("training")  # marks OUT as this fixture's, should the run be cut short
+        if root.exists() and any(root.iterdir()):  # an older demo of this cache (other code, or cut short)
+            assert stamp.is_file(), f"MEMTRAIN_TEST_DEMO={root} is not a demo cache"
+            shutil.rmtree(out, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp.write_text("training")  # marks ROOT as this fixture's, should the run be cut short
         cmd = [sys.executable, "-m", "trainer.cli", "demo", "--out", str(out), "log.progress=false"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group: a timeout kills the trainers too
