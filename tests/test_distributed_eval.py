@@ -37,7 +37,8 @@ def generate_args(model, prompts) -> list[str]:
 
 def edit_args(model, memorized, labelled, data) -> list[str]:
     return ["edit", "uce", str(model), "--memorized", str(memorized), "--evaluate", str(labelled), "--data", str(data),
-            "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid", "--batch-size", "4"]
+            "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid", "--batch-size", "4",
+            "--no-eval-cache"]  # both sides evaluate (the cache would hand the second run the first's evaluation)
 
 
 @pytest.fixture(scope="module")

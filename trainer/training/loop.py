@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import wandb
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
@@ -59,7 +59,7 @@ from trainer.recipe import TrainRecipe
 from trainer.report.plots import save_image_grid
 from trainer.sample.generate import generate_images
 from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_dir
-from trainer.training.launch import check_launch
+from trainer.training.launch import check_launch, check_precision
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
 
 # DDP's notice, once per process, that a 1x1 convolution's gradient (oneDNN's layout) has other strides on its
@@ -198,6 +198,7 @@ def train(recipe: TrainRecipe) -> dict:
         resume_path = None  # output.overwrite deletes the earlier run, its checkpoints included: a fresh start
 
     trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
+    check_precision(recipe, PartialState().device)
     accelerator = Accelerator(
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
         mixed_precision=opt.mixed_precision,
