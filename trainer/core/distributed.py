@@ -23,10 +23,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def runs_on_cpu() -> bool:
+    """True when accelerate will run this process on the CPU: ACCELERATE_USE_CPU is set (`accelerate launch
+    --cpu`) or the machine has no accelerator, as `Accelerator` decides (without setting up any state)."""
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+
+
 def process_state() -> PartialState:
-    """Accelerate's process state, on the CPU (gloo) when ACCELERATE_USE_CPU is set (`accelerate launch
-    --cpu`) or the machine has no accelerator, as `Accelerator` decides."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
+    """Accelerate's process state, on the CPU (gloo) when `runs_on_cpu()`."""
+    return PartialState(cpu=runs_on_cpu())
 
 
 def num_processes() -> int:

@@ -17,7 +17,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
@@ -82,9 +81,9 @@ def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
             "output_dir": str(out)}
 
 
-def check_precision(recipe: TrainRecipe, device: torch.device) -> None:
-    """Refuse fp16 on a CPU (accelerate has no fp16 autocast there): checked before the Accelerator is made."""
-    if recipe.train.mixed_precision == "fp16" and device.type == "cpu":
+def check_precision(recipe: TrainRecipe, on_cpu: bool) -> None:
+    """Refuse fp16 on a CPU (accelerate has no fp16 autocast there); checked before the Accelerator is made too."""
+    if recipe.train.mixed_precision == "fp16" and on_cpu:
         raise MemtrainError("recipe: `train.mixed_precision=fp16` needs a GPU: accelerate has no fp16 autocast on the "
                             "CPU, so this run would train in fp32 while its recipe says fp16; use bf16 (which runs on "
                             "the CPU) or no")
@@ -94,7 +93,7 @@ def check_launch(accelerator: Accelerator, recipe: TrainRecipe) -> None:
     """Refuse a launch whose processes would each train alone into one output dir: accelerate gives every
     process a world of its own when the launcher's backend does not exist here (torchrun on a machine
     without GPUs, FSDP with use_cpu); what DeepSpeed cannot train; fp16 on a CPU (no autocast there)."""
-    check_precision(recipe, accelerator.device)
+    check_precision(recipe, accelerator.device.type == "cpu")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise MemtrainError(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import wandb
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
-from trainer.core import run_lock
+from trainer.core import distributed, run_lock
 from trainer.core.checkpoints import (
     apply_recipe_hyperparameters,
     check_resume_compatible,
@@ -198,7 +198,7 @@ def train(recipe: TrainRecipe) -> dict:
         resume_path = None  # output.overwrite deletes the earlier run, its checkpoints included: a fresh start
 
     trackers = [JsonlTracker(recipe.log.run_name or out.name, out / "logs")] + list(recipe.log.trackers)
-    check_precision(recipe, PartialState().device)
+    check_precision(recipe, distributed.runs_on_cpu())
     accelerator = Accelerator(
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
         mixed_precision=opt.mixed_precision,
