@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainer.core.components import pickle_error
 from trainer.io import MemtrainError, atomic_dir
 from trainer.recipe import TrainRecipe
 
@@ -302,3 +305,39 @@ def export(accelerator: Accelerator, recipe: TrainRecipe, parts: dict, ema, out:
     if ema is not None:
         ema.restore(unet.parameters())
     return target
+
+
+EMA_STATE = "ema_state"  # checkpoint files of the EMA weights: shadow parameters (safetensors) + settings (JSON)
+
+
+def ema_state(ema: EMAModel) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON settings, tensors) of diffusers' EMAModel: saved without pickle, so a resume runs no code."""
+    settings = ema.state_dict()
+    shadow = settings.pop("shadow_params")
+    return settings, {str(i): t for i, t in enumerate(shadow)}
+
+
+def load_ema_state(ema: EMAModel, checkpoint: Path) -> None:
+    settings = read_checkpoint_state(checkpoint, EMA_STATE)
+    tensors = read_checkpoint_tensors(checkpoint, EMA_STATE)
+    if settings is None or tensors is None or len(tensors) != len(ema.shadow_params):
+        raise MemtrainError(f"checkpoint.resume: {checkpoint} has no EMA weights for this model ({EMA_STATE}.json and "
+                            f"{EMA_STATE}.safetensors); resume with train.ema=false or start a new output.dir")
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**settings, "shadow_params": [tensors[str(i)].to(device) for i in range(len(tensors))]})
+
+
+def load_training_state(accelerator: Accelerator, path: Path, optimizer, lr_scheduler, lr: float, recipe: TrainRecipe,
+                        ema: EMAModel | None) -> None:
+    """Resume from `path`: accelerate's state (models, optimizer, schedule, RNGs), then this recipe's
+    hyperparameters (`apply_recipe_hyperparameters`) and the EMA weights with the recipe's decay."""
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise MemtrainError(f"checkpoint.resume: cannot load {path} into this model: {e}") from None
+    except pickle.UnpicklingError as e:
+        raise pickle_error(path, "checkpoint.resume", e) from None
+    apply_recipe_hyperparameters(optimizer, lr_scheduler, lr, recipe)
+    if ema is not None:
+        load_ema_state(ema, path)
+        ema.decay = recipe.train.ema_decay  # load_state_dict restores the checkpoint's

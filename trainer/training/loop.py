@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +30,12 @@ from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
 from trainer.core import distributed, run_lock
 from trainer.core.checkpoints import (
-    apply_recipe_hyperparameters,
+    EMA_STATE,
     check_resume_compatible,
+    ema_state,
     export,
     list_checkpoints,
+    load_training_state,
     read_checkpoint_state,
     read_checkpoint_tensors,
     remove_leftovers,
@@ -46,7 +47,6 @@ from trainer.core.components import (
     frozen_dtype,
     load_components,
     native_resolution,
-    pickle_error,
     pipeline_from_components,
 )
 from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
@@ -317,16 +317,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
 
     if resume_path is not None:
-        try:
-            accelerator.load_state(str(resume_path))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise MemtrainError(f"checkpoint.resume: cannot load {resume_path} into this model: {e}") from None
-        except pickle.UnpicklingError as e:
-            raise pickle_error(resume_path, "checkpoint.resume", e) from None
-        apply_recipe_hyperparameters(optimizer, lr_scheduler, lr, recipe)
-    if resume_path is not None and ema is not None:
-        load_ema_state(ema, resume_path)
-        ema.decay = opt.ema_decay  # load_state_dict restores the checkpoint's
+        load_training_state(accelerator, resume_path, optimizer, lr_scheduler, lr, recipe, ema)
     if resume_path is not None and loss_mask is not None:
         loss_mask.resume(read_checkpoint_tensors(resume_path, LOSS_MASK_STATE), resume_path, accelerator.is_main_process)
     # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
@@ -452,26 +443,6 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
                "export": str(exported) if exported else None, "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
-
-
-EMA_STATE = "ema_state"  # checkpoint files of the EMA weights: shadow parameters (safetensors) + settings (JSON)
-
-
-def ema_state(ema: EMAModel) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON settings, tensors) of diffusers' EMAModel: saved without pickle, so a resume runs no code."""
-    settings = ema.state_dict()
-    shadow = settings.pop("shadow_params")
-    return settings, {str(i): t for i, t in enumerate(shadow)}
-
-
-def load_ema_state(ema: EMAModel, checkpoint: Path) -> None:
-    settings = read_checkpoint_state(checkpoint, EMA_STATE)
-    tensors = read_checkpoint_tensors(checkpoint, EMA_STATE)
-    if settings is None or tensors is None or len(tensors) != len(ema.shadow_params):
-        raise MemtrainError(f"checkpoint.resume: {checkpoint} has no EMA weights for this model ({EMA_STATE}.json and "
-                            f"{EMA_STATE}.safetensors); resume with train.ema=false or start a new output.dir")
-    device = ema.shadow_params[0].device
-    ema.load_state_dict({**settings, "shadow_params": [tensors[str(i)].to(device) for i in range(len(tensors))]})
 
 
 def flat_config(recipe: TrainRecipe) -> dict:
