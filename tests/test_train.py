@@ -10,6 +10,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from trainer.cli import main
+from trainer.mitigate.loss_mask import LossMask
 from trainer.tracking import read_jsonl
 
 
@@ -197,8 +198,6 @@ def test_adaptive_loss_mask_masks_the_stated_share(tmp_path, tiny_model, tiny_da
 def test_loss_mask_window_quantiles_per_timestep_range():
     """The window's quantile on magnitudes that fall with the timestep (as ||d(c)|| does): one quantile over
     all timesteps masks only low-noise samples; per timestep range, about 1 - q of every range."""
-    from trainer.mitigate.loss_mask import LossMask
-
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 1000, (3000,), generator=g)
     m = 3.0 * (1 - t / 1000) + 0.3 * torch.rand(3000, generator=g)
