@@ -26,6 +26,8 @@ def test_few_held_out_items_flag_only_what_is_closer_than_all_of_them():
     assert cal.flags([0.249, 0.25, float("nan")]).tolist() == [True, False, False]
     assert cal.recall == 0.5 and cal.n_positive == 4
     assert "calibrated at 1.0% false positives on 4 held-out" in cal.describe()
+    assert "4 held-out items cannot resolve 1.0%" in cal.describe() and "at least 100" in cal.describe()
+    assert "cannot resolve" not in calibrate(np.arange(100.0), "l2", higher_is_copy=False).describe()
 
 
 def test_record_round_trips_and_uncalibrated_says_so():

@@ -57,8 +57,12 @@ class Calibration:
         if not self.calibrated:
             return f"{rule} (uncalibrated: {self.source}; pass held-out images to calibrate on your data)"
         recall = "" if self.recall is None else f", recalls {self.recall:.0%} of {self.n_positive} {self.source}"
+        coarse = ""
+        if self.n_heldout * self.fpr_target < 1:
+            coarse = (f"; {self.n_heldout} held-out items cannot resolve {self.fpr_target:.1%}: the threshold is the "
+                      f"closest of them, give at least {math.ceil(1 / self.fpr_target)} for the stated rate")
         return (f"{rule}, calibrated at {self.fpr_target:.1%} false positives on {self.n_heldout} held-out "
-                f"items (reached {self.fpr_heldout:.1%}){recall}")
+                f"items (reached {self.fpr_heldout:.1%}){recall}{coarse}")
 
     def to_dict(self) -> dict:
         return asdict(self)
