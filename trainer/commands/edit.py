@@ -37,7 +37,7 @@ from trainer.edit.save import (
 from trainer.edit.uce import LAYERS, LORA_TOL, uce_edit, uce_lora
 from trainer.edit.unlearn import unlearn
 from trainer.io import MemtrainError, atomic_dir, write_json
-from trainer.measure.calibration import DEFAULT_FPR
+from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.prompts import read_labelled_prompts, read_prompts
 from trainer.report.edit import evaluate_edit, flat_numbers
 from trainer.report.eval_cache import default_root, evaluation_key, lookup, read_entry, store
@@ -208,8 +208,7 @@ def check_args(args: argparse.Namespace) -> dict:
             raise MemtrainError(f"--data {args.data}: not a directory")
         if args.heldout is not None and not Path(args.heldout).is_dir():
             raise MemtrainError(f"--heldout {args.heldout}: not a directory (an imagefolder of images never trained on)")
-        if not 0 < args.fpr < 1:
-            raise MemtrainError(f"--fpr must be in (0, 1), got {args.fpr}")
+        check_fpr(args.fpr)
     elif args.data is not None or args.heldout is not None:
         raise MemtrainError("--data and --heldout are only used with --evaluate PROMPTS")
     check_checkpoint(args.checkpoint)

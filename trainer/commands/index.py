@@ -8,7 +8,7 @@ import json
 
 from trainer.core.components import check_device
 from trainer.io import MemtrainError, check_not_inside
-from trainer.measure.calibration import DEFAULT_FPR
+from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
 from trainer.measure.index import DTYPES, build_index, index_summary
 from trainer.measure.index_calibration import calibrate_index, image_sources
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.heldout is None and args.vae is not None:
         raise MemtrainError("--vae serves the calibration: give --heldout DIR too")
-    if not 0.0 < args.fpr < 1.0:
-        raise MemtrainError(f"--fpr must be in (0, 1), got {args.fpr:g}")
+    check_fpr(args.fpr)
     if args.heldout is not None:
         image_sources(args.heldout, "--heldout")  # checked before anything is embedded
         check_not_inside(args.out, {"--heldout": args.heldout, **({"--vae": args.vae} if args.vae else {})})

@@ -75,6 +75,12 @@ class Calibration:
             raise MemtrainError(f"{where}: not a calibration record ({e}); recompute it") from None
 
 
+def check_fpr(fpr: float, name: str = "--fpr") -> None:
+    """One MemtrainError unless the false-positive rate is in (0, 1)."""
+    if not 0.0 < fpr < 1.0:
+        raise MemtrainError(f"{name} must be in (0, 1), got {fpr:g}")
+
+
 def _finite(scores, name: str) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64).ravel()
     s = s[~np.isnan(s)]
@@ -87,8 +93,7 @@ def calibrate(heldout_scores, metric: str, higher_is_copy: bool, fpr: float = DE
               positive_scores=None, positive_name: str = "training images") -> Calibration:
     """The threshold flagging at most `fpr` of `heldout_scores` (never-trained items), with the share of
     `positive_scores` (copies by construction, e.g. training images through the VAE) it recalls."""
-    if not 0.0 < fpr < 1.0:
-        raise MemtrainError(f"the false-positive rate must be in (0, 1), got {fpr}")
+    check_fpr(fpr, "the false-positive rate")
     null = _finite(heldout_scores, f"{metric} held-out scores")
     if null.size == 0:
         raise MemtrainError(f"{metric}: no held-out scores to calibrate on (pass held-out images)")

@@ -351,6 +351,14 @@ CRITERIA = {"l2": L2_METRIC, "ratio": RATIO_METRIC, "sscd": SSCD_METRIC}
 GU_RATIO = uncalibrated(RATIO_METRIC, RATIO_THRESHOLD, False, "Gu et al. 2023's constant 1/3")
 
 
+def check_criterion(criterion: str, has_sscd: bool) -> None:
+    """One MemtrainError for a `--criterion` that is not auto / l2 / ratio / sscd, or sscd without a model."""
+    if criterion not in ("auto", *CRITERIA):
+        raise MemtrainError(f"--criterion must be auto or one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if criterion == "sscd" and not has_sscd:
+        raise MemtrainError("--criterion sscd needs --sscd MODEL")
+
+
 def verdict_key(calibration: Calibration) -> str:
     """The per-generation key (`l2`, `ratio`, `sscd`) of the score a calibration thresholds."""
     if calibration.metric not in VERDICT_METRICS:

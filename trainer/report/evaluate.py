@@ -24,7 +24,7 @@ from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
-from trainer.measure.calibration import DEFAULT_FPR, Calibration
+from trainer.measure.calibration import DEFAULT_FPR, Calibration, check_fpr
 from trainer.measure.features import (
     choose_quality_feature,
     clip_quality_feature,
@@ -34,7 +34,7 @@ from trainer.measure.features import (
 )
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
-from trainer.measure.replication import verdict_key
+from trainer.measure.replication import check_criterion, verdict_key
 from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
 from trainer.report.guard_sections import (
     DEFAULT_ATTACK_EPS,
@@ -130,10 +130,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
     detectors = parse_detectors(detectors)
     groups = parse_groups(groups)
-    if not 0 < fpr < 1:
-        raise MemtrainError(f"--fpr must be in (0, 1), got {fpr}")
-    if criterion not in ("auto", "l2", "ratio", "sscd") or (criterion == "sscd" and sscd is None):
-        raise MemtrainError(f"--criterion {criterion}: choose auto, l2, ratio or sscd (sscd needs --sscd MODEL)")
+    check_fpr(fpr)
+    check_criterion(criterion, sscd is not None)
     if calibration is not None:
         Calibration.from_dict(calibration.get("calibration", {}), "the reused copy verdict")
     if heldout is not None and not Path(heldout).is_dir():

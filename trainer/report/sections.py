@@ -34,6 +34,7 @@ from trainer.measure.replication import (
     L2_METRIC,
     SSCD_METRIC,
     calibrate_replication,
+    check_criterion,
     replication_metrics,
     replication_stats,
     unique_images,
@@ -258,10 +259,7 @@ def replication_verdict(pipe, references: torch.Tensor, originals: torch.Tensor,
     recall too. Without held-out images: Gu et al.'s ratio < 1/3, uncalibrated. `reuse`: an earlier
     report's verdict record, taken as it is when its VAE has the same weights (`vae_fingerprint`; an edit
     changes the UNet or text encoder, so before and after an edit are judged by one threshold)."""
-    if criterion not in ("auto", *CRITERIA):
-        raise MemtrainError(f"--criterion must be auto or one of {', '.join(CRITERIA)}; got {criterion!r}")
-    if criterion == "sscd" and sscd_model is None:
-        raise MemtrainError("--criterion sscd needs --sscd MODEL")
+    check_criterion(criterion, sscd_model is not None)
     name = CRITERIA[criterion] if criterion != "auto" else SSCD_METRIC if sscd_model is not None else L2_METRIC
     record: dict = {"criterion_requested": criterion, "vae": vae_fingerprint(pipe)}
     calibration = None
