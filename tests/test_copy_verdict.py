@@ -15,7 +15,15 @@ import torch
 from trainer.cli import main
 from trainer.core.components import load_pipeline
 from trainer.measure.calibration import Calibration, calibrate
-from trainer.measure.replication import L2_METRIC, RATIO_METRIC, replication_metrics, vae_roundtrip
+from trainer.measure.replication import (
+    GRADIENT_METRIC,
+    L2_METRIC,
+    RATIO_METRIC,
+    replication_metrics,
+    vae_roundtrip,
+    verdict_scores,
+)
+from trainer.report.evaluate import grid_picks
 from trainer.report.sections import detector_verdict, replication_verdict
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
@@ -56,17 +64,16 @@ def test_calibrated_verdict_flags_copies_in_a_family_world_and_holds_its_rate(to
     fresh = torch.cat([related[1::2], new[1::2]])
     verdict = replication_verdict(toy_pipe, references, train, calib, fpr=0.02)
     cal = verdict["calibration"]
-    assert cal.metric == L2_METRIC and cal.calibrated and cal.n_heldout == len(calib)
+    assert cal.metric == GRADIENT_METRIC and cal.calibrated and cal.n_heldout == len(calib)
     assert cal.fpr_heldout <= 0.02 and cal.n_positive == len(train) and cal.recall is not None
-    assert set(verdict["record"]["alternatives"]) == {L2_METRIC, RATIO_METRIC}
+    assert set(verdict["record"]["alternatives"]) == {GRADIENT_METRIC, L2_METRIC, RATIO_METRIC}
 
     # planted copies: training images with small pixel noise, through the VAE (what a generated copy looks like)
     g = torch.Generator().manual_seed(0)
     noisy = (train[::4] + 0.03 * torch.randn(train[::4].shape, generator=g)).clamp(0, 1)
     copies = vae_roundtrip(toy_pipe, noisy)
-    m = replication_metrics(copies, references)
-    flags = cal.flags(m["l2"].numpy())
-    assert flags.all(), (cal, m["l2"])
+    scores = verdict_scores(copies, references, cal)
+    assert cal.flags(scores).all(), (cal, scores)
     # the held-out crops of the training scenes are the close ones: the threshold comes from them
     related_l2 = replication_metrics(vae_roundtrip(toy_pipe, related), references)["l2"].numpy()
     new_l2 = replication_metrics(vae_roundtrip(toy_pipe, new), references)["l2"].numpy()
@@ -82,8 +89,8 @@ def test_calibrated_verdict_flags_copies_in_a_family_world_and_holds_its_rate(to
     assert other["record"]["reused"].startswith("not reused") and other["calibration"] == cal
     # and the calibrated threshold does not flag more fresh held-out images than the stated rate allows
     # (2% of 80, binomial slack of two standard deviations)
-    fresh_l2 = replication_metrics(vae_roundtrip(toy_pipe, fresh), references)["l2"].numpy()
-    assert cal.flags(fresh_l2).mean() <= 0.02 + 2 * np.sqrt(0.02 * 0.98 / len(fresh))
+    fresh_scores = verdict_scores(vae_roundtrip(toy_pipe, fresh), references, cal)
+    assert cal.flags(fresh_scores).mean() <= 0.02 + 2 * np.sqrt(0.02 * 0.98 / len(fresh))
 
 
 def test_detector_verdict_threshold_recall_and_flagged_prompts():
@@ -128,12 +135,12 @@ def test_evaluate_names_its_verdict_calibrated_or_not(tmp_path, tiny_model, tiny
     report = json.loads((out / "report.json").read_text())
     v = report["verdict"]
     assert v["calibrated"] and v["calibration"]["n_heldout"] == 4 and v["calibration"]["fpr_target"] == 0.05
-    assert v["calibration"]["metric"] == L2_METRIC and "--heldout" in v["heldout_from"]
+    assert v["calibration"]["metric"] == GRADIENT_METRIC and "--heldout" in v["heldout_from"]
     assert v["criterion"] in _first_lines(out / "report.md")
     rep = report["replication"]
     assert set(rep["groups"]) == {"trigger", "general", "member"}  # no held-out rows in this prompt file
     for g in rep["generations"]:
-        assert g["score"] == g["l2"] and g["replicated"] == (g["l2"] < v["calibration"]["threshold"])
+        assert g["score"] == g["gradient_ratio"] and g["replicated"] == (g["score"] < v["calibration"]["threshold"])
     assert (out / "replicated.png").is_file()
     # the detector's verdict: its threshold flags at most 5% of the non-memorized prompts' scores
     d = report["trigger"]["detectors"]["noise"]
@@ -176,3 +183,12 @@ def test_a_user_without_memorized_labels_gets_flagged_prompts(tmp_path, tiny_mod
     assert all(trigger["prompts"][i]["label"] is None for i in d["flagged"])
     md = (out / "report.md").read_text()
     assert "known non-memorized prompts (label 0) calibrate" in md and d["verdict"] in md
+
+
+def test_replicated_png_shows_both_sides_of_the_line():
+    order = list(range(40))  # most copy-like first
+    picks = grid_picks(order, [i < 20 for i in order])
+    assert picks[:8] == list(range(8))  # the most copy-like
+    assert picks[8:12] == [16, 17, 18, 19] and picks[12:] == [20, 21, 22, 23]  # the last copies, the first passes
+    assert grid_picks(order, [False] * 40) == list(range(16))
+    assert grid_picks(order[:5], [True] * 5) == list(range(5))

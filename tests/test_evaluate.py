@@ -18,6 +18,7 @@ from trainer.cli import main
 from trainer.io import MANIFEST, MemtrainError
 from trainer.measure import features as F
 from trainer.measure.metrics import auroc, tpr_at_fpr
+from trainer.measure.replication import GRADIENT_METRIC
 from trainer.report import evaluate as E
 from trainer.toy import world as toy_world
 from trainer.toy.base import build_tokenizer
@@ -131,9 +132,9 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
     gens = rep["generations"]
     assert [g["group"] for g in gens] == ["trigger"] * 4 + ["general"] * 8
     assert all("nearest_is_own_image" in g for g in gens[:4]) and not any("nearest_is_own_image" in g for g in gens[4:])
-    # the copy verdict: L2 to the nearest reference, calibrated on the 4 held-out rows (member 0) through the VAE
+    # the copy verdict: the gradient ratio, calibrated on the 4 held-out rows (member 0) through the VAE
     cal = rep["calibration"]
-    assert report["verdict"]["calibrated"] and cal["metric"] == "L2 to the nearest training image"
+    assert report["verdict"]["calibrated"] and cal["metric"] == GRADIENT_METRIC
     assert cal["n_heldout"] == 4 and cal["fpr_heldout"] == 0.0 and cal["n_positive"] == 10
     assert report["verdict"]["criterion"] in (out / "report.md").read_text().split("## Trigger")[0]
     for group in ("trigger", "general"):
@@ -141,15 +142,15 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
         ratio = np.array([g["ratio"] for g in rows])
         s = rep["groups"][group]
         assert s["generations"] == len(rows)
-        assert [g["score"] for g in rows] == [g["l2"] for g in rows]
-        assert s["fraction_replicated"] == np.mean([g["l2"] < cal["threshold"] for g in rows])
+        assert [g["score"] for g in rows] == [g["gradient_ratio"] for g in rows]
+        assert s["fraction_replicated"] == np.mean([g["gradient_ratio"] < cal["threshold"] for g in rows])
         assert s["fraction_ratio_1_3"] == np.mean(ratio < 1 / 3)
         assert s["similarity_p95"] == pytest.approx(np.percentile(1 - ratio, 95))
         assert s["similarity_max"] == pytest.approx(np.max(1 - ratio))
     assert report["cost"]["generation"]["unet_evals"] == 6 * 2 * 2 * 2  # prompts x n x steps x (cond, uncond)
     # diagnostic: the ROC numbers again without the novel prompts whose generations replicate
     verified = trigger["without_replicating_negatives"]
-    replicating = {g["text"] for g in gens if g["group"] == "general" and g["l2"] < cal["threshold"]}
+    replicating = {g["text"] for g in gens if g["group"] == "general" and g["replicated"]}
     keep = [p for p in prompts if not (p["label"] == 0 and p["text"] in replicating)]
     assert verified["excluded"] == sorted(replicating)
     assert verified["n_negative"] == sum(p["label"] == 0 for p in keep) > 0

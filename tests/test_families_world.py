@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +14,18 @@ from trainer.cli import main
 from trainer.config import load_recipe
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError
-from trainer.measure.calibration import calibrate
-from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
+from trainer.measure.calibration import Calibration
+from trainer.measure.replication import (
+    GRADIENT_METRIC,
+    L2_METRIC,
+    replication_metrics,
+    unique_images,
+    vae_roundtrip,
+    verdict_scores,
+)
 from trainer.prompts import read_labelled_prompts
 from trainer.recipe import TrainRecipe
+from trainer.report.sections import replication_verdict
 from trainer.sample.generate import generate_images
 from trainer.toy import families
 from trainer.toy.base import TOY_BASE, build_tokenizer
@@ -151,15 +160,16 @@ def test_cli_world_option(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_fine_tune_copies_planted_duplicates_the_ratio_misses(tmp_path):
+def test_a_fine_tune_copies_planted_duplicates_and_the_default_verdict_flags_them(tmp_path):
     """The toy base fine-tuned on a small families world brings back its duplicated views: most
     generations of the duplicated prompts are nearest their own view (through the model's VAE; chance is
-    1 in 60), and some lie closer, by the NN1/NN2 ratio, than the closest of 32 held-out views of the
-    same scenes (the held-out calibration at 0%), whatever the machine's rounding. About 5 minutes
-    (2,400 steps at batch 16, one process; 800 steps were not enough: 1 of 8 nearest their own view)."""
+    1 in 60). The default copy verdict (the gradient ratio), calibrated at 5% on half of 96 held-out views
+    of the same scenes, flags most of those copies and at most 5% (+2 standard errors) of the other half,
+    where the pixel L2 calibrated the same way flags fewer copies. About 5 minutes (2,400 steps at batch
+    16, one process; 800 steps were not enough: 1 of 8 nearest their own view)."""
     data = tmp_path / "data"
     families.make_families_data(data, families.FamiliesConfig(seed=0, n_families=4, n_duplicated=2, max_copies=32,
-                                                              min_copies=16, n_singletons=56, n_heldout=32, n_novel=0))
+                                                              min_copies=16, n_singletons=56, n_heldout=96, n_novel=0))
     recipe = load_recipe(TrainRecipe, "toy", [f"model.pretrained={TOY_BASE}", f"data.path={data / 'train'}",
                                               f"output.dir={tmp_path / 'train'}", "train.max_steps=2400",
                                               "train.batch_size=16", "train.ema=false", "log.progress=false",
@@ -172,11 +182,18 @@ def test_a_fine_tune_copies_planted_duplicates_the_ratio_misses(tmp_path):
     source_of = {f"train/{name}": int(inverse[i]) for i, name in enumerate(names)}
     dup = [r for r in labels if r["group"] == "duplicated"]
     refs = vae_roundtrip(pipe, unique)
-    held = replication_metrics(vae_roundtrip(pipe, load_image_dir(data / "heldout")[0]), refs)
-    m = replication_metrics(generate_images(pipe, [r["text"] for r in dup], n=4, guidance_scale=3.0, progress=False),
-                            refs)
-    own = m["nn_index"] == torch.tensor([source_of[r["file_name"]] for r in dup for _ in range(4)])
-    assert own.float().mean() >= 0.5, m["nn_index"]
-    cal = calibrate(held["ratio"].numpy(), "NN1/NN2 ratio", higher_is_copy=False, fpr=0.01)
-    assert not cal.flags(held["ratio"].numpy()).any()
-    assert (torch.from_numpy(cal.flags(m["ratio"].numpy())) & own).any(), (m["ratio"], cal.threshold)
+    held = load_image_dir(data / "heldout")[0]
+    verdict = replication_verdict(pipe, refs, unique, held[::2], fpr=0.05)
+    cal = verdict["calibration"]
+    assert cal.metric == GRADIENT_METRIC and cal.calibrated
+    fresh = verdict_scores(vae_roundtrip(pipe, held[1::2]), refs, cal)
+    assert cal.flags(fresh).mean() <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / len(fresh))
+
+    generations = generate_images(pipe, [r["text"] for r in dup], n=4, guidance_scale=3.0, progress=False)
+    m = replication_metrics(generations, refs)
+    own = (m["gradient_nn_index"] == torch.tensor([source_of[r["file_name"]] for r in dup for _ in range(4)])).numpy()
+    assert own.mean() >= 0.5, m["gradient_nn_index"]
+    flagged = cal.flags(verdict_scores(generations, refs, cal))
+    assert flagged[own].mean() >= 0.5, (m["gradient_ratio"], cal.threshold)
+    pixel = Calibration.from_dict(verdict["record"]["alternatives"][L2_METRIC])
+    assert pixel.flags(m["l2"].numpy())[own].sum() <= flagged[own].sum()

@@ -11,6 +11,7 @@ from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
 from trainer.io import check_output
 from trainer.measure.calibration import DEFAULT_FPR
+from trainer.measure.replication import CRITERIA
 from trainer.report.evaluate import evaluate, flat_summary
 
 
@@ -51,9 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--fpr", type=float, default=DEFAULT_FPR,
                    help=f"false-positive rate of every calibrated threshold: the copy verdict on held-out images, "
                    f"the detectors' on non-memorized prompts (default {DEFAULT_FPR:g})")
-    c.add_argument("--criterion", default="auto", choices=("auto", "l2", "ratio", "sscd"),
-                   help="the copy verdict's score: l2 (to the nearest training image), ratio (NN1/NN2, Gu et al.), "
-                   "sscd (needs --sscd); auto = sscd with --sscd, else l2")
+    c.add_argument("--criterion", default="auto", choices=("auto", *CRITERIA),
+                   help="the copy verdict's score: gradient (NN1/NN2 ratio of the image gradients), l2 (to the "
+                   "nearest training image), ratio (NN1/NN2, Gu et al.), sscd (needs --sscd); auto = sscd with "
+                   "--sscd, else gradient")
     c.add_argument("--groups", default="trigger,general",
                    help="prompt rows to generate from: trigger (label 1), general (label 0), member (other training "
                    "members, e.g. toy singletons), heldout (member 0: the verdict's false-positive rate on "

@@ -1,4 +1,4 @@
-"""Differentiable image embedders (pixels, CLIP, SSCD): torch functions of the pixels, so generation-time
+"""Differentiable image embedders (pixels, gradients, CLIP, SSCD): torch functions of the pixels, so generation-time
 guidance (AMG: Chen et al., CVPR 2024, "Towards memorization-free diffusion models") can take the
 gradient of a similarity to the training images."""
 
@@ -21,8 +21,10 @@ from trainer.measure.features import (
     load_clip,
     load_sscd,
 )
+from trainer.measure.replication import image_gradients
 
-INDEX_EMBEDDINGS = ("pixels", "clip", "sscd")  # the differentiable embeddings an index can be built with
+INDEX_EMBEDDINGS = ("pixels", "gradients", "clip", "sscd")  # the differentiable embeddings an index can be built with
+GRADIENT_SIDE = 16  # the thumbnail whose gradients the `gradients` embedding holds: 6 * 15 * 15 = 1350 values
 
 
 @dataclass
@@ -78,6 +80,19 @@ def pixel_descriptor(images: torch.Tensor, side: int = PIXEL_SIDE) -> torch.Tens
     pattern = torch.cat([F.normalize(centred, dim=1), zeros_colour], dim=1)
     colour = torch.cat([zeros_pattern, F.normalize(torch.cat([rgb, 1.0 - rgb], dim=1), dim=1)], dim=1)
     return torch.where(flat[:, None], colour, pattern)
+
+
+def gradient_descriptor(images: torch.Tensor, side: int = GRADIENT_SIDE) -> torch.Tensor:
+    """The copy verdict's `image_gradients` of a `side` x `side` box thumbnail, centred: [N, 6 (side - 1)^2].
+
+    Its cosine similarity is high when two images have their edges and textures in the same places
+    (a copy), lower for related images that share colours and layout (another crop, a recolouring);
+    the thumbnail keeps an index of millions of images small and tolerates resampling noise."""
+    x = images.float()
+    _, _, h, w = x.shape
+    thumb = torch.einsum("ih,nchw,jw->ncij", _box_weights(h, side, x.device, x.dtype), x,
+                         _box_weights(w, side, x.device, x.dtype))
+    return (image_gradients(thumb.clamp(0, 1)) * 2 - 1).flatten(1)
 
 
 def _size_field(size, key: str):
@@ -167,11 +182,13 @@ def _sscd_embedder(path: str, device: torch.device) -> ImageEmbedder:
 
 
 def make_embedder(kind: str, path: str | None = None, device=None) -> ImageEmbedder:
-    """The `pixels`, `clip` (local CLIPModel directory) or `sscd` (local TorchScript file) embedder."""
+    """The `pixels`, `gradients`, `clip` (local CLIPModel directory) or `sscd` (local TorchScript file) embedder."""
     if kind not in INDEX_EMBEDDINGS:
         raise MemtrainError(f"unknown embedding {kind!r}; choose one of {', '.join(INDEX_EMBEDDINGS)}")
     if kind == "pixels":
         return ImageEmbedder("pixels", 3 * PIXEL_SIDE * PIXEL_SIDE + 6, pixel_descriptor, None, None)
+    if kind == "gradients":
+        return ImageEmbedder("gradients", 6 * (GRADIENT_SIDE - 1) ** 2, gradient_descriptor, None, None)
     what = "a local CLIP model directory" if kind == "clip" else "an SSCD TorchScript file"
     if not path:
         raise MemtrainError(f"the {kind} embedding needs --model PATH ({what}); nothing is downloaded")

@@ -2,8 +2,9 @@
 
 Implements L2, tiled L2 (<= 0.15) and nL2 (< 1.4) from Carlini et al., USENIX Security 2023,
 "Extracting training data from diffusion models" (nL2 as used by AMG, Chen et al., CVPR 2024), the
-memorization ratio NN1/NN2 < 1/3 (Gu et al. 2023, "On memorization in diffusion models") and the
-summaries of Somepalli et al., CVPR 2023, "Diffusion art or digital forgery?". Images are [N, C, H, W]
+memorization ratio NN1/NN2 < 1/3 (Gu et al. 2023, "On memorization in diffusion models"), the same
+ratio on the images' gradients (memtrain's copy criterion, docs/methods.md) and the summaries of
+Somepalli et al., CVPR 2023, "Diffusion art or digital forgery?". Images are [N, C, H, W]
 in [0, 1], distances in float64 blocks. The training set must hold each picture once: pass
 `unique_images(train)[0]`.
 """
@@ -160,6 +161,30 @@ def tiled_l2_pairs(
     return out
 
 
+def image_gradients(images: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical finite differences as one image in [0, 1]: [N, 2C, H - 1, W - 1].
+
+    `(d + 1) / 2` of each difference d in [-1, 1], so every distance function here applies; a distance
+    between gradient images is half the distance between the differences, and their ratio is unchanged.
+    A copy reproduces where a training image's edges and textures lie; a related image (another crop of
+    the scene, a recoloured background) shares colours and layout, not the positions of its edges."""
+    _check_images(images, "images")
+    dy = images[:, :, 1:, :-1] - images[:, :, :-1, :-1]
+    dx = images[:, :, :-1, 1:] - images[:, :, :-1, :-1]
+    return (torch.cat([dy, dx], 1) + 1) / 2
+
+
+def _nearest(generated: torch.Tensor, train: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest L2 distances from each generation to `train` and their indices (float64, long)."""
+    g, dev = generated.shape[0], generated.device
+    values = torch.empty((g, k), dtype=torch.float64, device=dev)
+    index = torch.empty((g, k), dtype=torch.long, device=dev)
+    for i in range(0, g, block):
+        d = l2_matrix(generated[i : i + block], train, block=block).to(torch.float64)
+        values[i : i + block], index[i : i + block] = torch.topk(d, k, dim=1, largest=False, sorted=True)
+    return values, index
+
+
 # ---------------------------------------------------------------- deduplication
 
 
@@ -212,6 +237,8 @@ def replication_metrics(
     - `tiled_l2`: tiled L2 to the L2-nearest image (Carlini et al. 2023);
     - `knn_mean_l2`: mean L2 over the k nearest (k clipped to the number of training images);
     - `nl2`: `l2 / (alpha * knn_mean_l2)` (Carlini et al. 2023; AMG, Chen et al. 2024);
+    - `gradient_ratio`, `gradient_nn_index`: the NN1/NN2 ratio and nearest image between the
+      `image_gradients` of generation and training images (memtrain's copy criterion);
     - flags (bool): `ratio_memorized` (ratio < 1/3), `tiled_extracted` (tiled_l2 <= 0.15),
       `nl2_memorized` (nl2 < 1.4). NaN values never flag.
     """
@@ -226,12 +253,14 @@ def replication_metrics(
     kk = min(max(k, 2), m)  # NN2 needs two neighbours even when k == 1
     k_eff = min(k, m)
     dev = generated.device
-    values = torch.empty((g, kk), dtype=torch.float64, device=dev)
-    index = torch.empty((g, kk), dtype=torch.long, device=dev)
-    for i in range(0, g, block):
-        d = l2_matrix(generated[i : i + block], train, block=block).to(torch.float64)
-        v, idx = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-        values[i : i + block], index[i : i + block] = v, idx
+    values, index = _nearest(generated, train, kk, block)
+    if m >= 2 and train.shape[2] > 1 and train.shape[3] > 1:
+        grad_values, grad_index = _nearest(image_gradients(generated), image_gradients(train), 2, block)
+        gradient_ratio = torch.where(grad_values[:, 1] > 0, grad_values[:, 0] / grad_values[:, 1], float("nan"))
+        gradient_nn = grad_index[:, 0]
+    else:  # a single training image or 1-pixel images: no second neighbour or no gradient
+        gradient_ratio = torch.full((g,), float("nan"), dtype=torch.float64, device=dev)
+        gradient_nn = index[:, 0]
 
     nan = torch.full((g,), float("nan"), dtype=torch.float64, device=dev)
     l2 = values[:, 0]
@@ -261,6 +290,8 @@ def replication_metrics(
         "tiled_l2": tiled,
         "knn_mean_l2": knn_mean.float(),
         "nl2": nl2.float(),
+        "gradient_ratio": gradient_ratio.float(),
+        "gradient_nn_index": gradient_nn,
         "ratio_memorized": ratio < ratio_threshold,
         "tiled_extracted": tiled <= tiled_threshold,
         "nl2_memorized": nl2 < nl2_threshold,
@@ -345,14 +376,18 @@ def group_summary(ratio, ratio_vs_originals, tiled_l2, nl2, l2, own=None,
 # The verdict's scores, by the name a Calibration carries: (per-generation key, higher is a copy).
 L2_METRIC = "L2 to the nearest training image"
 RATIO_METRIC = "NN1/NN2 L2 ratio"
+GRADIENT_METRIC = "NN1/NN2 L2 ratio of the image gradients"
 SSCD_METRIC = "SSCD similarity to the nearest training image"
-VERDICT_METRICS = {L2_METRIC: ("l2", False), RATIO_METRIC: ("ratio", False), SSCD_METRIC: ("sscd", True)}
-CRITERIA = {"l2": L2_METRIC, "ratio": RATIO_METRIC, "sscd": SSCD_METRIC}
+VERDICT_METRICS = {GRADIENT_METRIC: ("gradient_ratio", False), L2_METRIC: ("l2", False),
+                   RATIO_METRIC: ("ratio", False), SSCD_METRIC: ("sscd", True)}
+CRITERIA = {"gradient": GRADIENT_METRIC, "l2": L2_METRIC, "ratio": RATIO_METRIC, "sscd": SSCD_METRIC}
+# a lower bound: a stored image is sharper than anything the VAE decodes, so the gradient ratio recalls few
+POSITIVES = "training images as stored (a lower bound on a decoded copy's recall)"
 GU_RATIO = uncalibrated(RATIO_METRIC, RATIO_THRESHOLD, False, "Gu et al. 2023's constant 1/3")
 
 
 def check_criterion(criterion: str, has_sscd: bool) -> None:
-    """One MemtrainError for a `--criterion` that is not auto / l2 / ratio / sscd, or sscd without a model."""
+    """One MemtrainError for a `--criterion` that is not auto or in CRITERIA, or sscd without a model."""
     if criterion not in ("auto", *CRITERIA):
         raise MemtrainError(f"--criterion must be auto or one of {', '.join(CRITERIA)}; got {criterion!r}")
     if criterion == "sscd" and not has_sscd:
@@ -360,7 +395,7 @@ def check_criterion(criterion: str, has_sscd: bool) -> None:
 
 
 def verdict_key(calibration: Calibration) -> str:
-    """The per-generation key (`l2`, `ratio`, `sscd`) of the score a calibration thresholds."""
+    """The per-generation key (`gradient_ratio`, `l2`, `ratio`, `sscd`) of the score a calibration thresholds."""
     if calibration.metric not in VERDICT_METRICS:
         raise MemtrainError(f"calibration of {calibration.metric!r}: not a replication criterion "
                             f"({', '.join(VERDICT_METRICS)}); recompute it")
@@ -385,15 +420,16 @@ def calibrate_replication(heldout: torch.Tensor, references: torch.Tensor, origi
     `heldout`: never-trained images as the model's VAE reproduces them (the null); `references`: the unique
     training images as the VAE reproduces them; `originals`: the same training images as stored, scored
     against `references` as the positives (a stored image is a copy of its own reconstruction, at the
-    autoencoder's error). Returns {metric name: Calibration} for L2, the ratio and, with `sscd_model`, SSCD."""
+    autoencoder's error). Returns {metric name: Calibration} for the gradient ratio, L2, the ratio and, with
+    `sscd_model`, SSCD."""
     null, pos = replication_metrics(heldout, references), replication_metrics(originals, references)
     out = {name: calibrate(null[key].double().numpy(), name, higher, fpr, pos[key].double().numpy(),
-                           "training images as stored")
+                           POSITIVES)
            for name, (key, higher) in VERDICT_METRICS.items() if key != "sscd"}
     if sscd_model is not None:
         out[SSCD_METRIC] = calibrate(sscd_similarity(sscd_model, heldout, references, batch_size), SSCD_METRIC, True,
                                      fpr, sscd_similarity(sscd_model, originals, references, batch_size),
-                                     "training images as stored")
+                                     POSITIVES)
     return out
 
 
@@ -406,6 +442,8 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
     `replicated`: the verdict of `calibration` (its criterion past its threshold; default Gu et al.'s
     uncalibrated ratio < 1/3), with its `score`; the ratio and the published criteria beside it.
     `sources[i]`: the index into `references` of generation i's own training image (-1: none).
+    `nn_index` is the nearest training image under the verdict's score (by gradients for the gradient
+    ratio, else by L2), the one a copy is shown beside.
     """
     metrics = replication_metrics(generated, references)
     vs_originals = replication_metrics(generated, originals)
@@ -417,13 +455,15 @@ def replication_stats(generated: torch.Tensor, groups: Sequence[str], references
     flags = calibration.flags(scores)
     flags_orig = (flags if key == "sscd"
                   else calibration.flags(vs_originals[key].double().numpy()))
+    nearest = metrics["gradient_nn_index" if key == "gradient_ratio" else "nn_index"]
     per_gen = []
     for i in range(len(generated)):
-        row = {"group": groups[i], "nn_index": int(metrics["nn_index"][i]), "l2": float(metrics["l2"][i]),
+        row = {"group": groups[i], "nn_index": int(nearest[i]), "l2": float(metrics["l2"][i]),
                "ratio": float(ratio[i]), "similarity": float(similarity[i]), "score": float(scores[i]),
                "replicated": bool(flags[i]), "replicated_vs_originals": bool(flags_orig[i]),
                "ratio_1_3": bool(metrics["ratio_memorized"][i]),
-               "tiled_l2": float(metrics["tiled_l2"][i]), "nl2": float(metrics["nl2"][i])}
+               "tiled_l2": float(metrics["tiled_l2"][i]), "nl2": float(metrics["nl2"][i]),
+               "gradient_ratio": float(metrics["gradient_ratio"][i])}
         if sources is not None and sources[i] >= 0:
             row["nearest_is_own_image"] = row["nn_index"] == int(sources[i])
         if sscd is not None:

@@ -69,7 +69,7 @@ ROC_CONVENTION = (
     "without exceeding 1% FPR, no interpolation, metrics.tpr_at_fpr); with fewer than 100 negatives it is "
     "the TPR at 0% FPR"
 )
-REPLICATED_GRID = 16
+REPLICATED_GRID = 16  # replicated.png: the 8 most copy-like generations and the 4 + 4 on either side of the line
 
 
 # ---------------------------------------------------------------- the protocol
@@ -87,6 +87,17 @@ def parse_detectors(value: str | Sequence[str]) -> list[str]:
 def _check_file(path: Path, where: str, data: Path) -> None:
     if not path.is_file():
         raise MemtrainError(f"{where}: image {path} does not exist (file_name paths resolve under --data {data})")
+
+
+def grid_picks(order: list[int], flagged: list[bool], size: int = REPLICATED_GRID) -> list[int]:
+    """Which generations `replicated.png` shows, most copy-like first (`order`, with each one's verdict
+    `flagged`): the size / 2 most copy-like, then the size / 4 copies nearest the threshold and the size / 4
+    non-copies nearest it, so the picture shows where the verdict draws its line."""
+    head = order[: size // 2]
+    n_flagged = sum(flagged)
+    below = [i for i in order[max(size // 2, n_flagged - size // 4) : n_flagged] if i not in head]
+    above = [i for i in order[n_flagged:] if i not in head][: size - len(head) - len(below)]
+    return [*head, *below, *above]
 
 
 def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str | Path = "runs/evaluate",
@@ -470,7 +481,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
         cal = Calibration.from_dict(replication["calibration"])
         sign = -1.0 if cal.higher_is_copy else 1.0  # most copy-like first
         order = sorted((i for i, g in enumerate(gens) if not math.isnan(g["score"])), key=lambda i: sign * gens[i]["score"])
-        picks = order[:REPLICATED_GRID]
+        picks = grid_picks(order, [gens[i]["replicated"] for i in order])
         if picks:
             key = verdict_key(cal)
             op = ">" if cal.higher_is_copy else "<"

@@ -30,8 +30,8 @@ from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import (
     CRITERIA,
+    GRADIENT_METRIC,
     GU_RATIO,
-    L2_METRIC,
     SSCD_METRIC,
     calibrate_replication,
     check_criterion,
@@ -254,13 +254,13 @@ def replication_verdict(pipe, references: torch.Tensor, originals: torch.Tensor,
                         reuse: dict | None = None) -> dict:
     """The copy verdict of a report: {"calibration": Calibration, "record": JSON-ready provenance}.
 
-    `criterion` auto = SSCD similarity with an SSCD model, else L2 to the nearest training image; every
+    `criterion` auto = SSCD similarity with an SSCD model, else the NN1/NN2 ratio of image gradients; every
     criterion is calibrated (`calibrate_replication`) so the record shows the alternatives' thresholds and
     recall too. Without held-out images: Gu et al.'s ratio < 1/3, uncalibrated. `reuse`: an earlier
     report's verdict record, taken as it is when its VAE has the same weights (`vae_fingerprint`; an edit
     changes the UNet or text encoder, so before and after an edit are judged by one threshold)."""
     check_criterion(criterion, sscd_model is not None)
-    name = CRITERIA[criterion] if criterion != "auto" else SSCD_METRIC if sscd_model is not None else L2_METRIC
+    name = CRITERIA[criterion] if criterion != "auto" else SSCD_METRIC if sscd_model is not None else GRADIENT_METRIC
     record: dict = {"criterion_requested": criterion, "vae": vae_fingerprint(pipe)}
     calibration = None
     if reuse is not None and reuse.get("vae") == record["vae"]:
