@@ -94,7 +94,8 @@ def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
     return True
 
 
-def _group_name(row: PromptRow) -> str:
+def group_name(row: PromptRow) -> str:
+    """The row's group, else its label's name (memorized / not memorized / unlabelled)."""
     if row.group:
         return row.group
     return {1: "memorized", 0: "not memorized"}.get(row.label, "unlabelled")

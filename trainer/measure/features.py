@@ -66,7 +66,7 @@ def phash_embedding(image: Image.Image) -> np.ndarray:
     return (2.0 * bits - 1.0) / 8.0
 
 
-def _check_path(path: str | None, flag: str, what: str) -> Path:
+def check_model_path(path: str | None, flag: str, what: str) -> Path:
     if not path:
         raise MemtrainError(f"--embedding {flag} needs --{flag} PATH ({what}); nothing is downloaded")
     p = Path(path)
@@ -77,7 +77,7 @@ def _check_path(path: str | None, flag: str, what: str) -> Path:
 
 def load_clip(path: str | Path):
     """(model, processor, kind) from a local CLIPModel / CLIPVisionModelWithProjection directory."""
-    p = _check_path(str(path), "clip", "a local CLIP model directory")
+    p = check_model_path(str(path), "clip", "a local CLIP model directory")
     config = p / "config.json"
     if not p.is_dir() or not config.exists():
         raise MemtrainError(f"--clip {p}: not a transformers model directory (no config.json)")
@@ -108,7 +108,7 @@ def load_clip(path: str | Path):
 
 
 def load_sscd(path: str | Path):
-    p = _check_path(str(path), "sscd", "an SSCD TorchScript file")
+    p = check_model_path(str(path), "sscd", "an SSCD TorchScript file")
     try:
         with warnings.catch_warnings():  # SSCD ships as TorchScript; torch >= 2.10 flags jit as deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -129,7 +129,7 @@ def sscd_batch(images: list[Image.Image]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _default_names(images: Sequence) -> list[str]:
+def default_names(images: Sequence) -> list[str]:
     return [str(s) if isinstance(s, str | Path) else f"image {i}" for i, s in enumerate(images)]
 
 
@@ -146,7 +146,7 @@ def embed_images(
     """(n, d) float32 L2-normalised embeddings of images (PIL images, paths or `datasets` image dicts)."""
     if embedding not in EMBEDDINGS:
         raise MemtrainError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-    names = list(names) if names is not None else _default_names(images)
+    names = list(names) if names is not None else default_names(images)
     bar = dict(desc=f"embed ({embedding})", disable=not progress, unit="img")
     if embedding in ("pixels", "phash"):
         fn = pixel_embedding if embedding == "pixels" else phash_embedding

@@ -35,7 +35,8 @@ from trainer.measure.features import (
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.replication import check_criterion, verdict_key
-from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
+from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
+from trainer.prompts import LABEL_MAPPING, check_labels, group_name, read_labelled_prompts, rows_from_lists
 from trainer.report.guard_sections import (
     DEFAULT_ATTACK_EPS,
     attack_report,
@@ -45,7 +46,6 @@ from trainer.report.guard_sections import (
     index_replication,
     parse_eps,
 )
-from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 from trainer.report.render import evaluate_markdown
 from trainer.report.sections import (
     CLID_FOLDS,
@@ -283,7 +283,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                                      resolution, "membership images", progress)
                 membership = membership_scenario(pipe, images, [r.text for r in member_rows],
                                                  [r.member for r in member_rows], seed, batch_size)
-                membership["groups"] = [_group_name(r) if r.group else ("member" if r.member else "non-member")
+                membership["groups"] = [group_name(r) if r.group else ("member" if r.member else "non-member")
                                         for r in member_rows]
                 membership["texts"] = [r.text for r in member_rows]
                 membership["by_group"] = membership_by_group(membership)

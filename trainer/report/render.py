@@ -398,7 +398,7 @@ def compare_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _fraction(x: float) -> str:
+def fraction(x: float) -> str:
     return "1/3" if abs(x - 1 / 3) < 1e-9 else f"{x:g}"
 
 
@@ -415,7 +415,7 @@ def study_markdown(report: dict) -> str:
     for key in ("training", "timing"):
         if key in report:
             lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
-    threshold = _fraction(report["ratio_threshold"])
+    threshold = fraction(report["ratio_threshold"])
     lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | replicated: a duplicated "
               "image | (vs originals) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -25,8 +25,8 @@ from trainer.io import MemtrainError, atomic_file, claim_output, write_json
 from trainer.measure.features import kid
 from trainer.mitigate.dedup import exposure
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
+from trainer.plots import save_curves
 from trainer.recipe import TrainRecipe
-from trainer.report.plots import save_curves
 from trainer.report.render import compare_markdown
 from trainer.report.sections import general_scenario
 from trainer.toy import demo as demo

@@ -22,7 +22,6 @@ import wandb
 from accelerate.utils import broadcast_object_list
 
 from trainer import data as data_lib
-from trainer.core.checkpoints import list_checkpoints
 from trainer.core.components import pipeline_from_components
 from trainer.core.unet_core import count_evals, encode_latents
 from trainer.detect.clid import clid_features, clid_th_scores
@@ -31,9 +30,10 @@ from trainer.io import MemtrainError, write_json
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
+from trainer.plots import save_curves
 from trainer.prompts import read_labelled_prompts, read_prompts
-from trainer.report.plots import save_curves
 from trainer.sample.generate import generate_images
+from trainer.training.checkpoints import list_checkpoints
 
 PREFIX = "monitor/"
 CURVES = ("clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr")
