@@ -218,29 +218,35 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class QualityFeature:
     """How the general scenario scores image quality: a KID feature space and, optionally, a per-image
-    text-alignment score in [0, 1] (reported as `alignment_key`). `claims(captions)` says whether the
-    feature applies to a caption set (a domain-specific feature claims only its own captions)."""
+    text-alignment score in [0, 1] (reported as `alignment_key`). Chosen by name (`QUALITY_FEATURES`)."""
 
     name: str
     description: str
     features: Callable[[torch.Tensor], torch.Tensor]
     alignment: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None
     alignment_key: str | None = None
-    claims: Callable[[Sequence[str]], bool] = lambda captions: True
 
 
 PIXELS = QualityFeature("pix8", "8x8 area-averaged RGB (192 values)", pixel_features)
-_REGISTERED: list[QualityFeature] = []
+# name -> feature, as `memtrain evaluate --quality-feature NAME` chooses them; `clip` needs a CLIP model (--clip)
+QUALITY_FEATURES: dict[str, QualityFeature] = {"pix8": PIXELS}
 
 
-def register_quality_feature(feature: QualityFeature) -> None:
-    """Add a domain-specific quality feature; `choose_quality_feature` prefers the latest registered."""
-    _REGISTERED.insert(0, feature)
-
-
-def choose_quality_feature(captions: Sequence[str]) -> QualityFeature:
-    """The first registered feature that claims every caption, else the generic pixel feature."""
-    return next((q for q in _REGISTERED if q.claims(captions)), PIXELS)
+def choose_quality_feature(choice: str | QualityFeature | None, clip_scorer=None,
+                           batch_size: int = 32) -> QualityFeature:
+    """The quality feature named by `choice` (a QUALITY_FEATURES name or `clip`), or `choice` itself; None:
+    CLIP with a CLIP model, else pix8. A MemtrainError names the unknown choice and the known ones."""
+    if isinstance(choice, QualityFeature):
+        return choice
+    if choice is None:
+        choice = "clip" if clip_scorer is not None else "pix8"
+    if choice == "clip":
+        if clip_scorer is None:
+            raise MemtrainError("--quality-feature clip needs a CLIP model (--clip DIR)")
+        return clip_quality_feature(clip_scorer, batch_size)
+    if choice not in QUALITY_FEATURES:
+        raise MemtrainError(f"--quality-feature: unknown {choice!r}; choose from {', '.join([*QUALITY_FEATURES, 'clip'])}")
+    return QUALITY_FEATURES[choice]
 
 
 def clip_quality_feature(scorer, batch_size: int = 32) -> QualityFeature:

@@ -26,8 +26,8 @@ from trainer.measure.replication import (
     vae_roundtrip,
 )
 from trainer.plots import save_replication_grid
-from trainer.report.render import fraction, study_markdown
 from trainer.sample.generate import generate_images
+from trainer.toy.render import fraction, study_markdown
 from trainer.toy.world import read_labels
 
 GROUPS = ("duplicated", "singleton", "novel")

@@ -31,7 +31,7 @@ from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
 from trainer.plots import save_curves
-from trainer.prompts import read_labelled_prompts, read_prompts
+from trainer.prompts import LabelGroups, read_labelled_prompts, read_prompts
 from trainer.sample.generate import generate_images
 from trainer.training.checkpoints import list_checkpoints
 
@@ -143,10 +143,12 @@ def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
     except MemtrainError as e:
         raise MemtrainError(f"`{key}`: {e}") from None
     labels = {r["text"]: r["group"] for r in rows if "group" in r}
+    novel = LabelGroups.load().not_memorized
     if any("group" in r for r in rows):
-        rows = [r for r in rows if r.get("group") == "novel"]
+        rows = [r for r in rows if r.get("group") in novel]
         if not rows:
-            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group \"novel\"")
+            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group {' or '.join(novel)} (the "
+                                "not-memorized groups of trainer/label_groups.yaml)")
     return [r["text"] for r in rows], labels
 
 
