@@ -50,7 +50,7 @@ def timed(cmd: list[str], env: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "trainer/assets/toy_base"))
+    parser.add_argument("--model", default=str(ROOT / "trainer/toy/toy_base"))
     parser.add_argument("--prompts", required=True, help="labelled prompt file (e.g. a toy world's labels.jsonl)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--processes", type=int, default=2)

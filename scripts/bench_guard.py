@@ -67,7 +67,7 @@ def toy_index(pipe, workdir: Path, seed: int) -> tuple[TrainingIndex, list[str]]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "trainer" / "assets" / "toy_base"))
+    p.add_argument("--model", default=str(ROOT / "trainer" / "toy" / "toy_base"))
     p.add_argument("--index", help="index directory (default: a toy world's training images, pixel embedding)")
     p.add_argument("--prompt-file", help="general prompts (default: the toy world's novel captions)")
     p.add_argument("--prompts", type=int, default=8, help="number of general prompts (default 8)")

@@ -31,7 +31,7 @@ row has them), and --steps must then be a multiple of the cadence so the window 
     OMP_NUM_THREADS=1 python scripts/bench_train.py                       # toy model + toy data
     OMP_NUM_THREADS=1 python scripts/bench_train.py --variants rt mask dedup
     OMP_NUM_THREADS=1 python scripts/bench_train.py --variants monitor --steps 200 --rounds 2
-    OMP_NUM_THREADS=1 python scripts/bench_train.py --model trainer/assets/toy_base \\
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --model trainer/toy/toy_base \\
         --variants "gni:data.captions.embedding_noise=0.1" "rt2:data.captions.random_token_p=0.1 data.captions.random_token_count=4"
 """
 

@@ -1,4 +1,4 @@
-"""Build the committed toy base model (trainer/assets/toy_base), as a released SD checkpoint is built:
+"""Build the committed toy base model (trainer/toy/toy_base), as a released SD checkpoint is built:
 
 1. a broad toy dataset (singletons only, its own seed: the demo's data is never in it);
 2. the VAE: a tiny AutoencoderKL trained for reconstruction (a plain loop: the project's trainer
@@ -92,7 +92,7 @@ def export_checkpoint(work: Path, checkpoint: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "trainer" / "assets" / "toy_base"))
+    p.add_argument("--out", default=str(ROOT / "trainer" / "toy" / "toy_base"))
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--unet-steps", type=int, default=4000)

@@ -5,7 +5,7 @@ Draws --samples training rows, a timestep and noise each (seeded), computes ||d(
 the training loop does (`mitigate.loss_mask.conditional_magnitude`) and prints, per timestep range, the
 median magnitude and the share each rule masks (q = --quantile, the window = these samples).
 
-    OMP_NUM_THREADS=1 python scripts/loss_mask_timesteps.py trainer/assets/toy_base runs/demo/data/train
+    OMP_NUM_THREADS=1 python scripts/loss_mask_timesteps.py trainer/toy/toy_base runs/demo/data/train
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from trainer.core.components import load_pipeline
 from trainer.measure.calibration import calibrate
 from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
-from trainer.report.plots import save_replication_grid
+from trainer.plots import save_replication_grid
 from trainer.sample.generate import generate_images
 from trainer.toy.study import load_image_dir
 from trainer.toy.world import read_labels

@@ -15,7 +15,6 @@ from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
 from trainer.mitigate.presets import PRESETS
 from trainer.recipe import TrainRecipe
-from trainer.report.render import compare_markdown
 from trainer.toy import world as toy_world
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
 from trainer.toy.compare import (
@@ -27,6 +26,7 @@ from trainer.toy.compare import (
     parse_alone,
     plan_runs,
 )
+from trainer.toy.render import compare_markdown
 from trainer.tracking import read_jsonl
 
 # 32 px like the toy data (the replication study compares generations with the training images as they are)

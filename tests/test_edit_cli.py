@@ -119,7 +119,7 @@ def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
     assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--preserved", prompts / "preserved.txt",
                 "--out", out, "--evaluate",
                 tiny_data / "labels.jsonl", "--eval-n", "1", "--eval-steps", "2", "--eval-detectors", "noise,clid",
-                "--batch-size", "64", "--wandb") == 0
+                "--batch-size", "64", "--wandb", "--quality-feature", "toy") == 0
     report = json.loads((out / "edit.json").read_text())
     ev = report["evaluation"]
     assert ev["named_in_prompts"] == 1

@@ -19,7 +19,7 @@ from trainer.toy import world as toy_world
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline
 
 MEMORIZED = ["a large green ring and a small orange ring"]
-TOY_BASE = Path(trainer.__file__).parent / "assets" / "toy_base"  # committed; layers of widths 32 and 64
+TOY_BASE = Path(trainer.__file__).parent / "toy" / "toy_base"  # committed; layers of widths 32 and 64
 PRESERVED = ["small purple diamond"]  # no common prefix with the memorized prompt (a shared prefix is the same tokens)
 
 

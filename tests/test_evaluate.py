@@ -22,7 +22,7 @@ from trainer.measure.replication import GRADIENT_METRIC
 from trainer.report import evaluate as E
 from trainer.toy import world as toy_world
 from trainer.toy.base import build_tokenizer
-from trainer.toy.checker import toy_features
+from trainer.toy.checker import TOY_QUALITY, toy_features
 
 FAST = ["--steps", "2", "-n", "2", "--batch-size", "64"]  # 2 DDIM steps keep the generations cheap
 
@@ -90,7 +90,7 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
 
     out = tmp_path / "eval"
     assert run_evaluate(tiny_model, "--prompts", tiny_data / "labels.jsonl", "--train-data", tiny_data / "train",
-                        "--out", out, *FAST, "--wandb") == 0
+                        "--out", out, *FAST, "--wandb", "--quality-feature", "toy") == 0
     assert "report.md" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     for key in ("config", "label_mapping", "roc_convention", "counts", "trigger", "replication", "membership",
@@ -177,7 +177,8 @@ def test_protocol_end_to_end(tmp_path, tiny_model, tiny_data, offline_wandb, cap
             assert mem["by_group"][group][name] == pytest.approx(
                 pairwise_auc(values[pick], np.array(mem["groups"])[pick] == group))
 
-    # quality: toy alignment and KID against the 4 held-out images
+    # quality: toy alignment and KID against the 4 held-out images, in the feature the flag named
+    assert report["quality"]["feature"].startswith("pix8+palette:") and report["quality"]["alignment"] == "toy_alignment"
     for group in ("trigger", "general"):
         q = report["quality"]["groups"][group]
         assert 0 <= q["toy_alignment"] <= 1 and np.isfinite(q["kid"]) and "clip_score" not in q
@@ -215,12 +216,26 @@ def test_without_replicating_negatives_leaves_out_the_novel_prompts_that_replica
     assert without_replicating_negatives({**trigger, "labelled": False}, {"generations": gens}) is None
 
 
+def test_the_quality_feature_is_chosen_by_name_not_by_the_captions(tmp_path, tiny_model):
+    """Toy captions without a choice are scored in pix8 (no alignment); an unknown name fails before any work."""
+    prompts = tmp_path / "prompts" / "p.txt"
+    prompts.parent.mkdir()
+    prompts.write_text("a small red circle\na large green square\n")
+    with pytest.raises(MemtrainError, match="--quality-feature: unknown 'palette'; choose from pix8"):
+        E.evaluate(tiny_model, prompts, out=tmp_path / "bad", quality_feature="palette", progress=False)
+    assert not (tmp_path / "bad").exists()
+    report = E.evaluate(tiny_model, prompts, out=tmp_path / "eval", n=1, steps=2, detectors="noise",
+                        progress=False)
+    assert report["quality"]["feature"].startswith("pix8:") and "alignment" not in report["quality"]
+    assert set(report["quality"]["groups"]["all"]) == {"generations", "notes"}
+
+
 def test_plain_text_prompts_give_scores_only(tmp_path, tiny_model):
     prompts = tmp_path / "prompts" / "p.txt"
     prompts.parent.mkdir()
     prompts.write_text("a small red circle\n\na large green square\n")
     report = E.evaluate(tiny_model, prompts, out=tmp_path / "eval", n=1, steps=2, detectors="noise,entropy",
-                        progress=False)
+                        progress=False, quality_feature=TOY_QUALITY)
     trigger = report["trigger"]
     assert not trigger["labelled"] and trigger["n_prompts"] == 2
     assert set(trigger["detectors"]) == {"noise", "entropy"}
@@ -319,6 +334,24 @@ def test_prompt_file_roles(tmp_path, tiny_data):
     rows = prompts.read_labelled_prompts(path)
     assert [(r.text, r.line, r.label, r.member) for r in rows] == [("x", 1, 0, None), ("y", 3, 1, None),
                                                                    ("z", 4, None, 0)]
+
+
+def test_group_names_are_data(tmp_path, tiny_data):
+    """Another dataset's group names play the same roles through a label-groups file; a bad file is one error."""
+    renamed = {"duplicated": "copied", "novel": "fresh", "singleton": "once", "heldout": "unseen"}
+    path = tmp_path / "labels.jsonl"
+    rows = [json.loads(line) for line in (tiny_data / "labels.jsonl").read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "group": renamed[r["group"]]}) + "\n" for r in rows))
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("memorized: [copied]\nnot_memorized: [fresh]\nmembers: [copied, once]\nnon_members: [unseen]\n")
+    schema = prompts.LabelGroups.load(groups)
+    default = prompts.read_labelled_prompts(tiny_data / "labels.jsonl")
+    assert [(r.label, r.member) for r in prompts.read_labelled_prompts(path, schema)] == [
+        (r.label, r.member) for r in default]
+    assert "group copied" in schema.mapping() and "group duplicated" in prompts.LabelGroups.load().mapping()
+    groups.write_text("memorized: copied\n")
+    with pytest.raises(MemtrainError, match=f"--label-groups {groups}: needs exactly the keys memorized, "):
+        prompts.LabelGroups.load(groups)
 
 
 # ---------------------------------------------------------------- bad input

@@ -36,7 +36,8 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--train-data",
                  str(tiny_data / "train"), "--out", str(out), *FAST, "--attack", "--attack-eps", "0.1,0.2",
-                 "--attack-steps", "1", "--index", str(index_dir), "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0"]) == 0
+                 "--attack-steps", "1", "--index", str(index_dir), "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0",
+                 "--quality-feature", "toy"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()

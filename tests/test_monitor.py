@@ -314,7 +314,7 @@ def test_member_probe_is_distinct_images_and_the_same_after_drop_dedup(tmp_path,
     (["monitor.heldout={missing}"], "no such file or directory"),
     (["monitor.heldout={root}"], "`monitor.heldout`={root}: cannot load dataset"),
     (["monitor.heldout={bare}"], "no held-out pairs"),
-    (["monitor.novel_prompts={bare}"], 'no rows with group "novel"'),
+    (["monitor.novel_prompts={bare}"], 'no rows with group novel'),
 ])
 def test_bad_monitor_input_fails_before_training(tmp_path, capsys, tiny_model, tiny_data, overrides, expected):
     bare = tmp_path / "labels.jsonl"  # labels of a dataset without held-out pairs or novel prompts

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from trainer.io import MemtrainError
-from trainer.report.plots import (
+from trainer.plots import (
     _to_display,
     save_curves,
     save_image_grid,

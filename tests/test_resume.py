@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from trainer.cli import main
 from trainer.config import load_recipe
-from trainer.core.run_lock import LOCK_NAME
 from trainer.recipe import TrainRecipe
 from trainer.tracking import read_jsonl
+from trainer.training.run_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

@@ -14,8 +14,8 @@ import torch
 from conftest import write_recipe
 
 from trainer.cli import main
-from trainer.core.checkpoints import CHECKPOINT_INFO
 from trainer.tracking import read_jsonl
+from trainer.training.checkpoints import CHECKPOINT_INFO
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from trainer.edit.unlearn import merged_unet, unlearn
 from trainer.io import MemtrainError
 from trainer.sample.generate import generate_images
 
-TOY_BASE = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "toy_base"
+TOY_BASE = Path(__file__).resolve().parents[1] / "trainer" / "toy" / "toy_base"
 NAMED = "a large red circle and a small blue square"
 KEPT = "a small green triangle"
 GEN = dict(n=2, seed=0, steps=10, guidance_scale=7.5, progress=False)

@@ -10,12 +10,15 @@ import os
 import sys
 
 from trainer.io import MemtrainError
+from trainer.measure.features import QUALITY_FEATURES
+from trainer.toy.checker import TOY_QUALITY
 
 # verb modules, in the order `memtrain --help` lists them
 COMMANDS = ["demo", "compare", "toy_data", "recipes", "train", "generate", "evaluate", "dedup", "index", "edit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    QUALITY_FEATURES.setdefault("toy", TOY_QUALITY)  # the toy world's feature, by name (`--quality-feature toy`)
     parser = argparse.ArgumentParser(
         prog="memtrain",
         description="Fine-tune Stable Diffusion models without memorizing the training data: "

@@ -5,22 +5,58 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
+
+import yaml
 
 from trainer.io import MemtrainError
 
-LABEL_GROUPS = {"duplicated": 1, "novel": 0}  # toy labels.jsonl group -> label (1 = memorized)
+DEFAULT_LABEL_GROUPS = Path(str(resources.files("trainer") / "label_groups.yaml"))
 
 
-MEMBER_GROUPS = {"duplicated": 1, "singleton": 1, "heldout": 0}  # group -> training member?
+@dataclass(frozen=True)
+class LabelGroups:
+    """Which `group` values of a labelled prompt file play which role (data: `trainer/label_groups.yaml`, or a
+    file of the same keys): label 1 / label 0 in the trigger scenario, training member / non-member."""
 
+    memorized: tuple[str, ...]
+    not_memorized: tuple[str, ...]
+    members: tuple[str, ...]
+    non_members: tuple[str, ...]
 
-LABEL_MAPPING = (
-    "label 1 (memorized) = `label: 1` or group duplicated; label 0 (not memorized) = `label: 0` or group "
-    "novel; membership: members = `member: 1` or group duplicated/singleton with a file_name, "
-    "non-members = `member: 0` or group heldout; other rows are not scored in the trigger scenario"
-)
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> LabelGroups:
+        """The groups of a YAML file (default: the packaged one); a MemtrainError names a missing or bad key."""
+        path = Path(path) if path is not None else DEFAULT_LABEL_GROUPS
+        where = f"--label-groups {path}"
+        try:
+            data = yaml.safe_load(read_text_file(path, "label-groups file"))
+        except yaml.YAMLError as e:
+            raise MemtrainError(f"{where}: not valid YAML ({e})") from None
+        keys = [f.name for f in fields(cls)]
+        if not isinstance(data, dict) or set(data) != set(keys):
+            raise MemtrainError(f"{where}: needs exactly the keys {', '.join(keys)} (lists of group names)")
+        for key in keys:
+            if not isinstance(data[key], list) or not all(isinstance(g, str) for g in data[key]):
+                raise MemtrainError(f"{where}: `{key}` must be a list of group names, got {data[key]!r}")
+        return cls(**{k: tuple(data[k]) for k in keys})
+
+    def label(self, group: str | None) -> int | None:
+        return 1 if group in self.memorized else 0 if group in self.not_memorized else None
+
+    def member(self, group: str | None) -> int | None:
+        return 1 if group in self.members else 0 if group in self.non_members else None
+
+    def mapping(self) -> str:
+        """The report's one-line statement of the roles."""
+        def names(groups):
+            return "/".join(groups) or "(none)"
+        return (f"label 1 (memorized) = `label: 1` or group {names(self.memorized)}; label 0 (not memorized) = "
+                f"`label: 0` or group {names(self.not_memorized)}; membership: members = `member: 1` or group "
+                f"{names(self.members)} with a file_name, non-members = `member: 0` or group "
+                f"{names(self.non_members)}; other rows are not scored in the trigger scenario")
 
 
 @dataclass
@@ -45,14 +81,16 @@ def _binary(row: dict, key: str, where: str) -> int | None:
                         f"`\"{key}\": 1` or `\"{key}\": 0`")
 
 
-def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
-    """The rows of a prompt file (plain text or JSONL), with their label, group, image and member role.
+def read_labelled_prompts(path: str | Path, groups: LabelGroups | None = None) -> list[PromptRow]:
+    """The rows of a prompt file (plain text or JSONL), with their label, group, image and member role
+    (`groups`: the roles of the group names; default the packaged `label_groups.yaml`).
 
     Errors (`MemtrainError`, naming the file and line): missing or empty file, malformed JSON, a
     row without a `text`/`prompt` string, a label or member that is not 0/1, a `member` row
     without `file_name`.
     """
     path = Path(path)
+    groups = groups or LabelGroups.load()
     rows = read_prompts(path)  # missing / empty file, bad JSON, missing text: errors naming file and line
     lines = [i for i, line in enumerate(read_text_file(path, "prompt file").splitlines(), 1) if line.strip()]  # as read_prompts
     out = []
@@ -64,18 +102,18 @@ def read_labelled_prompts(path: str | Path) -> list[PromptRow]:
         file_name = row.get("file_name")
         if file_name is not None and (not isinstance(file_name, str) or not file_name.strip()):
             raise MemtrainError(f"{where}: `file_name` must be a non-empty path string, got {file_name!r}")
-        label = _binary(row, "label", where) if "label" in row else LABEL_GROUPS.get(group)
+        label = _binary(row, "label", where) if "label" in row else groups.label(group)
         if "member" in row:
             member = _binary(row, "member", where)
             if member is not None and file_name is None:
                 raise MemtrainError(f"{where}: a `member` row needs the `file_name` of its image")
         else:
-            member = MEMBER_GROUPS.get(group) if file_name else None
+            member = groups.member(group) if file_name else None
         out.append(PromptRow(row["text"], line, label, group, file_name, member))
     return out
 
 
-def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
+def check_labels(rows: Sequence[PromptRow], source: str | Path, groups: LabelGroups | None = None) -> bool:
     """True when the prompts carry labels of both classes; a MemtrainError naming the file when one class is
     missing. A file whose only labels are 0 (known non-memorized prompts) beside unlabelled prompts to judge
     is unlabelled (False): the label-0 prompts then calibrate the detectors' thresholds."""
@@ -84,8 +122,9 @@ def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
         return False
     if not any(labels) and any(r.label is None and r.member is None for r in rows):
         return False
-    missing = "negatives (label 0 / group novel)" if all(labels) else (
-        "positives (label 1 / group duplicated)" if not any(labels) else None)
+    groups = groups or LabelGroups.load()
+    missing = f"negatives (label 0 / group {'/'.join(groups.not_memorized)})" if all(labels) else (
+        f"positives (label 1 / group {'/'.join(groups.memorized)})" if not any(labels) else None)
     if missing:
         raise MemtrainError(
             f"{source}: the labelled prompts have no {missing}; AUROC and TPR at 1% FPR need memorized and "
@@ -94,7 +133,8 @@ def check_labels(rows: Sequence[PromptRow], source: str | Path) -> bool:
     return True
 
 
-def _group_name(row: PromptRow) -> str:
+def group_name(row: PromptRow) -> str:
+    """The row's group, else its label's name (memorized / not memorized / unlabelled)."""
     if row.group:
         return row.group
     return {1: "memorized", 0: "not memorized"}.get(row.label, "unlabelled")

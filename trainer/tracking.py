@@ -114,3 +114,19 @@ def log_wandb_summary(run, values: dict[str, float], out: Path, files: list[str]
         if name.endswith(".png"):
             logged[f"figures/{name[:-4]}"] = wandb.Image(str(out / name))
     run.log(logged)
+
+
+def flat_config(config: dict) -> dict:
+    """A nested recipe dict as one level of dotted keys, values the trackers accept (others as strings)."""
+    flat = {}
+
+    def walk(prefix: str, node):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(key, v)
+            else:
+                flat[key] = v if isinstance(v, int | float | str | bool) else str(v)
+
+    walk("", config)
+    return flat

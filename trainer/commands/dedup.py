@@ -8,9 +8,9 @@ from pathlib import Path
 from trainer.core.components import check_device
 from trainer.data import load_rows
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
-from trainer.measure.features import EMBEDDINGS, _check_path
+from trainer.measure.features import EMBEDDINGS, check_model_path
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
-from trainer.report.plots import plot_groups
+from trainer.plots import plot_groups
 from trainer.report.render import dedup_markdown
 
 
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MemtrainError(f"--batch-size must be >= 1, got {args.batch_size}")
     if embedding == "clip":
-        _check_path(args.clip, "clip", "a local CLIP model directory")
+        check_model_path(args.clip, "clip", "a local CLIP model directory")
     if embedding == "sscd":
-        _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
+        check_model_path(args.sscd, "sscd", "an SSCD TorchScript file")
     rows = load_rows(str(root), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
     report = dedup_report(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.commands.evaluate import add_quality_argument
 from trainer.core.components import load_lora_weights
 from trainer.core.distributed import is_main_process, main_process_value, on_main_process, process_device
 from trainer.core.unet_core import count_unet_samples
@@ -79,6 +80,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int, default=50, help="with --evaluate: DDIM steps of the generations")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="with --evaluate: generation guidance")
     p.add_argument("--clip", help="with --evaluate: local CLIPModel directory for the CLIP score")
+    add_quality_argument(p)
     p.add_argument("--eval-detectors", default=",".join(DETECTORS), help="with --evaluate: detectors to run "
                    f"(comma-separated subset of {','.join(DETECTORS)}; clid = membership)")
     p.add_argument("--eval-cache", metavar="DIR", help="with --evaluate: where the source's evaluation is cached and "
@@ -306,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
     gen_kw = dict(n=args.eval_n, seed=args.seed, steps=args.eval_steps, guidance_scale=args.guidance_scale,
                   batch_size=args.batch_size, progress=progress, across_processes=True)
     eval_kw = dict(n=args.eval_n, batch_size=args.batch_size, seed=args.seed, data=args.data,
-                   train_data=args.train_data, clip=args.clip, steps=args.eval_steps,
+                   train_data=args.train_data, clip=args.clip, quality_feature=args.quality_feature,
+                   steps=args.eval_steps,
                    guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
                    progress=progress, heldout=args.heldout, fpr=args.fpr)
     cache_root, cache_key, entry = cached_before(args, eval_kw)

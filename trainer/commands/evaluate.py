@@ -11,6 +11,7 @@ from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
 from trainer.io import check_output
 from trainer.measure.calibration import DEFAULT_FPR
+from trainer.measure.features import QUALITY_FEATURES
 from trainer.measure.replication import CRITERIA
 from trainer.report.evaluate import evaluate, flat_summary
 
@@ -24,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="diffusers pipeline directory (with model_index.json)")
     p.add_argument("--prompts", help="plain text (one prompt a line) or JSONL with text/prompt/caption and "
                    "optional label (1 memorized, 0 not), group, file_name, member; a toy labels.jsonl works as is")
+    p.add_argument("--label-groups", help="YAML file of the roles of the prompt file's `group` values (keys "
+                   "memorized, not_memorized, members, non_members; default: trainer/label_groups.yaml)")
     p.add_argument("--memorized", help="instead of --prompts: a list of memorized prompts (text or JSONL, e.g. "
                    "Wen et al.'s sdv1_500_memorized.jsonl)")
     p.add_argument("--not-memorized", help="with --memorized: a list of non-memorized prompts")
@@ -41,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="root that file_name paths resolve under (default: the prompt file's directory)")
     p.add_argument("--sscd", help="SSCD TorchScript file: adds SSCD similarity to the replication section")
     p.add_argument("--clip", help="local CLIPModel directory (with tokenizer files): CLIP score, and KID in CLIP features")
+    add_quality_argument(p)
     p.add_argument("--wandb", action="store_true", help="log the summary and figures to W&B (respects WANDB_MODE)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
     p.add_argument("--detectors", default=",".join(DETECTORS),
@@ -92,14 +96,22 @@ def _run(args: argparse.Namespace) -> int:
                       attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
                       index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
                       guard_options=options, heldout=args.heldout, fpr=args.fpr, criterion=args.criterion,
-                      groups=args.groups)
+                      groups=args.groups, quality_feature=args.quality_feature,
+                      label_groups=args.label_groups)
     if is_main_process():
         print(json.dumps({"report": str(Path(args.out) / "report.md"), **flat_summary(report)}, indent=2))
     return 0
 
 
+def add_quality_argument(parser: argparse.ArgumentParser) -> None:
+    names = [*QUALITY_FEATURES, "clip"]
+    parser.add_argument("--quality-feature", choices=names, help="feature space of KID (and the alignment score a "
+                        f"feature has), one of {', '.join(names)}; default clip with --clip, else pix8; "
+                        "named in the report")
+
+
 def read_paths(args: argparse.Namespace) -> dict:
     """The input files of `evaluate` besides its directories: --out may not hold any of them."""
-    return {"--prompts": args.prompts, "--memorized": args.memorized, "--not-memorized": args.not_memorized,
+    return {"--prompts": args.prompts, "--label-groups": args.label_groups, "--memorized": args.memorized, "--not-memorized": args.not_memorized,
             "--lora": args.lora, "--sscd": args.sscd, "--clip": args.clip, "--index-model": args.index_model}
 

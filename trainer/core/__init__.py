@@ -1,1 +1,2 @@
-"""Components every part shares: loading and checking checkpoints, the batched UNet core, training checkpoints."""
+"""Components every part shares: loading and checking pipelines, the batched UNet core, attention recording,
+the work shared by the processes of `accelerate launch`."""

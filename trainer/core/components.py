@@ -10,17 +10,11 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
-    DDPMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
-from peft import LoraConfig
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.io import MemtrainError
-from trainer.recipe import TrainRecipe
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -94,46 +88,6 @@ def load_error(directory: Path, what: str, error: Exception) -> MemtrainError:
     return MemtrainError(f"{what}: cannot load a Stable Diffusion pipeline ({error})")
 
 
-def frozen_dtype(recipe: TrainRecipe) -> torch.dtype:
-    """The dtype of the frozen parts (VAE, text encoder unless trained) under `train.mixed_precision`."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
-
-
-def load_components(recipe: TrainRecipe) -> dict:
-    """Tokenizer, text encoder, optional VAE, UNet and DDPM noise scheduler of `model.pretrained`."""
-    m = recipe.model
-    path = m.pretrained
-    local = Path(path)
-    if local.exists() and not (local / "model_index.json").exists() and not (local / "unet").exists():
-        raise MemtrainError(f"model.pretrained={path}: not a diffusers pipeline directory (no model_index.json)")
-    if local.is_dir():
-        check_model_folders(local, f"model.pretrained={path}")
-        check_weight_files(local, f"model.pretrained={path}")
-        if recipe.export == "pipeline" and not (local / "model_index.json").exists():
-            raise MemtrainError(f"model.pretrained={path}: no model_index.json, which output.export=pipeline needs "
-                                "to write a pipeline; add it (from the model's source) or set output.export=lora "
-                                "(with model.lora.rank > 0) or none")
-    kw = dict(revision=m.revision)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=m.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=m.variant, **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        vae = None
-        if not local.exists() or (local / "vae").exists():  # loaded in the training dtype: the loop only moves it
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=m.variant, dtype=frozen_dtype(recipe),
-                                                **kw)
-    except (OSError, pickle.UnpicklingError) as e:  # diffusers wraps a refused pickle in an OSError
-        raise load_error(local, f"model.pretrained={path}", e) from None
-    if tokenizer.model_max_length > 1000:  # tokenizers saved without it report a huge sentinel
-        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-    if m.prediction_type is not None:
-        scheduler.register_to_config(prediction_type=m.prediction_type)
-    check_dimensions(path, text_encoder, unet, vae)
-    check_resolution(recipe.data.resolution, vae, path)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, noise_scheduler=scheduler)
-
-
 def check_dimensions(path: str, text_encoder, unet, vae) -> None:
     """The parts of a pipeline must fit together; say which ones don't."""
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
@@ -169,16 +123,6 @@ def vae_factor(vae) -> int:
 
 def native_resolution(unet, vae) -> int:
     return unet.config.sample_size * vae_factor(vae)
-
-
-def add_lora(unet, recipe: TrainRecipe) -> None:
-    lora = recipe.model.lora
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                        init_lora_weights="gaussian", target_modules=lora.target_modules)
-    try:
-        unet.add_adapter(config)
-    except ValueError as e:
-        raise MemtrainError(f"model.lora.target_modules={lora.target_modules}: {e}") from None
 
 
 def load_pipeline(path: str | Path, lora: str | Path | None = None, device: str = "cpu",

@@ -66,7 +66,7 @@ def phash_embedding(image: Image.Image) -> np.ndarray:
     return (2.0 * bits - 1.0) / 8.0
 
 
-def _check_path(path: str | None, flag: str, what: str) -> Path:
+def check_model_path(path: str | None, flag: str, what: str) -> Path:
     if not path:
         raise MemtrainError(f"--embedding {flag} needs --{flag} PATH ({what}); nothing is downloaded")
     p = Path(path)
@@ -77,7 +77,7 @@ def _check_path(path: str | None, flag: str, what: str) -> Path:
 
 def load_clip(path: str | Path):
     """(model, processor, kind) from a local CLIPModel / CLIPVisionModelWithProjection directory."""
-    p = _check_path(str(path), "clip", "a local CLIP model directory")
+    p = check_model_path(str(path), "clip", "a local CLIP model directory")
     config = p / "config.json"
     if not p.is_dir() or not config.exists():
         raise MemtrainError(f"--clip {p}: not a transformers model directory (no config.json)")
@@ -108,7 +108,7 @@ def load_clip(path: str | Path):
 
 
 def load_sscd(path: str | Path):
-    p = _check_path(str(path), "sscd", "an SSCD TorchScript file")
+    p = check_model_path(str(path), "sscd", "an SSCD TorchScript file")
     try:
         with warnings.catch_warnings():  # SSCD ships as TorchScript; torch >= 2.10 flags jit as deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -129,7 +129,7 @@ def sscd_batch(images: list[Image.Image]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _default_names(images: Sequence) -> list[str]:
+def default_names(images: Sequence) -> list[str]:
     return [str(s) if isinstance(s, str | Path) else f"image {i}" for i, s in enumerate(images)]
 
 
@@ -146,7 +146,7 @@ def embed_images(
     """(n, d) float32 L2-normalised embeddings of images (PIL images, paths or `datasets` image dicts)."""
     if embedding not in EMBEDDINGS:
         raise MemtrainError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
-    names = list(names) if names is not None else _default_names(images)
+    names = list(names) if names is not None else default_names(images)
     bar = dict(desc=f"embed ({embedding})", disable=not progress, unit="img")
     if embedding in ("pixels", "phash"):
         fn = pixel_embedding if embedding == "pixels" else phash_embedding
@@ -218,29 +218,35 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class QualityFeature:
     """How the general scenario scores image quality: a KID feature space and, optionally, a per-image
-    text-alignment score in [0, 1] (reported as `alignment_key`). `claims(captions)` says whether the
-    feature applies to a caption set (a domain-specific feature claims only its own captions)."""
+    text-alignment score in [0, 1] (reported as `alignment_key`). Chosen by name (`QUALITY_FEATURES`)."""
 
     name: str
     description: str
     features: Callable[[torch.Tensor], torch.Tensor]
     alignment: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None
     alignment_key: str | None = None
-    claims: Callable[[Sequence[str]], bool] = lambda captions: True
 
 
 PIXELS = QualityFeature("pix8", "8x8 area-averaged RGB (192 values)", pixel_features)
-_REGISTERED: list[QualityFeature] = []
+# name -> feature, as `memtrain evaluate --quality-feature NAME` chooses them; `clip` needs a CLIP model (--clip)
+QUALITY_FEATURES: dict[str, QualityFeature] = {"pix8": PIXELS}
 
 
-def register_quality_feature(feature: QualityFeature) -> None:
-    """Add a domain-specific quality feature; `choose_quality_feature` prefers the latest registered."""
-    _REGISTERED.insert(0, feature)
-
-
-def choose_quality_feature(captions: Sequence[str]) -> QualityFeature:
-    """The first registered feature that claims every caption, else the generic pixel feature."""
-    return next((q for q in _REGISTERED if q.claims(captions)), PIXELS)
+def choose_quality_feature(choice: str | QualityFeature | None, clip_scorer=None,
+                           batch_size: int = 32) -> QualityFeature:
+    """The quality feature named by `choice` (a QUALITY_FEATURES name or `clip`), or `choice` itself; None:
+    CLIP with a CLIP model, else pix8. A MemtrainError names the unknown choice and the known ones."""
+    if isinstance(choice, QualityFeature):
+        return choice
+    if choice is None:
+        choice = "clip" if clip_scorer is not None else "pix8"
+    if choice == "clip":
+        if clip_scorer is None:
+            raise MemtrainError("--quality-feature clip needs a CLIP model (--clip DIR)")
+        return clip_quality_feature(clip_scorer, batch_size)
+    if choice not in QUALITY_FEATURES:
+        raise MemtrainError(f"--quality-feature: unknown {choice!r}; choose from {', '.join([*QUALITY_FEATURES, 'clip'])}")
+    return QUALITY_FEATURES[choice]
 
 
 def clip_quality_feature(scorer, batch_size: int = 32) -> QualityFeature:

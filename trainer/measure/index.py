@@ -31,7 +31,7 @@ from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
-from trainer.mitigate.dedup import caption_groups
+from trainer.measure.groups import caption_groups
 
 try:  # optional extra: memtrain[faiss]
     import faiss

@@ -12,24 +12,20 @@ duplicated captions act as keys to duplicated images). Embeddings (`pixels`, `ph
 from __future__ import annotations
 
 import math
-import re
-import string
 import time
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import MiniBatchKMeans
 from tqdm.auto import tqdm
 
 from trainer.data import Rows
 from trainer.io import MemtrainError
-from trainer.measure.features import _default_names, embed_images
+from trainer.measure.features import default_names, embed_images
+from trainer.measure.groups import caption_groups, components, groups_from_labels, normalize_caption
 
 DEFAULT_THRESHOLD = 0.95
 PHASH_THRESHOLD = 0.875  # <= 4 of 64 bits differ
@@ -43,14 +39,9 @@ def default_threshold(embedding: str) -> float:
 # ---------------------------------------------------------------- near-duplicate search
 
 
-def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
 def _spanning_edges(n: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges (root, member) with the same connected components as (i, j); at most n - 1 of them."""
-    labels = _components(n, i, j)
+    labels = components(n, i, j)
     nodes = np.unique(np.concatenate([i, j]))
     roots = np.full(labels.max() + 1, n, dtype=np.int64)
     np.minimum.at(roots, labels[nodes], nodes)
@@ -130,51 +121,7 @@ def near_duplicate_groups(
         j = np.concatenate(jj) if jj else np.zeros(0, np.int64)
     if not len(i):
         return [], n_pairs
-    return _groups_from_labels(_components(n, i, j)), n_pairs
-
-
-def _groups_from_labels(labels: np.ndarray) -> list[list[int]]:
-    counts = np.bincount(labels)
-    order = np.argsort(labels, kind="stable")
-    groups = [g.tolist() for g in np.split(order, np.cumsum(counts)[:-1]) if len(g) >= 2]
-    groups.sort(key=lambda g: (-len(g), g[0]))
-    return groups
-
-
-# ---------------------------------------------------------------- caption duplicates
-
-_PUNCT = set(string.punctuation)
-
-
-def normalize_caption(text: str) -> str:
-    """NFKC, lowercase, punctuation removed, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(c for c in text if c not in _PUNCT and not unicodedata.category(c).startswith("P"))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _key_groups(keys_per_row: list[list[str]]) -> list[list[int]]:
-    first: dict[str, int] = {}
-    ii, jj = [], []
-    for row, keys in enumerate(keys_per_row):
-        for key in keys:
-            if key in first:
-                ii.append(first[key])
-                jj.append(row)
-            else:
-                first[key] = row
-    if not ii:
-        return []
-    return _groups_from_labels(_components(len(keys_per_row), np.array(ii), np.array(jj)))
-
-
-def caption_groups(captions: Sequence[str | Sequence[str]]) -> dict[str, list[list[int]]]:
-    """Rows sharing any caption: `exact` (identical strings) and `normalized` (see normalize_caption)."""
-    rows = [[c] if isinstance(c, str) else list(c) for c in captions]
-    return {
-        "exact": _key_groups([sorted(set(r)) for r in rows]),
-        "normalized": _key_groups([sorted({normalize_caption(c) for c in r}) for r in rows]),
-    }
+    return groups_from_labels(components(n, i, j)), n_pairs
 
 
 # ---------------------------------------------------------------- policies
@@ -276,7 +223,7 @@ def dedup_report(
     n = len(images_or_paths) if embeddings is None else len(embeddings)
     if captions is not None and len(captions) != n:
         raise MemtrainError(f"{len(captions)} captions for {n} images")
-    names = list(names) if names is not None else _default_names(images_or_paths)
+    names = list(names) if names is not None else default_names(images_or_paths)
     threshold = default_threshold(embedding) if threshold is None else float(threshold)
     t0 = time.perf_counter()
     if embeddings is None:

@@ -1,1 +1,1 @@
-"""Reports: `memtrain evaluate` (sections -> dict), every Markdown rendering, and the figures."""
+"""Reports: `memtrain evaluate` (sections -> dict), the Markdown of the production verbs, the edit comparison."""

@@ -41,8 +41,9 @@ def eval_summary(report: dict, named: set[str]) -> dict:
                                          "similarity_max": float(max(g["similarity"] for g in rows))}
     for group, s in report.get("replication", {}).get("groups", {}).items():
         out["replication"].setdefault(f"group {group}", {})["fraction_replicated"] = s.get("fraction_replicated")
+    keys = (report.get("quality", {}).get("alignment"), "kid", "clip_score")
     for group, q in report.get("quality", {}).get("groups", {}).items():
-        out["quality"][group] = {k: q[k] for k in ("toy_alignment", "kid", "clip_score") if k in q}
+        out["quality"][group] = {k: q[k] for k in keys if k in q}
     for name, d in report.get("trigger", {}).get("detectors", {}).items():
         if "auroc" in d:
             out["detectors"][name] = d["auroc"]

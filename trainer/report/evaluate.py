@@ -26,8 +26,8 @@ from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROM
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
 from trainer.measure.calibration import DEFAULT_FPR, Calibration, check_fpr
 from trainer.measure.features import (
+    QualityFeature,
     choose_quality_feature,
-    clip_quality_feature,
     kid,
     load_clip_scorer,
     load_sscd,
@@ -35,7 +35,8 @@ from trainer.measure.features import (
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.replication import check_criterion, verdict_key
-from trainer.prompts import LABEL_MAPPING, _group_name, check_labels, read_labelled_prompts, rows_from_lists
+from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
+from trainer.prompts import LabelGroups, check_labels, group_name, read_labelled_prompts, rows_from_lists
 from trainer.report.guard_sections import (
     DEFAULT_ATTACK_EPS,
     attack_report,
@@ -45,7 +46,6 @@ from trainer.report.guard_sections import (
     index_replication,
     parse_eps,
 )
-from trainer.report.plots import save_replication_grid, save_roc_curves, save_score_histograms
 from trainer.report.render import evaluate_markdown
 from trainer.report.sections import (
     CLID_FOLDS,
@@ -111,7 +111,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
              index: str | Path | None = None, index_model: str | Path | None = None,
              index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None,
              heldout: str | Path | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
-             groups: str | Sequence[str] = ("trigger", "general"), calibration: dict | None = None) -> dict:
+             groups: str | Sequence[str] = ("trigger", "general"), calibration: dict | None = None,
+             quality_feature: str | QualityFeature | None = None, label_groups: str | Path | None = None) -> dict:
     """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
 
     Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
@@ -121,7 +122,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     `attack`: the re-trigger test of the memorized prompts at `attack_eps` with `attack_steps` attack steps;
     `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
     replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
-    side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`.
+    side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`. `quality_feature`: the
+    general scenario's feature space (a `measure.features.QUALITY_FEATURES` name, `clip`, or a
+    `QualityFeature`; default CLIP with `clip`, else pix8), named in the report. `label_groups`: a YAML file of
+    the roles of the prompt file's group names (`prompts.LabelGroups`; default the packaged one).
 
     The copy verdict (`trainer.report.sections.replication_verdict`) is calibrated at `fpr` false positives on
     held-out images (`heldout`: a directory of never-trained images, plus the member-0 rows of the prompt
@@ -143,6 +147,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     groups = parse_groups(groups)
     check_fpr(fpr)
     check_criterion(criterion, sscd is not None)
+    if generate and isinstance(quality_feature, str) and (quality_feature != "clip" or clip is None):
+        choose_quality_feature(quality_feature)  # an unknown name, or clip without --clip, fails before any work
     if calibration is not None:
         Calibration.from_dict(calibration.get("calibration", {}), "the reused copy verdict")
     if heldout is not None and not Path(heldout).is_dir():
@@ -153,13 +159,14 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     check_replaceable(out, "evaluate", inputs)
     if (prompts is None) == (memorized is None):
         raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
+    roles = LabelGroups.load(label_groups)
     if prompts is not None:
         prompts = Path(prompts)
-        rows = read_labelled_prompts(prompts)
+        rows = read_labelled_prompts(prompts, roles)
     else:
         rows = rows_from_lists(memorized, not_memorized)
         prompts = Path(memorized)
-    labelled = check_labels(rows, prompts)
+    labelled = check_labels(rows, prompts, roles)
     data = Path(data) if data is not None else prompts.parent
     if not data.is_dir():
         raise MemtrainError(f"--data {data}: not a directory (the root that file_name paths resolve under)")
@@ -210,7 +217,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
               "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard,
               "heldout": str(heldout) if heldout else None, "fpr": fpr, "criterion": criterion, "groups": groups}
     report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
-                    "config": config, "label_mapping": LABEL_MAPPING, "roc_convention": ROC_CONVENTION,
+                    "config": config, "label_mapping": roles.mapping(), "roc_convention": ROC_CONVENTION,
                     "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
                                "memorized": sum(r.label == 1 for r in rows),
                                "not_memorized": sum(r.label == 0 for r in rows),
@@ -294,7 +301,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                                      resolution, "membership images", progress)
                 membership = membership_scenario(pipe, images, [r.text for r in member_rows],
                                                  [r.member for r in member_rows], seed, batch_size)
-                membership["groups"] = [_group_name(r) if r.group else ("member" if r.member else "non-member")
+                membership["groups"] = [group_name(r) if r.group else ("member" if r.member else "non-member")
                                         for r in member_rows]
                 membership["texts"] = [r.text for r in member_rows]
                 membership["by_group"] = membership_by_group(membership)
@@ -309,9 +316,10 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                 if heldout_set is None:
                     notes.append("KID skipped: no held-out images (--heldout DIR, or member 0 / group heldout rows)")
                 captions = captions_of(gen_rows, n)
-                feature = (clip_quality_feature(clip_scorer, batch_size) if clip_scorer is not None
-                           else choose_quality_feature(captions))
+                feature = choose_quality_feature(quality_feature, clip_scorer, batch_size)
                 quality = {"feature": f"{feature.name}: {feature.description}", "groups": {}}
+                if feature.alignment_key:
+                    quality["alignment"] = feature.alignment_key
                 for group in dict.fromkeys(gen_groups):
                     idx = [i for i, g in enumerate(gen_groups) if g == group]
                     quality["groups"][group] = general_scenario(
@@ -405,7 +413,7 @@ def flat_summary(report: dict) -> dict[str, float]:
             if name != "members":
                 flat[f"membership/{group}/{name}/auroc"] = v
     for group, q in report.get("quality", {}).get("groups", {}).items():
-        for k in ("toy_alignment", "kid", "clip_score"):
+        for k in (report["quality"].get("alignment"), "kid", "clip_score"):
             if k in q:
                 flat[f"quality/{group}/{k}"] = q[k]
     for row in report.get("attack", {}).get("rows", []):

@@ -40,7 +40,7 @@ from trainer.measure.replication import (
     unique_images,
     vae_roundtrip,
 )
-from trainer.prompts import PromptRow, _group_name, check_labels
+from trainer.prompts import PromptRow, check_labels, group_name
 
 CLID_FOLDS = 2
 
@@ -72,7 +72,7 @@ def trigger_scenario(pipe, rows: Sequence[PromptRow], detectors: Sequence[str], 
     scored = [r for r in rows if r.label is not None] if labelled else list(rows)
     names = [d for d in detectors if d in PROMPT_DETECTORS]
     result = {"labelled": labelled, "n_prompts": len(scored), "detectors": {},
-              "prompts": [{"text": r.text, "line": r.line, "label": r.label, "group": _group_name(r), "scores": {}}
+              "prompts": [{"text": r.text, "line": r.line, "label": r.label, "group": group_name(r), "scores": {}}
                           for r in scored]}
     if labelled:
         result["n_positive"] = sum(r.label == 1 for r in scored)

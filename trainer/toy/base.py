@@ -25,7 +25,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # SD 1.x noise schedule (scaled_linear, 1000 steps) with "trailing" timestep spacing (999, 979, ..., 19
 # at 50 steps; Lin et al., WACV 2024, "Common diffusion noise schedules and sample steps are flawed").
 # Deviation: SD uses "leading" spacing; see docs/toy-world.md, "Sampler".
-TOY_BASE = Path(str(resources.files("trainer") / "assets" / "toy_base"))  # the committed toy base model
+TOY_BASE = Path(str(resources.files("trainer.toy") / "toy_base"))  # the committed toy base model
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

@@ -68,4 +68,4 @@ def toy_features(images: torch.Tensor) -> torch.Tensor:
 
 
 TOY_QUALITY = QualityFeature("pix8+palette", "8x8 area-averaged RGB (192) + 8 toy palette fractions",
-                             toy_features, alignment_scores, "toy_alignment", is_toy_caption_set)
+                             toy_features, alignment_scores, "toy_alignment")

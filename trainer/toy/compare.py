@@ -25,14 +25,14 @@ from trainer.io import MemtrainError, atomic_file, claim_output, write_json
 from trainer.measure.features import kid
 from trainer.mitigate.dedup import exposure
 from trainer.mitigate.presets import PRESETS, parse_mitigation_specs
+from trainer.plots import save_curves
 from trainer.recipe import TrainRecipe
-from trainer.report.plots import save_curves
-from trainer.report.render import compare_markdown
 from trainer.report.sections import general_scenario
 from trainer.toy import demo as demo
 from trainer.toy import world as toy_world
 from trainer.toy.base import TOY_BASE
 from trainer.toy.checker import TOY_QUALITY, toy_features
+from trainer.toy.render import compare_markdown
 from trainer.toy.study import replication_study, summarize, write_study
 from trainer.tracking import read_jsonl
 from trainer.training.loop import train

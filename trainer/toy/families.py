@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from trainer.io import MemtrainError, atomic_dir
-from trainer.toy.world import COLORS, IMAGE_SIZE, SHAPES, SIZES, _write_split
+from trainer.toy.world import COLORS, IMAGE_SIZE, SHAPES, SIZES, write_split
 
 SCENE_SUPERSAMPLE = 4
 MIN_SCENE_STD = 0.15  # pixel standard deviation of a scene in [0, 1]; flatter scenes are drawn again
@@ -202,8 +202,8 @@ def make_families_data(out: str | Path, cfg: FamiliesConfig | None = None) -> di
     random.Random(cfg.seed + 1).shuffle(train_rows)  # duplicates spread through the metadata, as in a crawl
 
     with atomic_dir(out) as tmp:
-        _write_split(tmp / "train", train_rows)
-        _write_split(tmp / "heldout", held_rows)
+        write_split(tmp / "train", train_rows)
+        write_split(tmp / "heldout", held_rows)
         (tmp / "scenes").mkdir()
         for k, scene in enumerate(scenes):
             Image.fromarray((scene * 255).round().astype(np.uint8)).save(tmp / "scenes" / f"scene{k:02d}.png")

@@ -25,9 +25,9 @@ from trainer.measure.replication import (
     unique_images,
     vae_roundtrip,
 )
-from trainer.report.plots import save_replication_grid
-from trainer.report.render import _fraction, study_markdown
+from trainer.plots import save_replication_grid
 from trainer.sample.generate import generate_images
+from trainer.toy.render import fraction, study_markdown
 from trainer.toy.world import read_labels
 
 GROUPS = ("duplicated", "singleton", "novel")
@@ -118,7 +118,7 @@ def write_study(study: dict, out: str | Path, title: str, extra: dict | None = N
     summary = summarize(study)
     ref = "as reproduced by the model's VAE" if study["reference"] == "vae" else "(originals)"
     report = {"title": title,
-              "criterion": f"NN1/NN2 L2 ratio < {_fraction(study['ratio_threshold'])} against the unique training "
+              "criterion": f"NN1/NN2 L2 ratio < {fraction(study['ratio_threshold'])} against the unique training "
                            f"images {ref} (Gu et al. 2023)",
               "ratio_threshold": study["ratio_threshold"], "calibration": study["calibration"],
               "n_per_prompt": study["n"], "seed": study["seed"], "sampler_steps": study["steps"],

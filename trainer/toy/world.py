@@ -152,7 +152,7 @@ def _draw_scenes(rng: random.Random, n: int, taken: set[str] | None) -> list[Sce
     return out
 
 
-def _write_split(root: Path, rows: list[tuple[str, Image.Image]]) -> None:
+def write_split(root: Path, rows: list[tuple[str, Image.Image]]) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     with open(root / "metadata.jsonl", "w") as meta:
         for file_name, text, image in rows:
@@ -196,8 +196,8 @@ def make_toy_data(out: str | Path, cfg: ToyDataConfig | None = None) -> dict:
     random.Random(cfg.seed + 1).shuffle(train_rows)
 
     with atomic_dir(out, "toy-data", flag="OUT") as tmp:
-        _write_split(tmp / "train", train_rows)
-        _write_split(tmp / "heldout", held_rows)
+        write_split(tmp / "train", train_rows)
+        write_split(tmp / "heldout", held_rows)
         with open(tmp / "labels.jsonl", "w") as f:
             for row in labels:
                 f.write(json.dumps(row) + "\n")

@@ -1,4 +1,5 @@
-"""The Accelerate fine-tuning loop and the memorization monitor that runs inside it."""
+"""The Accelerate fine-tuning loop, its loss, model setup, checkpoints and run lock, and the memorization monitor
+that runs inside it."""
 
 from trainer.training.loop import train
 

@@ -10,26 +10,32 @@ resumed runs equal one uninterrupted process (docs/recipes.md, "Determinism").
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import wandb
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from trainer import data as data_lib
 from trainer.config import dump_recipe, to_dict
-from trainer.core import distributed, run_lock
-from trainer.core.checkpoints import (
+from trainer.core import distributed
+from trainer.core.components import native_resolution, pipeline_from_components
+from trainer.io import TrainingInterrupted, check_output_dir
+from trainer.mitigate.captions import augment_caption, token_pool
+from trainer.mitigate.dedup import apply_dedup_policy
+from trainer.mitigate.loss_mask import LOSS_MASK_STATE
+from trainer.plots import save_image_grid
+from trainer.recipe import TrainRecipe
+from trainer.sample.generate import generate_images
+from trainer.tracking import JsonlTracker, flat_config, logged_loss, wandb_dir
+from trainer.training import run_lock
+from trainer.training.checkpoints import (
     EMA_STATE,
     check_resume_compatible,
     ema_state,
@@ -38,106 +44,23 @@ from trainer.core.checkpoints import (
     load_training_state,
     read_checkpoint_state,
     read_checkpoint_tensors,
-    remove_leftovers,
     resolve_resume,
     save_checkpoint,
 )
-from trainer.core.components import (
-    add_lora,
-    frozen_dtype,
-    load_components,
-    native_resolution,
-    pipeline_from_components,
-)
-from trainer.core.run_lock import acquire, check_fresh_or_resumed, check_unlocked, clear_earlier_run, release
-from trainer.core.unet_core import posterior_latents
-from trainer.io import MemtrainError, TrainingInterrupted, check_output_dir
-from trainer.mitigate.captions import add_embedding_noise, augment_caption, token_pool
-from trainer.mitigate.dedup import apply_dedup_policy
-from trainer.mitigate.loss_mask import LOSS_MASK_STATE, LossMask, memorization_mask
-from trainer.recipe import TrainRecipe
-from trainer.report.plots import save_image_grid
-from trainer.sample.generate import generate_images
-from trainer.tracking import JsonlTracker, logged_loss, truncate_metrics, wandb_dir
 from trainer.training.launch import check_launch, check_precision
+from trainer.training.loss import diffusion_loss, global_slice, step_generator
+from trainer.training.model import TrainingSetup, load_components, prepare_training
 from trainer.training.monitor import MONITOR_STATE, Monitor, MonitorState
+from trainer.training.run_lock import (
+    check_fresh_or_resumed,
+    check_unlocked,
+    output_dir_lock,
+    prepare_output_dir,
+)
 
 # DDP's notice, once per process, that a 1x1 convolution's gradient (oneDNN's layout) has other strides on its
 # size-1 dimensions than its bucket view: the same memory order, so nothing to act on
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-# ---------------------------------------------------------------- the loss
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 2_654_435_761 + micro_step) % 2**63)
-
-
-def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> slice:
-    start = accelerator.process_index * per_process
-    return slice(start, start + actual)
-
-
-def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
-                   global_batch: int, weight_dtype: torch.dtype,
-                   loss_mask: LossMask | None = None) -> tuple[torch.Tensor, dict]:
-    """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss). With
-    `loss_mask`, samples with ||d(c)|| at or over their threshold are masked; the per-sample magnitudes and
-    timesteps are returned in `stats["magnitudes"]`, `stats["timesteps"]` (for `loss_mask.record`)."""
-    unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
-    opt = recipe.train
-    pixels = batch["pixel_values"].to(weight_dtype)
-    device = pixels.device
-    shape = (global_batch,) + ((vae.config.latent_channels,) if vae is not None else (pixels.shape[1],))
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    spatial = (pixels.shape[2] // factor, pixels.shape[3] // factor)
-    # all randomness of this micro-step, drawn for the global batch on the CPU
-    posterior_noise = torch.randn(shape + spatial, generator=generator)[rows]
-    noise = torch.randn(shape + spatial, generator=generator)[rows]
-    offset = torch.randn(shape + (1, 1), generator=generator)[rows]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator)[rows]
-    noise, offset, timesteps = noise.to(device), offset.to(device), timesteps.to(device)
-
-    with torch.no_grad():
-        if vae is not None:
-            dist = vae.encode(pixels).latent_dist
-            latents = posterior_latents(vae, dist.mean, dist.std, posterior_noise.to(device, dist.mean.dtype))
-        else:
-            latents = pixels
-    latents = latents.float()
-    if opt.noise_offset:
-        noise = noise + opt.noise_offset * offset
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    context = contextlib.nullcontext() if recipe.model.train_text_encoder else torch.no_grad()
-    with context:
-        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-    if recipe.data.captions.embedding_noise:  # GNI (Somepalli et al. 2023): c + lambda * N(0, I)
-        gni = torch.randn((global_batch,) + tuple(hidden.shape[1:]), generator=generator)[rows]
-        hidden = add_embedding_noise(hidden, recipe.data.captions.embedding_noise, noise=gni)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise MemtrainError(f"prediction type {scheduler.config.prediction_type!r} is not supported")
-    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    stats = {}
-    weights = torch.ones_like(per_sample)
-    if opt.snr_gamma is not None:
-        snr = compute_snr(scheduler, timesteps)
-        clipped = torch.clamp(snr, max=opt.snr_gamma)
-        weights = clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1)
-    if loss_mask is not None:
-        keep, magnitude = memorization_mask(unet, noisy, timesteps, hidden, parts["empty_hidden"],
-                                            loss_mask.thresholds(timesteps), pred, scheduler)
-        weights = weights * keep
-        stats["masked"] = (1 - keep).sum()
-        stats["noise_magnitude"] = magnitude.mean()
-        stats["magnitudes"], stats["timesteps"] = magnitude, timesteps
-    loss = (per_sample * weights).sum() / per_sample.numel()
-    return loss, stats
-
 
 # ---------------------------------------------------------------- validation images
 
@@ -167,7 +90,7 @@ def validation_images(accelerator: Accelerator, recipe: TrainRecipe, parts: dict
 
 def train(recipe: TrainRecipe) -> dict:
     """Run a recipe; return a summary (steps, steps trained by this call, final loss, export path). The output
-    directory is locked for the run (trainer/core/run_lock.py); a resume continues exactly (docs/recipes.md)."""
+    directory is locked for the run (trainer/training/run_lock.py); a resume continues exactly (docs/recipes.md)."""
     recipe.validate()
     opt = recipe.train
     out = Path(recipe.output.dir)
@@ -224,36 +147,6 @@ def train(recipe: TrainRecipe) -> dict:
         AcceleratorState._reset_state()
 
 
-@contextlib.contextmanager
-def output_dir_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
-    """The main process holds `OUT/.memtrain.lock` (trainer/core/run_lock.py) while the block runs; when it
-    cannot take it, every process raises the same MemtrainError."""
-    refusal = [None]
-    if accelerator.is_main_process:
-        try:
-            acquire(out)
-        except MemtrainError as e:
-            refusal = [str(e)]
-    broadcast_object_list(refusal)
-    if refusal[0] is not None:
-        raise MemtrainError(refusal[0])
-    try:
-        yield
-    finally:
-        if accelerator.is_main_process:
-            release(out)
-
-
-def prepare_output_dir(recipe: TrainRecipe, out: Path, resumed_step: int) -> None:
-    """Clear an earlier run (output.overwrite), the temp dirs of an interrupted one, and on resume the metrics
-    rows of the steps that will be trained again."""
-    if recipe.output.overwrite:  # a resume of a checkpoint inside `out` was turned into a fresh start
-        clear_earlier_run(out)
-    remove_leftovers(out)
-    if recipe.checkpoint.resume is not None:
-        truncate_metrics(out / "logs" / "metrics.jsonl", resumed_step)
-
-
 def interrupted(out: Path, step: int) -> TrainingInterrupted:
     complete = list_checkpoints(out)
     where = (f"the last complete checkpoint is {complete[-1]}; resume with checkpoint.resume=latest" if complete
@@ -261,75 +154,42 @@ def interrupted(out: Path, step: int) -> TrainingInterrupted:
     return TrainingInterrupted(f"interrupted at step {step}; {where}")
 
 
+@dataclass
+class Run:
+    """What the loop carries from step to step: the recipe, the prepared parts and setup, the counters."""
+
+    recipe: TrainRecipe
+    accelerator: Accelerator
+    parts: dict
+    setup: TrainingSetup
+    monitor: Monitor | None
+    monitor_state: MonitorState | None
+    global_step: int
+    micro_step: int
+    running: list = field(default_factory=list)
+    last_logged: dict = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.recipe.output.dir)
+
+    @property
+    def stopped(self) -> bool:
+        return self.monitor is not None and self.monitor.stopped
+
+
 def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, dataset, sampler, loader,
                 resume_path: Path | None, global_step: int, monitor=None) -> dict:
     opt = recipe.train
     out = Path(recipe.output.dir)
     set_seed(opt.seed)
-    unet, text_encoder, vae, tokenizer = parts["unet"], parts["text_encoder"], parts["vae"], parts["tokenizer"]
-
-    # ---- model
-    weight_dtype = frozen_dtype(recipe)
-    if vae is not None:
-        vae.requires_grad_(False)
-        vae.to(accelerator.device)  # already in weight_dtype (load_components); a dtype here makes diffusers warn
-    text_encoder.requires_grad_(recipe.model.train_text_encoder)
-    if not recipe.model.train_text_encoder:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if recipe.model.lora.rank > 0:
-        unet.requires_grad_(False)
-        add_lora(unet, recipe)
-    if opt.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ema = None
-    if opt.ema:
-        ema = EMAModel(unet.parameters(), decay=opt.ema_decay, model_cls=type(unet), model_config=unet.config,
-                       foreach=True)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if recipe.model.train_text_encoder:
-        params += list(text_encoder.parameters())
-    lr = opt.learning_rate
-    if opt.scale_lr:
-        lr *= opt.batch_size * opt.gradient_accumulation_steps * accelerator.num_processes
-    # one fused kernel over all parameters instead of a Python loop (CPU and CUDA have it)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(opt.adam_beta1, opt.adam_beta2),
-                                  weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
-
-    try:
-        lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer,
-                                     num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
-                                     num_training_steps=opt.max_steps * accelerator.num_processes)
-    except ValueError as e:
-        raise MemtrainError(f"recipe: `train.lr_scheduler`: {e}") from None
-    if recipe.model.train_text_encoder:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, loader, lr_scheduler)
-    else:
-        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    parts.update(unet=unet, text_encoder=text_encoder)
-    if ema is not None:
-        ema.to(accelerator.device)
-    loss_mask = LossMask.from_recipe(opt, parts["noise_scheduler"].config.num_train_timesteps)
-    if loss_mask is not None:
-        empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt")
-        with torch.no_grad():
-            parts["empty_hidden"] = text_encoder(empty.input_ids.to(accelerator.device), return_dict=False)[0]
-
-    if resume_path is not None:
-        load_training_state(accelerator, resume_path, optimizer, lr_scheduler, lr, recipe, ema)
-    if resume_path is not None and loss_mask is not None:
-        loss_mask.resume(read_checkpoint_tensors(resume_path, LOSS_MASK_STATE), resume_path, accelerator.is_main_process)
-    # the monitor's history rides in the checkpoints as JSON; a run with the monitor off carries a resumed history
-    saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
-    monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
-    if saved is not None:
-        monitor_state.load_state_dict(saved)
-
+    setup = prepare_training(recipe, accelerator, parts, loader)
+    loader = setup.loader
+    monitor_state = restore_state(accelerator, recipe, setup, resume_path, monitor)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    accelerator.init_trackers(recipe.log.project, config=flat_config(recipe),
+    accelerator.init_trackers(recipe.log.project, config=flat_config(to_dict(recipe)),
                               init_kwargs={"wandb": {"name": recipe.log.run_name or out.name,
                                                      "dir": wandb_dir(out)}})
 
@@ -338,9 +198,9 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * accum
     num_epochs = math.ceil(opt.max_steps / updates_per_epoch)
-    global_batch = opt.batch_size * accelerator.num_processes
     # an epoch's last update may take fewer than `accum` micro-batches
-    micro_step = first_epoch * len(loader) + skip_batches
+    run = Run(recipe, accelerator, parts, setup, monitor, monitor_state, global_step,
+              micro_step=first_epoch * len(loader) + skip_batches)
     resumed_step = global_step
     if global_step >= opt.max_steps:
         num_epochs = first_epoch  # a finished run resumed: nothing to train
@@ -350,10 +210,9 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
 
     progress = tqdm(total=opt.max_steps, initial=global_step, desc="train", disable=not (
         recipe.log.progress and accelerator.is_local_main_process), dynamic_ncols=True)
-    unet.train()
+    parts["unet"].train()
     if recipe.model.train_text_encoder:
-        text_encoder.train()
-    running, last_logged = [], {}
+        parts["text_encoder"].train()
     if monitor_state is not None:
         monitor_state.begin()
     try:
@@ -367,97 +226,122 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
             if hasattr(batches, "set_epoch"):
                 batches.set_epoch(epoch)
             for batch in batches:
-                with accelerator.accumulate(unet):
-                    generator = step_generator(opt.seed, micro_step)
-                    rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
-                    threshold = loss_mask.logged_threshold() if loss_mask is not None else None
-                    loss, stats = diffusion_loss(batch, parts, recipe, generator, rows_slice, global_batch, weight_dtype,
-                                                 loss_mask)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and opt.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_step += 1
-                if loss_mask is not None:  # every process records the same global magnitudes
-                    loss_mask.record(accelerator.gather(stats.pop("magnitudes").detach()),
-                                     accelerator.gather(stats.pop("timesteps").detach()))
-                    if threshold is not None:
-                        stats["mask_threshold"] = threshold
-                running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
-                for k, v in stats.items():
-                    if k == "mask_threshold":
-                        continue
-                    stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
-                        accelerator.gather(v.detach().reshape(1)).mean().item())
+                stats = train_step(run, batch)
                 if not accelerator.sync_gradients:
                     continue
-                if ema is not None:
-                    ema.step(accelerator.unwrap_model(unet).parameters())
-                global_step += 1
-                progress.update(1)
-                if global_step % recipe.log.every_steps == 0 or global_step == opt.max_steps:
-                    last_logged = {"loss": sum(running) / len(running), "lr": lr_scheduler.get_last_lr()[0],
-                                   "epoch": epoch, **stats}
-                    accelerator.log(last_logged, step=global_step)
-                    progress.set_postfix(loss=f"{last_logged['loss']:.4f}")
-                    running = []
-                if monitor is not None and monitor.due(global_step, opt.max_steps):
-                    monitor.run(global_step, parts, accelerator)
-                    if monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
-                        break
-                if global_step % recipe.checkpoint.every_steps == 0 or (
-                    recipe.checkpoint.at_end and global_step == opt.max_steps):
-                    state, tensors = {}, {}
-                    if monitor_state is not None:
-                        state[MONITOR_STATE] = monitor_state.state_dict()
-                    if ema is not None:
-                        state[EMA_STATE], tensors[EMA_STATE] = ema_state(ema)
-                    if loss_mask is not None and loss_mask.adaptive:
-                        tensors[LOSS_MASK_STATE] = loss_mask.state_dict()
-                    save_checkpoint(accelerator, recipe, out, global_step, state, tensors)
-                if recipe.log.validation_every and global_step % recipe.log.validation_every == 0:
-                    validation_images(accelerator, recipe, parts, global_step, out)
-                if global_step >= opt.max_steps:
+                if after_update(run, epoch, stats, progress):
                     break
-            if global_step >= opt.max_steps or (monitor is not None and monitor.stopped):
+            if run.global_step >= opt.max_steps or run.stopped:
                 break
     except KeyboardInterrupt:
-        raise interrupted(out, global_step) from None
+        raise interrupted(out, run.global_step) from None
     progress.close()
+    return finish(run, resumed_step)
+
+
+def restore_state(accelerator: Accelerator, recipe: TrainRecipe, setup: TrainingSetup, resume_path: Path | None,
+                  monitor: Monitor | None) -> MonitorState | None:
+    """Load a resumed run's optimizer, scheduler, EMA and loss-mask state; return the monitor state the
+    checkpoints carry (the monitor's history rides in them as JSON; a run with the monitor off carries a
+    resumed history)."""
+    loss_mask = setup.loss_mask
+    if resume_path is not None:
+        load_training_state(accelerator, resume_path, setup.optimizer, setup.lr_scheduler, setup.lr, recipe,
+                            setup.ema)
+    if resume_path is not None and loss_mask is not None:
+        loss_mask.resume(read_checkpoint_tensors(resume_path, LOSS_MASK_STATE), resume_path, accelerator.is_main_process)
+    saved = read_checkpoint_state(resume_path, MONITOR_STATE) if resume_path is not None else None
+    monitor_state = monitor if monitor is not None else MonitorState() if saved is not None else None
+    if saved is not None:
+        monitor_state.load_state_dict(saved)
+    return monitor_state
+
+
+def train_step(run: Run, batch: dict) -> dict:
+    """One micro-batch: loss, backward, optimizer step under gradient accumulation; returns the gathered
+    statistics (the loss is appended to `run.running`)."""
+    accelerator, opt, setup, loss_mask = run.accelerator, run.recipe.train, run.setup, run.setup.loss_mask
+    with accelerator.accumulate(run.parts["unet"]):
+        generator = step_generator(opt.seed, run.micro_step)
+        rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
+        threshold = loss_mask.logged_threshold() if loss_mask is not None else None
+        loss, stats = diffusion_loss(batch, run.parts, run.recipe, generator, rows_slice,
+                                     opt.batch_size * accelerator.num_processes, setup.weight_dtype, loss_mask)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and opt.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(setup.params, opt.max_grad_norm)
+        setup.optimizer.step()
+        setup.lr_scheduler.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    run.micro_step += 1
+    if loss_mask is not None:  # every process records the same global magnitudes
+        loss_mask.record(accelerator.gather(stats.pop("magnitudes").detach()),
+                         accelerator.gather(stats.pop("timesteps").detach()))
+        if threshold is not None:
+            stats["mask_threshold"] = threshold
+    run.running.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+    for k, v in stats.items():
+        if k == "mask_threshold":
+            continue
+        stats[k] = accelerator.gather(v.detach().reshape(1)).sum().item() if k == "masked" else (
+            accelerator.gather(v.detach().reshape(1)).mean().item())
+    return stats
+
+
+def after_update(run: Run, epoch: int, stats: dict, progress) -> bool:
+    """After an optimizer update: EMA, logging, the monitor, checkpoints, validation images. True ends the
+    epoch (the last step, or the monitor's alarm)."""
+    recipe, accelerator, setup, opt = run.recipe, run.accelerator, run.setup, run.recipe.train
+    if setup.ema is not None:
+        setup.ema.step(accelerator.unwrap_model(run.parts["unet"]).parameters())
+    run.global_step += 1
+    step = run.global_step
+    progress.update(1)
+    if step % recipe.log.every_steps == 0 or step == opt.max_steps:
+        run.last_logged = {"loss": sum(run.running) / len(run.running),
+                           "lr": setup.lr_scheduler.get_last_lr()[0], "epoch": epoch, **stats}
+        accelerator.log(run.last_logged, step=step)
+        progress.set_postfix(loss=f"{run.last_logged['loss']:.4f}")
+        run.running = []
+    if run.monitor is not None and run.monitor.due(step, opt.max_steps):
+        run.monitor.run(step, run.parts, accelerator)
+        if run.monitor.stop_requested(accelerator):  # alarm: keep the last good checkpoint, save nothing
+            return True
+    if step % recipe.checkpoint.every_steps == 0 or (recipe.checkpoint.at_end and step == opt.max_steps):
+        state, tensors = {}, {}
+        if run.monitor_state is not None:
+            state[MONITOR_STATE] = run.monitor_state.state_dict()
+        if setup.ema is not None:
+            state[EMA_STATE], tensors[EMA_STATE] = ema_state(setup.ema)
+        if setup.loss_mask is not None and setup.loss_mask.adaptive:
+            tensors[LOSS_MASK_STATE] = setup.loss_mask.state_dict()
+        save_checkpoint(accelerator, recipe, run.out, step, state, tensors)
+    if recipe.log.validation_every and step % recipe.log.validation_every == 0:
+        validation_images(accelerator, recipe, run.parts, step, run.out)
+    return step >= opt.max_steps
+
+
+def finish(run: Run, resumed_step: int) -> dict:
+    """Final validation images, the monitor's report and the export; every process tears down together."""
+    recipe, accelerator, out, global_step = run.recipe, run.accelerator, run.out, run.global_step
     accelerator.wait_for_everyone()
     trained = global_step > resumed_step
     if trained and (not recipe.log.validation_every or global_step % recipe.log.validation_every):
-        validation_images(accelerator, recipe, parts, global_step, out)
-    monitored = monitor.finish(accelerator, out) if monitor is not None else None
+        validation_images(accelerator, recipe, run.parts, global_step, out)
+    monitored = run.monitor.finish(accelerator, out) if run.monitor is not None else None
     exported = None
-    if not (monitor is not None and monitor.stopped):  # a finished run resumed exports only what is missing
+    if not run.stopped:  # a finished run resumed exports only what is missing
         existing = out / recipe.export
-        exported = existing if not trained and existing.is_dir() else export(accelerator, recipe, parts, ema, out)
+        exported = existing if not trained and existing.is_dir() else export(
+            accelerator, recipe, run.parts, run.setup.ema, out)
     # every process tears down together: a process that destroys its process group while the main one still
     # writes the monitor report or the export can hang on exit
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    loss = last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
+    loss = run.last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
     summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
                "export": str(exported) if exported else None, "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
-
-
-def flat_config(recipe: TrainRecipe) -> dict:
-    flat = {}
-
-    def walk(prefix: str, node):
-        for k, v in node.items():
-            key = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(key, v)
-            else:
-                flat[key] = v if isinstance(v, int | float | str | bool) else str(v)
-
-    walk("", to_dict(recipe))
-    return flat
 
 
 def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokenizer):

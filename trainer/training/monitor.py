@@ -22,7 +22,6 @@ import wandb
 from accelerate.utils import broadcast_object_list
 
 from trainer import data as data_lib
-from trainer.core.checkpoints import list_checkpoints
 from trainer.core.components import pipeline_from_components
 from trainer.core.unet_core import count_evals, encode_latents
 from trainer.detect.clid import clid_features, clid_th_scores
@@ -31,9 +30,10 @@ from trainer.io import MemtrainError, write_json
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import l2_matrix
 from trainer.mitigate.dedup import dedup_weights, row_groups
-from trainer.prompts import read_labelled_prompts, read_prompts
-from trainer.report.plots import save_curves
+from trainer.plots import save_curves
+from trainer.prompts import LabelGroups, read_labelled_prompts, read_prompts
 from trainer.sample.generate import generate_images
+from trainer.training.checkpoints import list_checkpoints
 
 PREFIX = "monitor/"
 CURVES = ("clid_auc", "clid_tpr_at_1fpr", "noise_auc", "noise_tpr_at_1fpr")
@@ -143,10 +143,12 @@ def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
     except MemtrainError as e:
         raise MemtrainError(f"`{key}`: {e}") from None
     labels = {r["text"]: r["group"] for r in rows if "group" in r}
+    novel = LabelGroups.load().not_memorized
     if any("group" in r for r in rows):
-        rows = [r for r in rows if r.get("group") == "novel"]
+        rows = [r for r in rows if r.get("group") in novel]
         if not rows:
-            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group \"novel\"")
+            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group {' or '.join(novel)} (the "
+                                "not-memorized groups of trainer/label_groups.yaml)")
     return [r["text"] for r in rows], labels
 
 

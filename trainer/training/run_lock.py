@@ -17,9 +17,16 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
 from trainer.io import MemtrainError
+from trainer.recipe import TrainRecipe
+from trainer.tracking import truncate_metrics
+from trainer.training.checkpoints import remove_leftovers
 
 LOCK_NAME = ".memtrain.lock"
 # what `memtrain train` writes into its output directory (all that `output.overwrite=true` clears)
@@ -155,3 +162,33 @@ def clear_earlier_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+@contextlib.contextmanager
+def output_dir_lock(accelerator: Accelerator, out: Path) -> Iterator[None]:
+    """The main process holds `OUT/.memtrain.lock` while the block runs; when it
+    cannot take it, every process raises the same MemtrainError."""
+    refusal = [None]
+    if accelerator.is_main_process:
+        try:
+            acquire(out)
+        except MemtrainError as e:
+            refusal = [str(e)]
+    broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise MemtrainError(refusal[0])
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            release(out)
+
+
+def prepare_output_dir(recipe: TrainRecipe, out: Path, resumed_step: int) -> None:
+    """Clear an earlier run (output.overwrite), the temp dirs of an interrupted one, and on resume the metrics
+    rows of the steps that will be trained again."""
+    if recipe.output.overwrite:  # a resume of a checkpoint inside `out` was turned into a fresh start
+        clear_earlier_run(out)
+    remove_leftovers(out)
+    if recipe.checkpoint.resume is not None:
+        truncate_metrics(out / "logs" / "metrics.jsonl", resumed_step)
