@@ -54,17 +54,21 @@ def initial_embeddings(pipe, n: int, init: str | Sequence[str] = "random", seed:
     return table[index].float()
 
 
-def dori_attack(pipe, images: torch.Tensor, init: torch.Tensor, steps: int = DORI_STEPS, lr: float = DORI_LR,
+def dori_attack(pipe, images: torch.Tensor | None, init: torch.Tensor, steps: int = DORI_STEPS, lr: float = DORI_LR,
                 batch: int = DORI_BATCH, seed: int = 0, record: Sequence[int] = (),
-                batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
-    """Optimise one embedding per image (module docstring). `images` [P, 3, H, W] in [0, 1]; `init` [P, 77, D]
-    (`initial_embeddings`). `record`: steps whose embeddings are kept (0 = the start).
+                batch_size: int = DEFAULT_BATCH_SIZE, latents: torch.Tensor | None = None) -> dict:
+    """Optimise one embedding per image (module docstring). `images` [P, 3, H, W] in [0, 1], or their `latents`
+    [P, C, h, w] (scaled, as the UNet sees them); `init` [P, 77, D] (`initial_embeddings`). `record`: steps
+    whose embeddings are kept (0 = the start). Only the embeddings get gradients (the UNet's stay untouched).
 
     Returns {"embeddings": [P, 77, D] after `steps`, "recorded": {step: [P, 77, D]}, "loss_start" /
     "loss_end": [P] mean denoising loss of the first / last step's draws, "unet_evals", "seconds"}.
     Cost: steps * batch UNet evaluations with backward per image.
     """
-    images = _check_images(images, len(init))
+    if latents is None:
+        images = _check_images(images, len(init))
+    elif len(latents) != len(init):
+        raise MemtrainError(f"DoRI: got {len(latents)} latents for {len(init)} embeddings; pass one per embedding")
     steps, batch = int(steps), int(batch)
     if steps < 0 or batch < 1 or not lr > 0:
         raise MemtrainError(f"DoRI wants steps >= 0, batch >= 1, lr > 0; got steps={steps}, batch={batch}, lr={lr}")
@@ -72,7 +76,9 @@ def dori_attack(pipe, images: torch.Tensor, init: torch.Tensor, steps: int = DOR
     start = time.perf_counter()
     with count_evals() as counter:
         core = UNetCore(pipe, batch_size)
-        latents = encode_latents(pipe, images * 2 - 1, seed=seed, batch_size=batch_size)
+        if latents is None:
+            latents = encode_latents(pipe, images * 2 - 1, seed=seed, batch_size=batch_size)
+        latents = latents.detach().float().to(core.device)
         shape, T = tuple(latents.shape[1:]), core.num_train_timesteps
         out = init.detach().float().clone().to(core.device)
         recorded = {s: torch.empty_like(out) for s in record}
@@ -93,8 +99,8 @@ def dori_attack(pipe, images: torch.Tensor, init: torch.Tensor, steps: int = DOR
                 x_t = core.add_noise(latents[rows.to(latents.device)], noise, t)
                 pred = core.eps(x_t, t, y, e_index=(rows - sl.start), grad=True)
                 loss = (pred - noise).pow(2).flatten(1).mean(1).view(-1, batch).mean(1)
-                optimizer.zero_grad()
-                loss.sum().backward()  # Adam is per element: each prompt's embedding moves by its own loss
+                # Adam is per element: each prompt's embedding moves by its own loss
+                (y.grad,) = torch.autograd.grad(loss.sum(), y)
                 optimizer.step()
                 if step == 0:
                     first[sl] = loss.detach().double().cpu()
