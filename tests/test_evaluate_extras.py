@@ -35,7 +35,7 @@ def fraction(values) -> float:
 def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_dir, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--train-data",
-                 str(tiny_data / "train"), "--out", str(out), *FAST, "--attack", "--attack-eps", "0.1,0.2",
+                 str(tiny_data / "train"), "--out", str(out), *FAST, "--attack", "bounded", "--attack-eps", "0.1,0.2",
                  "--attack-steps", "1", "--index", str(index_dir), "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0",
                  "--quality-feature", "toy"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -146,11 +146,34 @@ def test_amg_that_always_fires(tmp_path, tiny_model, tiny_data, index_dir):
     (dict(attack=True, attack_eps=(-0.1,)), "--attack-eps"),
     (dict(guard="amg"), "--guard amg needs --index"),
     (dict(attack=True, generate=False), "--no-generate"),
+    (dict(attack="dori,pgd"), "--attack"),
+    (dict(attack="dori", dori_steps=-1), "--dori-steps"),
 ])
 def test_bad_extras(tmp_path, tiny_model, tiny_data, extra, message):
     with pytest.raises(MemtrainError, match=message):
         E.evaluate(tiny_model, tiny_data / "labels.jsonl", out=tmp_path / "eval", progress=False, **extra)
     assert not (tmp_path / "eval").exists()
+
+
+def test_dori_section(tmp_path, tiny_model, tiny_data):
+    """`--attack dori`: the memorized rows' curve and the control of as many singleton (member) rows, in report.json
+    and report.md; the bounded attack is not run."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--train-data",
+                 str(tiny_data / "train"), "--out", str(out), *FAST, "--attack", "dori", "--dori-steps", "2",
+                 "--dori-control-steps", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    dori = report["dori"]
+    assert "attack" not in report and report["config"]["attack"] == ["dori"]
+    assert dori["prompts"] == 2 and dori["memorized"]["checkpoints"] == [0, 2]
+    assert dori["control"]["checkpoints"] == [0, 3] and len(dori["control"]["texts"]) == 2
+    assert dori["criterion"] == report["verdict"]["criterion"]  # copies judged by the report's verdict
+    # at step 0 DoRI's embeddings are the prompts' own: the same share of copies as the plain generations
+    # (the verdict plus "nearest is the row's own image")
+    plain = [g for g in report["replication"]["generations"] if g["group"] == "trigger"]
+    assert dori["memorized"]["replication"][0] <= fraction([g["replicated"] for g in plain])
+    assert report["cost"]["dori"]["unet_evals"] == dori["unet_evals"] > 0
+    assert "## DoRI" in (out / "report.md").read_text()
 
 
 def test_cli_attack_eps_error(tmp_path, tiny_model, tiny_data, capsys):

@@ -97,10 +97,41 @@ def test_merge_gives_a_plain_unet_and_pipeline(edited, tmp_path):
         save_edited_pipeline(plain, TOY_BASE, TOY_BASE)
 
 
+def test_full_weights_remove_named_prompt_and_keep_preserved():
+    """`weights="full"`: every UNet weight trained in place (no adapter); the same behaviour as the LoRA edit."""
+    pipe = load_pipeline(TOY_BASE)
+    prompts = [NAMED, KEPT]
+    before = noise_magnitude(pipe, prompts, n=2, num_inference_steps=10)
+    g0 = generate_images(pipe, prompts, **GEN)
+    w0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    result = unlearn(pipe, [NAMED], preserved=["", KEPT], steps=30, lr=1e-4, batch_size=2, sample_steps=10, seed=0,
+                     progress=False, weights="full", gradient_checkpointing=True)
+    assert result["lora_state_dict"] is None and not getattr(pipe.unet, "_hf_peft_config_loaded", False)
+    moved = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, w0[n])]
+    assert len(moved) > 0.9 * len(w0)  # the whole UNet trains, not a subset
+    after = noise_magnitude(pipe, prompts, n=2, num_inference_steps=10)
+    g1 = generate_images(pipe, prompts, **GEN)
+    assert after[0] < 0.8 * before[0], (before, after)
+    assert abs(after[1] - before[1]) < 0.1 * before[1], (before, after)
+    change = (g1 - g0).flatten(1).pow(2).mean(1).sqrt()
+    assert change[:2].min() > 2 * change[2:].max(), change  # measured 0.142 vs 0.048
+
+
+def test_adversarial_adds_dori_embeddings_full_weights(tiny_model):
+    pipe = load_pipeline(tiny_model)
+    result = unlearn(pipe, ["a small red circle"], steps=4, lr=1e-3, adversarial=True, adversarial_every=2,
+                     attack_steps=2, sample_steps=2, batch_size=2, progress=False, weights="full")
+    assert result["forget_set"] == 1 + 2 and result["weights"] == "full"
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    with pytest.raises(MemtrainError, match="weights must be one of"):
+        unlearn(pipe, ["a small red circle"], weights="half", progress=False)
+
+
 def test_adversarial_adds_perturbed_embeddings(tiny_model):
     pipe = load_pipeline(tiny_model)
     result = unlearn(pipe, ["a small red circle"], steps=4, lr=1e-3, adversarial=True, adversarial_every=2,
-                     attack_eps=0.1, attack_steps=2, sample_steps=2, batch_size=2, progress=False)
+                     attack_eps=0.1, attack_steps=2, sample_steps=2, batch_size=2, progress=False,
+                     inner_attack="bounded")
     assert result["forget_set"] == 1 + 2  # attacks at steps 0 and 2
     assert len(result["losses"]) == 4 and all(torch.isfinite(torch.tensor(result["losses"])))
     plain = unlearn(load_pipeline(tiny_model), ["a small red circle"], steps=4, lr=1e-3, sample_steps=2,
@@ -139,32 +170,38 @@ from accelerate import PartialState
 
 torch.set_num_threads(1)
 pipe = load_pipeline(sys.argv[1])
-result = unlearn(pipe, ["a small red circle"], preserved=["", "a large blue square"], steps=3, lr=1e-2,
-                 batch_size=int(sys.argv[3]), sample_steps=2, progress=False)
+result = unlearn(pipe, ["a small red circle"], preserved=["", "a large blue square"], steps=3,
+                 lr=1e-2 if sys.argv[4] == "lora" else 1e-4, batch_size=int(sys.argv[3]), sample_steps=2,
+                 progress=False, weights=sys.argv[4])
 if PartialState().is_main_process:
-    save_file(result["lora_state_dict"], sys.argv[2])
+    save_file(result["lora_state_dict"] or {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}, sys.argv[2])
 """
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, tiny_model):
+@pytest.mark.parametrize("weights", ["lora", "full"])
+def test_two_processes_match_one_process(tmp_path, tiny_model, weights):
     script = tmp_path / "run_unlearn.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(script), str(tiny_model), str(two), "1"]
+           str(script), str(tiny_model), str(two), "1", weights]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, str(script), str(tiny_model), str(one), "2"], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model), str(one), "2", weights], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w2, w1 = load_file(str(two)), load_file(str(one))
     assert w2.keys() == w1.keys()
     diff = torch.cat([(w2[k] - w1[k]).flatten() for k in w1]).norm()
-    ups = [k for k in w1 if "up" in k]  # B starts at 0: its norm is how far training moved
-    moved = torch.cat([w1[k].flatten() for k in ups]).norm()
+    if weights == "lora":
+        ups = [k for k in w1 if "up" in k]  # B starts at 0: its norm is how far training moved
+        moved = torch.cat([w1[k].flatten() for k in ups]).norm()
+    else:  # against the source's weights
+        w0 = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+        moved = torch.cat([(w1[k] - w0[k]).flatten() for k in w1]).norm()
     assert moved > 0 and diff / moved < 1e-2, (float(diff), float(moved))
 
 

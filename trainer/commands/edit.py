@@ -36,7 +36,7 @@ from trainer.edit.save import (
     write_pipeline,
 )
 from trainer.edit.uce import LAYERS, LORA_TOL, uce_edit, uce_lora
-from trainer.edit.unlearn import unlearn
+from trainer.edit.unlearn import INNER_ATTACKS, WEIGHTS, unlearn
 from trainer.io import MemtrainError, atomic_dir, write_json
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.prompts import read_labelled_prompts, read_prompts
@@ -50,7 +50,8 @@ from trainer.tracking import log_wandb_summary, start_wandb_run
 METHODS = {
     "prune": "subspace deletion (Chavhan et al. 2024): zero the Wanda-scored FFN weights the memorized prompts use",
     "neurons": "NeMo (Hintersdorf et al. 2024): find and block the cross-attention value neurons of memorization",
-    "unlearn": "LoRA fine-tune: memorized prompts predict like their anchors, preserved prompts unchanged",
+    "unlearn": "fine-tune (LoRA or full UNet): memorized prompts predict like their anchors, preserved prompts "
+               "unchanged",
     "uce": "closed-form cross-attention edit (UCE, Gandikota et al. 2024) of attn2.to_k / to_v",
 }
 
@@ -123,6 +124,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--adversarial-every", type=int, default=25, help="steps between attacks (default 25)")
     m.add_argument("--attack-eps", type=float, default=0.1, help="perturbation budget ||d|| <= eps ||e|| (> 0)")
     m.add_argument("--merge", action="store_true", help="write a merged pipeline instead of the LoRA file")
+    m.add_argument("--weights", choices=WEIGHTS, default="lora", help="lora (default: a LoRA file) or full (every "
+                   "UNet weight, as Kowalczuk et al. 2026's adversarial fine-tuning; writes a pipeline)")
+    m.add_argument("--inner-attack", choices=INNER_ATTACKS, default="dori", help="with --adversarial: the attack run "
+                   "on the current model, dori (default; the memorized prompt's sample as target) or bounded")
+    m.add_argument("--attack-steps", type=int, default=10, help="with --adversarial: inner attack steps (default 10)")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    m.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="Accelerate's mixed precision of the trained forward (default no)")
 
     m = methods.add_parser("uce", help=METHODS["uce"], description=METHODS["uce"] + ".")
     _common(m)
@@ -185,9 +194,10 @@ def check_args(args: argparse.Namespace) -> dict:
         texts["reference"] = _texts(reference, "--reference" if args.reference else "--preserved")
     elif args.method == "unlearn":
         for flag, value in (("--rank", args.rank), ("--steps", args.steps), ("--lr", args.lr),
-                            ("--adversarial-every", args.adversarial_every), ("--attack-eps", args.attack_eps)):
+                            ("--adversarial-every", args.adversarial_every), ("--attack-eps", args.attack_eps),
+                            ("--attack-steps", args.attack_steps)):
             _positive(value, flag)
-        if args.lora and not args.merge:
+        if args.lora and not args.merge and args.weights == "lora":
             raise MemtrainError("unlearn: with --lora the result is relative to CKPT + LoRA; pass --merge to write "
                                 "a merged pipeline")
     elif args.method == "uce":
@@ -246,7 +256,9 @@ def run_method(pipe, args: argparse.Namespace, texts: dict) -> dict:
     if args.method == "unlearn":
         return unlearn(pipe, memorized, anchors=anchors, preserved=preserved, rank=args.rank, steps=args.steps,
                        lr=args.lr, adversarial=args.adversarial, adversarial_every=args.adversarial_every,
-                       attack_eps=args.attack_eps, seed=args.seed)
+                       attack_eps=args.attack_eps, seed=args.seed, weights=args.weights,
+                       inner_attack=args.inner_attack, attack_steps=args.attack_steps,
+                       gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision)
     common = dict(anchors=anchors, preserved=preserved, lam=args.lam, preserve_scale=args.preserve_scale,
                   layers=args.layers, batch_size=args.batch_size)
     if args.as_lora:
@@ -328,9 +340,10 @@ def run(args: argparse.Namespace) -> int:
         result = run_method(pipe, args, texts)
     seconds = time.perf_counter() - t0
 
-    lora_out = (args.method == "unlearn" and not args.merge) or (args.method == "uce" and args.as_lora)
+    full = args.method == "unlearn" and args.weights == "full"
+    lora_out = (args.method == "unlearn" and not args.merge and not full) or (args.method == "uce" and args.as_lora)
     state = result.get("lora_state_dict")
-    if args.method == "unlearn":
+    if args.method == "unlearn" and not full:
         if state is None:
             raise MemtrainError("unlearn returned no LoRA state dict")
         if args.merge:

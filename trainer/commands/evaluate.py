@@ -9,6 +9,7 @@ from pathlib import Path
 from trainer.commands.guard_options import add_guard_arguments, guard_options
 from trainer.core.distributed import is_main_process
 from trainer.detect import DETECTORS
+from trainer.detect.dori import CONTROL_STEPS, DORI_STEPS
 from trainer.io import check_output
 from trainer.measure.calibration import DEFAULT_FPR
 from trainer.measure.features import QUALITY_FEATURES
@@ -67,9 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: this process's accelerator under accelerate launch, else cuda if "
                    "available, else cpu)")
     x = p.add_argument_group("re-trigger test, training-image index")
-    x.add_argument("--attack", action="store_true",
-                   help="re-trigger test of the memorized prompts (Kowalczuk et al. 2025): replication after a "
-                   "text-embedding perturbation, no image known (noise) and image known (image)")
+    x.add_argument("--attack", nargs="?", const="dori,bounded", metavar="dori,bounded",
+                   help="re-trigger tests of the memorized prompts: dori (Kowalczuk et al. 2026: the text embedding "
+                   "optimised towards the prompt's training image, with the non-memorized members as control) and "
+                   "bounded (||d|| <= eps ||e||, no image known and image known); bare --attack runs both")
+    x.add_argument("--dori-steps", type=int, default=DORI_STEPS, help=f"DoRI steps (default {DORI_STEPS}, the paper's)")
+    x.add_argument("--dori-control-steps", type=int, default=CONTROL_STEPS,
+                   help=f"DoRI steps for the non-memorized member images (default {CONTROL_STEPS})")
     x.add_argument("--attack-eps", default="0.05,0.1,0.2",
                    help="comma-separated budgets eps > 0: ||d|| <= eps * ||e|| (default 0.05,0.1,0.2)")
     x.add_argument("--attack-steps", type=int, default=20, help="attack optimisation steps (default 20)")
@@ -93,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seed=args.seed, data=args.data, sscd=args.sscd, clip=args.clip,
                       wandb=args.wandb, generate=not args.no_generate, detectors=args.detectors, steps=args.steps,
                       guidance_scale=args.guidance_scale, device=args.device, attack=args.attack,
-                      attack_eps=args.attack_eps, attack_steps=args.attack_steps, index=args.index,
+                      attack_eps=args.attack_eps, attack_steps=args.attack_steps,
+                      dori_steps=args.dori_steps, dori_control_steps=args.dori_control_steps, index=args.index,
                       index_model=args.index_model, index_threshold=args.index_threshold, guard=args.guard,
                       guard_options=options, heldout=args.heldout, fpr=args.fpr, criterion=args.criterion,
                       groups=args.groups, quality_feature=args.quality_feature,

@@ -1,16 +1,21 @@
-"""LoRA unlearning edit: pull memorized prompts' noise predictions to an anchor's, keep the rest.
+"""Unlearning edit: pull memorized prompts' noise predictions to an anchor's, keep the rest.
 
 Implements concept-ablation fine-tuning (Kumari et al., ICCV 2023, "Ablating concepts in text-to-image
-diffusion models") with a preservation term, and with `adversarial=True` the robust edit of Kowalczuk
-et al., 2025, "Finding Dori" (re-trigger attack perturbations join the forget set). Deviation: a LoRA
-on every attention block's to_q/to_k/to_v/to_out.0, trained on x_t from latents the frozen model
-samples, so the edit ships as a stock diffusers LoRA.
+diffusion models") with a preservation term, and with `adversarial=True` the adversarial fine-tuning of
+Kowalczuk et al., ICML 2026, "Finding DoRI" (embeddings the inner attack finds on the current model join
+the forget set; inner attack DoRI, `trainer.detect.dori`, or the bounded one). `weights="lora"`: a LoRA on
+every attention block's to_q/to_k/to_v/to_out.0 (ships as a stock diffusers LoRA); `weights="full"`: every
+UNet weight, as the paper (its LoRA variant failed), with gradient checkpointing, the Accelerator's mixed
+precision and 8-bit AdamW when bitsandbytes is installed on CUDA. Deviations: x_t comes from latents the
+frozen model samples, and DoRI's target is the frozen model's own sample of the memorized prompt (no
+training image needed); the paper pulls adversarial embeddings to a surrogate image and keeps LAION pairs.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import time
 
 import torch
@@ -23,9 +28,30 @@ from tqdm.auto import tqdm
 
 from trainer.core.unet_core import UNetCore, count_evals, prompt_list
 from trainer.detect.attack import generate_from_embeddings, retrigger_attack
+from trainer.detect.dori import dori_attack
 from trainer.io import MemtrainError
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+WEIGHTS = ("lora", "full")
+INNER_ATTACKS = ("dori", "bounded")
+
+
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """8-bit AdamW (bitsandbytes; Dettmers et al. 2022) on CUDA when installed, else torch's AdamW."""
+    if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes  # an optional extra: imported only where it runs
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def _inner_attack(kind: str, parts: dict, memorized: list[str], emb: torch.Tensor, latents: torch.Tensor,
+                  eps: float, steps: int, seed: int, batch_size: int) -> torch.Tensor:
+    """Embeddings [P, 77, D] that re-trigger each memorized prompt on the current model (`parts`)."""
+    if kind == "dori":
+        return dori_attack(parts, None, emb, steps=steps, seed=seed, batch_size=batch_size,
+                           latents=latents)["embeddings"]
+    return retrigger_attack(parts, memorized, eps, "noise", steps=steps, seed=seed, batch_size=batch_size)["embeddings"]
 
 
 
@@ -91,18 +117,26 @@ def unlearn(
     guidance_scale: float = 7.5,
     attack_steps: int = 10,
     mixed_precision: str = "no",
+    weights: str = "lora",
+    inner_attack: str = "dori",
+    gradient_checkpointing: bool = False,
 ) -> dict:
-    """Train the unlearning LoRA on `pipe.unet` (module docstring); the adapter stays active on it.
+    """Train the unlearning LoRA on `pipe.unet`, or with `weights="full"` every UNet weight in place (module
+    docstring); the adapter stays active on it. `inner_attack` (with `adversarial`): "dori" or "bounded".
 
     `memorized`: prompts to remove; `anchors`: one, or one per memorized prompt (default "");
     `preserved`: prompts whose predictions must not change (default: the anchors). `batch_size`
     requests per process and step for the forget term and as many for the preservation term.
-    Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them),
+    Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them; None for
+    full weights),
     "losses" / "forget_losses" / "preserve_losses": per step, "forget_set": its final size,
     "unet_evals": samples through the UNet (pool sampling, targets, training, attacks), "seconds"}.
     """
     memorized, anchors, preserved = _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight,
                                                 adversarial_every, attack_eps, batch_size, samples_per_prompt)
+    if weights not in WEIGHTS or inner_attack not in INNER_ATTACKS:
+        raise MemtrainError(f"unlearn: weights must be one of {WEIGHTS} and inner_attack one of {INNER_ATTACKS}, "
+                            f"got {weights!r}, {inner_attack!r}")
     unet = pipe.unet
     if getattr(unet, "_hf_peft_config_loaded", False):
         raise MemtrainError(
@@ -136,12 +170,19 @@ def unlearn(
             pool_evals += len(pres_emb) * pool_n * sample_steps * passes
 
         unet.requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
-            torch.manual_seed(int(seed))
-            unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
-                                        target_modules=LORA_TARGETS))
+        frozen = None
+        if weights == "lora":
+            with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
+                torch.manual_seed(int(seed))
+                unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
+                                            target_modules=LORA_TARGETS))
+        else:
+            frozen = copy.deepcopy(unet).eval()  # the source model's predictions are the targets
+            unet.requires_grad_(True)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr)
+        optimizer = make_optimizer(params, lr, accelerator.device)
         trained, optimizer = accelerator.prepare(unet, optimizer)
         base = accelerator.unwrap_model(trained)
         core = UNetCore(pipe, batch_size * 2)  # frozen targets and attacks, on the unwrapped UNet
@@ -154,6 +195,9 @@ def unlearn(
             pres_emb, preserve_pool = pres_emb.to(device), preserve_pool.to(device)
         attack_parts = dict(unet=base, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                             scheduler=pipe.scheduler, vae=pipe.vae)
+        if frozen is not None:
+            core = UNetCore({**attack_parts, "unet": frozen}, batch_size * 2)
+        dori_targets = forget_pool[torch.arange(len(memorized)) * pool_n]  # each memorized prompt's first sample
 
         world = accelerator.num_processes
         rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
@@ -165,9 +209,9 @@ def unlearn(
         for step in range(steps):
             if adversarial and step % int(adversarial_every) == 0:
                 base.eval()
-                found = retrigger_attack(attack_parts, memorized, attack_eps, "noise", steps=attack_steps,
-                                         seed=seed + step, batch_size=core.batch_size)
-                forget_emb = torch.cat([forget_emb, found["embeddings"].float().to(device)])
+                found = _inner_attack(inner_attack, attack_parts, memorized, forget_emb[: len(memorized)],
+                                      dori_targets, attack_eps, attack_steps, seed + step, core.batch_size)
+                forget_emb = torch.cat([forget_emb, found.float().to(device)])
                 forget_anchor = torch.cat([forget_anchor, forget_anchor[: len(memorized)]])
             base.train()
             gen = _step_generator(seed, step)
@@ -188,11 +232,14 @@ def unlearn(
             latents, timesteps = torch.cat(latents), torch.cat(timesteps)
             cond, target_emb = torch.cat(cond), torch.cat(target_emb)
             with torch.no_grad():
-                base.disable_adapters()
-                try:
+                if frozen is not None:
                     target = core.eps(latents, timesteps, target_emb)
-                finally:
-                    base.enable_adapters()
+                else:
+                    base.disable_adapters()
+                    try:
+                        target = core.eps(latents, timesteps, target_emb)
+                    finally:
+                        base.enable_adapters()
             pred = train_core.eps(latents, timesteps, cond, grad=True)
             k = len(f_entry)
             loss_f = F.mse_loss(pred[:k], target[:k])
@@ -209,9 +256,13 @@ def unlearn(
         bar.close()
         base.eval()
         accelerator.wait_for_everyone()
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(base))
+        if gradient_checkpointing:
+            base.disable_gradient_checkpointing()
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(base)) if frozen is None else None
+        del frozen
     return {
-        "lora_state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "lora_state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()} if state else None,
+        "weights": weights,
         "losses": losses,
         "forget_losses": forget_losses,
         "preserve_losses": preserve_losses,

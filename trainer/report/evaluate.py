@@ -23,6 +23,7 @@ from trainer.core.components import load_pipeline, model_resolution
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
+from trainer.detect.dori import CONTROL_STEPS, DORI_STEPS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
 from trainer.measure.calibration import DEFAULT_FPR, Calibration, check_fpr
 from trainer.measure.features import (
@@ -41,9 +42,11 @@ from trainer.report.guard_sections import (
     DEFAULT_ATTACK_EPS,
     attack_report,
     check_extras,
+    dori_report,
     guard_section,
     index_and_embedder,
     index_replication,
+    parse_attacks,
     parse_eps,
 )
 from trainer.report.render import evaluate_markdown
@@ -108,6 +111,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
              device: str | None = None, memorized: str | Path | None = None,
              not_memorized: str | Path | None = None, progress: bool = True, attack: bool = False,
              attack_eps: str | Sequence[float] = DEFAULT_ATTACK_EPS, attack_steps: int = 20,
+             dori_steps: int = DORI_STEPS, dori_control_steps: int = CONTROL_STEPS,
              index: str | Path | None = None, index_model: str | Path | None = None,
              index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None,
              heldout: str | Path | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
@@ -119,7 +123,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     `not_memorized`. `train_data`: the training set replication is measured against (an imagefolder,
     a `save_to_disk` directory or a local datasets path; default: the member images of the prompt
     file). `data`: the root that `file_name` paths resolve under (default: the prompt file's directory).
-    `attack`: the re-trigger test of the memorized prompts at `attack_eps` with `attack_steps` attack steps;
+    `attack`: the re-trigger tests of the memorized prompts ("dori", "bounded" or both; True = both): DoRI for
+    `dori_steps` (non-memorized members as control for `dori_control_steps`), the bounded attack at
+    `attack_eps` with `attack_steps` attack steps;
     `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
     replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
     side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`. `quality_feature`: the
@@ -173,7 +179,11 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     for r in rows:
         if r.file_name and (r.member is not None or r.label == 1):
             _check_file(data / r.file_name, f"{prompts}, line {r.line}", data)
-    attack_eps = parse_eps(attack_eps) if attack else None
+    attacks = parse_attacks(attack)
+    attack = bool(attacks)
+    attack_eps = parse_eps(attack_eps) if "bounded" in attacks else None
+    if attack and (int(dori_steps) < 0 or int(dori_control_steps) < 0):
+        raise MemtrainError(f"--dori-steps and --dori-control-steps must be >= 0, got {dori_steps}, {dori_control_steps}")
     guard = None if guard == "none" else guard
     check_extras(attack, attack_steps, guard, index, generate, any(r.label == 1 for r in rows),
                  train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
@@ -211,7 +221,9 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
               "batch_size": batch_size, "detectors": detectors, "generate": generate,
               "sscd": str(sscd) if sscd else None, "clip": str(clip) if clip else None, "device": device,
               "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1",
-              "attack": attack, "attack_eps": attack_eps, "attack_steps": attack_steps if attack else None,
+              "attack": attacks, "attack_eps": attack_eps,
+              "dori_steps": dori_steps if "dori" in attacks else None,
+              "dori_control_steps": dori_control_steps if "dori" in attacks else None, "attack_steps": attack_steps if attack else None,
               "index": str(index) if index else None, "index_model": str(index_model) if index_model else None,
               "index_threshold": index_threshold,
               "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard,
@@ -346,11 +358,18 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
                     notes.append("re-trigger test: image-known attacker skipped (a memorized row has no file_name)")
                 if references is None:
                     notes.append("re-trigger test skipped: no training images to measure replication against")
-                else:
+                if references is not None and "bounded" in attacks:
                     report["attack"] = attack_report(pipe, [r.text for r in mem_rows], images, references,
                                                      attack_eps, n, seed, attack_steps, steps, guidance_scale,
                                                      batch_size, verdict, sscd_model)
                     cost["attack"] = {k: report["attack"][k] for k in ("seconds", "unet_evals")}
+                if references is not None and "dori" in attacks and images is None:
+                    notes.append("DoRI skipped: it needs every memorized row's training image (file_name)")
+                elif references is not None and "dori" in attacks:
+                    report["dori"] = dori_report(pipe, rows, mem_rows, images, references, data, prompts, resolution,
+                                                 n, seed, dori_steps, dori_control_steps, steps, guidance_scale,
+                                                 batch_size, verdict, sscd_model, notes, progress)
+                    cost["dori"] = {k: report["dori"][k] for k in ("seconds", "unet_evals")}
                 stages.update()
 
             # 6. guarded sampling beside the stock sampler
@@ -421,6 +440,12 @@ def flat_summary(report: dict) -> dict[str, float]:
             v = row.get(who)
             if v is not None:
                 flat[f"attack/eps{row['eps']:g}/{who}"] = v if who == "plain" else v["replication"]
+    dori = report.get("dori") or {}
+    for part in ("memorized", "control"):
+        curve = dori.get(part)
+        if curve:
+            flat[f"dori/{part}/replication"] = curve["replication"][-1]
+            flat[f"dori/{part}/plain"] = curve["replication"][0]
     for attacker, a in report.get("attack", {}).get("attackers", {}).items():
         flat[f"attack/{attacker}/unet_evals"] = a["unet_evals"]
         flat[f"attack/{attacker}/seconds"] = a["seconds"]

@@ -25,7 +25,9 @@ import torch
 
 from trainer.core import distributed
 from trainer.core.unet_core import count_unet_samples
+from trainer.data import load_images
 from trainer.detect.attack import attack_section
+from trainer.detect.dori import dori_section
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration, uncalibrated
 from trainer.measure.embedders import ImageEmbedder, make_embedder
@@ -55,6 +57,21 @@ def parse_eps(value: str | float | Sequence[float]) -> list[float]:
     if not eps or any(not e > 0 for e in eps):
         raise MemtrainError(f"--attack-eps: every budget must be > 0 (||d|| <= eps * ||e||), got {value!r}")
     return eps
+
+
+ATTACKS = ("dori", "bounded")
+
+
+def parse_attacks(value: bool | str | Sequence[str] | None) -> list[str]:
+    """`--attack dori,bounded` as a list; True (bare `--attack`) = both, False / None = none."""
+    if value is None or value is False:
+        return []
+    items = ATTACKS if value is True else value.split(",") if isinstance(value, str) else value
+    attacks = [a.strip() for a in items if a.strip()]
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not attacks:
+        raise MemtrainError(f"--attack: want a comma-separated subset of {','.join(ATTACKS)}, got {value!r}")
+    return list(dict.fromkeys(attacks))
 
 
 def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str | Path | None, generate: bool,
@@ -161,6 +178,26 @@ def attack_report(pipe, texts: list[str], images: torch.Tensor | None, reference
     section["seconds"] = round(time.perf_counter() - start, 2)
     section["unet_evals"] = counted[0]
     return section
+
+
+def dori_report(pipe, rows, mem_rows, images: torch.Tensor, references: torch.Tensor, data: Path, source: Path,
+                resolution: int, n: int, seed: int, steps: int, control_steps: int, sample_steps: int,
+                guidance_scale: float, batch_size: int, calibration: Calibration | None, sscd_model, notes: list,
+                progress: bool = True) -> dict:
+    """`trainer.detect.dori.dori_section` for the memorized prompts, with as control as many non-memorized
+    member rows (member 1, not label 1, with file_name) in file order; copies judged by the report's verdict."""
+    control = [r for r in rows if r.member == 1 and r.label != 1 and r.file_name][:len(mem_rows)]
+    control_images = None
+    if control:
+        control_images = load_images([data / r.file_name for r in control],
+                                     [f"{source}, line {r.line} ({r.file_name})" for r in control], resolution,
+                                     "DoRI control images", progress)
+    else:
+        notes.append("DoRI control skipped: no non-memorized member rows (member 1, not label 1) with file_name")
+    return dori_section(pipe, [r.text for r in mem_rows], images, [r.text for r in control], control_images,
+                        references, n, seed, steps, control_steps, sample_steps=sample_steps,
+                        guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration or GU_RATIO,
+                        sscd_model=sscd_model)
 
 
 def saturation(images: torch.Tensor) -> torch.Tensor:

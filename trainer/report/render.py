@@ -135,6 +135,8 @@ def evaluate_markdown(report: dict) -> str:
             lines.append(f"| {group} | {q['generations']} | {_fmt(q.get(quality.get('alignment')))} | "
                          f"{_fmt(q.get('kid'), '.4g')} | {_fmt(q.get('clip_score'), '.2f')} |")
         lines.append("")
+    if report.get("dori"):
+        lines += dori_lines(report["dori"])
     if report.get("attack"):
         lines += _attack_lines(report["attack"])
     if report.get("guard"):
@@ -214,6 +216,32 @@ def _index_lines(ix: dict) -> list[str]:
                      f"{_fmt(s['similarity_max'])} | {_fmt(s['fraction_replicated'], '%')} | "
                      f"{_fmt(s['nearest_caption_is_prompt'], '%')} |")
     return [*lines, ""]
+
+
+def dori_lines(d: dict) -> list[str]:
+    """The DoRI section: replication along the attack (steps-to-copy curves) for memorized prompts and the control."""
+    lines = ["## DoRI: re-triggering by the text embedding", "",
+             f"Per memorized prompt, its whole text embedding (every token) optimised towards its own training image "
+             f"(Kowalczuk et al. 2026: Adam lr {d['lr']:g}, {d['batch']} (t, noise) pairs redrawn each step, "
+             f"{d['steps']} steps, from the prompt's embedding); control: as many non-memorized member images, each "
+             f"from its own caption, for {d.get('control_steps', '-')} steps. {d['n']} generation(s) per prompt at "
+             f"each checkpoint; a copy: {d['criterion']}, nearest to the targeted image.", "",
+             "| images | " + " | ".join(f"step {s}" for s in d["memorized"]["checkpoints"]) + " |",
+             "|---|" + "---|" * len(d["memorized"]["checkpoints"])]
+    lines.append("| memorized | " + " | ".join(_fmt(v, "%") for v in d["memorized"]["replication"]) + " |")
+    c = d.get("control")
+    if c:
+        lines += ["", "| control (non-memorized members) | " + " | ".join(f"step {s}" for s in c["checkpoints"]) + " |",
+                  "|---|" + "---|" * len(c["checkpoints"]),
+                  "| copied | " + " | ".join(_fmt(v, "%") for v in c["replication"]) + " |"]
+    first = [s for s in d["memorized"]["steps_to_copy"] if s is not None]
+    lines += ["", f"Memorized prompts copied within {d['steps']} steps: {len(first)} of {d['prompts']}"
+              + (f" (median first copy at step {sorted(first)[len(first) // 2]})" if first else "")
+              + (f"; control images copied within {d['control_steps']} steps: "
+                 f"{sum(s is not None for s in c['steps_to_copy'])} of {len(c['steps_to_copy'])} (the paper: none "
+                 "within 500)" if c else "; no control images") + f". UNet evals {d['unet_evals']}, "
+              f"{d['seconds']:.1f} s.", ""]
+    return lines
 
 
 def _attack_lines(a: dict) -> list[str]:
