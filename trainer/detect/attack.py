@@ -39,7 +39,7 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
-def _check_images(images, n_prompts: int, what: str = "images") -> torch.Tensor:
+def check_target_images(images, n_prompts: int, what: str = "images") -> torch.Tensor:
     if images is None:
         raise MemtrainError(f'the "image" attacker needs `{what}`: one training image per prompt')
     if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
@@ -142,7 +142,7 @@ def retrigger_attack(
         table, index, _ = core.encode_prompts(prompts)
         e_all = table[index].float()
         if attacker == "image":
-            images = _check_images(images, len(prompts))
+            images = check_target_images(images, len(prompts))
             latents = encode_latents(pipe, images * 2 - 1, seed=seed, batch_size=batch_size)
             objective = _ImageObjective(core, latents, n_noise, seed)
         else:
@@ -290,7 +290,7 @@ def attack_section(
     if not eps_values:
         raise MemtrainError("eps_values is empty: pass at least one attack budget")
     if images is not None:
-        _check_images(images, len(prompts))
+        check_target_images(images, len(prompts))
     plain = generate_images(pipe, prompts, n, seed, sample_steps, guidance_scale, batch_size, progress=False)
     plain_row = _replication(plain, references, len(prompts), calibration, sscd_model, batch_size)
     totals = {a: {"unet_evals": 0, "seconds": 0.0} for a in ATTACKERS}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, encode_latents, groups
-from trainer.detect.attack import _check_images, generate_from_embeddings
+from trainer.detect.attack import check_target_images, generate_from_embeddings
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
 from trainer.measure.replication import GU_RATIO, replication_metrics, verdict_scores
@@ -66,7 +66,7 @@ def dori_attack(pipe, images: torch.Tensor | None, init: torch.Tensor, steps: in
     Cost: steps * batch UNet evaluations with backward per image.
     """
     if latents is None:
-        images = _check_images(images, len(init))
+        images = check_target_images(images, len(init))
     elif len(latents) != len(init):
         raise MemtrainError(f"DoRI: got {len(latents)} latents for {len(init)} embeddings; pass one per embedding")
     steps, batch = int(steps), int(batch)
