@@ -15,6 +15,7 @@ import torch
 from trainer.cli import main
 from trainer.core.components import load_pipeline
 from trainer.measure.calibration import Calibration, calibrate
+from trainer.measure.embedders import make_embedder
 from trainer.measure.replication import (
     GRADIENT_METRIC,
     L2_METRIC,
@@ -192,3 +193,18 @@ def test_replicated_png_shows_both_sides_of_the_line():
     assert picks[8:12] == [16, 17, 18, 19] and picks[12:] == [20, 21, 22, 23]  # the last copies, the first passes
     assert grid_picks(order, [False] * 40) == list(range(16))
     assert grid_picks(order[:5], [True] * 5) == list(range(5))
+
+
+def test_gradients_embedding_tells_copies_from_relatives(toy_pipe):
+    """The `gradients` index embedding: a decoded copy of a training image is nearer it than any related crop
+    of the same scene is to its nearest training crop."""
+    train, related, _ = _family_world(20, seed=1)
+    g = torch.Generator().manual_seed(0)
+    copies = vae_roundtrip(toy_pipe, (train[::4] + 0.03 * torch.randn(train[::4].shape, generator=g)).clamp(0, 1))
+    references, relatives = vae_roundtrip(toy_pipe, train), vae_roundtrip(toy_pipe, related)
+    embed = make_embedder("gradients")
+    assert embed.dim == embed(train[:1]).shape[1] and torch.allclose(embed(train).norm(dim=1), torch.ones(len(train)))
+    refs = embed(references)
+    copy_sim = (embed(copies) @ refs.T).max(1).values
+    relative_sim = (embed(relatives) @ refs.T).max(1).values
+    assert copy_sim.min() > relative_sim.max(), (copy_sim, relative_sim)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.cli import main
 from trainer.core.components import load_pipeline
@@ -104,13 +105,21 @@ def test_calibration_drives_evaluate_and_the_amg_trigger(calibrated, tiny_model,
     assert scale(copy.threshold) == pytest.approx(SSCD_THRESHOLD(0))  # a clean estimate at the threshold triggers
 
 
-def test_vae_positives_give_the_recall(tmp_path, tiny_data, tiny_model, capsys):
+def test_vae_references_and_positives_give_the_recall(tmp_path, tiny_data, tiny_model, capsys):
     out = tmp_path / "index"
     assert main(["index", str(tiny_data / "train"), "--out", str(out), "--resolution", "16", "--no-progress",
                  "--heldout", str(tiny_data / "heldout"), "--vae", str(tiny_model)]) == 0
-    copy = TrainingIndex.load(out).copy_calibration()
-    assert copy.source == "training images through the model's VAE" and copy.n_positive == 16
+    index = TrainingIndex.load(out)
+    copy = index.copy_calibration()
+    assert copy.source.startswith("training images as stored") and copy.n_positive == 16
     assert 0.0 <= copy.recall <= 1.0 and copy.fpr_target == 0.01
     assert json.loads(capsys.readouterr().out)["calibration"] == copy.describe()
-    assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "i2"), "--vae", str(tiny_model)]) == 2
-    assert "--vae serves the calibration" in capsys.readouterr().err
+    # the index holds the training images as the model's VAE reproduces them, without --heldout too
+    assert index.meta["references"] == f"through the VAE of {tiny_model}"
+    assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "i2"), "--vae", str(tiny_model),
+                 "--resolution", "16", "--no-progress"]) == 0
+    plain = tmp_path / "i3"
+    assert main(["index", str(tiny_data / "train"), "--out", str(plain), "--resolution", "16", "--no-progress"]) == 0
+    through_vae, stored = TrainingIndex.load(tmp_path / "i2"), TrainingIndex.load(plain)
+    assert torch.equal(through_vae.embeddings, index.embeddings) and stored.meta["references"] == "as stored"
+    assert not torch.allclose(through_vae.embeddings.float(), stored.embeddings.float(), atol=1e-3)

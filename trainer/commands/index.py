@@ -7,11 +7,11 @@ import argparse
 import json
 
 from trainer.core.components import check_device
-from trainer.io import MemtrainError, check_not_inside
+from trainer.io import check_not_inside
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
 from trainer.measure.index import DTYPES, build_index, index_summary
-from trainer.measure.index_calibration import calibrate_index, image_sources
+from trainer.measure.index_calibration import calibrate_index, image_sources, load_vae
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--embedding",
         choices=INDEX_EMBEDDINGS,
         default="pixels",
-        help="pixels (default; 8x8 thumbnail, as memtrain dedup), clip (local CLIP directory in --model), "
+        help="pixels (default; 8x8 thumbnail, as memtrain dedup), gradients (the copy verdict's image gradients "
+        "of a 16x16 thumbnail: tells copies from related images), clip (local CLIP directory in --model), "
         "sscd (local TorchScript file in --model)",
     )
     p.add_argument("--model", metavar="PATH", help="the CLIP model directory or SSCD TorchScript file")
@@ -57,8 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
                    help=f"with --heldout: the false-positive rate on the held-out images (default {DEFAULT_FPR:g})")
     p.add_argument("--vae", metavar="PIPE",
-                   help="with --heldout: the model's pipeline directory; held-out and (up to 1024) training images go "
-                   "through its VAE, and the share of training images the threshold flags (recall) is recorded")
+                   help="the model's pipeline directory: the training images are indexed as its VAE reproduces them "
+                   "(what a generation can at best be; one VAE encode + decode per image) and, with --heldout, the "
+                   "held-out images go through it too and the share of stored training images the threshold flags "
+                   "(recall, a lower bound) is recorded")
     p.add_argument("--device", default=None, help="device for clip/sscd (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -66,12 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
-    if args.heldout is None and args.vae is not None:
-        raise MemtrainError("--vae serves the calibration: give --heldout DIR too")
     check_fpr(args.fpr)
     if args.heldout is not None:
         image_sources(args.heldout, "--heldout")  # checked before anything is embedded
-        check_not_inside(args.out, {"--heldout": args.heldout, **({"--vae": args.vae} if args.vae else {})})
+    check_not_inside(args.out, {**({"--heldout": args.heldout} if args.heldout else {}),
+                                **({"--vae": args.vae} if args.vae else {})})
+    autoencoder = load_vae(args.vae, args.device) if args.vae is not None else None
     index = build_index(
         args.data,
         args.out,
@@ -85,11 +88,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         save=args.heldout is None,
+        vae=autoencoder,
+        vae_path=args.vae,
     )
     if args.heldout is not None:
         embedder = make_embedder(index.embedding, args.model, args.device)
         calibrate_index(index, args.heldout, embedder, args.fpr, args.vae, args.batch_size, not args.no_progress,
-                        args.device)
+                        args.device, autoencoder)
         index.save(args.out)
     summary = index_summary(index, args.out)
     if index.copy_calibration() is not None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
 from trainer.measure.groups import caption_groups
+from trainer.measure.replication import vae_roundtrip
 
 try:  # optional extra: memtrain[faiss]
     import faiss
@@ -424,10 +426,14 @@ def build_index(
     progress: bool = True,
     device=None,
     save: bool = True,
+    vae=None,
+    vae_path: str | None = None,
 ) -> TrainingIndex:
     """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
     save_to_disk directory) at `resolution` and write the index to `out` (atomically).
 
+    With `vae` (the model's AutoencoderKL, from `vae_path`), each image is embedded as the VAE reproduces
+    it (`vae_roundtrip`): what a generation can at best be, as the copy verdict's references are.
     Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
     batch of images plus the [N, d] embedding matrix being built."""
     root = Path(data)
@@ -473,7 +479,10 @@ def build_index(
                     for i in range(start, stop)
                 ]
             )
-            emb[start:stop] = embedder((batch + 1.0) / 2.0).to(device="cpu", dtype=dtype)
+            batch = (batch + 1.0) / 2.0
+            if vae is not None:
+                batch = vae_roundtrip(SimpleNamespace(vae=vae), batch, batch_size)
+            emb[start:stop] = embedder(batch).to(device="cpu", dtype=dtype)
             bar.update(stop - start)
     seconds = time.perf_counter() - t0
     groups = caption_groups(rows.captions)
@@ -488,6 +497,7 @@ def build_index(
         meta=dict(
             data=str(root),
             model=str(path) if path else None,
+            references=f"through the VAE of {vae_path}" if vae is not None else "as stored",
             exact_caption_groups=len(groups["exact"]),
             build_seconds=round(seconds, 3),
             images_per_second=round(n / max(seconds, 1e-9), 1),

@@ -4,11 +4,12 @@
 
 The null is each held-out image's top-1 cosine similarity to the index (images never trained on, so
 their nearest training image is not a copy); the threshold flags at most `fpr` of them
-(`trainer.measure.calibration.calibrate`). The positives are training images as the model's VAE
-reproduces them (`--vae PIPE`: encode to the posterior mean and decode), the copies a generation can
-at best be; the held-out images then go through the same VAE, so both sides carry its artifacts.
-Without `--vae` the recall is not measured: a training image against its own row scores 1 by
-construction, and against its nearest other row it measures near-duplicates in the data, not copies.
+(`trainer.measure.calibration.calibrate`). With `--vae PIPE` the held-out images go through the model's
+VAE (encode to the posterior mean and decode), as a generation comes out of its decoder, and so do the
+index's training images (the copy verdict's references); the positives are then the training images as
+stored, a lower bound on a decoded copy's similarity. Without `--vae` the recall is not measured: a
+training image against its own row scores 1 by construction, and against its nearest other row it
+measures near-duplicates in the data, not copies.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def _embed(embedder: ImageEmbedder, images: torch.Tensor, vae, batch_size: int) 
 
 def calibrate_index(index: TrainingIndex, heldout: str | Path, embedder: ImageEmbedder, fpr: float = DEFAULT_FPR,
                     vae: str | Path | None = None, batch_size: int = 64, progress: bool = True,
-                    device=None) -> TrainingIndex:
-    """Set `index.calibration` (module docstring) and return the index."""
+                    device=None, autoencoder: AutoencoderKL | None = None) -> TrainingIndex:
+    """Set `index.calibration` (module docstring) and return the index; `autoencoder`: the VAE of `vae`
+    when the caller has loaded it already."""
     sources, names = image_sources(heldout, "--heldout")
-    autoencoder = load_vae(vae, device) if vae is not None else None
+    if autoencoder is None and vae is not None:
+        autoencoder = load_vae(vae, device)
     held = _embed(embedder, load_images(sources, names, index.resolution, "held-out images", progress),
                   autoencoder, batch_size)
     null = index.search(held, k=1)[0][:, 0].double().numpy()
@@ -80,8 +83,11 @@ def calibrate_index(index: TrainingIndex, heldout: str | Path, embedder: ImageEm
                           .astype(int))
         train = load_images([rows.images[i] for i in picks], [rows.names[i] for i in picks], index.resolution,
                             "training images", progress)
-        positives = index.search(_embed(embedder, train, autoencoder, batch_size), k=1)[0][:, 0].double().numpy()
-        positive_name = "training images through the model's VAE"
+        stored = index.meta.get("references", "as stored") != "as stored"  # the index went through the VAE
+        positives = index.search(_embed(embedder, train, None if stored else autoencoder, batch_size),
+                                 k=1)[0][:, 0].double().numpy()
+        positive_name = ("training images as stored (a lower bound on a decoded copy's)" if stored
+                         else "training images through the model's VAE")
     copy = calibrate(null, metric, True, fpr, positives, positive_name)
     mean_held = torch.nn.functional.normalize(held, dim=1).double().mean(0)
     null_similarity = float(mean_held @ index.embeddings.double().mean(0))
