@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from trainer.core.components import load_pipeline
 from trainer.measure.calibration import calibrate
@@ -72,7 +73,7 @@ def main() -> None:
     m = replication_metrics(gens, refs)
     h = replication_metrics(held_vae, refs)
     h_pix = replication_metrics(held, unique)  # the pixel images, without the VAE
-    keys = ("l2", "l2_second", "ratio", "nn_index", "tiled_l2", "nl2")
+    keys = ("l2", "l2_second", "ratio", "nn_index", "tiled_l2", "nl2", "gradient_ratio", "gradient_nn_index")
     generations = []
     for i in range(len(gens)):
         r = rows[i // args.n]
@@ -89,12 +90,15 @@ def main() -> None:
     cal_l2 = calibrate(h["l2"].numpy(), "NN1 L2", higher_is_copy=False, fpr=args.fpr)
     cal_ratio = calibrate(h["ratio"].numpy(), "NN1/NN2 ratio", higher_is_copy=False, fpr=args.fpr)
     cal_tiled = calibrate(h["tiled_l2"].numpy(), "tiled L2", higher_is_copy=False, fpr=args.fpr)
+    cal_grad = calibrate(h["gradient_ratio"].numpy(), "gradient ratio", higher_is_copy=False, fpr=args.fpr)
     criteria = {"ratio < 1/3 (Gu)": lambda g: g["ratio"] < 1 / 3,
                 "ratio < 0.5 (demo)": lambda g: g["ratio"] < 0.5,
                 f"L2 < {cal_l2.threshold:.4f} (held-out {args.fpr:.0%})": lambda g: g["l2"] < cal_l2.threshold,
                 f"ratio < {cal_ratio.threshold:.3f} (held-out {args.fpr:.0%})": lambda g: g["ratio"] < cal_ratio.threshold,
                 f"tiled L2 < {cal_tiled.threshold:.4f} (held-out {args.fpr:.0%})":
-                    lambda g: g["tiled_l2"] < cal_tiled.threshold}
+                    lambda g: g["tiled_l2"] < cal_tiled.threshold,
+                f"gradient ratio < {cal_grad.threshold:.3f} (held-out {args.fpr:.0%}; the default verdict)":
+                    lambda g: g["gradient_ratio"] < cal_grad.threshold}
     table = {}
     for group in GROUPS:
         gs = [g for g in generations if g["group"] == group]
@@ -108,9 +112,20 @@ def main() -> None:
     held_row = {"images": len(held), **{name: float(np.mean([f(x) for x in heldout])) for name, f in criteria.items()},
                 "L2 quantiles": _q(h["l2"]), "ratio quantiles": _q(h["ratio"]), "tiled L2 quantiles": _q(h["tiled_l2"]),
                 "pixel L2 quantiles": _q(h_pix["l2"]), "pixel ratio quantiles": _q(h_pix["ratio"])}
-    result = {"pipeline": args.pipeline, "data": str(data), "n": args.n, "guidance_scale": args.guidance_scale,
-              "calibration": {"l2": cal_l2.to_dict(), "ratio": cal_ratio.to_dict(),
-                                                               "tiled_l2": cal_tiled.to_dict()}, "groups": table,
+    # what separates copies from held-out images: the duplicated prompts' generations nearest their own view
+    # (copies by eye on both worlds, docs/results.md) against the held-out images through the VAE
+    own = [g for g in generations if g["group"] == "duplicated" and g["nearest_is_source"]]
+    separation = {}
+    for key in ("l2", "ratio", "tiled_l2", "nl2", "gradient_ratio"):
+        pos, neg = np.array([g[key] for g in own]), h[key].double().numpy()
+        cal = calibrate(neg, key, higher_is_copy=False, fpr=args.fpr)
+        separation[key] = {"auroc": float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], -np.r_[pos, neg]))
+                           if len(pos) else None, "recall_at_fpr": float(cal.flags(pos).mean()) if len(pos) else None,
+                           "threshold": cal.threshold}
+    print(json.dumps({"own-view generations": len(own), "held-out images": len(neg), **separation}, indent=1))
+    result = {"separation": separation, "pipeline": args.pipeline, "data": str(data), "n": args.n, "guidance_scale": args.guidance_scale,
+              "calibration": {"l2": cal_l2.to_dict(), "ratio": cal_ratio.to_dict(), "tiled_l2": cal_tiled.to_dict(),
+                              "gradient_ratio": cal_grad.to_dict()}, "groups": table,
               "heldout_images_vae": held_row, "generations": generations, "heldout": heldout}
     (out / "measure.json").write_text(json.dumps(result, indent=1))
 
