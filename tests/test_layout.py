@@ -44,7 +44,6 @@ LONG_MODULES = {
     "commands/edit.py": "issue 25 changes it in parallel; thinned with the EditSpec after that merge",
     "report/evaluate.py": "until the section registry (issue 26, step 4) makes evaluate() a loop over sections",
     "report/render.py": "until the section registry (issue 26, step 4) renders each section next to itself",
-    "sample/guidance.py": "until the guards become classes (issue 26, step 3), one module each",
 }
 LONG_FUNCTIONS = {
     "edit/unlearn.py:unlearn": "issue 25 changes it in parallel; split after that merge",

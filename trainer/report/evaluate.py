@@ -64,6 +64,7 @@ from trainer.report.sections import (
     without_replicating_negatives,
 )
 from trainer.sample.generate import generate_images
+from trainer.sample.guards import NoGuard
 from trainer.tracking import log_wandb_summary, start_wandb_run
 
 ROC_CONVENTION = (
@@ -127,8 +128,8 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     `dori_steps` (non-memorized members as control for `dori_control_steps`), the bounded attack at
     `attack_eps` with `attack_steps` attack steps;
     `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
-    replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
-    side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`. `quality_feature`: the
+    replicated above `index_threshold`); `guard` (a name in `trainer.sample.guard.GUARDS`; one with `needs_index` needs `index`): guarded
+    generations side by side, `guard_options` the guard's keyword options. `quality_feature`: the
     general scenario's feature space (a `measure.features.QUALITY_FEATURES` name, `clip`, or a
     `QualityFeature`; default CLIP with `clip`, else pix8), named in the report. `label_groups`: a YAML file of
     the roles of the prompt file's group names (`prompts.LabelGroups`; default the packaged one).
@@ -184,7 +185,7 @@ def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str
     attack_eps = parse_eps(attack_eps) if "bounded" in attacks else None
     if attack and (int(dori_steps) < 0 or int(dori_control_steps) < 0):
         raise MemtrainError(f"--dori-steps and --dori-control-steps must be >= 0, got {dori_steps}, {dori_control_steps}")
-    guard = None if guard == "none" else guard
+    guard = None if guard == NoGuard.name else guard
     check_extras(attack, attack_steps, guard, index, generate, any(r.label == 1 for r in rows),
                  train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
     if index_threshold is not None and not -1 < index_threshold < 1:

@@ -1,6 +1,6 @@
 """The optional sections of `memtrain evaluate`: the re-trigger test (`--attack`, Kowalczuk et al. 2025),
 replication against a training-image index (`--index`, `trainer.measure.index`) and guarded sampling
-side by side with the stock sampler (`--guard amg|wen`, Chen et al. 2024 / Wen et al. 2024).
+side by side with the stock sampler (`--guard NAME`, a guard of `trainer.sample.guard.GUARDS`).
 
 Index replication: each generation is embedded with the index's own embedder and its nearest
 training image is looked up (exact cosine search), and the next nearest that is not an exact copy of it
@@ -38,7 +38,9 @@ from trainer.measure.replication import (
     summarize_replication,
     verdict_scores,
 )
-from trainer.sample.guard import GUARDS, PIXEL_FALLBACK, GuardedPipeline, guarded_generate, load_index
+from trainer.sample.amg import PIXEL_FALLBACK
+from trainer.sample.guard import GUARDS, GuardedPipeline, guarded_generate, load_index
+from trainer.sample.guards import NoGuard
 
 DEFAULT_ATTACK_EPS = (0.05, 0.1, 0.2)
 INDEX_THRESHOLDS = {"sscd": (SSCD_THRESHOLD, "Somepalli et al.'s SSCD convention 0.5"),
@@ -87,11 +89,12 @@ def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str 
         if not has_train_images:
             raise MemtrainError("--attack measures replication against the training images: pass --train-data "
                                 "or give the memorized rows a file_name")
-    if guard not in (None, "none") and guard not in GUARDS:
-        raise MemtrainError(f"--guard must be one of amg, wen; got {guard!r}")
-    if guard == "amg" and index is None:
-        raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
-    if guard not in (None, "none") and not generate:
+    guarded = guard not in (None, NoGuard.name)
+    if guarded and guard not in GUARDS:
+        raise MemtrainError(f"--guard must be one of {', '.join(g for g in GUARDS if g != NoGuard.name)}; got {guard!r}")
+    if guarded and GUARDS[guard].needs_index and index is None:
+        raise MemtrainError(f"--guard {guard} needs --index INDEX (a training-image index built by `memtrain index`)")
+    if guarded and not generate:
         raise MemtrainError("--guard compares guarded with unguarded generations: drop --no-generate")
     if index is not None and not Path(index).exists():
         raise MemtrainError(f"--index {index}: no such index; build one with `memtrain index DATA --out {index}`")
@@ -249,16 +252,11 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
     options = dict(options or {})
     if index is not None and index_verdict is not None and not isinstance(index_verdict, Calibration):
         index_verdict = index_calibration(index, float(index_verdict), "index")
-    sampler, trigger = guard, None
-    if guard == "amg":
-        if embedder is not None:
-            options.setdefault("embedder", embedder)
-        sampler = GuardedPipeline.from_pipe(pipe, index, "amg", **options)
-        trigger = sampler.trigger
+    sampler = GuardedPipeline.from_pipe(pipe, index, guard=guard, embedder=embedder, **options)
     start = time.perf_counter()
     with count_unet_samples(pipe.unet) as counted:
         guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, sampler, index, batch_size,
-                                            progress, across_processes, **({} if guard == "amg" else options))
+                                            progress, across_processes)
     unet_evals = distributed.sum_over_processes(counted[0])
     seconds = time.perf_counter() - start
     captions = [t for t in texts for _ in range(n)]
@@ -268,7 +266,7 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         guard_hits = index_replication(guarded, groups, captions, index, embedder, index_verdict, batch_size)
     change = (guarded - generated).flatten(1).abs().amax(1)
     result = {"guard": guard, "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
-              "generations": len(guarded), "steps": steps, "trigger": trigger,
+              "generations": len(guarded), "steps": steps, "trigger": sampler.trigger,
               "criteria": {},
               "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
                             "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
@@ -295,11 +293,7 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         if baseline_quality is not None and group in baseline_quality:
             plain.update({k: v for k, v in baseline_quality[group].items() if k != "notes"})
         guarded_side["fraction_intervened"] = float(np.mean([bool(r["intervened"]) for r in recs]))
-        if guard == "amg":
-            guarded_side["fraction_steps_intervened"] = (sum(r["num_steps_intervened"] for r in recs)
-                                                         / (len(recs) * steps))
-        else:  # Wen et al. act once, on the prompt embedding, before sampling
-            guarded_side["mean_iterations"] = float(np.mean([r["iterations"] for r in recs]))
+        guarded_side.update(sampler.guard.summarize(recs, steps))
         guarded_side["max_abs_change_not_intervened"] = float(change[calm].max()) if calm else None
         guarded_side.update(intervened_quality(generated, guarded, idx, records))
         result["groups"][group] = {"generations": len(idx), "unguarded": plain, "guarded": guarded_side}
