@@ -126,7 +126,7 @@ def main() -> int:
     print(json.dumps({
         "model": args.model, "images_per_run": images, "steps": args.steps, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "index_size": len(index.embeddings), "embedding": index.embedding,
-        "threshold": next(iter(guards.values())).amg.threshold.__dict__,
+        "threshold": next(iter(guards.values())).guard.config.threshold.__dict__,
         "seconds_per_image": {k: [round(x, 4) for x in v] for k, v in timings.items()},
         "cpu_seconds_per_image": {k: [round(x, 4) for x in v] for k, v in cpu.items()},
         "best_seconds_per_image": {k: round(v, 4) for k, v in best.items()},

@@ -15,11 +15,13 @@ from test_monitor import wandb_records
 
 from trainer import prompts
 from trainer.cli import main
+from trainer.core.components import load_pipeline
 from trainer.io import MANIFEST, MemtrainError
 from trainer.measure import features as F
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import GRADIENT_METRIC
 from trainer.report import evaluate as E
+from trainer.sample.generate import generate_images
 from trainer.toy import world as toy_world
 from trainer.toy.base import build_tokenizer
 from trainer.toy.checker import TOY_QUALITY, toy_features
@@ -461,3 +463,55 @@ def test_a_real_style_training_set_and_a_caption_keyed_prompt_set(tmp_path, tiny
     assert all(0 <= g["nn_index"] < replication["unique_train_images"] for g in replication["generations"])
     assert report["quality"]["feature"].startswith("pix8:")  # not the toy palette: these are not toy captions
     assert all("toy_alignment" not in q for q in report["quality"]["groups"].values())
+
+
+# ---------------------------------------------------------------- the spec and the section registry
+
+
+def test_a_yaml_spec_with_overrides_and_flags(tmp_path, tiny_model, tiny_data, capsys):
+    """SPEC.yaml, then key=value, then flags: each later source wins; a bad key names the close match."""
+    spec = tmp_path / "eval.yaml"
+    spec.write_text(f"checkpoint: {tiny_model}\nprompts: {tiny_data / 'labels.jsonl'}\nout: {tmp_path / 'eval'}\n"
+                    "detectors: [noise]\nsteps: 5\nn: 1\ngenerate: true\nguard: wen\nguard_options: {max_iters: 1}\n")
+    assert run_evaluate(spec, "steps=2", "groups=[general]", "--seed", "3", "--wen-lr", "0.1") == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    c = report["config"]
+    assert (c["steps"], c["seed"], c["n"], c["detectors"], c["groups"], c["guard"]) == (
+        2, 3, 1, ["noise"], ["general"], "wen")
+    # the guard's options: the spec's, the flag over them, the declared defaults under them
+    assert report["guard"]["options"] == {"target": 3.0, "lr": 0.1, "max_iters": 1}
+    assert "drop --no-generate" in run_fails(capsys, spec, "--no-generate")  # the flag is generate=false
+    err = run_fails(capsys, spec, "stepz=2")
+    assert "unknown key `stepz`; did you mean `steps`" in err
+    err = run_fails(capsys, spec, "guard_options={lr: 0}")
+    assert "--wen-lr must be > 0, got 0" in err
+    err = run_fails(capsys, spec, "guard_options={c1: 1}")
+    assert "unknown key c1 for guard wen" in err
+
+
+def brightness(run: E.EvalRun) -> None:
+    """A section as docs/architecture.md adds one: the mean pixel value of each group's generations."""
+    if run.generated is not None:
+        run.report["brightness"] = {g: float(run.generated[[i for i, x in enumerate(run.gen_groups) if x == g]].mean())
+                                    for g in dict.fromkeys(run.gen_groups)}
+
+
+def brightness_lines(report: dict) -> list[str]:
+    rows = report.get("brightness", {})
+    return ["## Brightness", "", "| group | mean |", "|---|---|", *[f"| {g} | {v:.4f} |" for g, v in rows.items()], ""]
+
+
+def test_a_new_section_is_two_functions_and_one_registry_line(monkeypatch, tmp_path, tiny_model, tiny_data):
+    monkeypatch.setitem(E.SECTIONS, "brightness", E.Section("brightness", brightness, brightness_lines))
+    report = E.evaluate(E.EvalSpec(checkpoint=str(tiny_model), prompts=str(tiny_data / "labels.jsonl"),
+                                   out=str(tmp_path / "eval"), n=1, steps=2, detectors="noise"), progress=False)
+    rows = [r for r in prompts.read_labelled_prompts(tiny_data / "labels.jsonl") if r.label is not None]
+    pipe = load_pipeline(tiny_model)
+    for group, label in (("trigger", 1), ("general", 0)):
+        texts = [r.text for r in rows if r.label == label]
+        images = generate_images(pipe, texts, 1, 0, 2, 7.5, batch_size=32, progress=False)
+        assert report["brightness"][group] == pytest.approx(float(images.mean()), abs=1e-6)
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| trigger | {report['brightness']['trigger']:.4f} |" in markdown
+    assert markdown.index("## Brightness") > markdown.index("## Quality")  # rendered in registry order
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["brightness"] == report["brightness"]

@@ -14,9 +14,8 @@ from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.report import evaluate as E
+from trainer.sample.amg import PIXEL_FALLBACK, Threshold
 from trainer.sample.generate import generate_images
-from trainer.sample.guard import PIXEL_FALLBACK
-from trainer.sample.guidance import Threshold
 
 FAST = ["--steps", "3", "-n", "1", "--batch-size", "64", "--detectors", "noise"]
 

@@ -8,6 +8,7 @@ decoded image; the index holds the decoded training images under the 8x8 pixel e
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from peft import LoraConfig
 from PIL import Image
 
+from trainer.cli import main
 from trainer.commands import generate as cli
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore
@@ -25,21 +27,12 @@ from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.report.guard_sections import saturation
+from trainer.sample.amg import SSCD_THRESHOLD, AMGConfig, AMGGuard, SimilarityScale, Threshold, as_threshold
 from trainer.sample.generate import generate_images
-from trainer.sample.guard import GuardedPipeline, check_index, guarded_generate
-from trainer.sample.guidance import (
-    SSCD_THRESHOLD,
-    AMGConfig,
-    AMGGuard,
-    SimilarityScale,
-    Threshold,
-    as_threshold,
-    calibrate_wen_target,
-    decode_images,
-    first_step_magnitude,
-    mitigate_prompt_embedding,
-    sample_latents,
-)
+from trainer.sample.guard import GUARDS, GuardedPipeline, check_index, guarded_generate
+from trainer.sample.guards import Guard, GuardRun, NoGuard, Option
+from trainer.sample.guidance import decode_images, sample_latents
+from trainer.sample.wen import calibrate_wen_target, first_step_magnitude, mitigate_prompt_embedding
 
 STEPS = 10
 TRIGGER = "red circle"
@@ -427,3 +420,61 @@ def test_cli_amg_with_a_saved_index(tiny_model, pipe, tmp_path):
         with pytest.raises(MemtrainError, match=message):
             cli.run_guarded(bad)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- adding a guard
+
+
+class Unconditional(Guard):
+    """A trivial guard, as docs/architecture.md adds one: the prompt embedding is blended towards the empty
+    caption's by `weight` (1: unconditional sampling)."""
+
+    name = "unconditional"
+    help = "sample towards the empty caption"
+    options = (Option("--uncond-weight", "weight", float, 1.0, "share of the empty caption, in [0, 1]", low=0.0,
+                      high=1.0, meaning="in [0, 1]"),)
+
+    def __init__(self, pipe, index=None, embedder=None, weight: float = 1.0):
+        self.pipe, self.weight = pipe, weight
+
+    def start(self, core, prompts, cond, latents, n, num_inference_steps, negative_prompt):
+        empty = self.pipe.encode_prompt([""] * len(cond), self.pipe.device, 1, False)[0]
+        records = [{"guard": self.name, "intervened": self.weight > 0} for _ in range(len(cond))]
+        return GuardRun((1 - self.weight) * cond + self.weight * empty, None, lambda: records)
+
+    def summarize(self, records, steps):
+        return {"weight": self.weight}
+
+
+def test_a_new_guard_is_one_class_and_one_registry_line(monkeypatch, tiny_model, tiny_data, tmp_path, capsys):
+    monkeypatch.setitem(GUARDS, Unconditional.name, Unconditional)  # the one registry line
+    toy_base = Path(__file__).resolve().parents[1] / "trainer" / "toy" / "toy_base"  # a model that follows its prompt
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle\na small blue square\n")
+    base = ["generate", str(toy_base), "--prompts", str(prompts), "--steps", "3", "-n", "1", "--seed", "2",
+            "--guard", "unconditional"]
+    # its option is on the command line, range-checked before anything is written
+    assert main([*base, "--out", str(tmp_path / "bad"), "--uncond-weight", "2"]) == 2
+    assert "--uncond-weight must be in [0, 1], got 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main([*base, "--out", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "guard_records.jsonl").read_text().splitlines()]
+    assert [(r["guard"], r["prompt"]) for r in rows] == [("unconditional", "a large red circle"),
+                                                         ("unconditional", "a small blue square")]
+    # weight 1 samples from the empty caption: both prompts give the unguarded generation of "" (same seed)
+    images = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")) for i in range(2)]).astype(float)
+    toy = load_pipeline(toy_base)
+    stock = GuardedPipeline(toy, NoGuard())
+    empty, _ = guarded_generate(toy, [""], 1, 2, 3, 7.5, stock, progress=False)
+    plain, _ = guarded_generate(toy, ["a large red circle"], 1, 2, 3, 7.5, stock, progress=False)
+    assert np.abs(images - (empty[0].permute(1, 2, 0).numpy() * 255).round()).max() <= 1
+    assert np.abs(images[0] - (plain[0].permute(1, 2, 0).numpy() * 255).round()).max() > 100
+    # and evaluate's guard section runs it beside the stock sampler, with its own summary
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--out", str(out),
+                 "--steps", "2", "-n", "1",
+                 "--detectors", "noise", "--groups", "general", "--guard", "unconditional", "--uncond-weight",
+                 "0.5"]) == 0
+    guard = json.loads((out / "report.json").read_text())["guard"]
+    assert guard["guard"] == "unconditional" and guard["options"] == {"weight": 0.5}
+    assert {g["guarded"]["weight"] for g in guard["groups"].values()} == {0.5}

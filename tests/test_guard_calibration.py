@@ -18,8 +18,8 @@ from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
 from trainer.measure.index_calibration import image_sources
 from trainer.report import evaluate as E
+from trainer.sample.amg import SSCD_THRESHOLD
 from trainer.sample.guard import GuardedPipeline
-from trainer.sample.guidance import SSCD_THRESHOLD
 
 BAD = [
     (["--guard-threshold", "2"], "--guard-threshold"),
@@ -99,8 +99,8 @@ def test_calibration_drives_evaluate_and_the_amg_trigger(calibrated, tiny_model,
     for g in ix["generations"]:
         assert g["replicated"] == (g["similarity"] > copy.threshold)
     guarded = GuardedPipeline.from_pipe(load_pipeline(tiny_model), index=index, guard="amg")
-    assert guarded.trigger == copy.describe() and guarded.amg.threshold == SSCD_THRESHOLD
-    scale = guarded.amg.scale
+    assert guarded.trigger == copy.describe() and guarded.guard.config.threshold == SSCD_THRESHOLD
+    scale = guarded.guard.config.scale
     assert scale.trigger == copy.threshold and scale.null == pytest.approx(index.null_similarity())
     assert scale(copy.threshold) == pytest.approx(SSCD_THRESHOLD(0))  # a clean estimate at the threshold triggers
 

@@ -42,15 +42,10 @@ LONG_MODULES = {
     "measure/index.py": "issue 27 changes it in parallel; split after that merge",
     "measure/replication.py": "the replication criterion changes in parallel; split after that merge",
     "commands/edit.py": "issue 25 changes it in parallel; thinned with the EditSpec after that merge",
-    "report/evaluate.py": "until the section registry (issue 26, step 4) makes evaluate() a loop over sections",
-    "report/render.py": "until the section registry (issue 26, step 4) renders each section next to itself",
-    "sample/guidance.py": "until the guards become classes (issue 26, step 3), one module each",
 }
 LONG_FUNCTIONS = {
     "edit/unlearn.py:unlearn": "issue 25 changes it in parallel; split after that merge",
     "commands/edit.py:run": "issue 25 changes it in parallel; thinned with the EditSpec after that merge",
-    "report/evaluate.py:evaluate": "until the section registry (issue 26, step 4)",
-    "report/render.py:evaluate_markdown": "until the section registry (issue 26, step 4)",
 }
 
 
@@ -143,7 +138,7 @@ def test_no_toy_vocabulary_outside_toy():
 def test_an_upward_import_is_caught(tmp_path):
     """The layer check itself: a measure module importing from report is reported."""
     bad = tmp_path / "bad.py"
-    bad.write_text("from trainer.report.render import evaluate_markdown\n")
+    bad.write_text("from trainer.report.evaluate import evaluate_markdown\n")
     ((line, target, names),) = trainer_imports(bad)
     assert layer_of(f"{target}") > layer_of("trainer.measure.bad")
 

@@ -1,5 +1,5 @@
 """`memtrain generate`: DDIM generations of a checkpoint for a prompt file, optionally guarded against
-replicating training images (`--guard amg|wen`, `trainer.sample.guidance`); guarded runs also write
+replicating training images (`--guard NAME`, a guard of `trainer.sample.guard.GUARDS`); guarded runs also write
 `guard_records.jsonl` (per image: steps intervened, max similarity, nearest training image)."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.commands.guard_options import add_guard_arguments, guard_options
+from trainer.commands.guard_options import add_guard_arguments, guard_options, guard_paths, index_guards
 from trainer.core.components import load_pipeline
 from trainer.core.distributed import is_main_process, process_device
 from trainer.io import MemtrainError, atomic_dir, check_output
 from trainer.prompts import read_prompts
 from trainer.sample.generate import generate_images
-from trainer.sample.guard import guarded_generate, load_index
+from trainer.sample.guard import GUARDS, guarded_generate, load_index
+from trainer.sample.guards import NoGuard
 
 
 def write_images(images: torch.Tensor, names: list[str], directory: Path) -> None:
@@ -52,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--index", help="training-image index directory (`memtrain index`), for --guard amg")
+    p.add_argument("--index", help="training-image index directory (`memtrain index`), for --guard "
+                   f"{' / '.join(index_guards())}")
     add_guard_arguments(p)
     p.set_defaults(func=_run)
 
@@ -60,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def read_paths(args: argparse.Namespace) -> dict:
     """The files and directories `generate` reads: its --out may not hold or lie in any of them."""
     return {"CHECKPOINT": args.checkpoint, "--prompts": args.prompts, "--lora": args.lora, "--index": args.index,
-            "--embedder-path": args.embedder_path, "--wen-calibrate": args.wen_calibrate}
+            **guard_paths(vars(args))}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     prompts = [r["text"] for r in read_prompts(args.prompts)]  # a bad prompt file is named first
     options = guard_options(args)
     check_output(args.out, "generate", read_paths(args))
-    if args.guard != "none":
+    if args.guard != NoGuard.name:
         return run_guarded(args, options)
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
     images = generate_images(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale, args.batch_size,
@@ -85,11 +87,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_guarded(args: argparse.Namespace, options: dict | None = None) -> int:
-    if args.guard == "amg" and not args.index:
-        raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
+    needs_index = GUARDS[args.guard].needs_index
+    if needs_index and not args.index:
+        raise MemtrainError(f"--guard {args.guard} needs --index INDEX (a training-image index built by `memtrain index`)")
     prompts = [r["text"] for r in read_prompts(args.prompts)]
     pipe = load_pipeline(args.checkpoint, args.lora, device=process_device())
-    index = load_index(args.index, pipe, args.guard_embedding) if args.guard == "amg" else None
+    index = load_index(args.index, pipe, args.guard_embedding) if needs_index else None
     options = guard_options(args) if options is None else options
     images, records = guarded_generate(pipe, prompts, args.n, args.seed, args.steps, args.guidance_scale,
                                        args.guard, index, args.batch_size, is_main_process(), True, **options)

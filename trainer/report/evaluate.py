@@ -1,15 +1,16 @@
 """`memtrain evaluate`: a MemBench-style memorization report for one checkpoint (Hong et al. 2024).
 
-Trigger scenario (registered prompt detectors: AUROC, TPR at 1% FPR), replication of generations
-against the training images, membership (CLiD, Zhai et al. 2024, cross-fitted) and the general
-scenario (KID, alignment / CLIP score); optionally the re-trigger test (`--attack`), replication
-against a training-image index (`--index`) and guarded sampling side by side (`--guard`),
-`trainer.report.guard_sections`. Writes OUT/report.json, report.md and PNGs atomically.
-docs/methods.md gives every convention; `trainer.report.sections` computes each section.
+`evaluate(spec)` checks the `EvalSpec` (`trainer.report.spec`), reads the inputs once into an `EvalRun`
+(`trainer.report.run`) and runs the registered sections in order (`SECTIONS`): the trigger scenario
+(prompt detectors), the generations, replication, membership (CLiD), quality, and, when asked, the
+re-trigger tests (`--attack`) and guarded sampling (`--guard`). Each section computes and renders in its
+own module; a new one is a function pair and one line in `SECTIONS`. Writes OUT/report.json, report.md
+and PNGs atomically. docs/methods.md gives every convention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -20,50 +21,30 @@ from tqdm.auto import tqdm
 
 from trainer.core import distributed
 from trainer.core.components import load_pipeline, model_resolution
-from trainer.core.unet_core import count_unet_samples
-from trainer.data import load_images
-from trainer.detect import DETECTOR_STEPS, DETECTORS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
-from trainer.detect.dori import CONTROL_STEPS, DORI_STEPS
+from trainer.detect import DETECTOR_STEPS, MEMBERSHIP_DETECTORS, PROMPT_DETECTORS
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
-from trainer.measure.calibration import DEFAULT_FPR, Calibration, check_fpr
-from trainer.measure.features import (
-    QualityFeature,
-    choose_quality_feature,
-    kid,
-    load_clip_scorer,
-    load_sscd,
-)
+from trainer.measure.calibration import Calibration, check_fpr
+from trainer.measure.features import choose_quality_feature, load_clip_scorer, load_sscd
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.replication import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
-from trainer.prompts import LabelGroups, check_labels, group_name, read_labelled_prompts, rows_from_lists
-from trainer.report.guard_sections import (
-    DEFAULT_ATTACK_EPS,
-    attack_report,
-    check_extras,
-    dori_report,
-    guard_section,
-    index_and_embedder,
-    index_replication,
-    parse_attacks,
-    parse_eps,
+from trainer.report.attack_sections import attack_lines, parse_attacks, parse_eps, run_attack
+from trainer.report.guard_sections import check_extras, guard_lines, index_and_embedder, run_guard
+from trainer.report.render import footer_lines, header_lines, join_lines
+from trainer.report.replication_sections import replication_lines, run_generation, run_replication
+from trainer.report.run import EvalRun, Section
+from trainer.report.scenario_sections import (
+    membership_lines,
+    quality_lines,
+    run_membership,
+    run_quality,
+    run_trigger,
+    trigger_lines,
 )
-from trainer.report.render import evaluate_markdown
-from trainer.report.sections import (
-    CLID_FOLDS,
-    captions_of,
-    general_scenario,
-    generation_rows,
-    heldout_images,
-    membership_by_group,
-    membership_scenario,
-    parse_groups,
-    replication_section,
-    trigger_scenario,
-    without_replicating_negatives,
-)
-from trainer.sample.generate import generate_images
+from trainer.report.sections import parse_groups
+from trainer.report.spec import EvalSpec, input_paths, read_rows
+from trainer.sample.guards import NoGuard
 from trainer.tracking import log_wandb_summary, start_wandb_run
 
 ROC_CONVENTION = (
@@ -73,6 +54,17 @@ ROC_CONVENTION = (
     "the TPR at 0% FPR"
 )
 REPLICATED_GRID = 16  # replicated.png: the 8 most copy-like generations and the 4 + 4 on either side of the line
+
+# The report's sections in the order they run and render; one line adds one (docs/architecture.md).
+SECTIONS: dict[str, Section] = {
+    "detectors": Section("detectors", run_trigger, trigger_lines),
+    "generate": Section("generate", run_generation),
+    "replication": Section("replication", run_replication, replication_lines),
+    "membership": Section("membership", run_membership, membership_lines),
+    "quality": Section("quality", run_quality, quality_lines),
+    "attack": Section("attack", run_attack, attack_lines, enabled=lambda run: bool(run.attacks)),
+    "guard": Section("guard", run_guard, guard_lines, enabled=lambda run: bool(run.guard)),
+}
 
 
 # ---------------------------------------------------------------- the protocol
@@ -87,11 +79,6 @@ def parse_detectors(value: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_file(path: Path, where: str, data: Path) -> None:
-    if not path.is_file():
-        raise MemtrainError(f"{where}: image {path} does not exist (file_name paths resolve under --data {data})")
-
-
 def grid_picks(order: list[int], flagged: list[bool], size: int = REPLICATED_GRID) -> list[int]:
     """Which generations `replicated.png` shows, most copy-like first (`order`, with each one's verdict
     `flagged`): the size / 2 most copy-like, then the size / 4 copies nearest the threshold and the size / 4
@@ -103,306 +90,162 @@ def grid_picks(order: list[int], flagged: list[bool], size: int = REPLICATED_GRI
     return [*head, *below, *above]
 
 
-def evaluate(checkpoint: str | Path, prompts: str | Path | None = None, out: str | Path = "runs/evaluate",
-             lora: str | Path | None = None, n: int = 2, batch_size: int = 32, seed: int = 0,
-             data: str | Path | None = None, train_data: str | None = None, sscd: str | Path | None = None,
-             clip: str | Path | None = None, wandb: bool = False, generate: bool = True,
-             detectors: str | Sequence[str] = DETECTORS, steps: int = 50, guidance_scale: float = 7.5,
-             device: str | None = None, memorized: str | Path | None = None,
-             not_memorized: str | Path | None = None, progress: bool = True, attack: bool = False,
-             attack_eps: str | Sequence[float] = DEFAULT_ATTACK_EPS, attack_steps: int = 20,
-             dori_steps: int = DORI_STEPS, dori_control_steps: int = CONTROL_STEPS,
-             index: str | Path | None = None, index_model: str | Path | None = None,
-             index_threshold: float | None = None, guard: str | None = None, guard_options: dict | None = None,
-             heldout: str | Path | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
-             groups: str | Sequence[str] = ("trigger", "general"), calibration: dict | None = None,
-             quality_feature: str | QualityFeature | None = None, label_groups: str | Path | None = None) -> dict:
-    """Run the protocol; write OUT/report.json, report.md and PNGs; return the report.
+def as_spec(checkpoint, prompts, keys: dict) -> EvalSpec:
+    """An `EvalSpec` from a spec (with `keys` replaced) or from a checkpoint, prompt file and spec keys."""
+    names = {f.name for f in dataclasses.fields(EvalSpec)}
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        raise MemtrainError(f"evaluate: unknown key {', '.join(unknown)} (the keys of EvalSpec: {', '.join(names)})")
+    if isinstance(checkpoint, EvalSpec):
+        return dataclasses.replace(checkpoint, **keys)
+    return EvalSpec(checkpoint=checkpoint, prompts=prompts, **keys)
 
-    Prompts: a labelled prompt file (`trainer.prompts`), or two plain lists `memorized` and
-    `not_memorized`. `train_data`: the training set replication is measured against (an imagefolder,
-    a `save_to_disk` directory or a local datasets path; default: the member images of the prompt
-    file). `data`: the root that `file_name` paths resolve under (default: the prompt file's directory).
-    `attack`: the re-trigger tests of the memorized prompts ("dori", "bounded" or both; True = both): DoRI for
-    `dori_steps` (non-memorized members as control for `dori_control_steps`), the bounded attack at
-    `attack_eps` with `attack_steps` attack steps;
-    `index`: a `memtrain index` directory for replication (its embedder from `index_model` for clip / sscd,
-    replicated above `index_threshold`); `guard` ("amg" needs `index`, "wen"): guarded generations
-    side by side, `guard_options` passed to `trainer.sample.guard.guarded_generate`. `quality_feature`: the
-    general scenario's feature space (a `measure.features.QUALITY_FEATURES` name, `clip`, or a
-    `QualityFeature`; default CLIP with `clip`, else pix8), named in the report. `label_groups`: a YAML file of
-    the roles of the prompt file's group names (`prompts.LabelGroups`; default the packaged one).
 
-    The copy verdict (`trainer.report.sections.replication_verdict`) is calibrated at `fpr` false positives on
-    held-out images (`heldout`: a directory of never-trained images, plus the member-0 rows of the prompt
-    file) by `criterion` (auto: SSCD with `sscd`, else L2); `calibration` (an earlier report's `verdict`)
-    is reused instead when the model's VAE has the same weights (`sections.replication_verdict`). `groups`: which rows to generate
-    from (trigger, general, member, heldout; `sections.generation_rows`). Detectors' thresholds are
-    calibrated at `fpr` on the non-memorized prompts.
-
-    Under `accelerate launch` every process runs this call: detectors, CLiD and the generations (stock and
-    guarded) are shared out by whole batches (`trainer.core.distributed`), each process on its own device
-    unless `device` is given; the rest is recomputed on every process; only the main process writes.
-    """
-    t_start = time.perf_counter()
-    progress = progress and distributed.is_main_process()
-    for value, flag in ((n, "-n"), (batch_size, "--batch-size"), (steps, "--steps")):
+def check_spec(spec: EvalSpec) -> dict:
+    """The checks of the spec that need no file (one MemtrainError each) and its parsed lists."""
+    if spec.checkpoint is None:
+        raise MemtrainError("evaluate: no checkpoint (give CHECKPOINT, or `checkpoint:` in the spec)")
+    for value, flag in ((spec.n, "-n"), (spec.batch_size, "--batch-size"), (spec.steps, "--steps")):
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
-    detectors = parse_detectors(detectors)
-    groups = parse_groups(groups)
-    check_fpr(fpr)
-    check_criterion(criterion, sscd is not None)
-    if generate and isinstance(quality_feature, str) and (quality_feature != "clip" or clip is None):
-        choose_quality_feature(quality_feature)  # an unknown name, or clip without --clip, fails before any work
+    parsed = {"detectors": parse_detectors(spec.detectors), "groups": parse_groups(spec.groups)}
+    check_fpr(spec.fpr)
+    check_criterion(spec.criterion, spec.sscd is not None)
+    feature = spec.quality_feature
+    if spec.generate and isinstance(feature, str) and (feature != "clip" or spec.clip is None):
+        choose_quality_feature(feature)  # an unknown name, or clip without --clip, fails before any work
+    if spec.heldout is not None and not Path(spec.heldout).is_dir():
+        raise MemtrainError(f"--heldout {spec.heldout}: not a directory (an imagefolder of images never trained on)")
+    if (spec.prompts is None) == (spec.memorized is None):
+        raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
+    attacks = parse_attacks(spec.attack)
+    parsed.update(attacks=attacks, attack_eps=parse_eps(spec.attack_eps) if "bounded" in attacks else None,
+                  guard=None if spec.guard == NoGuard.name else spec.guard)
+    if attacks and (int(spec.dori_steps) < 0 or int(spec.dori_control_steps) < 0):
+        raise MemtrainError(f"--dori-steps and --dori-control-steps must be >= 0, got {spec.dori_steps}, "
+                            f"{spec.dori_control_steps}")
+    if spec.index_threshold is not None and not -1 < spec.index_threshold < 1:
+        raise MemtrainError(f"--index-threshold must be in (-1, 1) (a cosine similarity), got {spec.index_threshold}")
+    return parsed
+
+
+def check_inputs(spec: EvalSpec, parsed: dict, read: dict) -> None:
+    """The checks that read the inputs: the optional sections', the index's, the checkpoint's."""
+    rows = read["rows"]
+    check_extras(bool(parsed["attacks"]), spec.attack_steps, parsed["guard"], spec.index, spec.generate,
+                 any(r.label == 1 for r in rows),
+                 spec.train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
+    if spec.index is not None and spec.train_data is not None:
+        check_index_data(spec.index, spec.train_data)
+    if spec.index is not None and not spec.generate and distributed.is_main_process():
+        print(f"memtrain evaluate: warning: --index {spec.index} measures the replication of generations; with "
+              "--no-generate it is not used", file=sys.stderr)
+    checkpoint = Path(spec.checkpoint)
+    if not checkpoint.exists():
+        raise MemtrainError(f"checkpoint {spec.checkpoint}: no such directory (want a diffusers pipeline directory)")
+    if not (checkpoint / "model_index.json").is_file():
+        raise MemtrainError(f"checkpoint {spec.checkpoint}: not a diffusers pipeline directory (no model_index.json)")
+    if spec.lora is not None and not Path(spec.lora).exists():
+        raise MemtrainError(f"--lora {spec.lora}: no such file or directory")
+
+
+def prepare(spec: EvalSpec, calibration: dict | None, progress: bool) -> EvalRun:
+    """Check the spec and its inputs (before anything is written), load the pipeline, scorers and index."""
+    parsed = check_spec(spec)
     if calibration is not None:
         Calibration.from_dict(calibration.get("calibration", {}), "the reused copy verdict")
-    if heldout is not None and not Path(heldout).is_dir():
-        raise MemtrainError(f"--heldout {heldout}: not a directory (an imagefolder of images never trained on)")
-    inputs = {"CHECKPOINT": checkpoint, "--prompts": prompts, "--memorized": memorized,
-              "--not-memorized": not_memorized, "--lora": lora, "--train-data": train_data, "--data": data,
-              "--sscd": sscd, "--clip": clip, "--index": index, "--index-model": index_model, "--heldout": heldout}
-    check_replaceable(out, "evaluate", inputs)
-    if (prompts is None) == (memorized is None):
-        raise MemtrainError("give either --prompts FILE or --memorized FILE [--not-memorized FILE]")
-    roles = LabelGroups.load(label_groups)
-    if prompts is not None:
-        prompts = Path(prompts)
-        rows = read_labelled_prompts(prompts, roles)
-    else:
-        rows = rows_from_lists(memorized, not_memorized)
-        prompts = Path(memorized)
-    labelled = check_labels(rows, prompts, roles)
-    data = Path(data) if data is not None else prompts.parent
-    if not data.is_dir():
-        raise MemtrainError(f"--data {data}: not a directory (the root that file_name paths resolve under)")
-    for r in rows:
-        if r.file_name and (r.member is not None or r.label == 1):
-            _check_file(data / r.file_name, f"{prompts}, line {r.line}", data)
-    attacks = parse_attacks(attack)
-    attack = bool(attacks)
-    attack_eps = parse_eps(attack_eps) if "bounded" in attacks else None
-    if attack and (int(dori_steps) < 0 or int(dori_control_steps) < 0):
-        raise MemtrainError(f"--dori-steps and --dori-control-steps must be >= 0, got {dori_steps}, {dori_control_steps}")
-    guard = None if guard == "none" else guard
-    check_extras(attack, attack_steps, guard, index, generate, any(r.label == 1 for r in rows),
-                 train_data is not None or any(r.file_name and (r.member == 1 or r.label == 1) for r in rows))
-    if index_threshold is not None and not -1 < index_threshold < 1:
-        raise MemtrainError(f"--index-threshold must be in (-1, 1) (a cosine similarity), got {index_threshold}")
-    if index is not None and train_data is not None:
-        check_index_data(index, train_data)
-    if index is not None and not generate and distributed.is_main_process():
-        print(f"memtrain evaluate: warning: --index {index} measures the replication of generations; with "
-              "--no-generate it is not used", file=sys.stderr)
-    checkpoint_path = Path(checkpoint)
-    if not checkpoint_path.exists():
-        raise MemtrainError(f"checkpoint {checkpoint}: no such directory (want a diffusers pipeline directory)")
-    if not (checkpoint_path / "model_index.json").is_file():
-        raise MemtrainError(f"checkpoint {checkpoint}: not a diffusers pipeline directory (no model_index.json)")
-    if lora is not None and not Path(lora).exists():
-        raise MemtrainError(f"--lora {lora}: no such file or directory")
-    sscd_model = clip_scorer = None
-    if sscd is not None:
-        sscd_model = load_sscd(sscd)
-    if clip is not None:
-        clip_scorer = load_clip_scorer(clip)
-
-    device = device or str(distributed.process_device())
-    pipe = load_pipeline(checkpoint_path, lora, device=device)
+    check_replaceable(spec.out, "evaluate", input_paths(spec))
+    read = read_rows(spec)
+    check_inputs(spec, parsed, read)
+    sscd_model = load_sscd(spec.sscd) if spec.sscd is not None else None
+    clip_scorer = load_clip_scorer(spec.clip) if spec.clip is not None else None
+    device = spec.device or str(distributed.process_device())
+    pipe = load_pipeline(Path(spec.checkpoint), spec.lora, device=device)
     pipe.set_progress_bar_config(disable=True)
-    resolution = model_resolution(pipe)
-    training_index = embedder = index_criterion = None
-    if index is not None:
-        training_index, embedder, index_criterion = index_and_embedder(index, pipe, index_model, index_threshold)
-    notes: list[str] = []
-    cost: dict[str, dict] = {}
-    config = {"checkpoint": str(checkpoint), "lora": str(lora) if lora else None, "prompts": str(prompts),
-              "data": str(data), "train_data": str(train_data) if train_data else None, "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
-              "batch_size": batch_size, "detectors": detectors, "generate": generate,
-              "sscd": str(sscd) if sscd else None, "clip": str(clip) if clip else None, "device": device,
-              "resolution": resolution, "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1",
-              "attack": attacks, "attack_eps": attack_eps,
-              "dori_steps": dori_steps if "dori" in attacks else None,
-              "dori_control_steps": dori_control_steps if "dori" in attacks else None, "attack_steps": attack_steps if attack else None,
-              "index": str(index) if index else None, "index_model": str(index_model) if index_model else None,
-              "index_threshold": index_threshold,
-              "index_criterion": index_criterion.describe() if index_criterion else None, "guard": guard,
-              "heldout": str(heldout) if heldout else None, "fpr": fpr, "criterion": criterion, "groups": groups}
-    report: dict = {"title": f"memtrain evaluate: {checkpoint}" + (f" + LoRA {lora}" if lora else ""),
-                    "config": config, "label_mapping": roles.mapping(), "roc_convention": ROC_CONVENTION,
-                    "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
-                               "memorized": sum(r.label == 1 for r in rows),
-                               "not_memorized": sum(r.label == 0 for r in rows),
-                               "members": sum(r.member == 1 for r in rows),
-                               "non_members": sum(r.member == 0 for r in rows)}}
-    figures: dict = {}
+    run = EvalRun(spec=dataclasses.replace(spec, device=device), pipe=pipe, resolution=model_resolution(pipe),
+                  progress=progress, calibration=calibration, sscd_model=sscd_model, clip_scorer=clip_scorer,
+                  **parsed, **read)
+    if spec.index is not None:
+        run.training_index, run.embedder, run.index_criterion = index_and_embedder(spec.index, pipe, spec.index_model,
+                                                                                   spec.index_threshold)
+    run.report.update(report_head(run))
+    return run
 
-    n_stages = 5 + bool(attack) + bool(guard)
-    with distributed.on_main_process(atomic_dir(out, "evaluate", inputs)) as tmp, \
-            tqdm(total=n_stages, desc="evaluate", disable=not progress, dynamic_ncols=True) as stages:
-        run = start_wandb_run(tmp, config, "evaluate", f"evaluate {Path(checkpoint).name}") if wandb and tmp else None
+
+def report_head(run: EvalRun) -> dict:
+    """The report's title, settings (`config`), label mapping, ROC convention and row counts."""
+    spec, rows, attacks = run.spec, run.rows, run.attacks
+
+    def text(value):
+        return str(value) if value else None
+
+    config = {"checkpoint": str(spec.checkpoint), "lora": text(spec.lora), "prompts": str(run.prompts),
+              "data": str(run.data), "train_data": text(spec.train_data), "n": spec.n, "steps": spec.steps,
+              "guidance_scale": spec.guidance_scale, "seed": spec.seed, "batch_size": spec.batch_size,
+              "detectors": run.detectors, "generate": spec.generate, "sscd": text(spec.sscd), "clip": text(spec.clip),
+              "device": spec.device, "resolution": run.resolution,
+              "detector_schedule": f"DDIM {DETECTOR_STEPS} steps, n = 1", "attack": attacks,
+              "attack_eps": run.attack_eps, "dori_steps": spec.dori_steps if "dori" in attacks else None,
+              "dori_control_steps": spec.dori_control_steps if "dori" in attacks else None,
+              "attack_steps": spec.attack_steps if attacks else None, "index": text(spec.index),
+              "index_model": text(spec.index_model), "index_threshold": spec.index_threshold,
+              "index_criterion": run.index_criterion.describe() if run.index_criterion else None, "guard": run.guard,
+              "heldout": text(spec.heldout), "fpr": spec.fpr, "criterion": spec.criterion, "groups": run.groups}
+    return {"title": f"memtrain evaluate: {spec.checkpoint}" + (f" + LoRA {spec.lora}" if spec.lora else ""),
+            "config": config, "label_mapping": run.roles.mapping(), "roc_convention": ROC_CONVENTION,
+            "counts": {"prompts": len(rows), "labelled": sum(r.label is not None for r in rows),
+                       "memorized": sum(r.label == 1 for r in rows), "not_memorized": sum(r.label == 0 for r in rows),
+                       "members": sum(r.member == 1 for r in rows), "non_members": sum(r.member == 0 for r in rows)}}
+
+
+def evaluate(checkpoint: str | Path | EvalSpec | None = None, prompts: str | Path | None = None, *,
+             progress: bool = True, calibration: dict | None = None, **keys) -> dict:
+    """Run the protocol for an `EvalSpec` (or a checkpoint, a prompt file and spec keys, e.g. `n=1,
+    train_data=...`); write OUT/report.json, report.md and PNGs; return the report.
+
+    `calibration` (an earlier report's `verdict`) is reused as the copy verdict when the model's VAE has the
+    same weights (`sections.replication_verdict`). Under `accelerate launch` every process runs this call:
+    detectors, CLiD and the generations (stock and guarded) are shared out by whole batches
+    (`trainer.core.distributed`), each process on its own device unless `device` is given; the rest is
+    recomputed on every process; only the main process writes.
+    """
+    t_start = time.perf_counter()
+    spec = as_spec(checkpoint, prompts, keys)
+    run = prepare(spec, calibration, progress and distributed.is_main_process())
+    sections = [s for s in SECTIONS.values() if s.enabled(run)]
+    with distributed.on_main_process(atomic_dir(spec.out, "evaluate", input_paths(spec))) as tmp, \
+            tqdm(total=len(sections), desc="evaluate", disable=not run.progress, dynamic_ncols=True) as stages:
+        tracker = (start_wandb_run(tmp, run.report["config"], "evaluate", f"evaluate {Path(spec.checkpoint).name}")
+                   if spec.wandb and tmp else None)
         try:
-            # 1. trigger scenario: detectors
-            stages.set_postfix_str("detectors")
-            t0 = time.perf_counter()
-            trigger = trigger_scenario(pipe, rows, detectors, prompts, seed, batch_size, progress, fpr)
-            report["trigger"] = trigger
-            cost["detectors"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                 "unet_evals": sum(d["unet_evals"] for d in trigger["detectors"].values())}
-            stages.update()
-
-            # 2. generation and replication
-            stages.set_postfix_str("generate")
-            picked = generation_rows(rows, groups, labelled) if generate else []
-            gen_rows = [r for r, _ in picked]
-            gen_groups = [g for _, g in picked for _ in range(n)]
-            generated = None
-            if gen_rows:
-                t0 = time.perf_counter()
-                with count_unet_samples(pipe.unet) as counted:
-                    generated = generate_images(pipe, [r.text for r in gen_rows], n=n, seed=seed, steps=steps,
-                                                guidance_scale=guidance_scale, batch_size=batch_size,
-                                                progress=progress, across_processes=True)
-                cost["generation"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                      "unet_evals": distributed.sum_over_processes(counted[0]),
-                                      "images": len(generated)}
-            elif not generate:
-                notes.append("--no-generate: replication and quality sections skipped")
-            stages.update()
-
-            stages.set_postfix_str("replication")
-            heldout_set, heldout_from = heldout_images(heldout, rows, data, prompts, resolution, progress)
-            if generated is not None:
-                t0 = time.perf_counter()
-                rep, note = replication_section(pipe, generated, gen_rows, n, gen_groups, rows, data, train_data,
-                                                resolution, sscd_model, batch_size, progress, heldout_set, fpr,
-                                                criterion, calibration)
-                if rep is None:
-                    notes.append(note + ("; replication from --index only" if training_index is not None else ""))
-                if training_index is not None:
-                    rep = rep or {}
-                    rep["index"] = index_replication(generated, gen_groups, captions_of(gen_rows, n), training_index,
-                                                     embedder, index_criterion, batch_size)
-                    rep["index"]["path"] = str(index)
-                if rep is not None:
-                    report["replication"] = rep
-                    if "verdict" in rep:
-                        rep["verdict"]["heldout_from"] = heldout_from
-                        report["verdict"] = rep["verdict"]
-                    if "_references" in rep:
-                        references = rep.pop("_references")
-                        verified = without_replicating_negatives(report.get("trigger", {}), rep)
-                        if verified is not None:
-                            report["trigger"]["without_replicating_negatives"] = verified
-                        figures["replicated"] = (generated, references)
-                    cost["replication"] = {"seconds": round(time.perf_counter() - t0, 2)}
-            stages.update()
-
-            # 3. membership
-            stages.set_postfix_str("membership")
-            member_rows = [r for r in rows if r.member is not None]
-            n_mem = sum(r.member == 1 for r in member_rows)
-            if "clid" not in detectors:
-                notes.append("membership skipped: clid not in --detectors")
-            elif min(n_mem, len(member_rows) - n_mem) < CLID_FOLDS:
-                notes.append(f"membership skipped: needs at least {CLID_FOLDS} members and {CLID_FOLDS} "
-                             f"non-members with images, found {n_mem} and {len(member_rows) - n_mem}")
-            else:
-                images = load_images([data / r.file_name for r in member_rows],
-                                     [f"{prompts}, line {r.line} ({r.file_name})" for r in member_rows],
-                                     resolution, "membership images", progress)
-                membership = membership_scenario(pipe, images, [r.text for r in member_rows],
-                                                 [r.member for r in member_rows], seed, batch_size)
-                membership["groups"] = [group_name(r) if r.group else ("member" if r.member else "non-member")
-                                        for r in member_rows]
-                membership["texts"] = [r.text for r in member_rows]
-                membership["by_group"] = membership_by_group(membership)
-                report["membership"] = membership
-                cost["membership"] = {"seconds": membership["seconds"], "unet_evals": membership["unet_evals"]}
-            stages.update()
-
-            # 4. general scenario: quality
-            stages.set_postfix_str("quality")
-            if generated is not None:
-                t0 = time.perf_counter()
-                if heldout_set is None:
-                    notes.append("KID skipped: no held-out images (--heldout DIR, or member 0 / group heldout rows)")
-                captions = captions_of(gen_rows, n)
-                feature = choose_quality_feature(quality_feature, clip_scorer, batch_size)
-                quality = {"feature": f"{feature.name}: {feature.description}", "groups": {}}
-                if feature.alignment_key:
-                    quality["alignment"] = feature.alignment_key
-                for group in dict.fromkeys(gen_groups):
-                    idx = [i for i, g in enumerate(gen_groups) if g == group]
-                    quality["groups"][group] = general_scenario(
-                        generated[idx], [captions[i] for i in idx], heldout_set, clip_scorer, batch_size, feature)
-                if heldout_set is not None and "replicated" in figures and len(heldout_set) >= 2:
-                    quality["kid_reference"] = kid(feature.features(figures["replicated"][1]),
-                                                   feature.features(heldout_set))
-                report["quality"] = quality
-                cost["quality"] = {"seconds": round(time.perf_counter() - t0, 2)}
-            stages.update()
-            references = figures["replicated"][1] if "replicated" in figures else None
-            verdict = Calibration.from_dict(report["verdict"]["calibration"]) if "verdict" in report else None
-
-            # 5. the re-trigger test of the memorized prompts (Kowalczuk et al. 2025)
-            if attack:
-                stages.set_postfix_str("attack")
-                mem_rows = [r for r in rows if r.label == 1]
-                images = None
-                if all(r.file_name for r in mem_rows):
-                    images = load_images([data / r.file_name for r in mem_rows],
-                                         [f"{prompts}, line {r.line} ({r.file_name})" for r in mem_rows],
-                                         resolution, "attacked prompts' images", progress)
-                else:
-                    notes.append("re-trigger test: image-known attacker skipped (a memorized row has no file_name)")
-                if references is None:
-                    notes.append("re-trigger test skipped: no training images to measure replication against")
-                if references is not None and "bounded" in attacks:
-                    report["attack"] = attack_report(pipe, [r.text for r in mem_rows], images, references,
-                                                     attack_eps, n, seed, attack_steps, steps, guidance_scale,
-                                                     batch_size, verdict, sscd_model)
-                    cost["attack"] = {k: report["attack"][k] for k in ("seconds", "unet_evals")}
-                if references is not None and "dori" in attacks and images is None:
-                    notes.append("DoRI skipped: it needs every memorized row's training image (file_name)")
-                elif references is not None and "dori" in attacks:
-                    report["dori"] = dori_report(pipe, rows, mem_rows, images, references, data, prompts, resolution,
-                                                 n, seed, dori_steps, dori_control_steps, steps, guidance_scale,
-                                                 batch_size, verdict, sscd_model, notes, progress)
-                    cost["dori"] = {k: report["dori"][k] for k in ("seconds", "unet_evals")}
+            for section in sections:
+                stages.set_postfix_str(section.name)
+                section.run(run)
                 stages.update()
-
-            # 6. guarded sampling beside the stock sampler
-            if guard and generated is not None:
-                stages.set_postfix_str(f"guard {guard}")
-                t0 = time.perf_counter()
-                section = guard_section(
-                    pipe, guard, generated, [r.text for r in gen_rows], n, gen_groups, seed, steps, guidance_scale,
-                    batch_size, progress, cost["generation"], references, training_index, embedder, index_criterion,
-                    (lambda im, caps: general_scenario(im, caps, heldout_set, clip_scorer, batch_size, feature)),
-                    report["quality"]["groups"], guard_options, across_processes=True, calibration=verdict,
-                    sscd_model=sscd_model)
-                report["guard"] = section
-                cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                 "unet_evals": section["guarded"]["unet_evals"]}
-                stages.update()
-
-            cost["total"] = {"seconds": round(time.perf_counter() - t_start, 2),
-                             "unet_evals": sum(c.get("unet_evals", 0) for c in cost.values())}
-            report["cost"] = cost
-            report["notes"] = notes
+            run.cost["total"] = {"seconds": round(time.perf_counter() - t_start, 2),
+                                 "unet_evals": sum(c.get("unet_evals", 0) for c in run.cost.values())}
+            run.report.update(cost=run.cost, notes=run.notes)
             if tmp is None:  # not the main process: it computed its shares, the main process writes
-                return report
-            write_report(report, tmp, figures)
-            if run is not None:
-                log_wandb_summary(run, flat_summary(report), tmp, report.get("files", []))
-                run.finish()
-                run = None
+                return run.report
+            write_report(run.report, tmp, run.figures)
+            if tracker is not None:
+                log_wandb_summary(tracker, flat_summary(run.report), tmp, run.report.get("files", []))
+                tracker.finish()
+                tracker = None
         except BaseException:
-            if run is not None:
-                run.finish(exit_code=1)
+            if tracker is not None:
+                tracker.finish(exit_code=1)
             raise
-    return report
+    return run.report
+
+
+def evaluate_markdown(report: dict) -> str:
+    """report.md: the header, each registered section's Markdown in order, the cost and notes."""
+    lines = header_lines(report)
+    for section in SECTIONS.values():
+        if section.render is not None:
+            lines += section.render(report)
+    return join_lines(lines + footer_lines(report))
 
 
 # ---------------------------------------------------------------- output

@@ -1,6 +1,6 @@
 """The optional sections of `memtrain evaluate`: the re-trigger test (`--attack`, Kowalczuk et al. 2025),
 replication against a training-image index (`--index`, `trainer.measure.index`) and guarded sampling
-side by side with the stock sampler (`--guard amg|wen`, Chen et al. 2024 / Wen et al. 2024).
+side by side with the stock sampler (`--guard NAME`, a guard of `trainer.sample.guard.GUARDS`).
 
 Index replication: each generation is embedded with the index's own embedder and its nearest
 training image is looked up (exact cosine search), and the next nearest that is not an exact copy of it
@@ -25,9 +25,6 @@ import torch
 
 from trainer.core import distributed
 from trainer.core.unet_core import count_unet_samples
-from trainer.data import load_images
-from trainer.detect.attack import attack_section
-from trainer.detect.dori import dori_section
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration, uncalibrated
 from trainer.measure.embedders import ImageEmbedder, make_embedder
@@ -38,40 +35,17 @@ from trainer.measure.replication import (
     summarize_replication,
     verdict_scores,
 )
-from trainer.sample.guard import GUARDS, PIXEL_FALLBACK, GuardedPipeline, guarded_generate, load_index
+from trainer.report.render import fmt
+from trainer.report.run import EvalRun
+from trainer.report.sections import general_scenario
+from trainer.sample.amg import PIXEL_FALLBACK
+from trainer.sample.guard import GUARDS, GuardedPipeline, guarded_generate, load_index
+from trainer.sample.guards import NoGuard
 
-DEFAULT_ATTACK_EPS = (0.05, 0.1, 0.2)
 INDEX_THRESHOLDS = {"sscd": (SSCD_THRESHOLD, "Somepalli et al.'s SSCD convention 0.5"),
                     "pixels": (PIXEL_FALLBACK, f"the toy-world constant {PIXEL_FALLBACK:g}")}
 SATURATED = 1.0 / 255  # a pixel channel within this of 0 or 1 is saturated
 INDEX_NEIGHBOURS = 2
-
-
-def parse_eps(value: str | float | Sequence[float]) -> list[float]:
-    """`--attack-eps 0.05,0.1,0.2` (or a number / list) as a list of budgets > 0."""
-    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int | float) else value
-    try:
-        eps = [float(v) for v in items if str(v).strip()]
-    except ValueError:
-        raise MemtrainError(f"--attack-eps: want comma-separated numbers > 0, got {value!r}") from None
-    if not eps or any(not e > 0 for e in eps):
-        raise MemtrainError(f"--attack-eps: every budget must be > 0 (||d|| <= eps * ||e||), got {value!r}")
-    return eps
-
-
-ATTACKS = ("dori", "bounded")
-
-
-def parse_attacks(value: bool | str | Sequence[str] | None) -> list[str]:
-    """`--attack dori,bounded` as a list; True (bare `--attack`) = both, False / None = none."""
-    if value is None or value is False:
-        return []
-    items = ATTACKS if value is True else value.split(",") if isinstance(value, str) else value
-    attacks = [a.strip() for a in items if a.strip()]
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad or not attacks:
-        raise MemtrainError(f"--attack: want a comma-separated subset of {','.join(ATTACKS)}, got {value!r}")
-    return list(dict.fromkeys(attacks))
 
 
 def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str | Path | None, generate: bool,
@@ -87,11 +61,12 @@ def check_extras(attack: bool, attack_steps: int, guard: str | None, index: str 
         if not has_train_images:
             raise MemtrainError("--attack measures replication against the training images: pass --train-data "
                                 "or give the memorized rows a file_name")
-    if guard not in (None, "none") and guard not in GUARDS:
-        raise MemtrainError(f"--guard must be one of amg, wen; got {guard!r}")
-    if guard == "amg" and index is None:
-        raise MemtrainError("--guard amg needs --index INDEX (a training-image index built by `memtrain index`)")
-    if guard not in (None, "none") and not generate:
+    guarded = guard not in (None, NoGuard.name)
+    if guarded and guard not in GUARDS:
+        raise MemtrainError(f"--guard must be one of {', '.join(g for g in GUARDS if g != NoGuard.name)}; got {guard!r}")
+    if guarded and GUARDS[guard].needs_index and index is None:
+        raise MemtrainError(f"--guard {guard} needs --index INDEX (a training-image index built by `memtrain index`)")
+    if guarded and not generate:
         raise MemtrainError("--guard compares guarded with unguarded generations: drop --no-generate")
     if index is not None and not Path(index).exists():
         raise MemtrainError(f"--index {index}: no such index; build one with `memtrain index DATA --out {index}`")
@@ -162,44 +137,6 @@ def index_replication(generated: torch.Tensor, groups: Sequence[str], captions: 
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def attack_report(pipe, texts: list[str], images: torch.Tensor | None, references: torch.Tensor,
-                  eps_values: Sequence[float], n: int, seed: int, steps: int, sample_steps: int,
-                  guidance_scale: float, batch_size: int, calibration: Calibration = GU_RATIO,
-                  sscd_model=None) -> dict:
-    """`trainer.detect.attack.attack_section` for the memorized prompts, with its total cost (`unet_evals`,
-    `seconds`: the attacks plus the generations of the plain and perturbed prompts; the attackers' own
-    optimisation cost is under `attackers`); copies judged by the report's verdict `calibration`."""
-    start = time.perf_counter()
-    with count_unet_samples(pipe.unet) as counted:
-        section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed,
-                                 steps=steps, sample_steps=sample_steps, guidance_scale=guidance_scale,
-                                 batch_size=batch_size, calibration=calibration, sscd_model=sscd_model)
-    section["texts"] = list(texts)
-    section["seconds"] = round(time.perf_counter() - start, 2)
-    section["unet_evals"] = counted[0]
-    return section
-
-
-def dori_report(pipe, rows, mem_rows, images: torch.Tensor, references: torch.Tensor, data: Path, source: Path,
-                resolution: int, n: int, seed: int, steps: int, control_steps: int, sample_steps: int,
-                guidance_scale: float, batch_size: int, calibration: Calibration | None, sscd_model, notes: list,
-                progress: bool = True) -> dict:
-    """`trainer.detect.dori.dori_section` for the memorized prompts, with as control as many non-memorized
-    member rows (member 1, not label 1, with file_name) in file order; copies judged by the report's verdict."""
-    control = [r for r in rows if r.member == 1 and r.label != 1 and r.file_name][:len(mem_rows)]
-    control_images = None
-    if control:
-        control_images = load_images([data / r.file_name for r in control],
-                                     [f"{source}, line {r.line} ({r.file_name})" for r in control], resolution,
-                                     "DoRI control images", progress)
-    else:
-        notes.append("DoRI control skipped: no non-memorized member rows (member 1, not label 1) with file_name")
-    return dori_section(pipe, [r.text for r in mem_rows], images, [r.text for r in control], control_images,
-                        references, n, seed, steps, control_steps, sample_steps=sample_steps,
-                        guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration or GU_RATIO,
-                        sscd_model=sscd_model)
-
-
 def saturation(images: torch.Tensor) -> torch.Tensor:
     """Per image: the share of pixel channels at 0 or 1 (within 1/255), the signature of a guard pushed too far."""
     x = images.float().flatten(1)
@@ -249,16 +186,11 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
     options = dict(options or {})
     if index is not None and index_verdict is not None and not isinstance(index_verdict, Calibration):
         index_verdict = index_calibration(index, float(index_verdict), "index")
-    sampler, trigger = guard, None
-    if guard == "amg":
-        if embedder is not None:
-            options.setdefault("embedder", embedder)
-        sampler = GuardedPipeline.from_pipe(pipe, index, "amg", **options)
-        trigger = sampler.trigger
+    sampler = GuardedPipeline.from_pipe(pipe, index, guard=guard, embedder=embedder, **options)
     start = time.perf_counter()
     with count_unet_samples(pipe.unet) as counted:
         guarded, records = guarded_generate(pipe, texts, n, seed, steps, guidance_scale, sampler, index, batch_size,
-                                            progress, across_processes, **({} if guard == "amg" else options))
+                                            progress, across_processes)
     unet_evals = distributed.sum_over_processes(counted[0])
     seconds = time.perf_counter() - start
     captions = [t for t in texts for _ in range(n)]
@@ -268,7 +200,7 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         guard_hits = index_replication(guarded, groups, captions, index, embedder, index_verdict, batch_size)
     change = (guarded - generated).flatten(1).abs().amax(1)
     result = {"guard": guard, "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
-              "generations": len(guarded), "steps": steps, "trigger": trigger,
+              "generations": len(guarded), "steps": steps, "trigger": sampler.trigger,
               "criteria": {},
               "unguarded": {"seconds_per_image": baseline_cost["seconds"] / len(generated),
                             "unet_evals_per_image": baseline_cost["unet_evals"] / len(generated)},
@@ -295,13 +227,64 @@ def guard_section(pipe, guard: str, generated: torch.Tensor, texts: list[str], n
         if baseline_quality is not None and group in baseline_quality:
             plain.update({k: v for k, v in baseline_quality[group].items() if k != "notes"})
         guarded_side["fraction_intervened"] = float(np.mean([bool(r["intervened"]) for r in recs]))
-        if guard == "amg":
-            guarded_side["fraction_steps_intervened"] = (sum(r["num_steps_intervened"] for r in recs)
-                                                         / (len(recs) * steps))
-        else:  # Wen et al. act once, on the prompt embedding, before sampling
-            guarded_side["mean_iterations"] = float(np.mean([r["iterations"] for r in recs]))
+        guarded_side.update(sampler.guard.summarize(recs, steps))
         guarded_side["max_abs_change_not_intervened"] = float(change[calm].max()) if calm else None
         guarded_side.update(intervened_quality(generated, guarded, idx, records))
         result["groups"][group] = {"generations": len(idx), "unguarded": plain, "guarded": guarded_side}
     result["records"] = [{k: v for k, v in r.items() if k != "sigmas"} for r in records]
     return result
+
+
+def run_guard(run: EvalRun) -> None:
+    """The guarded generations beside the stock ones (`guard_section`), quality in the quality section's feature."""
+    if run.generated is None:
+        return
+    spec, t0 = run.spec, time.perf_counter()
+    section = guard_section(
+        run.pipe, run.guard, run.generated, [r.text for r in run.gen_rows], spec.n, run.gen_groups, spec.seed,
+        spec.steps, spec.guidance_scale, spec.batch_size, run.progress, run.cost["generation"], run.references,
+        run.training_index, run.embedder, run.index_criterion,
+        (lambda im, caps: general_scenario(im, caps, run.heldout_set, run.clip_scorer, spec.batch_size, run.feature)),
+        run.report["quality"]["groups"], spec.guard_options, across_processes=True, calibration=run.verdict,
+        sscd_model=run.sscd_model)
+    run.report["guard"] = section
+    run.cost["guard"] = {"seconds": round(time.perf_counter() - t0, 2), "unet_evals": section["guarded"]["unet_evals"]}
+
+
+def guard_table(g: dict, alignment: str | None = None) -> list[str]:
+    crit = "; ".join(f"{k}: {v}" for k, v in g["criteria"].items()) or "no replication criterion available"
+    u, gd = g["unguarded"], g["guarded"]
+    lines = ["## Guarded sampling", "",
+             f"Guard `{g['guard']}` (trainer.sample.guard) against the stock sampler, same prompts and seeds, "
+             f"{g['generations']} generations, DDIM {g['steps']} steps. Replicated: {crit}. Seconds per image: "
+             f"{u['seconds_per_image']:.3g} unguarded, {gd['seconds_per_image']:.3g} guarded (ratio "
+             f"{g['seconds_ratio']:.2f}); UNet evals per image {u['unet_evals_per_image']:g} vs "
+             f"{gd['unet_evals_per_image']:g}."
+             + (f" AMG trigger: {g['trigger']}." if g.get("trigger") else ""), "",
+             f"| group | guard | replicated | replicated (index) | {(alignment or 'alignment').replace('_', ' ')} | KID "
+             "| CLIP score | generations "
+             "intervened | steps intervened | max change where not intervened |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for group, s in g["groups"].items():
+        for side in ("unguarded", "guarded"):
+            v = s[side]
+            lines.append(f"| {group} | {side} | {fmt(v.get('fraction_replicated'), '%')} | "
+                         f"{fmt(v.get('fraction_replicated_index'), '%')} | {fmt(v.get(alignment))} | "
+                         f"{fmt(v.get('kid'), '.4g')} | {fmt(v.get('clip_score'), '.2f')} | "
+                         f"{fmt(v.get('fraction_intervened'), '%')} | {fmt(v.get('fraction_steps_intervened'), '%')} | "
+                         f"{fmt(v.get('max_abs_change_not_intervened'), '.2g')} |")
+    lines += ["", "Intervened generations against their unguarded versions (same prompt and seed): pixel RMSE, "
+              "and the share of saturated pixel channels (at 0 or 1).", "",
+              "| group | intervened RMSE to unguarded | saturation (intervened) | saturation unguarded (same images) "
+              "| saturation max guarded | saturation max unguarded |", "|---|---|---|---|---|---|"]
+    for group, s in g["groups"].items():
+        v = s["guarded"]
+        lines.append(f"| {group} | {fmt(v.get('intervened_rmse_mean'), '.3g')} | "
+                     f"{fmt(v.get('intervened_saturation_mean'), '%')} | "
+                     f"{fmt(v.get('intervened_unguarded_saturation_mean'), '%')} | "
+                     f"{fmt(v.get('saturation_max'), '%')} | {fmt(v.get('unguarded_saturation_max'), '%')} |")
+    return [*lines, ""]
+
+
+def guard_lines(report: dict) -> list[str]:
+    return guard_table(report["guard"], report.get("quality", {}).get("alignment")) if report.get("guard") else []

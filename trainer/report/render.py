@@ -7,14 +7,12 @@ import math
 import re
 from typing import Any
 
-import numpy as np
 
-
-def _figure(report: dict, name: str, alt: str) -> str:
+def figure(report: dict, name: str, alt: str) -> str:
     return f"![{alt}]({name})" if name in report.get("files", []) else ""
 
 
-def _fmt(value, spec: str = ".3f") -> str:
+def fmt(value, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if spec == "%":
@@ -22,141 +20,39 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def evaluate_markdown(report: dict) -> str:
+def header_lines(report: dict) -> list[str]:
+    """The evaluate report's title, copy-verdict line and settings (before the sections)."""
     c = report["config"]
     counts = report["counts"]
-    lines = [f"# {report['title']}", "", *_verdict_lines(report),
-             f"Prompts: `{c['prompts']}` ({counts['prompts']} rows: {counts['memorized']} memorized, "
-             f"{counts['not_memorized']} not memorized, {counts['members']} members, {counts['non_members']} "
-             f"non-members). Data root: `{c['data']}`. Generations: {c['n']} per prompt, DDIM {c['steps']} steps, "
-             f"guidance {c['guidance_scale']}, seed {c['seed']}; detectors: {c['detector_schedule']}.", "",
-             f"Label mapping: {report['label_mapping']}.", "",
-             f"ROC convention: {report['roc_convention']}.", ""]
-    trigger = report.get("trigger", {})
-    if trigger.get("detectors"):
-        lines += ["## Trigger scenario: detectors", ""]
-        if trigger["labelled"]:
-            lines += [f"{trigger['n_positive']} memorized vs {trigger['n_negative']} non-memorized prompts.", ""]
-            lines += ["| detector | AUROC | TPR@1%FPR | mean (memorized) | mean (not) | UNet evals / prompt | "
-                      "threshold (calibrated) | flagged: memorized | flagged: not memorized |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-            for d in trigger["detectors"].values():
-                labels = [trigger["prompts"][i]["label"] for i in d.get("flagged", [])]
-                cal = d.get("calibration") or {}
-                lines.append(f"| {d['name']} | {_fmt(d['auroc'])} | {_fmt(d['tpr_at_1fpr'])} | "
-                             f"{_fmt(d['mean_positive'], '.4g')} | {_fmt(d['mean_negative'], '.4g')} | "
-                             f"{d['unet_evals_per_prompt']:g} | {_fmt(cal.get('threshold'), '.4g')} | "
-                             f"{labels.count(1)} of {trigger['n_positive']} | {labels.count(0)} of "
-                             f"{trigger['n_negative']} |")
-            lines += ["", "Each detector's verdict: a prompt is flagged as memorized when its score is above the "
-                      "threshold that flags at most the stated share of the non-memorized prompts:", ""]
-            lines += [f"- {d['verdict']}" for d in trigger["detectors"].values() if d.get("verdict")]
-            lines += _flagged_lines(trigger)
-            verified = trigger.get("without_replicating_negatives")
-            if verified and verified["excluded"] and verified["detectors"]:
-                lines += ["", f"Diagnostic: {len(verified['excluded'])} of the {trigger['n_negative']} non-memorized "
-                          "prompts have a generation that replicates a training image (the copy verdict; listed in report.json "
-                          "as `trigger.without_replicating_negatives`). Without them:", "",
-                          "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
-                lines += [f"| {trigger['detectors'][k]['name']} | {_fmt(v['auroc'])} | {_fmt(v['tpr_at_1fpr'])} |"
-                          for k, v in verified["detectors"].items()]
-        else:
-            n_ref = sum(p["label"] == 0 for p in trigger["prompts"])
-            lines += [f"{trigger['n_prompts']} prompts without memorized labels (report.json, `trigger.prompts`): "
-                      + (f"the {n_ref} known non-memorized prompts (label 0) calibrate each detector's threshold, "
-                         "and the prompts above it are flagged." if n_ref else
-                         "scores only; the detectors are uncalibrated: no non-memorized prompts (label 0) to set a "
-                         "threshold on."), "",
-                      "| detector | mean score | UNet evals / prompt | threshold (calibrated) | flagged |", "|---|---|---|---|---|"]
-            for name, d in trigger["detectors"].items():
-                mean = float(np.mean([p["scores"][name] for p in trigger["prompts"]]))
-                cal = d.get("calibration") or {}
-                lines.append(f"| {d['name']} | {mean:.4g} | {d['unet_evals_per_prompt']:g} | "
-                             f"{_fmt(cal.get('threshold'), '.4g')} | {len(d.get('flagged', []))} of {trigger['n_prompts']} |")
-            lines += ["", *[f"- {d['verdict']}" for d in trigger["detectors"].values() if d.get("verdict")]]
-            if n_ref:
-                lines += _flagged_lines(trigger)
-        lines += ["", _figure(report, "roc.png", "ROC"), ""]
-    rep = report.get("replication") or {}
-    if rep.get("groups"):
-        sscd = any("sscd_p95" in s for s in rep["groups"].values())
-        lines += ["## Replication", "",
-                  f"Generations against the {rep['unique_train_images']} {rep['reference']} "
-                  f"({rep['train_images']} training images from {rep['training_images']}). Replicated (copy): "
-                  f"{rep['criterion']}. Similarity = {rep['similarity']}; ratio < 1/3 is Gu et al.'s criterion."
-                  + (" SSCD: max cosine to any reference image; > 0.5 is Somepalli et al.'s convention." if sscd
-                     else ""), "",
-                  "| group | generations | replicated | (vs originals) | median score | ratio < 1/3 | similarity p95 | "
-                  "similarity max | tiled L2 <= 0.15 | nL2 < 1.4 | nearest is own image |"
-                  + (" SSCD p95 | SSCD max | SSCD > 0.5 |" if sscd else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if sscd else "")]
-        for group, s in rep["groups"].items():
-            row = (f"| {group} | {s['generations']} | {_fmt(s['fraction_replicated'], '%')} | "
-                   f"{_fmt(s['fraction_replicated_vs_originals'], '%')} | {_fmt(s.get('score_median'), '.4g')} | "
-                   f"{_fmt(s['fraction_ratio_1_3'], '%')} | {_fmt(s['similarity_p95'])} | {_fmt(s['similarity_max'])} | "
-                   f"{_fmt(s['fraction_tiled_l2'], '%')} | {_fmt(s['fraction_nl2'], '%')} | "
-                   f"{_fmt(s['nearest_is_own_image'], '%')} |")
-            if sscd:
-                row += f" {_fmt(s['sscd_p95'])} | {_fmt(s['sscd_max'])} | {_fmt(s['sscd_fraction'], '%')} |"
-            lines.append(row)
-        lines += _calibration_lines(rep.get("verdict") or {})
-        lines += ["", _figure(report, "replicated.png", "most replicated generations"), ""]
-    if rep.get("index"):
-        lines += _index_lines(rep["index"])
-    mem = report.get("membership")
-    if mem:
-        lines += ["## Membership (CLiD)", "",
-                  f"{mem['members']} members vs {mem['non_members']} non-members; {mem['folds']}-fold cross-fitting "
-                  f"(alpha per fold: {', '.join(f'{a:g}' for a in mem['alphas'])}). Deviation: the paper fits alpha, "
-                  "the scaler and CLiD_vec on a separate shadow split; here each half is scored by a fit on the "
-                  "other half.", "",
-                  "| score | AUROC | TPR@1%FPR |", "|---|---|---|"]
-        for name, label in (("clid_th", "CLiD_th"), ("clid_vec", "CLiD_vec"), ("loss", "loss only (L)")):
-            s = mem["scores"][name]
-            lines.append(f"| {label} | {_fmt(s['auroc'])} | {_fmt(s['tpr_at_1fpr'])} |")
-        if mem.get("by_group"):
-            lines += ["", "AUROC of each member group against all non-members (same out-of-fold scores):", "",
-                      "| member group | members | CLiD_th | CLiD_vec | loss only (L) |", "|---|---|---|---|---|"]
-            for group, g in mem["by_group"].items():
-                lines.append(f"| {group} | {g['members']} | {_fmt(g['clid_th'])} | {_fmt(g['clid_vec'])} | "
-                             f"{_fmt(g['loss'])} |")
-        lines += ["", _figure(report, "roc_membership.png", "membership ROC"), ""]
-    quality = report.get("quality")
-    if quality:
-        lines += ["## Quality (general scenario)", "",
-                  f"KID: unbiased MMD^2, kernel (x.y/d + 1)^3, generations vs held-out images in the fixed feature "
-                  f"{quality['feature']} (lower = closer; unbiased, so it can be slightly negative; comparable "
-                  "only within memtrain). The general row is MemBench's general scenario; the trigger row shows "
-                  "the same measures for the memorized prompts."
-                  + (f" Reference: training images (through the VAE) vs held-out: {quality['kid_reference']:.4g}."
-                     if "kid_reference" in quality else ""), "",
-                  f"| group | generations | {_alignment_title(report)} | KID | CLIP score |", "|---|---|---|---|---|"]
-        for group, q in quality["groups"].items():
-            lines.append(f"| {group} | {q['generations']} | {_fmt(q.get(quality.get('alignment')))} | "
-                         f"{_fmt(q.get('kid'), '.4g')} | {_fmt(q.get('clip_score'), '.2f')} |")
-        lines.append("")
-    if report.get("dori"):
-        lines += dori_lines(report["dori"])
-    if report.get("attack"):
-        lines += _attack_lines(report["attack"])
-    if report.get("guard"):
-        lines += _guard_lines(report["guard"], report.get("quality", {}).get("alignment"))
-    lines += [_figure(report, "scores_by_group.png", "scores by group"), ""]
+    return [f"# {report['title']}", "", *verdict_lines(report),
+            f"Prompts: `{c['prompts']}` ({counts['prompts']} rows: {counts['memorized']} memorized, "
+            f"{counts['not_memorized']} not memorized, {counts['members']} members, {counts['non_members']} "
+            f"non-members). Data root: `{c['data']}`. Generations: {c['n']} per prompt, DDIM {c['steps']} steps, "
+            f"guidance {c['guidance_scale']}, seed {c['seed']}; detectors: {c['detector_schedule']}.", "",
+            f"Label mapping: {report['label_mapping']}.", "",
+            f"ROC convention: {report['roc_convention']}.", ""]
+
+
+def footer_lines(report: dict) -> list[str]:
+    """The evaluate report's last lines (after the sections): scores by group, cost, notes."""
+    lines = [figure(report, "scores_by_group.png", "scores by group"), ""]
     lines += ["## Cost", "", "| section | seconds | UNet evals |", "|---|---|---|"]
     for section, cst in report.get("cost", {}).items():
         evals = cst.get("unet_evals")
         lines.append(f"| {section} | {cst['seconds']:.1f} | {evals if evals is not None else '-'} |")
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {note}" for note in report["notes"]]]
-    lines.append("")
-    kept = [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]  # no double blank lines
+    return lines
+
+
+def join_lines(lines: list[str]) -> str:
+    """Markdown from lines, without double blank lines."""
+    lines = [*lines, ""]
+    kept = [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]
     return "\n".join(kept)
 
 
-FLAGGED_LISTED = 20
-
-
-def _verdict_lines(report: dict) -> list[str]:
+def verdict_lines(report: dict) -> list[str]:
     """The report's first lines: how a copy is decided and whether the threshold was calibrated."""
     v = report.get("verdict")
     if not v:
@@ -174,130 +70,6 @@ def _verdict_lines(report: dict) -> list[str]:
         lines.append(f"With {v['heldout_images']} held-out images the threshold is the closest one; a stated rate "
                      f"of {v['calibration']['fpr_target']:.0%} needs at least 100 to be resolved.")
     return [" ".join(lines), ""]
-
-
-def _flagged_lines(trigger: dict) -> list[str]:
-    flagged = [p for p in trigger["prompts"] if p.get("flagged_by")]
-    if not flagged:
-        return ["", "No prompt is flagged by any detector."]
-    lines = ["", f"Prompts flagged by at least one detector ({len(flagged)}; all in report.json, "
-             "`trigger.prompts[].flagged_by`):", "", "| prompt | label | flagged by |", "|---|---|---|"]
-    lines += [f"| {p['text']} | {_fmt_plain(p['label'])} | {', '.join(p['flagged_by'])} |"
-              for p in flagged[:FLAGGED_LISTED]]
-    if len(flagged) > FLAGGED_LISTED:
-        lines.append(f"| ... {len(flagged) - FLAGGED_LISTED} more | | |")
-    return lines
-
-
-def _calibration_lines(v: dict) -> list[str]:
-    alternatives = v.get("alternatives")
-    if not alternatives:
-        return []
-    lines = ["", "Each criterion calibrated on the same held-out images (the verdict's criterion is named "
-             "above; `--criterion` chooses):", "",
-             "| criterion | threshold | held-out flagged | training images recalled |", "|---|---|---|---|"]
-    for name, c in alternatives.items():
-        op = ">" if c["higher_is_copy"] else "<"
-        lines.append(f"| {name} | {op} {c['threshold']:.4g} | {_fmt(c['fpr_heldout'], '%')} of {c['n_heldout']} | "
-                     f"{_fmt(c['recall'], '%')} of {c['n_positive']} |")
-    return lines
-
-
-def _index_lines(ix: dict) -> list[str]:
-    lines = ["## Replication (training-image index)", "",
-             f"Index `{ix.get('path', '')}`: {ix['images']} training images, {ix['embedding']} embedding at "
-             f"{ix['resolution']}x{ix['resolution']}. Similarity = {ix['similarity']}. Per generation: the nearest "
-             "training image (file, caption) in report.json, `replication.index.generations`.", "",
-             f"Criterion: {ix.get('criterion', ix.get('similarity'))}.", "",
-             "| group | generations | similarity mean | p95 | max | replicated | nearest caption is the prompt |",
-             "|---|---|---|---|---|---|---|"]
-    for group, s in ix["groups"].items():
-        lines.append(f"| {group} | {s['generations']} | {_fmt(s['similarity_mean'])} | {_fmt(s['similarity_p95'])} | "
-                     f"{_fmt(s['similarity_max'])} | {_fmt(s['fraction_replicated'], '%')} | "
-                     f"{_fmt(s['nearest_caption_is_prompt'], '%')} |")
-    return [*lines, ""]
-
-
-def dori_lines(d: dict) -> list[str]:
-    """The DoRI section: replication along the attack (steps-to-copy curves) for memorized prompts and the control."""
-    lines = ["## DoRI: re-triggering by the text embedding", "",
-             f"Per memorized prompt, its whole text embedding (every token) optimised towards its own training image "
-             f"(Kowalczuk et al. 2026: Adam lr {d['lr']:g}, {d['batch']} (t, noise) pairs redrawn each step, "
-             f"{d['steps']} steps, from the prompt's embedding); control: as many non-memorized member images, each "
-             f"from its own caption, for {d.get('control_steps', '-')} steps. {d['n']} generation(s) per prompt at "
-             f"each checkpoint; a copy: {d['criterion']}, nearest to the targeted image.", "",
-             "| images | " + " | ".join(f"step {s}" for s in d["memorized"]["checkpoints"]) + " |",
-             "|---|" + "---|" * len(d["memorized"]["checkpoints"])]
-    lines.append("| memorized | " + " | ".join(_fmt(v, "%") for v in d["memorized"]["replication"]) + " |")
-    c = d.get("control")
-    if c:
-        lines += ["", "| control (non-memorized members) | " + " | ".join(f"step {s}" for s in c["checkpoints"]) + " |",
-                  "|---|" + "---|" * len(c["checkpoints"]),
-                  "| copied | " + " | ".join(_fmt(v, "%") for v in c["replication"]) + " |"]
-    first = [s for s in d["memorized"]["steps_to_copy"] if s is not None]
-    lines += ["", f"Memorized prompts copied within {d['steps']} steps: {len(first)} of {d['prompts']}"
-              + (f" (median first copy at step {sorted(first)[len(first) // 2]})" if first else "")
-              + (f"; control images copied within {d['control_steps']} steps: "
-                 f"{sum(s is not None for s in c['steps_to_copy'])} of {len(c['steps_to_copy'])} (the paper: none "
-                 "within 500)" if c else "; no control images") + f". UNet evals {d['unet_evals']}, "
-              f"{d['seconds']:.1f} s.", ""]
-    return lines
-
-
-def _attack_lines(a: dict) -> list[str]:
-    lines = ["## Re-trigger test", "",
-             f"{a['prompts']} memorized prompts; per prompt a text-embedding perturbation d with ||d|| <= eps ||e|| "
-             f"({a['steps']} PGD steps, {a['n_noise']} noise draws a step; Kowalczuk et al. 2025), then {a['n']} "
-             f"generation(s) per prompt. Replicated (copy): {a.get('criterion', 'NN1/NN2 L2 ratio < 1/3')}, against the "
-             "replication section's references. \"noise\": no image known (maximizes Wen et al.'s first-step noise "
-             "magnitude); \"image\": the training image known (minimizes its denoising loss).", "",
-             "| eps | plain prompt | attack \"noise\" | attack \"image\" |", "|---|---|---|---|"]
-    for row in a["rows"]:
-        cells = [_fmt(row[k]["replication"], "%") if row.get(k) else "-" for k in ("noise", "image")]
-        lines.append(f"| {row['eps']:g} | {_fmt(row['plain'], '%')} | {cells[0]} | {cells[1]} |")
-    lines += ["", "| attacker | UNet evals | seconds |", "|---|---|---|"]
-    lines += [f"| {k} | {v['unet_evals']} | {v['seconds']:.1f} |" for k, v in a["attackers"].items()]
-    return [*lines, ""]
-
-
-def _alignment_title(report: dict) -> str:
-    """The alignment column's title: the quality feature's alignment key (e.g. `toy_alignment`), spaced."""
-    return (report.get("quality", {}).get("alignment") or "alignment").replace("_", " ")
-
-
-def _guard_lines(g: dict, alignment: str | None = None) -> list[str]:
-    crit = "; ".join(f"{k}: {v}" for k, v in g["criteria"].items()) or "no replication criterion available"
-    u, gd = g["unguarded"], g["guarded"]
-    lines = ["## Guarded sampling", "",
-             f"Guard `{g['guard']}` (trainer.sample.guard) against the stock sampler, same prompts and seeds, "
-             f"{g['generations']} generations, DDIM {g['steps']} steps. Replicated: {crit}. Seconds per image: "
-             f"{u['seconds_per_image']:.3g} unguarded, {gd['seconds_per_image']:.3g} guarded (ratio "
-             f"{g['seconds_ratio']:.2f}); UNet evals per image {u['unet_evals_per_image']:g} vs "
-             f"{gd['unet_evals_per_image']:g}."
-             + (f" AMG trigger: {g['trigger']}." if g.get("trigger") else ""), "",
-             f"| group | guard | replicated | replicated (index) | {(alignment or 'alignment').replace('_', ' ')} | KID "
-             "| CLIP score | generations "
-             "intervened | steps intervened | max change where not intervened |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for group, s in g["groups"].items():
-        for side in ("unguarded", "guarded"):
-            v = s[side]
-            lines.append(f"| {group} | {side} | {_fmt(v.get('fraction_replicated'), '%')} | "
-                         f"{_fmt(v.get('fraction_replicated_index'), '%')} | {_fmt(v.get(alignment))} | "
-                         f"{_fmt(v.get('kid'), '.4g')} | {_fmt(v.get('clip_score'), '.2f')} | "
-                         f"{_fmt(v.get('fraction_intervened'), '%')} | {_fmt(v.get('fraction_steps_intervened'), '%')} | "
-                         f"{_fmt(v.get('max_abs_change_not_intervened'), '.2g')} |")
-    lines += ["", "Intervened generations against their unguarded versions (same prompt and seed): pixel RMSE, "
-              "and the share of saturated pixel channels (at 0 or 1).", "",
-              "| group | intervened RMSE to unguarded | saturation (intervened) | saturation unguarded (same images) "
-              "| saturation max guarded | saturation max unguarded |", "|---|---|---|---|---|---|"]
-    for group, s in g["groups"].items():
-        v = s["guarded"]
-        lines.append(f"| {group} | {_fmt(v.get('intervened_rmse_mean'), '.3g')} | "
-                     f"{_fmt(v.get('intervened_saturation_mean'), '%')} | "
-                     f"{_fmt(v.get('intervened_unguarded_saturation_mean'), '%')} | "
-                     f"{_fmt(v.get('saturation_max'), '%')} | {_fmt(v.get('unguarded_saturation_max'), '%')} |")
-    return [*lines, ""]
 
 
 def _short(name: str) -> str:

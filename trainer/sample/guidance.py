@@ -1,108 +1,15 @@
-"""The math of guarded sampling over `trainer.core.unet_core`: the stock DDIM + classifier-free-guidance
-loop with an optional per-step guard that may only add to the guided prediction of the rows it fires on.
-
-Implements Anti-Memorization Guidance (Chen, Liu & Xu, CVPR 2024, "Towards memorization-free diffusion
-models") and the inference-time prompt-embedding mitigation of Wen et al. (ICLR 2024, "Detecting,
-explaining, and mitigating memorization in diffusion models"). The index and embedder are arguments
-(duck-typed). AMG's constants are the authors' code's (cited line by line below and in docs/methods.md);
-deviations: despecification is gated by the threshold as in the paper (the code applies it at every
-step, `despecification_floor=0` reproduces that), the dissimilarity term's norm is bounded, other
-embedders than SSCD are mapped onto the SSCD scale (`SimilarityScale`), and `check_every` > 1 skips
-checks to save VAE decodes. Formulas: docs/methods.md.
+"""The shared loop of guarded sampling over `trainer.core.unet_core`: the stock DDIM + classifier-free-guidance
+loop with an optional per-step guard that may only add to the guided prediction of the rows it fires on,
+and the VAE decode of its estimates. The guards: `trainer.sample.amg` (Chen et al., CVPR 2024) and
+`trainer.sample.wen` (Wen et al., ICLR 2024); what a guard is: `trainer.sample.guards`.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
 import torch
 
-from trainer.core.unet_core import UNetCore, prompt_list
+from trainer.core.unet_core import UNetCore
 from trainer.io import MemtrainError
-
-# AMG's constants, each from the authors' code (chenchen-usyd/AMG-sd, commit d76d4c8; docs/methods.md
-# cites the lines). They are written on the SSCD cosine scale; other embedders are mapped onto it
-# (`SimilarityScale`).
-C1_DEFAULT = 13.0  # ddim.py l.293: s1 = clip(6.5 / 0.5 * sigma, 0, 6.5)
-DEDUP_FULL_AT = 0.3  # ddim.py l.304: s2 = clip((6.5 - s1) / 0.3 * sigma, 0, 6.5 - s1) (the adaptive c2)
-DEDUP_WINDOW = 10  # ddim.py l.294-302 (g3_count): once fired, deduplication runs for 10 steps
-DEDUP_NEIGHBOURS, DEDUP_MIN_COUNT = 1000, 20  # txt2img.py l.255-265: a caption > 20 times among the 1000 nearest
-C3_DEFAULT = 100.0  # txt2img.py l.477 (--guidance_scale 100), returned as -grad * 100 (l.324)
-DISSIMILARITY_BASE = 0.3  # ddim.py l.319: the dissimilarity is scaled by (sigma - 0.3)
-DISSIMILARITY_TIME = 170.0  # ddim.py l.319: ... and by exp((1000 - t) / 170)
-# memtrain's bound (not the authors'): the dissimilarity term's norm is at most this multiple of the
-# guided prediction's, so a firing guard cannot push the estimate out of the latent distribution.
-DISSIMILARITY_MAX_RATIO = 1.0
-WEN_TARGET = 3.0  # Wen et al.'s default target for SD 1.4
-WEN_LR, WEN_MAX_ITERS = 0.05, 10
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """lambda_t = base + amplitude * exp(-rate * t) (t the training timestep, 0..999)."""
-
-    base: float
-    amplitude: float = 0.0
-    rate: float = 0.005
-
-    def __call__(self, t: int) -> float:
-        return self.base + self.amplitude * math.exp(-self.rate * float(t))
-
-
-# ddim.py l.16-17 and l.272-278: asy(t, 0.3, 0.4, 0.005, 0) = 0.3 - (0.3 - 0.4) exp(-0.005 t)
-SSCD_THRESHOLD = Threshold(0.3, 0.1, 0.005)
-
-
-@dataclass(frozen=True)
-class SimilarityScale:
-    """An embedder's cosine similarity s on the SSCD scale AMG's constants are written in:
-    u = lambda_0 (s - null) / (trigger - null), lambda_0 = 0.4 the authors' threshold at t = 0.
-
-    `null`: the similarity of unrelated images (0 for SSCD); `trigger`: the similarity at which a clean
-    estimate should trigger the guard (for an index calibrated on held-out images, its threshold at the
-    stated false-positive rate). SSCD's own scale is the identity. `source` says where `trigger` came from.
-    """
-
-    null: float = 0.0
-    trigger: float = 0.4
-    source: str = "the authors' SSCD schedule"
-
-    def __post_init__(self):
-        if not self.trigger > self.null:
-            raise MemtrainError(
-                f"AMG trigger similarity {self.trigger:.4g} must exceed the similarity of unrelated images "
-                f"({self.null:.4g}, the index's mean similarity): choose a higher --guard-threshold"
-            )
-
-    @property
-    def slope(self) -> float:
-        return SSCD_THRESHOLD(0) / (self.trigger - self.null)
-
-    def __call__(self, s):
-        return (s - self.null) * self.slope
-
-
-def as_threshold(value, embedding: str | None = None) -> Threshold:
-    """A `Threshold` (on the SSCD scale) from a number (constant lambda), a (base, amplitude, rate) tuple,
-    or, for None, the authors' schedule."""
-    if isinstance(value, Threshold):
-        return value
-    if value is None:
-        return SSCD_THRESHOLD
-    if isinstance(value, (int, float)):
-        return Threshold(float(value))
-    try:
-        return Threshold(*(float(v) for v in value))
-    except (TypeError, ValueError):
-        raise MemtrainError(
-            f"AMG threshold must be a number or (base, amplitude, rate), got {value!r}"
-        ) from None
-
-
-# ---------------------------------------------------------------- shared pieces
 
 
 def decode_images(core: UNetCore, latents: torch.Tensor) -> torch.Tensor:
@@ -123,7 +30,7 @@ def _guided(eps: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, tor
     return eps_uncond, eps_cond, eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def _cfg_requests(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cfg_requests(b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x and embedding indices for [uncond rows 0..b-1, cond rows 0..b-1] over a table cat([uncond, cond])."""
     return torch.arange(b).repeat(2), torch.arange(2 * b)
 
@@ -135,21 +42,21 @@ def sample_latents(
     latents: torch.Tensor,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
-    guard: AMGGuard | None = None,
+    guard=None,
 ) -> torch.Tensor:
     """DDIM (eta 0) with classifier-free guidance from x_T `latents` [B, C, H, W]; returns x_0 latents.
 
     `cond` / `uncond` are the text-encoder outputs [B, L, D] (negative prompt or c0 for `uncond`).
     All 2B predictions of a step go through the core in one request list (the core's batch_size
     decides the forwards; the stock pipeline makes one forward of 2B). `guard` may add guidance to
-    the rows where it fires (`AMGGuard.guide`).
+    the rows where it fires (its `guide`, e.g. `trainer.sample.amg.AMGGuard.guide`).
     """
     if guidance_scale <= 1.0:
         raise MemtrainError(f"guarded sampling needs classifier-free guidance (guidance_scale > 1), got {guidance_scale}")
     scheduler = core.ddim(num_inference_steps)
     b = len(latents)
     table = torch.cat([uncond, cond]).to(core.device, core.dtype)
-    x_index, e_index = _cfg_requests(b)
+    x_index, e_index = cfg_requests(b)
     latents = latents.to(core.device, torch.float32)
     for step, t in enumerate(scheduler.timesteps):
         eps = core.eps(latents, int(t), table, x_index, e_index)
@@ -158,320 +65,3 @@ def sample_latents(
             eps_hat = guard.guide(step, int(t), latents, eps_uncond, eps_cond, eps_hat, table, guidance_scale)
         latents = scheduler.step(eps_hat, t, latents, return_dict=False)[0]
     return latents
-
-
-# ---------------------------------------------------------------- AMG
-
-
-@dataclass
-class AMGConfig:
-    """AMG's settings; `threshold` and the scales act on the SSCD scale that `scale` maps similarities to.
-
-    `despecification_floor`: despecification fires when u > lambda_t (None, the paper's rule) or when
-    u > this floor (0.0 reproduces the authors' code, ddim.py l.292, which applies it at every step).
-    """
-
-    threshold: Threshold = SSCD_THRESHOLD
-    c1: float = C1_DEFAULT
-    c3: float = C3_DEFAULT
-    despecification: bool = True
-    deduplication: bool = True
-    dissimilarity: bool = True
-    check_every: int = 1  # 1 = the paper (every step); k > 1 checks only every k-th step (cheaper)
-    scale: SimilarityScale = field(default_factory=SimilarityScale)
-    max_ratio: float = DISSIMILARITY_MAX_RATIO
-    despecification_floor: float | None = None
-
-
-@dataclass
-class GuardRecord:
-    """What the guard saw for one image (similarities on the embedder's own cosine scale)."""
-
-    steps: list[int] = field(default_factory=list)  # sampling steps (0 = first) where the guard intervened
-    sigmas: list[float] = field(default_factory=list)  # similarity at every checked step
-    max_sigma: float = float("-inf")
-    nearest_index: int = -1  # nearest training image at the step of max sigma
-    nearest_file: str | None = None
-    nearest_caption: str | None = None
-    dup_caption: str | None = None  # the frequent caption deduplication steers from (authors' dup_caption)
-    dedup_left: int = 0  # steps left in the deduplication window
-    terms: dict = field(default_factory=lambda: {"despecification": 0, "deduplication": 0, "dissimilarity": 0})
-    bounded_steps: int = 0  # steps where the dissimilarity term was cut to DISSIMILARITY_MAX_RATIO
-
-    def as_dict(self) -> dict:
-        return {
-            "guard": "amg",
-            "intervened": bool(self.steps),
-            "steps_intervened": list(self.steps),
-            "num_steps_intervened": len(self.steps),
-            "max_sigma": self.max_sigma,
-            "nearest_index": self.nearest_index,
-            "nearest_file": self.nearest_file,
-            "nearest_caption": self.nearest_caption,
-            "dup_caption": self.dup_caption,
-            "terms": dict(self.terms),
-            "bounded_steps": self.bounded_steps,
-            "sigmas": list(self.sigmas),
-        }
-
-
-class AMGGuard:
-    """Anti-Memorization Guidance for one batch of B images, as the authors' `p_sample_ddim` (formulas
-    and line references: docs/methods.md).
-
-    `encode(captions) -> [K, L, D]` encodes training captions y_N for the caption-deduplication term
-    (the pipeline's `encode_prompt`, so text-encoder LoRA and the like apply).
-    """
-
-    def __init__(
-        self,
-        core: UNetCore,
-        index,
-        embedder: Callable[[torch.Tensor], torch.Tensor],
-        encode: Callable[[list[str]], torch.Tensor],
-        config: AMGConfig,
-        batch: int,
-    ):
-        self.core, self.index, self.embedder, self.encode, self.config = core, index, embedder, encode, config
-        self.records = [GuardRecord() for _ in range(batch)]
-        self.k = min(DEDUP_NEIGHBOURS, len(index.captions))
-
-    def _x0(self, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        a = self.core.alphas_cumprod[t]
-        return (x - (1 - a).sqrt() * eps) / a.sqrt()
-
-    def _search(self, query: torch.Tensor, rows: list[int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top-1 similarity [M], nearest [M]) of embedded estimates, updating each row's frequent caption:
-        the most common caption among the 1000 nearest training images above lambda_t, when it occurs more
-        than 20 times (txt2img.py l.255-265; kept once found, ddim.py l.283-284). Deviation: the authors'
-        1000 nearest of LAION's billions are near-copies; of a small training set they can be all of it,
-        so only neighbours above the threshold count."""
-        sims, idx = self.index.search(query.detach(), k=self.k)
-        above = self.config.scale(sims.double().cpu()) > self.config.threshold(t)
-        for r, neighbours, keep in zip(rows, idx.tolist(), above.tolist(), strict=True):
-            counts = Counter(self.index.captions[j] for j, ok in zip(neighbours, keep, strict=True) if ok)
-            if counts and counts.most_common(1)[0][1] > DEDUP_MIN_COUNT:
-                self.records[r].dup_caption = counts.most_common(1)[0][0]
-        return sims[:, 0].float().cpu(), idx[:, 0].long().cpu()
-
-    def nearest(self, latents: torch.Tensor, eps_hat: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma [B] cosine to the nearest training image, n0 [B]) of the decoded x0 estimate."""
-        with torch.no_grad():
-            query = self.embedder(decode_images(self.core, self._x0(latents, eps_hat, t)))
-        return self._search(query, list(range(len(latents))), t)
-
-    def similarity_gradient(
-        self, latents: torch.Tensor, eps: torch.Tensor, t: int, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigma [M], grad_{x_t} sigma [M, ...]) of `rows` at prediction `eps`, through x0 = (x_t - sqrt(1 -
-        abar) eps) / sqrt(abar), the VAE decoder and the embedder, `eps` held constant (txt2img.py l.243-313)."""
-        x = latents[rows.to(latents.device)].detach().requires_grad_(True)
-        with torch.enable_grad():
-            query = self.embedder(decode_images(self.core, self._x0(x, eps[rows.to(eps.device)].detach(), t)))
-            sigma, n0 = self._search(query, rows.tolist(), t)
-            reference = self.index.embeddings[n0.to(self.index.embeddings.device)].to(query.device, query.dtype)
-            (grad,) = torch.autograd.grad((query * reference).sum(), x)
-        return sigma, grad.float()
-
-    def _record(self, step: int, sigma: torch.Tensor, n0: torch.Tensor) -> None:
-        for r, rec in enumerate(self.records):
-            s = float(sigma[r])
-            rec.sigmas.append(s)
-            if s > rec.max_sigma:
-                i = int(n0[r])
-                rec.max_sigma, rec.nearest_index = s, i
-                rec.nearest_file, rec.nearest_caption = self.index.file_names[i], self.index.captions[i]
-
-    def guide(
-        self, step: int, t: int, latents: torch.Tensor, eps_uncond: torch.Tensor, eps_cond: torch.Tensor,
-        eps_hat: torch.Tensor, table: torch.Tensor, guidance_scale: float,
-    ) -> torch.Tensor:
-        cfg = self.config
-        if step % max(1, int(cfg.check_every)):
-            return eps_hat
-        sigma, n0 = self.nearest(latents, eps_hat, t)
-        self._record(step, sigma, n0)
-        u, lam, s0 = cfg.scale(sigma.double()), cfg.threshold(t), float(guidance_scale)
-        floor = lam if cfg.despecification_floor is None else cfg.despecification_floor
-        b, dev = len(latents), eps_hat.device
-        s1, s2 = torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
-        dup: list[int] = []
-        for r, rec in enumerate(self.records):
-            fired = bool(u[r] > lam)
-            if not u[r] > 0:  # ddim.py l.292: no guidance at all below similarity 0
-                continue
-            if cfg.deduplication and ((rec.dup_caption is not None and fired) or rec.dedup_left > 0):
-                if rec.dup_caption is not None and fired:
-                    rec.dedup_left = DEDUP_WINDOW  # ddim.py l.296-302: (re)start the 10-step window
-                rec.dedup_left -= 1
-                dup.append(r)
-            if cfg.despecification and (bool(u[r] > floor) or r in dup):
-                s1[r] = min(max(cfg.c1 * float(u[r]), 0.0), s0 - 1.0)  # ddim.py l.293
-        for r in dup:  # ddim.py l.304: the adaptive c2 = (s0 - 1 - s1) / 0.3
-            cap = max(s0 - 1.0 - float(s1[r]), 0.0)
-            s2[r] = min(max(cap / DEDUP_FULL_AT * float(u[r]), 0.0), cap)
-        guided = eps_hat - s1.to(dev, eps_hat.dtype).view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
-        if dup:
-            captions = [self.records[r].dup_caption for r in dup]
-            unique = sorted(set(captions))
-            caption_table = self.encode(unique).to(self.core.device, self.core.dtype)
-            rows = torch.tensor(dup)
-            eps_caption = self.core.eps(latents, t, caption_table, rows, torch.tensor([unique.index(c) for c in captions]))
-            scale = s2[rows].to(dev, eps_hat.dtype).view(-1, 1, 1, 1)
-            guided[rows.to(dev)] = guided[rows.to(dev)] - scale * (eps_caption - eps_uncond[rows.to(dev)])
-        changed = (s1 > 0) | (s2 > 0)
-        candidates = (changed | (u > lam)).nonzero()[:, 0]
-        if not cfg.dissimilarity or cfg.c3 == 0:
-            candidates = candidates[:0]
-        if not len(candidates) and not bool(changed.any()):
-            return eps_hat  # nothing fired: the unguarded step, bit for bit
-        bounded, sim_fired = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
-        if len(candidates):
-            sigma2, grad = self.similarity_gradient(latents, guided, t, candidates)
-            u2 = cfg.scale(sigma2.double())
-            fire2 = u2 > lam  # ddim.py l.318 / l.328: on the similarity after despecification and deduplication
-            rows, u2, grad = candidates[fire2], u2[fire2], grad[fire2.to(grad.device)]
-            if len(rows):
-                a = self.core.alphas_cumprod[t]
-                time_factor = math.exp((self.core.num_train_timesteps - t) / DISSIMILARITY_TIME)  # ddim.py l.319
-                weight = cfg.c3 * (u2 - DISSIMILARITY_BASE) * time_factor * cfg.scale.slope
-                term = weight.to(dev, torch.float32).view(-1, 1, 1, 1) * (1 - a).sqrt() * grad.to(dev)
-                rd = rows.to(dev)
-                limit = cfg.max_ratio * guided[rd].float().flatten(1).norm(dim=1)
-                norm = term.flatten(1).norm(dim=1)
-                cut = norm > limit
-                term = term * torch.where(cut, limit / norm.clamp_min(1e-12), torch.ones_like(norm)).view(-1, 1, 1, 1)
-                guided[rd] = guided[rd] + term.to(guided.dtype)
-                bounded[rows], sim_fired[rows] = cut.cpu(), True
-        for r, rec in enumerate(self.records):
-            terms = {"despecification": bool(s1[r] > 0), "deduplication": r in dup, "dissimilarity": bool(sim_fired[r])}
-            if any(terms.values()):
-                rec.steps.append(step)
-                for name, on in terms.items():
-                    rec.terms[name] += int(on)
-                rec.bounded_steps += int(bounded[r])
-        return guided
-
-
-# ---------------------------------------------------------------- Wen et al.
-
-
-def first_step_magnitude(
-    core: UNetCore, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t0: int, grad: bool = False,
-    eps_uncond: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """||eps(x_T^j, t0, c_j) - eps(x_T^j, t0, c0)|| per row j (cond [M, L, D], uncond [1 or M, L, D], x_T [M, ...]).
-
-    `eps_uncond`: the unconditional predictions, when already known (they do not depend on `cond`, so an
-    optimisation of `cond` evaluates them once)."""
-    m = len(x_T)
-    if eps_uncond is not None:
-        eps_cond = core.eps(x_T, t0, cond, torch.arange(m), torch.arange(m), grad=grad)
-        return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
-    uncond = uncond.expand(m, -1, -1) if len(uncond) == 1 else uncond
-    table = torch.cat([uncond.to(cond.device, cond.dtype), cond])
-    x_index, e_index = _cfg_requests(m)
-    eps = core.eps(x_T, t0, table, x_index, e_index, grad=grad)
-    eps_uncond, eps_cond = eps.chunk(2)
-    return (eps_cond - eps_uncond).flatten(1).norm(dim=1)
-
-
-@dataclass
-class WenRecord:
-    prompt: str
-    magnitude_before: float
-    magnitude_after: float
-    iterations: int
-    target: float
-
-    def as_dict(self) -> dict:
-        return {"guard": "wen", "intervened": self.iterations > 0, **self.__dict__}
-
-
-def optimize_embedding(
-    core: UNetCore, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, t0: int,
-    target: float = WEN_TARGET, lr: float = WEN_LR, max_iters: int = WEN_MAX_ITERS,
-) -> tuple[torch.Tensor, list[float]]:
-    """Wen et al.'s loop for ONE prompt: cond [1, L, D] over its generations' x_T [n, ...].
-
-    Loss = mean over the n generations of the first-step magnitude; AdamW(lr); BOS row gradient
-    zeroed; stops as soon as the loss is <= target (checked before every step, and once after the
-    last). Returns (embedding [1, L, D], the loss before each check).
-    """
-    emb = cond.detach().clone().float().requires_grad_(True)
-    optimizer = torch.optim.AdamW([emb], lr=lr)
-    losses: list[float] = []
-    m = len(x_T)
-    uncond_rows = (uncond.expand(m, -1, -1) if len(uncond) == 1 else uncond).to(core.device, core.dtype)
-    eps_uncond = core.eps(x_T, t0, uncond_rows, torch.arange(m), torch.arange(m))  # constant: evaluated once
-    with torch.enable_grad():
-        for it in range(int(max_iters) + 1):
-            loss = first_step_magnitude(
-                core, emb.to(core.dtype).expand(m, -1, -1), uncond, x_T, t0, grad=True, eps_uncond=eps_uncond
-            ).mean()
-            losses.append(float(loss.detach()))
-            if losses[-1] <= target or it == max_iters:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            emb.grad[:, 0] = 0.0  # BOS
-            optimizer.step()
-    return emb.detach().to(cond.dtype), losses
-
-
-def _encode(pipe, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond [P, L, D], uncond [P, L, D]) from the pipeline's own `encode_prompt` (empty negative prompt)."""
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(list(prompts), device, 1, True)
-    return cond, uncond
-
-
-def mitigate_prompt_embedding(
-    pipe, prompts: str | Sequence[str], target: float = WEN_TARGET, lr: float = WEN_LR,
-    max_iters: int = WEN_MAX_ITERS, seed: int = 0, latents: torch.Tensor | None = None,
-    num_inference_steps: int = 50, batch_size: int = 16,
-) -> tuple[torch.Tensor, list[dict]]:
-    """Wen et al.'s inference-time mitigation: optimised prompt embeddings [P, L, D] and a record per prompt.
-
-    The first-step magnitude is measured on x_T = `latents` (prompt-major [P * n, C, H, W]: prompt i
-    is optimised over its own n generations), or by default on the x_T of seed `seed` shared by all
-    prompts (the detectors' convention), at the first DDIM timestep of `num_inference_steps`.
-    """
-    prompts = prompt_list(prompts)
-    core = UNetCore(pipe, batch_size)
-    cond, uncond = _encode(pipe, prompts, core.device)
-    if latents is None:
-        x_T = core.initial_noise(1, seed).repeat(len(prompts), 1, 1, 1)
-    else:
-        x_T = latents.to(core.device, torch.float32)
-    if len(x_T) % len(prompts):
-        raise MemtrainError(f"latents: {len(x_T)} rows is not a multiple of {len(prompts)} prompts")
-    n = len(x_T) // len(prompts)
-    t0 = int(core.sampling_timesteps(num_inference_steps)[0])
-    out, records = [], []
-    for i, prompt in enumerate(prompts):
-        emb, losses = optimize_embedding(
-            core, cond[i : i + 1], uncond[i : i + 1], x_T[i * n : (i + 1) * n], t0, target, lr, max_iters
-        )
-        out.append(emb)
-        records.append(WenRecord(prompt, losses[0], losses[-1], len(losses) - 1, float(target)).as_dict())
-    return torch.cat(out), records
-
-
-def calibrate_wen_target(
-    pipe, general_prompts: Sequence[str], quantile: float = 0.95, seed: int = 0,
-    num_inference_steps: int = 50, batch_size: int = 16,
-) -> float:
-    """The `quantile` of the first-step magnitude over general (non-memorized) prompts, on the x_T of `seed`."""
-    prompts = list(general_prompts)
-    if not prompts:
-        raise MemtrainError("calibrate_wen_target needs at least one general prompt")
-    if not 0.0 < quantile <= 1.0:
-        raise MemtrainError(f"quantile must be in (0, 1], got {quantile}")
-    core = UNetCore(pipe, batch_size)
-    cond, uncond = _encode(pipe, prompts, core.device)
-    x_T = core.initial_noise(1, seed).repeat(len(prompts), 1, 1, 1)
-    t0 = int(core.sampling_timesteps(num_inference_steps)[0])
-    with torch.no_grad():
-        magnitudes = first_step_magnitude(core, cond, uncond, x_T, t0)
-    return float(torch.quantile(magnitudes.double().cpu(), quantile))
