@@ -197,3 +197,19 @@ def test_a_fine_tune_copies_planted_duplicates_and_the_default_verdict_flags_the
     assert flagged[own].mean() >= 0.5, (m["gradient_ratio"], cal.threshold)
     pixel = Calibration.from_dict(verdict["record"]["alternatives"][L2_METRIC])
     assert pixel.flags(m["l2"].numpy())[own].sum() <= flagged[own].sum()
+
+    # an edit's report shows the removal by the same calibrated verdict: UCE on the duplicated prompts
+    (tmp_path / "named.txt").write_text("".join(r["text"] + "\n" for r in dup))
+    singles = [r for r in labels if r["group"] == "singleton"]
+    (tmp_path / "preserved.txt").write_text("".join(r["text"] + "\n" for r in singles[:16]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**r, "label": 1}) + "\n" for r in dup))
+    assert main(["edit", "uce", str(tmp_path / "train" / "pipeline"), "--memorized", str(tmp_path / "named.txt"),
+                 "--preserved", str(tmp_path / "preserved.txt"), "--out", str(tmp_path / "uce"), "--evaluate",
+                 str(prompts), "--heldout", str(data / "heldout"), "--train-data", str(data / "train"),
+                 "--eval-n", "4", "--guidance-scale", "3", "--eval-detectors", "noise", "--no-eval-cache"]) == 0
+    evaluation = json.loads((tmp_path / "uce" / "edit.json").read_text())["evaluation"]
+    assert evaluation["verdict"]["before"]["calibrated"] and GRADIENT_METRIC in evaluation["verdict"]["before"]["criterion"]
+    before = evaluation["before"]["replication"]["named"]["fraction_replicated"]
+    after = evaluation["after"]["replication"]["named"]["fraction_replicated"]
+    assert before >= 0.3 and after <= 0.25 * before, (before, after)
