@@ -7,6 +7,7 @@ from pathlib import Path
 
 from trainer.core.components import check_device
 from trainer.data import load_rows
+from trainer.data_shards import shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.features import EMBEDDINGS, _check_path
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
@@ -23,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "connected components) and exact / normalized caption duplicates, and write OUT/report.json, "
         "OUT/report.md and OUT/groups.png. Use data.dedup=drop|reweight in a recipe to act on them.",
     )
-    p.add_argument("data", metavar="DATA", help="imagefolder directory with metadata.jsonl")
+    p.add_argument("data", metavar="DATA", help="imagefolder directory with metadata.jsonl, or webdataset tar / "
+                   "parquet shards (a directory, a file or a brace pattern such as 'shards/{00000..00099}.tar')")
     p.add_argument("--out", required=True, metavar="DIR", help="where report.json, report.md, groups.png go")
     p.add_argument(
         "--threshold",
@@ -62,13 +64,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.data)
-    if not root.is_dir():
-        raise MemtrainError(f"{root} is not a directory (want a diffusers imagefolder with metadata.jsonl)")
-    if not (root / "metadata.jsonl").exists() and not (root / "metadata.csv").exists():
+    shards = shard_files(args.data)
+    if shards is None and not root.is_dir():
+        raise MemtrainError(f"{root} is not a directory (want a diffusers imagefolder with metadata.jsonl, or "
+                            "webdataset / parquet shards)")
+    if shards is None and not (root / "metadata.jsonl").exists() and not (root / "metadata.csv").exists():
         raise MemtrainError(
             f"{root} has no metadata.jsonl (diffusers imagefolder: one JSON object per line "
-            "with file_name and text)"
+            "with file_name and text) and no .tar or .parquet shards"
         )
+    if shards is not None and not root.is_dir():
+        root = shards[0].parent
     inputs = {"DATA": root, "--clip": args.clip, "--sscd": args.sscd}
     check_output(args.out, "dedup", inputs)
     check_device(args.device)
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         _check_path(args.clip, "clip", "a local CLIP model directory")
     if embedding == "sscd":
         _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
-    rows = load_rows(str(root), caption_column=args.caption_column)
+    rows = load_rows(str(args.data), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
     report = dedup_report(
         rows.images,

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
+from trainer.data_shards import ShardImage, shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
@@ -310,7 +311,7 @@ def _image_size(source, name: str) -> tuple[int, int]:
     """(width, height) from the image header, without decoding the pixels."""
     if isinstance(source, Image.Image):
         return source.size
-    if isinstance(source, dict):  # a datasets image dict: decode (rare path)
+    if isinstance(source, dict | ShardImage):  # a datasets image dict or a shard's sample: decode
         return open_image(source, name).size
     try:
         with Image.open(source) as im:
@@ -349,6 +350,8 @@ def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) 
 
 def _size(source) -> int | None:
     """Bytes of a row's image: the file's size, or the stored bytes of a datasets row (None when unknown)."""
+    if isinstance(source, ShardImage):
+        return getattr(source, "size", None)
     if isinstance(source, dict):
         if source.get("bytes"):
             return len(source["bytes"])
@@ -400,7 +403,10 @@ def check_index_data(index: str | Path, data: str | Path) -> None:
 
 
 def _file_name(source, root: Path, row: int) -> str:
-    """The image's path relative to the data directory, or "row i" for an image stored in a dataset."""
+    """The image's path relative to the data directory, "SHARD-FILE-NAME:KEY" for a shard's sample, or "row i"
+    for an image stored in a dataset."""
+    if isinstance(source, ShardImage):
+        return f"{Path(source.shard).name}:{source.key}"
     if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
         source = source["path"]
     if isinstance(source, str | Path):
@@ -425,16 +431,19 @@ def build_index(
     device=None,
     save: bool = True,
 ) -> TrainingIndex:
-    """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
-    save_to_disk directory) at `resolution` and write the index to `out` (atomically).
+    """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, webdataset tar or parquet
+    shards, or a `datasets` save_to_disk directory) at `resolution` and write the index to `out` (atomically).
 
     Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
     batch of images plus the [N, d] embedding matrix being built."""
     root = Path(data)
+    shards = shard_files(data)
+    if shards is not None and not root.is_dir():
+        root = shards[0].parent  # a pattern or one file: the folder of the shards
     if not root.exists():
         raise MemtrainError(
             f"training data {data} does not exist; give an imagefolder directory "
-            "(metadata.jsonl or metadata.csv) or a `datasets` save_to_disk directory"
+            "(metadata.jsonl or metadata.csv), webdataset / parquet shards or a `datasets` save_to_disk directory"
         )
     if not root.is_dir():
         raise MemtrainError(
@@ -454,7 +463,7 @@ def build_index(
     embedder = make_embedder(embedding, path, device)
 
     t0 = time.perf_counter()
-    rows = load_rows(str(root), caption_column=caption_column, image_column=image_column)
+    rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
     n = len(rows.images)
     if n == 0:
         raise MemtrainError(f"training data {data} has no images; nothing to index")
@@ -486,7 +495,7 @@ def build_index(
         embedding=embedding,
         resolution=int(resolution),
         meta=dict(
-            data=str(root),
+            data=str(data),
             model=str(path) if path else None,
             exact_caption_groups=len(groups["exact"]),
             build_seconds=round(seconds, 3),
