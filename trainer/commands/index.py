@@ -8,6 +8,7 @@ import json
 
 from trainer.core.components import check_device
 from trainer.io import MemtrainError, check_not_inside
+from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
 from trainer.measure.index import DTYPES, build_index, index_summary
@@ -23,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "embeddings.safetensors and INDEX/index.json (captions, file names, duplicate-caption groups). "
         "Replication checks and generation-time guards search it.",
     )
-    p.add_argument("data", metavar="DATA", help="training data directory")
+    p.add_argument("data", metavar="DATA", help="training data: an imagefolder or datasets directory, or webdataset "
+                   "tar / parquet shards (a directory, a file or a brace pattern such as 'shards/{00000..00099}.tar')")
     p.add_argument(
         "--out", required=True, metavar="INDEX", help="index directory to write (replaced atomically)"
     )
@@ -59,6 +61,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", metavar="PIPE",
                    help="with --heldout: the model's pipeline directory; held-out and (up to 1024) training images go "
                    "through its VAE, and the share of training images the threshold flags (recall) is recorded")
+    p.add_argument("--approx", default="auto", metavar="auto|exact|choose|FACTORY",
+                   help=f"approximate search (faiss): auto (default) builds one above {APPROX_MIN:,} images when faiss is "
+                   "installed; choose builds one whatever the size; exact never; or a faiss index_factory string such "
+                   "as IVF4096,PQ64x4fs")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help=f"memory budget of the approximate index in RAM, e.g. 16G (default {DEFAULT_MAX_MEMORY}); the "
+                   "most precise IVF index that fits is chosen (Flat, SQ8, then PQ)")
+    p.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+                   help=f"recall@1 against exact search, on a held sample, that sets nprobe (default {TARGET_RECALL})")
     p.add_argument("--device", default=None, help="device for clip/sscd (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -85,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         save=args.heldout is None,
+        approx=args.approx,
+        max_memory=args.max_memory,
+        target_recall=args.target_recall,
     )
     if args.heldout is not None:
         embedder = make_embedder(index.embedding, args.model, args.device)

@@ -4,8 +4,9 @@ image is closest to this one, and how close, for replication checks and generati
 
 Stores unit-norm embeddings (`trainer.measure.embedders`; safetensors, float16 by default) of the
 training images at the index's resolution, each row's first caption and the duplicate-caption groups.
-Search is exact: chunked matrix products with a running top-k, or an exhaustive faiss index when
-faiss is installed (`backend="auto"`: large CPU indexes queried a few images at a time).
+Search is exact (chunked matrix products with a running top-k, or an exhaustive faiss index when faiss
+is installed: `backend="auto"`, large CPU indexes queried a few images at a time), or approximate when
+the index holds a faiss IVF index (`trainer.measure.ann`, `memtrain index --approx`), memory-mapped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
 from trainer.data_shards import ShardImage, shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
+from trainer.measure import ann
 from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
 from trainer.mitigate.dedup import caption_groups
@@ -47,6 +49,7 @@ CPU_CHUNK, DEVICE_CHUNK = 1024, 65536  # default rows per matrix product
 _MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this often
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
+ANN_FILE, ANN_HELD_FILE = "ann.faiss", "ann_heldout.safetensors"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats
 _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
@@ -73,6 +76,9 @@ class TrainingIndex:
     # `memtrain index --heldout`: {"copy": Calibration dict, "null_similarity": float, "heldout": dir, "vae": dir}
     calibration: dict = field(default_factory=dict)
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
+    # the approximate index (meta["ann"] describes it) and its held sample: {"ids", "sims", "nearest"}
+    ann_index: Any = field(default=None, repr=False, compare=False)
+    ann_held: dict = field(default_factory=dict, repr=False, compare=False)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
     _copy_ids: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -135,7 +141,8 @@ class TrainingIndex:
         """Exact top-k cosine neighbours: (similarities [M, k] float32, indices [M, k] int64), best first,
         on the queries' device. Queries are L2-normalised here; no gradient flows (re-score the winner
         with the embedder's output for that). `chunk`: index rows per matrix product (default 1024 on
-        CPU, 65536 on a GPU). backend: auto | torch | faiss."""
+        CPU, 65536 on a GPU). backend: auto (the approximate index when there is one) | torch | faiss |
+        ann (approximate: `ann.search`, exact similarities of its candidates)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise MemtrainError(
                 f"queries must be [M, {self.dim}] ({self.embedding} embeddings), got {list(queries.shape)}; "
@@ -148,12 +155,16 @@ class TrainingIndex:
             chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         if chunk < 1:
             raise MemtrainError(f"chunk must be >= 1, got {chunk}")
-        if backend not in ("auto", "torch", "faiss"):
-            raise MemtrainError(f"unknown search backend {backend!r}; choose auto, torch or faiss")
+        if backend not in ("auto", "torch", "faiss", "ann"):
+            raise MemtrainError(f"unknown search backend {backend!r}; choose auto, torch, faiss or ann")
+        if backend == "ann" and self.ann_index is None:
+            raise MemtrainError("backend='ann' needs an approximate index: build it with `memtrain index --approx`")
         if backend == "faiss" and faiss is None:
             raise MemtrainError(
                 "backend='faiss' needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)"
             )
+        if backend == "auto" and self.ann_index is not None and self.device.type == "cpu":
+            backend = "ann"
         if backend == "auto":
             use_faiss = faiss is not None and self.device.type == "cpu" and n > FAISS_AUTO_MIN
             use_faiss = use_faiss and queries.shape[0] <= FAISS_AUTO_MAX_QUERIES
@@ -162,6 +173,9 @@ class TrainingIndex:
         q = F.normalize(queries.detach().float(), dim=1)
         if q.shape[0] == 0:
             return q.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=out_device)
+        if backend == "ann":
+            sims, idx = ann.search(self.ann_index, self.embeddings, q.cpu().numpy(), k)
+            return sims.to(out_device), idx.to(out_device)
         if backend == "faiss":
             sims, idx = self._faiss_index().search(q.cpu().numpy(), k)
             return torch.from_numpy(sims).to(out_device), torch.from_numpy(idx).to(out_device)
@@ -213,6 +227,9 @@ class TrainingIndex:
                 str(tmp / EMBEDDINGS_FILE),
                 metadata={"format": "pt"},
             )
+            if self.ann_index is not None:
+                ann.faiss.write_index(self.ann_index, str(tmp / ANN_FILE))
+                save_file({k: torch.from_numpy(np.asarray(v)) for k, v in self.ann_held.items()}, str(tmp / ANN_HELD_FILE))
             write_json(
                 dict(
                     version=INDEX_VERSION,
@@ -292,7 +309,7 @@ class TrainingIndex:
                 f"{emb_file}: embeddings {list(emb.shape)} {emb.dtype} do not match {meta_file} "
                 f"({info['count']} images); rebuild the index"
             )
-        return cls(
+        index = cls(
             emb,
             list(info["captions"]),
             list(info["file_names"]),
@@ -302,6 +319,27 @@ class TrainingIndex:
             dict(info.get("meta", {})),
             dict(info.get("calibration") or {}),
         )
+        if (p / ANN_FILE).exists():
+            _load_ann(index, p)
+        return index
+
+
+def _load_ann(index: TrainingIndex, p: Path) -> None:
+    """Memory-map the approximate index of `p` (its nprobe from index.json); without faiss, search stays exact."""
+    if ann.faiss is None:
+        print(f"memtrain: warning: {p} holds an approximate index ({ANN_FILE}) but faiss is not installed; searching "
+              "exactly (pip install faiss-cpu for the approximate search)", file=sys.stderr)
+        return
+    try:
+        index.ann_index = ann.faiss.read_index(str(p / ANN_FILE), ann.faiss.IO_FLAG_MMAP | ann.faiss.IO_FLAG_READ_ONLY)
+        held = load_file(str(p / ANN_HELD_FILE))
+    except (RuntimeError, SafetensorError, OSError) as e:
+        raise MemtrainError(f"{p / ANN_FILE}: cannot read the approximate index ({e}); rebuild the index") from None
+    index.ann_held = {k: v.numpy() for k, v in held.items()}
+    if index.ann_index.ntotal != len(index) or index.ann_index.d != index.dim:
+        raise MemtrainError(f"{p / ANN_FILE} holds {index.ann_index.ntotal} x {index.ann_index.d} vectors, "
+                            f"the index {len(index)} x {index.dim}; rebuild the index")
+    ann.set_nprobe(index.ann_index, int((index.meta.get("ann") or {}).get("nprobe", 1)))
 
 
 # ---------------------------------------------------------------- building
@@ -430,12 +468,17 @@ def build_index(
     progress: bool = True,
     device=None,
     save: bool = True,
+    approx: str = "auto",
+    max_memory: str | int | None = None,
+    target_recall: float = ann.TARGET_RECALL,
 ) -> TrainingIndex:
     """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, webdataset tar or parquet
     shards, or a `datasets` save_to_disk directory) at `resolution` and write the index to `out` (atomically).
 
     Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
-    batch of images plus the [N, d] embedding matrix being built."""
+    batch of images plus the [N, d] embedding matrix being built. `approx` (`ann.wanted`: auto, exact, choose
+    or a faiss index_factory string) adds an approximate index chosen under `max_memory` and tuned to
+    `target_recall` recall@1 on a held sample."""
     root = Path(data)
     shards = shard_files(data)
     if shards is not None and not root.is_dir():
@@ -460,6 +503,7 @@ def build_index(
     if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
         raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
                             f"embedded at), got {resolution}")
+    ann.check_options(approx, max_memory, target_recall)
     embedder = make_embedder(embedding, path, device)
 
     t0 = time.perf_counter()
@@ -503,6 +547,9 @@ def build_index(
             fingerprint=data_fingerprint(rows.images, file_names),
         ),
     )
+    if ann.wanted(approx, n):
+        index.ann_index, index.meta["ann"], index.ann_held = ann.build_tuned(emb, approx, max_memory, target_recall,
+                                                                            progress=progress)
     if save:  # False: the caller adds to it (e.g. a calibration) and saves it
         index.save(out)
     return index
@@ -522,4 +569,6 @@ def index_summary(index: TrainingIndex, out: str) -> dict:
         size_mb=round(index.embeddings.numel() * index.embeddings.element_size() / 2**20, 2),
         build_seconds=index.meta.get("build_seconds"),
         images_per_second=index.meta.get("images_per_second"),
+        search="exact" if index.ann_index is None else {k: index.meta["ann"].get(k) for k in (
+            "factory", "nprobe", "recall_at_1", "held_sample", "estimated_bytes", "build_seconds")},
     )
