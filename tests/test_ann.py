@@ -15,6 +15,7 @@ from trainer.cli import main
 from trainer.io import MemtrainError
 from trainer.measure import ann
 from trainer.measure.index import ANN_FILE, TrainingIndex
+from trainer.mitigate import dedup
 
 needs_faiss = optional_extra("faiss")
 
@@ -98,3 +99,34 @@ def test_cli_builds_an_approximate_index(tmp_path, tiny_data, capsys):
         assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "bad"), *args]) == 2
         assert re.search(match, capsys.readouterr().err)
         assert not (tmp_path / "bad").exists()
+
+
+@needs_faiss
+def test_dedup_through_inverted_lists_finds_the_exact_groups():
+    """20,000 clustered vectors with 300 planted near-copy groups (2-4 members, cos > 0.98): the inverted-list
+    search (each row in its 2 nearest of 128 lists) finds the groups of the exact all-pairs search."""
+    g = torch.Generator().manual_seed(1)
+    x = clustered(20_000, 32, 40, noise=1.0)
+    for _ in range(300):
+        members = torch.randint(20_000, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+        x[members] = torch.nn.functional.normalize(x[members[0]] + 0.02 * torch.randn(len(members), 32, generator=g), dim=1)
+    exact, exact_pairs = dedup.near_duplicate_groups(x, 0.95)
+    found, pairs = dedup.near_duplicate_groups(x.half(), 0.95, search="index", probe=2)
+    assert len(exact) >= 250
+    assert found == exact and pairs == exact_pairs
+    lists = dedup.ivf_lists(x, probe=2)
+    assert len(lists) == ann.n_lists(20_000) and sum(len(m) for m in lists) == 2 * 20_000
+    assert max(len(m) for m in lists) < 20_000 / 10  # memory bounded by a list, not by N^2
+
+
+@needs_faiss
+def test_dedup_cli_with_an_index_uses_its_embeddings_and_lists(tmp_path, tiny_data):
+    index_dir = tmp_path / "idx"
+    assert main(["index", str(tiny_data / "train"), "--out", str(index_dir), "--approx", "IVF2,Flat",
+                 "--no-progress"]) == 0
+    assert main(["dedup", str(tiny_data / "train"), "--out", str(tmp_path / "exact")]) == 0
+    assert main(["dedup", str(tiny_data / "train"), "--out", str(tmp_path / "ivf"), "--index", str(index_dir),
+                 "--search", "index"]) == 0
+    exact, ivf = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("exact", "ivf"))
+    assert ivf["search"] == "index" and ivf["timing_s"]["embed"] < 0.01  # no re-embedding
+    assert [g["members"] for g in ivf["image_groups"]] == [g["members"] for g in exact["image_groups"]]

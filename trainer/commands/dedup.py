@@ -9,7 +9,9 @@ from trainer.core.components import check_device
 from trainer.data import load_rows
 from trainer.data_shards import shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
+from trainer.measure import ann
 from trainer.measure.features import EMBEDDINGS, _check_path
+from trainer.measure.index import TrainingIndex, check_index_data
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.report.plots import plot_groups
 from trainer.report.render import dedup_markdown
@@ -49,13 +51,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sscd", metavar="PATH", help="local SSCD TorchScript file")
     p.add_argument(
         "--search",
-        choices=("exact", "semdedup"),
+        choices=("exact", "semdedup", "index"),
         default="exact",
-        help="exact: every pair, in blocks (default); semdedup: only pairs within k-means clusters",
+        help="exact: every pair, in blocks (default); semdedup: only pairs within k-means clusters; index: pairs "
+        "within the inverted lists of a faiss IVF index (--index's, else k-means), each image in its --probe "
+        "nearest lists (memory bounded by a list; needs faiss)",
     )
     p.add_argument(
-        "--clusters", type=int, default=None, help="k-means clusters for --search semdedup (default sqrt(n))"
+        "--clusters", type=int, default=None,
+        help="k-means clusters / inverted lists for --search semdedup or index (default about sqrt(n))"
     )
+    p.add_argument("--probe", type=int, default=2,
+                   help="--search index: inverted lists each image is compared within (default 2)")
+    p.add_argument("--index", metavar="INDEX",
+                   help="a `memtrain index` of DATA: its embeddings are used (no re-embedding) and, with --search "
+                   "index, the inverted lists of its approximate index")
     p.add_argument("--caption-column", default="text", help="caption field of metadata.jsonl (default text)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for clip/sscd (default 32)")
     p.add_argument("--device", default=None, help="torch device for clip/sscd (default cuda if available)")
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if shards is not None and not root.is_dir():
         root = shards[0].parent
-    inputs = {"DATA": root, "--clip": args.clip, "--sscd": args.sscd}
+    inputs = {"DATA": root, "--clip": args.clip, "--sscd": args.sscd, "--index": args.index}
     check_output(args.out, "dedup", inputs)
     check_device(args.device)
     embedding = args.embedding or ("clip" if args.clip else "sscd" if args.sscd else "pixels")
@@ -83,11 +93,25 @@ def run(args: argparse.Namespace) -> int:
         raise MemtrainError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.clusters is not None and args.clusters < 1:
         raise MemtrainError(f"--clusters must be >= 1, got {args.clusters}")
+    if args.probe < 1:
+        raise MemtrainError(f"--probe must be >= 1, got {args.probe}")
+    if args.search == "index" and ann.faiss is None:
+        raise MemtrainError("--search index needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)")
+    embeddings, quantizer = None, None
+    if args.index is not None:
+        check_index_data(args.index, args.data)
+        index = TrainingIndex.load(args.index)
+        if args.embedding not in (None, index.embedding):
+            raise MemtrainError(f"--index {args.index} holds {index.embedding} embeddings, not {args.embedding}; drop "
+                                "--embedding or build the index with it")
+        embeddings, embedding = index.embeddings, index.embedding
+        if args.search == "index" and index.ann_index is not None:
+            quantizer = ann.faiss.extract_index_ivf(index.ann_index).quantizer
     if args.batch_size < 1:
         raise MemtrainError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if embedding == "clip":
+    if embedding == "clip" and embeddings is None:
         _check_path(args.clip, "clip", "a local CLIP model directory")
-    if embedding == "sscd":
+    if embedding == "sscd" and embeddings is None:
         _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
     rows = load_rows(str(args.data), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
@@ -103,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
         clusters=args.clusters,
         batch_size=args.batch_size,
         device=args.device,
+        embeddings=embeddings,
+        probe=args.probe,
+        quantizer=quantizer,
     )
     report["data"] = str(root)
     out = Path(args.out)
