@@ -8,6 +8,7 @@ embedding matrix and the interpreter are already in the baseline).
 
     OMP_NUM_THREADS=1 python scripts/bench_dedup.py                 # 10k and 100k, dim 512
     OMP_NUM_THREADS=1 python scripts/bench_dedup.py --n 10000 --dim 198 --search semdedup
+    OMP_NUM_THREADS=1 python scripts/bench_dedup.py --n 1000000 10000000 --dim 128 --search index
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> int:
     p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--block", type=int, default=4096)
-    p.add_argument("--search", choices=("exact", "semdedup"), default="exact")
+    p.add_argument("--search", choices=("exact", "semdedup", "index"), default="exact")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)"
     )
