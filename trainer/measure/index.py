@@ -28,12 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
+from trainer.data import DECODE_ERRORS, decode_error, load_rows, open_image
 from trainer.data_shards import ShardImage, shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure import ann
 from trainer.measure.calibration import Calibration
 from trainer.measure.embedders import make_embedder
+from trainer.measure.index_embed import PART_ROWS, embed_rows, parts_dir, remove_parts
 from trainer.mitigate.dedup import caption_groups
 
 try:  # optional extra: memtrain[faiss]
@@ -471,12 +472,15 @@ def build_index(
     approx: str = "auto",
     max_memory: str | int | None = None,
     target_recall: float = ann.TARGET_RECALL,
-) -> TrainingIndex:
+    part_rows: int = PART_ROWS,
+) -> TrainingIndex | None:
     """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, webdataset tar or parquet
     shards, or a `datasets` save_to_disk directory) at `resolution` and write the index to `out` (atomically).
 
     Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
-    batch of images plus the [N, d] embedding matrix being built. `approx` (`ann.wanted`: auto, exact, choose
+    batch of images plus the [N, d] embedding matrix being built. Under `accelerate launch` the processes
+    embed shares of the rows (`index_embed`; finished parts survive a crash) and the main process writes
+    the index and returns it (None elsewhere). `approx` (`ann.wanted`: auto, exact, choose
     or a faiss index_factory string) adds an approximate index chosen under `max_memory` and tuned to
     `target_recall` recall@1 on a held sample."""
     root = Path(data)
@@ -498,6 +502,8 @@ def build_index(
     check_output(out, "index", {"DATA": data, "--model": path})
     if batch_size < 1:
         raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
+    if part_rows < 1:
+        raise MemtrainError(f"--part-rows must be >= 1, got {part_rows}")
     if dtype not in DTYPES.values():
         raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
     if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
@@ -516,21 +522,17 @@ def build_index(
         if resolution > MAX_RESOLUTION:
             raise MemtrainError(f"training images are {resolution}x{resolution}, above --resolution's "
                                 f"{MAX_RESOLUTION}; pass --resolution (the model's training resolution)")
-    emb = torch.empty((n, embedder.dim), dtype=dtype)
-    with torch.no_grad(), tqdm(total=n, desc=f"index ({embedding})", unit="img", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            batch = torch.stack(
-                [
-                    image_to_tensor(open_image(rows.images[i], rows.names[i]), resolution, True, False, None)
-                    for i in range(start, stop)
-                ]
-            )
-            emb[start:stop] = embedder((batch + 1.0) / 2.0).to(device="cpu", dtype=dtype)
-            bar.update(stop - start)
+    file_names = [_file_name(s, root, i) for i, s in enumerate(rows.images)]
+    fingerprint = data_fingerprint(rows.images, file_names)
+    work = parts_dir(out)
+    key = dict(fingerprint=fingerprint, embedding=embedding, model=str(path), resolution=int(resolution),
+               dtype=str(dtype), batch_size=batch_size, part_rows=part_rows)
+    emb = embed_rows(rows, embedder, resolution, batch_size, dtype, out, key, f"index ({embedding})", progress,
+                     part_rows)
+    if emb is None:  # not the main process of `accelerate launch`: the main process writes the index
+        return None
     seconds = time.perf_counter() - t0
     groups = caption_groups(rows.captions)
-    file_names = [_file_name(s, root, i) for i, s in enumerate(rows.images)]
     index = TrainingIndex(
         embeddings=emb,
         captions=[c[0] for c in rows.captions],
@@ -544,7 +546,7 @@ def build_index(
             exact_caption_groups=len(groups["exact"]),
             build_seconds=round(seconds, 3),
             images_per_second=round(n / max(seconds, 1e-9), 1),
-            fingerprint=data_fingerprint(rows.images, file_names),
+            fingerprint=fingerprint,
         ),
     )
     if ann.wanted(approx, n):
@@ -552,6 +554,7 @@ def build_index(
                                                                             progress=progress)
     if save:  # False: the caller adds to it (e.g. a calibration) and saves it
         index.save(out)
+    remove_parts(work)
     return index
 
 
