@@ -86,3 +86,14 @@ def test_a_run_after_a_crash_embeds_only_the_missing_parts(tmp_path, tiny_data, 
     build_index(str(tiny_data / "train"), str(tmp_path / "other"), part_rows=4, batch_size=2, progress=False)
     assert sum(embedded) == 16
     assert json.loads((tmp_path / "other" / "index.json").read_text())["resolution"] == 32
+
+
+def test_dedup_on_two_processes_is_the_one_process_report(tmp_path, tiny_data):
+    """The processes embed shares of whole batches (3 images: uneven shares of 16 rows), the main process groups."""
+    args = ["dedup", str(tiny_data / "train"), "--batch-size", "3"]
+    torchrun(*args, "--out", str(tmp_path / "two"))
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / side / "report.json").read_text()) for side in ("one", "two"))
+    assert one["summary"]["image_groups"] == 2
+    for key in ("image_groups", "caption_groups_exact", "caption_groups_normalized", "n"):
+        assert one[key] == two[key]

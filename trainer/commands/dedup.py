@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from trainer.core.components import check_device
+from trainer.core.distributed import across_processes, is_main_process, num_processes, process_device
 from trainer.data import load_rows
 from trainer.data_shards import shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure import ann
-from trainer.measure.features import EMBEDDINGS, _check_path
+from trainer.measure.features import EMBEDDINGS, _check_path, embed_images
 from trainer.measure.index import TrainingIndex, check_index_data
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.report.plots import plot_groups
@@ -72,6 +75,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def embed_across_processes(images, names, embedding: str, args: argparse.Namespace) -> np.ndarray:
+    """[N, d] embeddings computed in shares of whole batches by the processes of `accelerate launch`."""
+    def share(rows: list[int]) -> list[np.ndarray]:
+        return list(embed_images([images[i] for i in rows], [names[i] for i in rows], embedding, clip=args.clip,
+                                 sscd=args.sscd, batch_size=args.batch_size, device=args.device or str(process_device())))
+    return np.stack(across_processes(share, range(len(images)), unit=args.batch_size))
+
+
 def run(args: argparse.Namespace) -> int:
     root = Path(args.data)
     shards = shard_files(args.data)
@@ -115,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         _check_path(args.sscd, "sscd", "an SSCD TorchScript file")
     rows = load_rows(str(args.data), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
+    if embeddings is None and num_processes() > 1:  # accelerate launch: the processes embed shares of the rows
+        embeddings = embed_across_processes(rows.images, names, embedding, args)
+        if not is_main_process():
+            return 0
     report = dedup_report(
         rows.images,
         rows.captions,
