@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from trainer.measure import ann  # noqa: E402
-from trainer.measure.index import TrainingIndex, build_index, faiss_available  # noqa: E402
+from trainer.measure.index import TrainingIndex, faiss_available  # noqa: E402
+from trainer.measure.index_build import build_index  # noqa: E402
 
 try:
     import faiss

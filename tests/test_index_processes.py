@@ -1,4 +1,4 @@
-"""`memtrain index` across processes (trainer/measure/index_embed.py): 2 real processes (gloo, CPU, torchrun)
+"""`memtrain index` across processes (trainer/measure/index_build.py): 2 real processes (gloo, CPU, torchrun)
 write the 1-process index; a run after a crash embeds only the parts the crash left unwritten."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 
 import trainer
 from trainer.cli import main
-from trainer.measure import index as index_module
+from trainer.measure import index_build
 from trainer.measure.embedders import make_embedder
-from trainer.measure.index import TrainingIndex, build_index
-from trainer.measure.index_embed import parts_dir
+from trainer.measure.index import TrainingIndex
+from trainer.measure.index_build import build_index, parts_dir
 from trainer.training.launch import free_port
 
 
@@ -62,14 +62,14 @@ def test_a_run_after_a_crash_embeds_only_the_missing_parts(tmp_path, tiny_data, 
         return Counting()
 
     out = tmp_path / "idx"
-    monkeypatch.setattr(index_module, "make_embedder", lambda *a: counting(*a, crash_after=5))
+    monkeypatch.setattr(index_build, "make_embedder", lambda *a: counting(*a, crash_after=5))
     with pytest.raises(KeyboardInterrupt):
         build_index(str(tiny_data / "train"), str(out), part_rows=4, batch_size=2, progress=False)
     assert sorted(p.name for p in parts_dir(out).glob("part-*")) == ["part-000000.safetensors",
                                                                      "part-000001.safetensors"]
     assert not out.exists()
     embedded.clear()
-    monkeypatch.setattr(index_module, "make_embedder", counting)
+    monkeypatch.setattr(index_build, "make_embedder", counting)
     resumed = build_index(str(tiny_data / "train"), str(out), part_rows=4, batch_size=2, progress=False)
     assert sum(embedded) == 8  # parts 2 and 3 only
     assert not parts_dir(out).exists()
@@ -77,12 +77,12 @@ def test_a_run_after_a_crash_embeds_only_the_missing_parts(tmp_path, tiny_data, 
     assert torch.equal(resumed.embeddings, fresh.embeddings)
 
     # parts of another data set (or other settings) are not reused
-    monkeypatch.setattr(index_module, "make_embedder", lambda *a: counting(*a, crash_after=len(embedded) + 3))
+    monkeypatch.setattr(index_build, "make_embedder", lambda *a: counting(*a, crash_after=len(embedded) + 3))
     with pytest.raises(KeyboardInterrupt):
         build_index(str(tiny_data / "train"), str(tmp_path / "other"), part_rows=4, batch_size=2, progress=False,
                     resolution=8)
     embedded.clear()
-    monkeypatch.setattr(index_module, "make_embedder", counting)
+    monkeypatch.setattr(index_build, "make_embedder", counting)
     build_index(str(tiny_data / "train"), str(tmp_path / "other"), part_rows=4, batch_size=2, progress=False)
     assert sum(embedded) == 16
     assert json.loads((tmp_path / "other" / "index.json").read_text())["resolution"] == 32

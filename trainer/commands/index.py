@@ -12,9 +12,9 @@ from trainer.io import MemtrainError, check_not_inside
 from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
-from trainer.measure.index import DTYPES, build_index, index_summary
+from trainer.measure.index import DTYPES
+from trainer.measure.index_build import PART_ROWS, build_index, index_summary
 from trainer.measure.index_calibration import calibrate_index, image_sources
-from trainer.measure.index_embed import PART_ROWS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

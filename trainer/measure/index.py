@@ -1,5 +1,5 @@
-"""A nearest-neighbour index of the training images (`memtrain index DATA --out INDEX`): which training
-image is closest to this one, and how close, for replication checks and generation-time guidance
+"""A nearest-neighbour index of the training images (`memtrain index DATA --out INDEX`, built by
+`trainer.measure.index_build`): which training image is closest to this one, and how close, for replication checks and generation-time guidance
 (AMG: Chen et al., CVPR 2024, "Towards memorization-free diffusion models").
 
 Stores unit-norm embeddings (`trainer.measure.embedders`; safetensors, float16 by default) of the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from trainer.data import DECODE_ERRORS, decode_error, load_rows, open_image
-from trainer.data_shards import ShardImage, shard_files
-from trainer.io import MemtrainError, atomic_dir, check_output, write_json
+from trainer.data import load_rows
+from trainer.data_shards import ShardImage
+from trainer.io import MemtrainError, atomic_dir, write_json
 from trainer.measure import ann
 from trainer.measure.calibration import Calibration
-from trainer.measure.embedders import make_embedder
-from trainer.measure.index_embed import PART_ROWS, embed_rows, parts_dir, remove_parts
-from trainer.mitigate.dedup import caption_groups
 
 try:  # optional extra: memtrain[faiss]
     import faiss
@@ -52,7 +46,6 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
 ANN_FILE, ANN_HELD_FILE = "ann.faiss", "ann_heldout.safetensors"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats
 _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
 
 
@@ -343,48 +336,7 @@ def _load_ann(index: TrainingIndex, p: Path) -> None:
     ann.set_nprobe(index.ann_index, int((index.meta.get("ann") or {}).get("nprobe", 1)))
 
 
-# ---------------------------------------------------------------- building
-
-
-def _image_size(source, name: str) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
-    if isinstance(source, Image.Image):
-        return source.size
-    if isinstance(source, dict | ShardImage):  # a datasets image dict or a shard's sample: decode
-        return open_image(source, name).size
-    try:
-        with Image.open(source) as im:
-            return im.size
-    except FileNotFoundError:
-        raise MemtrainError(f"{name}: image file is missing") from None
-    except DECODE_ERRORS as e:
-        raise decode_error(name, e) from None
-
-
-def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) -> int:
-    first = None
-    for source, name in tqdm(
-        list(zip(images, names, strict=True)),
-        desc="image sizes",
-        unit="img",
-        disable=not progress,
-        leave=False,
-    ):
-        size = _image_size(source, name)
-        if first is None:
-            first = (size, name)
-        elif size != first[0]:
-            raise MemtrainError(
-                f"training images differ in size ({first[1]} is {first[0][0]}x{first[0][1]}, {name} is "
-                f"{size[0]}x{size[1]}); pass --resolution (the model's training resolution)"
-            )
-    (w, h), name = first
-    if w != h:
-        raise MemtrainError(
-            f"training images are {w}x{h}, not square; pass --resolution (the model's training "
-            "resolution: short side resized, centre crop)"
-        )
-    return w
+# ---------------------------------------------------------------- the data an index was built from
 
 
 def _size(source) -> int | None:
@@ -416,7 +368,7 @@ def fingerprint_of(data: str | Path, caption_column: str = "text", image_column:
     """`data_fingerprint` of a training set directory (the file names as `memtrain index` records them)."""
     rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
     root = Path(data)
-    return data_fingerprint(rows.images, [_file_name(s, root, i) for i, s in enumerate(rows.images)])
+    return data_fingerprint(rows.images, [row_file_name(s, root, i) for i, s in enumerate(rows.images)])
 
 
 def check_index_data(index: str | Path, data: str | Path) -> None:
@@ -441,7 +393,7 @@ def check_index_data(index: str | Path, data: str | Path) -> None:
                             f"rebuild it with `memtrain index {data} --out INDEX` or pass the matching --train-data")
 
 
-def _file_name(source, root: Path, row: int) -> str:
+def row_file_name(source, root: Path, row: int) -> str:
     """The image's path relative to the data directory, "SHARD-FILE-NAME:KEY" for a shard's sample, or "row i"
     for an image stored in a dataset."""
     if isinstance(source, ShardImage):
@@ -454,124 +406,3 @@ def _file_name(source, root: Path, row: int) -> str:
         except ValueError:
             return str(source)
     return f"row {row}"
-
-
-def build_index(
-    data: str,
-    out: str,
-    embedding: str = "pixels",
-    path: str | None = None,
-    resolution: int | None = None,
-    batch_size: int = 64,
-    dtype: torch.dtype = torch.float16,
-    caption_column: str = "text",
-    image_column: str = "image",
-    progress: bool = True,
-    device=None,
-    save: bool = True,
-    approx: str = "auto",
-    max_memory: str | int | None = None,
-    target_recall: float = ann.TARGET_RECALL,
-    part_rows: int = PART_ROWS,
-) -> TrainingIndex | None:
-    """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, webdataset tar or parquet
-    shards, or a `datasets` save_to_disk directory) at `resolution` and write the index to `out` (atomically).
-
-    Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
-    batch of images plus the [N, d] embedding matrix being built. Under `accelerate launch` the processes
-    embed shares of the rows (`index_embed`; finished parts survive a crash) and the main process writes
-    the index and returns it (None elsewhere). `approx` (`ann.wanted`: auto, exact, choose
-    or a faiss index_factory string) adds an approximate index chosen under `max_memory` and tuned to
-    `target_recall` recall@1 on a held sample."""
-    root = Path(data)
-    shards = shard_files(data)
-    if shards is not None and not root.is_dir():
-        root = shards[0].parent  # a pattern or one file: the folder of the shards
-    if not root.exists():
-        raise MemtrainError(
-            f"training data {data} does not exist; give an imagefolder directory "
-            "(metadata.jsonl or metadata.csv), webdataset / parquet shards or a `datasets` save_to_disk directory"
-        )
-    if not root.is_dir():
-        raise MemtrainError(
-            f"training data {data} is not a directory (want an imagefolder or a datasets directory)"
-        )
-    out_path = Path(out).resolve()
-    if out_path == root.resolve() or root.resolve() in out_path.parents or out_path in root.resolve().parents:
-        raise MemtrainError(f"--out {out} overlaps the training data {data}; write the index somewhere else")
-    check_output(out, "index", {"DATA": data, "--model": path})
-    if batch_size < 1:
-        raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
-    if part_rows < 1:
-        raise MemtrainError(f"--part-rows must be >= 1, got {part_rows}")
-    if dtype not in DTYPES.values():
-        raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
-    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
-                            f"embedded at), got {resolution}")
-    ann.check_options(approx, max_memory, target_recall)
-    embedder = make_embedder(embedding, path, device)
-
-    t0 = time.perf_counter()
-    rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
-    n = len(rows.images)
-    if n == 0:
-        raise MemtrainError(f"training data {data} has no images; nothing to index")
-    if resolution is None:
-        resolution = _default_resolution(rows.images, rows.names, progress)
-        if resolution > MAX_RESOLUTION:
-            raise MemtrainError(f"training images are {resolution}x{resolution}, above --resolution's "
-                                f"{MAX_RESOLUTION}; pass --resolution (the model's training resolution)")
-    file_names = [_file_name(s, root, i) for i, s in enumerate(rows.images)]
-    fingerprint = data_fingerprint(rows.images, file_names)
-    work = parts_dir(out)
-    key = dict(fingerprint=fingerprint, embedding=embedding, model=str(path), resolution=int(resolution),
-               dtype=str(dtype), batch_size=batch_size, part_rows=part_rows)
-    emb = embed_rows(rows, embedder, resolution, batch_size, dtype, out, key, f"index ({embedding})", progress,
-                     part_rows)
-    if emb is None:  # not the main process of `accelerate launch`: the main process writes the index
-        return None
-    seconds = time.perf_counter() - t0
-    groups = caption_groups(rows.captions)
-    index = TrainingIndex(
-        embeddings=emb,
-        captions=[c[0] for c in rows.captions],
-        file_names=file_names,
-        duplicate_caption_groups=groups["normalized"],
-        embedding=embedding,
-        resolution=int(resolution),
-        meta=dict(
-            data=str(data),
-            model=str(path) if path else None,
-            exact_caption_groups=len(groups["exact"]),
-            build_seconds=round(seconds, 3),
-            images_per_second=round(n / max(seconds, 1e-9), 1),
-            fingerprint=fingerprint,
-        ),
-    )
-    if ann.wanted(approx, n):
-        index.ann_index, index.meta["ann"], index.ann_held = ann.build_tuned(emb, approx, max_memory, target_recall,
-                                                                            progress=progress)
-    if save:  # False: the caller adds to it (e.g. a calibration) and saves it
-        index.save(out)
-    remove_parts(work)
-    return index
-
-
-def index_summary(index: TrainingIndex, out: str) -> dict:
-    dup_rows = sum(len(g) for g in index.duplicate_caption_groups)
-    return dict(
-        out=str(out),
-        images=len(index),
-        embedding=index.embedding,
-        dim=index.dim,
-        dtype=str(index.embeddings.dtype).removeprefix("torch."),
-        resolution=index.resolution,
-        duplicate_caption_groups=len(index.duplicate_caption_groups),
-        rows_with_duplicated_captions=dup_rows,
-        size_mb=round(index.embeddings.numel() * index.embeddings.element_size() / 2**20, 2),
-        build_seconds=index.meta.get("build_seconds"),
-        images_per_second=index.meta.get("images_per_second"),
-        search="exact" if index.ann_index is None else {k: index.meta["ann"].get(k) for k in (
-            "factory", "nprobe", "recall_at_1", "held_sample", "estimated_bytes", "build_seconds")},
-    )
