@@ -8,6 +8,7 @@ embedding matrix and the interpreter are already in the baseline).
 
     OMP_NUM_THREADS=1 python scripts/bench_dedup.py                 # 10k and 100k, dim 512
     OMP_NUM_THREADS=1 python scripts/bench_dedup.py --n 10000 --dim 198 --search semdedup
+    OMP_NUM_THREADS=1 python scripts/bench_dedup.py --n 1000000 10000000 --dim 128 --search index
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def one(n: int, dim: int, block: int, search: str, threads: int | None, seed: int) -> dict:
+def one(n: int, dim: int, block: int, search: str, threads: int | None, seed: int, probe: int = 2) -> dict:
     import numpy as np
     import torch
 
@@ -46,8 +47,12 @@ def one(n: int, dim: int, block: int, search: str, threads: int | None, seed: in
     expected_groups = len(np.unique(originals))
     before = rss_mb()
     t0 = time.perf_counter()
-    groups, pairs = near_duplicate_groups(emb, 0.95, search=search, block=block)
+    groups, pairs = near_duplicate_groups(emb, 0.95, search=search, block=block, probe=probe)
     seconds = time.perf_counter() - t0
+    label = np.full(n, -1)
+    for k, g in enumerate(groups):
+        label[g] = k
+    copies_found = float(np.mean((label[n - n_copies :] >= 0) & (label[n - n_copies :] == label[originals])))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     found_ok = len(groups) == expected_groups and sum(len(g) for g in groups) == expected_groups + n_copies
     return dict(
@@ -61,6 +66,8 @@ def one(n: int, dim: int, block: int, search: str, threads: int | None, seed: in
         expected_groups=expected_groups,
         linked_pairs=pairs,
         planted_found=found_ok,
+        copies_found=round(copies_found, 4),
+        probe=probe if search == "index" else None,
         rss_before_mb=round(before, 1),
         peak_rss_mb=round(peak, 1),
         search_overhead_mb=round(peak - before, 1),
@@ -73,19 +80,20 @@ def main() -> int:
     p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--block", type=int, default=4096)
-    p.add_argument("--search", choices=("exact", "semdedup"), default="exact")
+    p.add_argument("--search", choices=("exact", "semdedup", "index"), default="exact")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", type=int, default=2, help="--search index: inverted lists each vector is compared in")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(args.n[0], args.dim, args.block, args.search, args.threads, args.seed)))
+        print(json.dumps(one(args.n[0], args.dim, args.block, args.search, args.threads, args.seed, args.probe)))
         return 0
     print(
         f"{'n':>8} {'dim':>4} {'search':>8} {'thr':>3} {'time s':>8} {'groups':>7} {'ok':>3} "
-        f"{'peak MB':>8} {'emb MB':>7} {'search MB':>9}"
+        f"{'peak MB':>8} {'emb MB':>7} {'search MB':>9} {'copies found':>12}"
     )
     for n in args.n:
         cmd = [
@@ -102,6 +110,8 @@ def main() -> int:
             args.search,
             "--seed",
             str(args.seed),
+            "--probe",
+            str(args.probe),
         ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
@@ -111,7 +121,7 @@ def main() -> int:
         print(
             f"{r['n']:>8} {r['dim']:>4} {r['search']:>8} {r['threads']:>3} {r['seconds']:>8.2f} {r['groups']:>7} "
             f"{'yes' if r['planted_found'] else 'NO':>3} {r['peak_rss_mb']:>8.0f} {r['embeddings_mb']:>7.0f} "
-            f"{r['search_overhead_mb']:>9.0f}",
+            f"{r['search_overhead_mb']:>9.0f} {r['copies_found']:>12.4f}",
             flush=True,
         )
     return 0

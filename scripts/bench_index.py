@@ -9,12 +9,20 @@
    queries are noisy copies of index rows, so both backends must return those rows; the table says
    whether they agree. Each latency is the best of --repeats runs after one warm-up.
 
+3. approximate index (--ann-sizes): synthetic clustered unit vectors (--ann-dim, 10,000 centres, 1%
+   planted near copies) written as an index's embeddings.safetensors and memory-mapped back, then
+   `ann.build_tuned` under --max-memory: the factory chosen, build seconds, nprobe and recall@1 on the
+   held sample, recall@1 on 200 fresh queries (noisy copies of rows, cos ~0.9) against exact search, and
+   ms per single query approximate vs exact (torch over the memory map), with the peak RSS of the
+   subprocess each size runs in.
+
 Memory: the 1M case holds 1M x 512 float16 = 1 GB of embeddings (generated in chunks, never as one
 float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured; the float32
 variants (a 2 GB copy at 1M) only run up to --f32-max images (100k by default).
 
     OMP_NUM_THREADS=1 python scripts/bench_index.py                  # everything, one thread
     OMP_NUM_THREADS=1 python scripts/bench_index.py --sizes 10000 100000 --images 200
+    OMP_NUM_THREADS=1 python scripts/bench_index.py --ann-only --ann-sizes 1000000 10000000 --ann-dim 128
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import argparse
 import gc
 import json
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +44,11 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.measure.index import TrainingIndex, build_index, faiss_available  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from trainer.measure import ann  # noqa: E402
+from trainer.measure.index import TrainingIndex, faiss_available  # noqa: E402
+from trainer.measure.index_build import build_index  # noqa: E402
 
 try:
     import faiss
@@ -138,6 +152,63 @@ def bench_query(n: int, dim: int, batches: list[int], repeats: int, seed: int, f
     return [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
+def clustered_embeddings(n: int, dim: int, seed: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """[n, dim] float16 unit vectors around 10,000 centres (noise of norm 0.5: cos ~0.8 within a centre), the last 1% near copies
+    (cos ~0.98) of earlier rows: image embeddings' structure, unlike uniform random vectors."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(10_000, dim, generator=g), dim=1)
+    emb = torch.empty((n, dim), dtype=torch.float16)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        x = centres[torch.randint(10_000, (e - s,), generator=g)] + 0.5 * torch.randn(e - s, dim, generator=g) / dim**0.5
+        emb[s:e] = F.normalize(x, dim=1).half()
+    copies = n // 100
+    originals = torch.randint(n - copies, (copies,), generator=g)
+    noise = 0.2 / dim**0.5 * torch.randn(copies, dim, generator=g)
+    emb[n - copies :] = F.normalize(emb[originals].float() + noise, dim=1).half()
+    return emb
+
+
+def bench_ann(n: int, dim: int, max_memory: str, repeats: int, seed: int) -> dict:
+    """Build, tune and query an approximate index of n synthetic vectors (see the module docstring, 3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({"embeddings": clustered_embeddings(n, dim, seed)}, f"{tmp}/e.safetensors")
+        gc.collect()
+        emb = load_file(f"{tmp}/e.safetensors")["embeddings"]  # memory-mapped, as TrainingIndex.load
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        t0 = time.perf_counter()
+        index, record, held = ann.build_tuned(emb, "auto", max_memory, seed=seed)
+        total = time.perf_counter() - t0
+        g = torch.Generator().manual_seed(seed + 2)
+        targets = torch.randint(0, n, (200,), generator=g)
+        queries = F.normalize(emb[targets].float() + 0.5 / dim**0.5 * torch.randn(200, dim, generator=g), dim=1)
+        exact = TrainingIndex(emb, [""] * n, [""] * n, [], "synthetic", 0)
+        t1 = time.perf_counter()
+        truth = exact.search(queries, k=1, backend="torch", chunk=65536)[0][:, 0]
+        exact_ms = 1000 * (time.perf_counter() - t1) / 200
+        found = ann.search(index, emb, queries.numpy(), 1)[0][:, 0]
+        ann_ms = best_ms(lambda: ann.search(index, emb, queries[:1].numpy(), 1), repeats)
+        return dict(n=n, dim=dim, max_memory=max_memory, factory=record["factory"],
+                    estimated_gb=round(record["estimated_bytes"] / 2**30, 3), build_s=record["build_seconds"],
+                    tune_and_build_s=round(total, 1), nprobe=record["nprobe"], held_recall=record["recall_at_1"],
+                    recall_by_nprobe=record["recall_by_nprobe"],
+                    fresh_recall=round(float((found >= truth - 1e-4).float().mean()), 4),
+                    ann_ms=round(ann_ms, 3), exact_ms=round(exact_ms, 1),
+                    embeddings_gb=round(n * dim * 2 / 2**30, 2), rss_before_build_gb=round(rss_before, 2),
+                    peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+
+
+def run_ann_sizes(args) -> list[dict]:
+    rows = []
+    for n in args.ann_sizes:  # one subprocess a size: its peak RSS is its own
+        cmd = [sys.executable, __file__, "--ann-one", str(n), "--ann-dim", str(args.ann_dim), "--max-memory",
+               args.max_memory, "--threads", str(args.threads), "--seed", str(args.seed)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=300, help="synthetic training images for the build rate")
@@ -151,10 +222,21 @@ def main() -> None:
     ap.add_argument("--f32-max", type=int, default=100_000, help="also time a float32 copy up to this size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    ap.add_argument("--ann-sizes", type=int, nargs="*", default=[1_000_000], help="approximate index sizes")
+    ap.add_argument("--ann-dim", type=int, default=128)
+    ap.add_argument("--max-memory", default=ann.DEFAULT_MAX_MEMORY, help="--max-memory of the approximate index")
+    ap.add_argument("--ann-only", action="store_true", help="only the approximate index section")
+    ap.add_argument("--ann-one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)
+    if args.ann_one:
+        print(json.dumps(bench_ann(args.ann_one, args.ann_dim, args.max_memory, args.repeats, args.seed)))
+        return
+    if args.ann_only:
+        run_ann_sizes(args)
+        return
 
     build = bench_build(args.images, args.image_size, args.batch_size)
     print(
@@ -194,8 +276,9 @@ def main() -> None:
                 f"{y['torch16_ms'] / x['torch16_ms']:.1f}x the time"
                 + (f", faiss16 {y['faiss16_ms'] / x['faiss16_ms']:.1f}x" if "faiss16_ms" in x else "")
             )
+    approx = run_ann_sizes(args) if args.ann_sizes and faiss is not None else []
     if args.json:
-        print(json.dumps(dict(build=build, query=rows), indent=2))
+        print(json.dumps(dict(build=build, query=rows, approx=approx), indent=2))
 
 
 if __name__ == "__main__":

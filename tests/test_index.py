@@ -18,7 +18,8 @@ from trainer.io import MemtrainError
 from trainer.measure import index as index_module
 from trainer.measure.embedders import make_embedder
 from trainer.measure.features import embed_images, pixel_embedding
-from trainer.measure.index import TrainingIndex, build_index
+from trainer.measure.index import TrainingIndex
+from trainer.measure.index_build import build_index
 
 
 def as_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

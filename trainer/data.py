@@ -1,5 +1,5 @@
-"""Training data: image-caption rows from an imagefolder directory or a `datasets` dataset, the
-per-sample transforms, and a deterministic epoch sampler.
+"""Training data: image-caption rows from an imagefolder directory, webdataset tar shards or parquet files
+(`trainer.data_shards`) or a `datasets` dataset, the per-sample transforms, and a deterministic epoch sampler.
 
 Every random choice for a sample (crop, flip, which caption, caption randomization) comes from
 an RNG seeded by (seed, epoch, index), and the epoch order from (seed, epoch): a run is the same
@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from trainer.data_shards import ShardImage, read_shards, shard_files
 from trainer.io import MemtrainError, read_jsonl_objects
 from trainer.prompts import PromptRow
 
@@ -62,8 +63,16 @@ def load_rows(path: str, caption_column: str = "text", image_column: str = "imag
 
     A local directory with `metadata.jsonl`/`metadata.csv` is read as a diffusers imagefolder
     (`file_name` + caption column) by this function, so errors name the exact line; any other
-    local directory is `datasets.load_from_disk`, and a name is `datasets.load_dataset(name)`.
+    local directory is `datasets.load_from_disk`, and a name is `datasets.load_dataset(name)`. Webdataset
+    tar shards and parquet files with image bytes (a brace pattern, a glob, a file or a directory of them)
+    are read by `data_shards`: images stay in their shards until opened.
     """
+    shards = shard_files(path)
+    if shards is not None:
+        images, raw, names = read_shards(shards, caption_column, image_column, max_samples)
+        if not images:
+            raise MemtrainError(f"data.path {path}: the shards hold no samples")
+        return Rows(images, [_caption_list(c, n) for c, n in zip(raw, names, strict=True)], str(path), names)
     root = Path(path)
     if root.is_dir() and ((root / "metadata.jsonl").exists() or (root / "metadata.csv").exists()):
         meta, rows = _read_metadata(root)
@@ -137,6 +146,8 @@ def open_image(source, name: str) -> Image.Image:
     if isinstance(source, dict) and "path" in source:  # datasets Image(decode=False)
         source = io.BytesIO(source["bytes"]) if source.get("bytes") else source["path"]
     try:
+        if isinstance(source, ShardImage):
+            source = io.BytesIO(source.read())
         with Image.open(source) as im:
             return to_rgb(im)
     except FileNotFoundError:
@@ -151,7 +162,7 @@ def check_images(rows: Rows) -> None:
         if isinstance(source, Image.Image):
             continue
         try:
-            with Image.open(source) as im:
+            with Image.open(io.BytesIO(source.read()) if isinstance(source, ShardImage) else source) as im:
                 im.verify()
         except FileNotFoundError:
             raise MemtrainError(f"{name}: image file is missing") from None
@@ -203,12 +214,22 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "caption": self.caption_fn(self.rows.captions[index], rng), "index": index}
 
 
+def shard_ids(rows: Rows) -> torch.Tensor | None:
+    """[N] the shard of each row (numbered in order of first appearance), or None when no row lives in a shard."""
+    if not rows.images or not isinstance(rows.images[0], ShardImage):
+        return None
+    numbers: dict[str, int] = {}
+    return torch.tensor([numbers.setdefault(s.shard, len(numbers)) for s in rows.images])
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A permutation of the dataset drawn from (seed, epoch); with `weights`, a weighted draw with
-    replacement of the same length (used by the `reweight` de-duplication policy)."""
+    replacement of the same length (used by the `reweight` de-duplication policy). With `shards` (the
+    shard of each row, `shard_ids`), the draw is then ordered shard by shard, the shards in an order drawn
+    from (seed, epoch): a sharded set is read one shard at a time, each sample of an epoch still drawn once."""
 
-    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
-        self.n, self.seed, self.weights, self.epoch = n, seed, weights, 0
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None, shards: torch.Tensor | None = None):
+        self.n, self.seed, self.weights, self.shards, self.epoch = n, seed, weights, shards, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,6 +243,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        if self.shards is not None:
+            rank = torch.randperm(int(self.shards.max()) + 1, generator=g)
+            order = order[torch.sort(rank[self.shards[order]], stable=True).indices]
         return iter(order.tolist())
 
 

@@ -35,7 +35,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = ""  # imagefolder directory (metadata.jsonl / .csv), `datasets` save_to_disk dir, or hub name
+    path: str = ""  # imagefolder directory (metadata.jsonl / .csv), webdataset .tar / parquet shards (directory, file,
+    # glob or brace pattern), `datasets` save_to_disk dir, or hub name
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"  # a string or a list of strings per row

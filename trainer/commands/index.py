@@ -7,10 +7,13 @@ import argparse
 import json
 
 from trainer.core.components import check_device
+from trainer.core.distributed import num_processes, process_device
 from trainer.io import check_not_inside
+from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
-from trainer.measure.index import DTYPES, build_index, index_summary
+from trainer.measure.index import DTYPES
+from trainer.measure.index_build import PART_ROWS, build_index, index_summary
 from trainer.measure.index_calibration import calibrate_index, image_sources, load_vae
 
 
@@ -21,9 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Embed every training image of DATA (a diffusers imagefolder with metadata.jsonl/csv, or a "
         "`datasets` save_to_disk directory) at the model's resolution, streamed in batches, and write INDEX/"
         "embeddings.safetensors and INDEX/index.json (captions, file names, duplicate-caption groups). "
-        "Replication checks and generation-time guards search it.",
+        "Replication checks and generation-time guards search it. Under `accelerate launch -m trainer.cli index` the "
+        "processes embed shares of the rows; finished parts (.INDEX.parts next to INDEX) are reused after a crash.",
     )
-    p.add_argument("data", metavar="DATA", help="training data directory")
+    p.add_argument("data", metavar="DATA", help="training data: an imagefolder or datasets directory, or webdataset "
+                   "tar / parquet shards (a directory, a file or a brace pattern such as 'shards/{00000..00099}.tar')")
     p.add_argument(
         "--out", required=True, metavar="INDEX", help="index directory to write (replaced atomically)"
     )
@@ -62,6 +67,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(what a generation can at best be; one VAE encode + decode per image) and, with --heldout, the "
                    "held-out images go through it too and the share of stored training images the threshold flags "
                    "(recall, a lower bound) is recorded")
+    p.add_argument("--approx", default="auto", metavar="auto|exact|choose|FACTORY",
+                   help=f"approximate search (faiss): auto (default) builds one above {APPROX_MIN:,} images when faiss is "
+                   "installed; choose builds one whatever the size; exact never; or a faiss index_factory string such "
+                   "as IVF4096,PQ64x4fs")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help=f"memory budget of the approximate index in RAM, e.g. 16G (default {DEFAULT_MAX_MEMORY}); the "
+                   "most precise IVF index that fits is chosen (Flat, SQ8, then PQ)")
+    p.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+                   help=f"recall@1 against exact search, on a held sample, that sets nprobe (default {TARGET_RECALL})")
+    p.add_argument("--part-rows", type=int, default=PART_ROWS,
+                   help=f"rows a process embeds and saves at a time (default {PART_ROWS}): the work shared between "
+                   "the processes of accelerate launch, and what a run after a crash need not embed again")
     p.add_argument("--device", default=None, help="device for clip/sscd (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -74,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         image_sources(args.heldout, "--heldout")  # checked before anything is embedded
     check_not_inside(args.out, {**({"--heldout": args.heldout} if args.heldout else {}),
                                 **({"--vae": args.vae} if args.vae else {})})
+    if args.device is None and num_processes() > 1:  # accelerate launch: each process embeds on its own device
+        args.device = str(process_device())
     autoencoder = load_vae(args.vae, args.device) if args.vae is not None else None
     index = build_index(
         args.data,
@@ -88,9 +107,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
         save=args.heldout is None,
+        approx=args.approx,
+        max_memory=args.max_memory,
+        target_recall=args.target_recall,
+        part_rows=args.part_rows,
         vae=autoencoder,
         vae_path=args.vae,
     )
+    if index is None:  # another process of `accelerate launch` wrote it
+        return 0
     if args.heldout is not None:
         embedder = make_embedder(index.embedding, args.model, args.device)
         calibrate_index(index, args.heldout, embedder, args.fpr, args.vae, args.batch_size, not args.no_progress,

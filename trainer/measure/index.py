@@ -1,11 +1,12 @@
-"""A nearest-neighbour index of the training images (`memtrain index DATA --out INDEX`): which training
-image is closest to this one, and how close, for replication checks and generation-time guidance
+"""A nearest-neighbour index of the training images (`memtrain index DATA --out INDEX`, built by
+`trainer.measure.index_build`): which training image is closest to this one, and how close, for replication checks and generation-time guidance
 (AMG: Chen et al., CVPR 2024, "Towards memorization-free diffusion models").
 
 Stores unit-norm embeddings (`trainer.measure.embedders`; safetensors, float16 by default) of the
 training images at the index's resolution, each row's first caption and the duplicate-caption groups.
-Search is exact: chunked matrix products with a running top-k, or an exhaustive faiss index when
-faiss is installed (`backend="auto"`: large CPU indexes queried a few images at a time).
+Search is exact (chunked matrix products with a running top-k, or an exhaustive faiss index when faiss
+is installed: `backend="auto"`, large CPU indexes queried a few images at a time), or approximate when
+the index holds a faiss IVF index (`trainer.measure.ann`, `memtrain index --approx`), memory-mapped.
 """
 
 from __future__ import annotations
@@ -13,27 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from trainer.data import DECODE_ERRORS, decode_error, image_to_tensor, load_rows, open_image
-from trainer.io import MemtrainError, atomic_dir, check_output, write_json
+from trainer.data import load_rows
+from trainer.data_shards import ShardImage
+from trainer.io import MemtrainError, atomic_dir, write_json
+from trainer.measure import ann
 from trainer.measure.calibration import Calibration
-from trainer.measure.embedders import make_embedder
-from trainer.measure.groups import caption_groups
-from trainer.measure.replication import vae_roundtrip
 
 try:  # optional extra: memtrain[faiss]
     import faiss
@@ -48,8 +44,8 @@ CPU_CHUNK, DEVICE_CHUNK = 1024, 65536  # default rows per matrix product
 _MERGE_EVERY = 64  # chunks' top-k candidates are folded into one top-k this often
 EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.json"
+ANN_FILE, ANN_HELD_FILE = "ann.faiss", "ann_heldout.safetensors"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats
 _QUERY_BLOCK = 1024  # queries per matrix product: bounds the [queries, chunk] similarity block
 
 
@@ -74,6 +70,9 @@ class TrainingIndex:
     # `memtrain index --heldout`: {"copy": Calibration dict, "null_similarity": float, "heldout": dir, "vae": dir}
     calibration: dict = field(default_factory=dict)
     _faiss: Any = field(default=None, init=False, repr=False, compare=False)
+    # the approximate index (meta["ann"] describes it) and its held sample: {"ids", "sims", "nearest"}
+    ann_index: Any = field(default=None, repr=False, compare=False)
+    ann_held: dict = field(default_factory=dict, repr=False, compare=False)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
     _copy_ids: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -136,7 +135,8 @@ class TrainingIndex:
         """Exact top-k cosine neighbours: (similarities [M, k] float32, indices [M, k] int64), best first,
         on the queries' device. Queries are L2-normalised here; no gradient flows (re-score the winner
         with the embedder's output for that). `chunk`: index rows per matrix product (default 1024 on
-        CPU, 65536 on a GPU). backend: auto | torch | faiss."""
+        CPU, 65536 on a GPU). backend: auto (the approximate index when there is one) | torch | faiss |
+        ann (approximate: `ann.search`, exact similarities of its candidates)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise MemtrainError(
                 f"queries must be [M, {self.dim}] ({self.embedding} embeddings), got {list(queries.shape)}; "
@@ -149,12 +149,16 @@ class TrainingIndex:
             chunk = CPU_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         if chunk < 1:
             raise MemtrainError(f"chunk must be >= 1, got {chunk}")
-        if backend not in ("auto", "torch", "faiss"):
-            raise MemtrainError(f"unknown search backend {backend!r}; choose auto, torch or faiss")
+        if backend not in ("auto", "torch", "faiss", "ann"):
+            raise MemtrainError(f"unknown search backend {backend!r}; choose auto, torch, faiss or ann")
+        if backend == "ann" and self.ann_index is None:
+            raise MemtrainError("backend='ann' needs an approximate index: build it with `memtrain index --approx`")
         if backend == "faiss" and faiss is None:
             raise MemtrainError(
                 "backend='faiss' needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)"
             )
+        if backend == "auto" and self.ann_index is not None and self.device.type == "cpu":
+            backend = "ann"
         if backend == "auto":
             use_faiss = faiss is not None and self.device.type == "cpu" and n > FAISS_AUTO_MIN
             use_faiss = use_faiss and queries.shape[0] <= FAISS_AUTO_MAX_QUERIES
@@ -163,6 +167,9 @@ class TrainingIndex:
         q = F.normalize(queries.detach().float(), dim=1)
         if q.shape[0] == 0:
             return q.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=out_device)
+        if backend == "ann":
+            sims, idx = ann.search(self.ann_index, self.embeddings, q.cpu().numpy(), k)
+            return sims.to(out_device), idx.to(out_device)
         if backend == "faiss":
             sims, idx = self._faiss_index().search(q.cpu().numpy(), k)
             return torch.from_numpy(sims).to(out_device), torch.from_numpy(idx).to(out_device)
@@ -214,6 +221,9 @@ class TrainingIndex:
                 str(tmp / EMBEDDINGS_FILE),
                 metadata={"format": "pt"},
             )
+            if self.ann_index is not None:
+                ann.faiss.write_index(self.ann_index, str(tmp / ANN_FILE))
+                save_file({k: torch.from_numpy(np.asarray(v)) for k, v in self.ann_held.items()}, str(tmp / ANN_HELD_FILE))
             write_json(
                 dict(
                     version=INDEX_VERSION,
@@ -293,7 +303,7 @@ class TrainingIndex:
                 f"{emb_file}: embeddings {list(emb.shape)} {emb.dtype} do not match {meta_file} "
                 f"({info['count']} images); rebuild the index"
             )
-        return cls(
+        index = cls(
             emb,
             list(info["captions"]),
             list(info["file_names"]),
@@ -303,54 +313,36 @@ class TrainingIndex:
             dict(info.get("meta", {})),
             dict(info.get("calibration") or {}),
         )
+        if (p / ANN_FILE).exists():
+            _load_ann(index, p)
+        return index
 
 
-# ---------------------------------------------------------------- building
-
-
-def _image_size(source, name: str) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
-    if isinstance(source, Image.Image):
-        return source.size
-    if isinstance(source, dict):  # a datasets image dict: decode (rare path)
-        return open_image(source, name).size
+def _load_ann(index: TrainingIndex, p: Path) -> None:
+    """Memory-map the approximate index of `p` (its nprobe from index.json); without faiss, search stays exact."""
+    if ann.faiss is None:
+        print(f"memtrain: warning: {p} holds an approximate index ({ANN_FILE}) but faiss is not installed; searching "
+              "exactly (pip install faiss-cpu for the approximate search)", file=sys.stderr)
+        return
     try:
-        with Image.open(source) as im:
-            return im.size
-    except FileNotFoundError:
-        raise MemtrainError(f"{name}: image file is missing") from None
-    except DECODE_ERRORS as e:
-        raise decode_error(name, e) from None
+        index.ann_index = ann.faiss.read_index(str(p / ANN_FILE), ann.faiss.IO_FLAG_MMAP | ann.faiss.IO_FLAG_READ_ONLY)
+        held = load_file(str(p / ANN_HELD_FILE))
+    except (RuntimeError, SafetensorError, OSError) as e:
+        raise MemtrainError(f"{p / ANN_FILE}: cannot read the approximate index ({e}); rebuild the index") from None
+    index.ann_held = {k: v.numpy() for k, v in held.items()}
+    if index.ann_index.ntotal != len(index) or index.ann_index.d != index.dim:
+        raise MemtrainError(f"{p / ANN_FILE} holds {index.ann_index.ntotal} x {index.ann_index.d} vectors, "
+                            f"the index {len(index)} x {index.dim}; rebuild the index")
+    ann.set_nprobe(index.ann_index, int((index.meta.get("ann") or {}).get("nprobe", 1)))
 
 
-def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) -> int:
-    first = None
-    for source, name in tqdm(
-        list(zip(images, names, strict=True)),
-        desc="image sizes",
-        unit="img",
-        disable=not progress,
-        leave=False,
-    ):
-        size = _image_size(source, name)
-        if first is None:
-            first = (size, name)
-        elif size != first[0]:
-            raise MemtrainError(
-                f"training images differ in size ({first[1]} is {first[0][0]}x{first[0][1]}, {name} is "
-                f"{size[0]}x{size[1]}); pass --resolution (the model's training resolution)"
-            )
-    (w, h), name = first
-    if w != h:
-        raise MemtrainError(
-            f"training images are {w}x{h}, not square; pass --resolution (the model's training "
-            "resolution: short side resized, centre crop)"
-        )
-    return w
+# ---------------------------------------------------------------- the data an index was built from
 
 
 def _size(source) -> int | None:
     """Bytes of a row's image: the file's size, or the stored bytes of a datasets row (None when unknown)."""
+    if isinstance(source, ShardImage):
+        return getattr(source, "size", None)
     if isinstance(source, dict):
         if source.get("bytes"):
             return len(source["bytes"])
@@ -376,7 +368,7 @@ def fingerprint_of(data: str | Path, caption_column: str = "text", image_column:
     """`data_fingerprint` of a training set directory (the file names as `memtrain index` records them)."""
     rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
     root = Path(data)
-    return data_fingerprint(rows.images, [_file_name(s, root, i) for i, s in enumerate(rows.images)])
+    return data_fingerprint(rows.images, [row_file_name(s, root, i) for i, s in enumerate(rows.images)])
 
 
 def check_index_data(index: str | Path, data: str | Path) -> None:
@@ -401,8 +393,11 @@ def check_index_data(index: str | Path, data: str | Path) -> None:
                             f"rebuild it with `memtrain index {data} --out INDEX` or pass the matching --train-data")
 
 
-def _file_name(source, root: Path, row: int) -> str:
-    """The image's path relative to the data directory, or "row i" for an image stored in a dataset."""
+def row_file_name(source, root: Path, row: int) -> str:
+    """The image's path relative to the data directory, "SHARD-FILE-NAME:KEY" for a shard's sample, or "row i"
+    for an image stored in a dataset."""
+    if isinstance(source, ShardImage):
+        return f"{Path(source.shard).name}:{source.key}"
     if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
         source = source["path"]
     if isinstance(source, str | Path):
@@ -411,116 +406,3 @@ def _file_name(source, root: Path, row: int) -> str:
         except ValueError:
             return str(source)
     return f"row {row}"
-
-
-def build_index(
-    data: str,
-    out: str,
-    embedding: str = "pixels",
-    path: str | None = None,
-    resolution: int | None = None,
-    batch_size: int = 64,
-    dtype: torch.dtype = torch.float16,
-    caption_column: str = "text",
-    image_column: str = "image",
-    progress: bool = True,
-    device=None,
-    save: bool = True,
-    vae=None,
-    vae_path: str | None = None,
-) -> TrainingIndex:
-    """Embed every training image of `data` (imagefolder with metadata.jsonl/csv, or a `datasets`
-    save_to_disk directory) at `resolution` and write the index to `out` (atomically).
-
-    With `vae` (the model's AutoencoderKL, from `vae_path`), each image is embedded as the VAE reproduces
-    it (`vae_roundtrip`): what a generation can at best be, as the copy verdict's references are.
-    Images are opened, resized and embedded `batch_size` at a time and then dropped: memory holds one
-    batch of images plus the [N, d] embedding matrix being built."""
-    root = Path(data)
-    if not root.exists():
-        raise MemtrainError(
-            f"training data {data} does not exist; give an imagefolder directory "
-            "(metadata.jsonl or metadata.csv) or a `datasets` save_to_disk directory"
-        )
-    if not root.is_dir():
-        raise MemtrainError(
-            f"training data {data} is not a directory (want an imagefolder or a datasets directory)"
-        )
-    out_path = Path(out).resolve()
-    if out_path == root.resolve() or root.resolve() in out_path.parents or out_path in root.resolve().parents:
-        raise MemtrainError(f"--out {out} overlaps the training data {data}; write the index somewhere else")
-    check_output(out, "index", {"DATA": data, "--model": path})
-    if batch_size < 1:
-        raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
-    if dtype not in DTYPES.values():
-        raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
-    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
-                            f"embedded at), got {resolution}")
-    embedder = make_embedder(embedding, path, device)
-
-    t0 = time.perf_counter()
-    rows = load_rows(str(root), caption_column=caption_column, image_column=image_column)
-    n = len(rows.images)
-    if n == 0:
-        raise MemtrainError(f"training data {data} has no images; nothing to index")
-    if resolution is None:
-        resolution = _default_resolution(rows.images, rows.names, progress)
-        if resolution > MAX_RESOLUTION:
-            raise MemtrainError(f"training images are {resolution}x{resolution}, above --resolution's "
-                                f"{MAX_RESOLUTION}; pass --resolution (the model's training resolution)")
-    emb = torch.empty((n, embedder.dim), dtype=dtype)
-    with torch.no_grad(), tqdm(total=n, desc=f"index ({embedding})", unit="img", disable=not progress) as bar:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            batch = torch.stack(
-                [
-                    image_to_tensor(open_image(rows.images[i], rows.names[i]), resolution, True, False, None)
-                    for i in range(start, stop)
-                ]
-            )
-            batch = (batch + 1.0) / 2.0
-            if vae is not None:
-                batch = vae_roundtrip(SimpleNamespace(vae=vae), batch, batch_size)
-            emb[start:stop] = embedder(batch).to(device="cpu", dtype=dtype)
-            bar.update(stop - start)
-    seconds = time.perf_counter() - t0
-    groups = caption_groups(rows.captions)
-    file_names = [_file_name(s, root, i) for i, s in enumerate(rows.images)]
-    index = TrainingIndex(
-        embeddings=emb,
-        captions=[c[0] for c in rows.captions],
-        file_names=file_names,
-        duplicate_caption_groups=groups["normalized"],
-        embedding=embedding,
-        resolution=int(resolution),
-        meta=dict(
-            data=str(root),
-            model=str(path) if path else None,
-            references=f"through the VAE of {vae_path}" if vae is not None else "as stored",
-            exact_caption_groups=len(groups["exact"]),
-            build_seconds=round(seconds, 3),
-            images_per_second=round(n / max(seconds, 1e-9), 1),
-            fingerprint=data_fingerprint(rows.images, file_names),
-        ),
-    )
-    if save:  # False: the caller adds to it (e.g. a calibration) and saves it
-        index.save(out)
-    return index
-
-
-def index_summary(index: TrainingIndex, out: str) -> dict:
-    dup_rows = sum(len(g) for g in index.duplicate_caption_groups)
-    return dict(
-        out=str(out),
-        images=len(index),
-        embedding=index.embedding,
-        dim=index.dim,
-        dtype=str(index.embeddings.dtype).removeprefix("torch."),
-        resolution=index.resolution,
-        duplicate_caption_groups=len(index.duplicate_caption_groups),
-        rows_with_duplicated_captions=dup_rows,
-        size_mb=round(index.embeddings.numel() * index.embeddings.element_size() / 2**20, 2),
-        build_seconds=index.meta.get("build_seconds"),
-        images_per_second=index.meta.get("images_per_second"),
-    )

@@ -4,7 +4,8 @@ and the `drop` / `reweight` training policies.
 Implements image de-duplication by embedding cosine similarity and connected components (Webster et
 al., arXiv 2023, "On the de-duplication of LAION-2B"), SemDeDup's within-cluster search (Abbas et al.,
 arXiv 2023, "SemDeDup: Data-efficient learning at web-scale through semantic deduplication") and
-caption-duplicate grouping (Chen et al., CVPR 2024, "Towards memorization-free diffusion models":
+the same within-cluster search over the inverted lists of a faiss index (each image in its `probe`
+nearest lists, so memory is bounded by a list, not by N^2), caption-duplicate grouping (Chen et al., CVPR 2024, "Towards memorization-free diffusion models":
 duplicated captions act as keys to duplicated images). Embeddings (`pixels`, `phash`, `clip`,
 `sscd`), thresholds and policies: docs/methods.md.
 """
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from trainer.data import Rows
 from trainer.io import MemtrainError
+from trainer.measure import ann
 from trainer.measure.features import default_names, embed_images
 from trainer.measure.groups import caption_groups, components, groups_from_labels, normalize_caption
 
@@ -79,6 +81,47 @@ def _exact_links(emb: torch.Tensor, threshold: float, block: int, progress: bool
     return np.concatenate(ii), np.concatenate(jj), n_pairs
 
 
+def _list_links(emb: torch.Tensor, lists: Sequence[np.ndarray], threshold: float, block: int, progress: bool):
+    """Linked pairs within each list of rows (SemDeDup's clusters, an IVF index's inverted lists): (i, j, count)."""
+    ii, jj = [], []
+    for members in tqdm(lists, desc="lists", disable=not progress, unit="list"):
+        if len(members) < 2:
+            continue
+        members = np.sort(members)
+        rows = emb[torch.from_numpy(members)].float()
+        mi, mj, _ = _exact_links(torch.nn.functional.normalize(rows, dim=1), threshold, block, False, "")
+        ii.append(members[mi])
+        jj.append(members[mj])
+    if not ii:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    pairs = np.unique(np.stack([np.concatenate(ii), np.concatenate(jj)], axis=1), axis=0)  # a pair in two lists
+    return pairs[:, 0], pairs[:, 1], len(pairs)
+
+
+def ivf_lists(emb: torch.Tensor, lists: int | None = None, probe: int = 2, seed: int = 0, quantizer=None,
+              progress: bool = False) -> list[np.ndarray]:
+    """Rows of each inverted list: every row goes to its `probe` nearest centroids, those of `quantizer` (a
+    faiss IVF index's coarse quantizer) or of faiss k-means with `lists` centroids (default `ann.n_lists`)."""
+    if ann.faiss is None:
+        raise MemtrainError("--search index needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)")
+    n, d = emb.shape
+    if quantizer is None:
+        k = min(n, lists or ann.n_lists(n))
+        sample = np.sort(np.random.default_rng(seed).choice(n, min(n, 64 * k), replace=False))
+        kmeans = ann.faiss.Kmeans(d, k, niter=10, seed=seed, spherical=True)
+        kmeans.train(np.ascontiguousarray(emb[torch.from_numpy(sample)].float().numpy()))
+        quantizer = kmeans.index
+    probe = min(probe, quantizer.ntotal)
+    assign = np.empty((n, probe), dtype=np.int64)
+    for start in tqdm(range(0, n, 65536), desc="assign", disable=not progress, leave=False):
+        rows = np.ascontiguousarray(torch.nn.functional.normalize(emb[start : start + 65536].float(), dim=1).numpy())
+        assign[start : start + len(rows)] = quantizer.search(rows, probe)[1]
+    flat = assign.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    bounds = np.flatnonzero(np.diff(flat[order])) + 1
+    return [order_part // probe for order_part in np.split(order, bounds)]
+
+
 def near_duplicate_groups(
     embeddings: np.ndarray | torch.Tensor,
     threshold: float = DEFAULT_THRESHOLD,
@@ -87,20 +130,27 @@ def near_duplicate_groups(
     clusters: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    probe: int = 2,
+    quantizer=None,
 ) -> tuple[list[list[int]], int]:
     """Groups (connected components of cos >= threshold, size >= 2, members ascending; largest group
-    first) and the number of linked pairs. Rows are L2-normalised here."""
+    first) and the number of linked pairs. Rows are L2-normalised here. search: exact (all pairs, in
+    blocks), semdedup (pairs within k-means clusters) or index (pairs within the inverted lists of
+    `ivf_lists`, each row in its `probe` nearest; `clusters` lists, or those of `quantizer`)."""
     if not -1.0 <= threshold <= 1.0:
         raise MemtrainError(f"--threshold must be a cosine similarity in [-1, 1], got {threshold}")
-    if search not in ("exact", "semdedup"):
-        raise MemtrainError(f"unknown search {search!r}; choose exact or semdedup")
-    emb = torch.as_tensor(
-        np.asarray(embeddings, dtype=np.float32) if not torch.is_tensor(embeddings) else embeddings
-    )
-    emb = torch.nn.functional.normalize(emb.float().reshape(len(emb), -1), dim=1).contiguous()
+    if search not in ("exact", "semdedup", "index"):
+        raise MemtrainError(f"unknown search {search!r}; choose exact, semdedup or index")
+    emb = embeddings if torch.is_tensor(embeddings) else torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    emb = emb.reshape(len(emb), -1)
     n = emb.shape[0]
     if n < 2:
         return [], 0
+    if search == "index":  # rows are normalised list by list: the [N, d] matrix may be a memory map
+        i, j, n_pairs = _list_links(emb, ivf_lists(emb, clusters, probe, seed, quantizer, progress), threshold,
+                                    block, progress)
+        return (groups_from_labels(components(n, i, j)) if len(i) else []), n_pairs
+    emb = torch.nn.functional.normalize(emb.float(), dim=1).contiguous()
     if search == "exact":
         i, j, n_pairs = _exact_links(emb, threshold, block, progress, "pairs")
     else:
@@ -109,16 +159,7 @@ def near_duplicate_groups(
         assign = km.fit_predict(emb.numpy())
         order = np.argsort(assign, kind="stable")
         bounds = np.flatnonzero(np.diff(assign[order])) + 1
-        ii, jj, n_pairs = [], [], 0
-        for members in tqdm(np.split(order, bounds), desc="clusters", disable=not progress):
-            if len(members) < 2:
-                continue
-            mi, mj, p = _exact_links(emb[torch.from_numpy(members)], threshold, block, False, "")
-            ii.append(members[mi])
-            jj.append(members[mj])
-            n_pairs += p
-        i = np.concatenate(ii) if ii else np.zeros(0, np.int64)
-        j = np.concatenate(jj) if jj else np.zeros(0, np.int64)
+        i, j, n_pairs = _list_links(emb, np.split(order, bounds), threshold, block, progress)
     if not len(i):
         return [], n_pairs
     return groups_from_labels(components(n, i, j)), n_pairs
@@ -215,6 +256,8 @@ def dedup_report(
     device: str | None = None,
     max_examples: int = 5,
     progress: bool = True,
+    probe: int = 2,
+    quantizer=None,
 ) -> dict[str, Any]:
     """Image near-duplicate groups and caption duplicate groups, with sizes, similarities and examples.
 
@@ -239,11 +282,9 @@ def dedup_report(
         )
     t1 = time.perf_counter()
     groups, n_pairs = near_duplicate_groups(
-        embeddings, threshold, search=search, clusters=clusters, progress=progress
+        embeddings, threshold, search=search, clusters=clusters, progress=progress, probe=probe, quantizer=quantizer
     )
     t2 = time.perf_counter()
-    emb = np.asarray(embeddings, dtype=np.float32)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def caption_of(i: int):
         if captions is None:
@@ -252,7 +293,9 @@ def dedup_report(
 
     image_groups = []
     for g in groups:
-        sims = emb[g] @ emb[g[0]]
+        rows = torch.as_tensor(np.asarray(embeddings[g], dtype=np.float32)).reshape(len(g), -1)
+        rows = torch.nn.functional.normalize(rows, dim=1).numpy()
+        sims = rows @ rows[0]
         image_groups.append(
             dict(
                 size=len(g),

@@ -109,7 +109,7 @@ def train(recipe: TrainRecipe) -> dict:
     caption_fn, rows, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
     dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
                                            seed=opt.seed, caption_fn=caption_fn)
-    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights)
+    sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights, data_lib.shard_ids(rows))
     monitor = None
     if recipe.monitor.every_steps:
         monitor = Monitor.from_recipe(recipe, rows, resolution)
