@@ -20,6 +20,7 @@ PACKAGE = Path(trainer.__file__).parent
 LAYERS = [
     ("__init__", "io"),
     ("prompts", "tracking", "config"),
+    ("data_shards",),
     ("data",),
     ("plots",),
     ("core",),

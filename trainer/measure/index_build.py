@@ -163,6 +163,18 @@ def _default_resolution(images: Sequence, names: Sequence[str], progress: bool) 
     return w
 
 
+def _check_build_options(batch_size: int, part_rows: int, dtype: torch.dtype, resolution: int | None) -> None:
+    if batch_size < 1:
+        raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
+    if part_rows < 1:
+        raise MemtrainError(f"--part-rows must be >= 1, got {part_rows}")
+    if dtype not in DTYPES.values():
+        raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
+    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
+                            f"embedded at), got {resolution}")
+
+
 def build_index(
     data: str,
     out: str,
@@ -211,15 +223,7 @@ def build_index(
     if out_path == root.resolve() or root.resolve() in out_path.parents or out_path in root.resolve().parents:
         raise MemtrainError(f"--out {out} overlaps the training data {data}; write the index somewhere else")
     check_output(out, "index", {"DATA": data, "--model": path})
-    if batch_size < 1:
-        raise MemtrainError(f"--batch-size must be >= 1, got {batch_size}")
-    if part_rows < 1:
-        raise MemtrainError(f"--part-rows must be >= 1, got {part_rows}")
-    if dtype not in DTYPES.values():
-        raise MemtrainError(f"--dtype must be float16 or float32, got {dtype}")
-    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        raise MemtrainError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] (the side images are "
-                            f"embedded at), got {resolution}")
+    _check_build_options(batch_size, part_rows, dtype, resolution)
     ann.check_options(approx, max_memory, target_recall)
     embedder = make_embedder(embedding, path, device)
 

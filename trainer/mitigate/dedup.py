@@ -241,6 +241,16 @@ def exposure(rows, policy: str, samples: int, threshold: float = DEFAULT_THRESHO
 # ---------------------------------------------------------------- report
 
 
+def _image_group(g: list[int], embeddings, names: list[str], caption_of, max_examples: int) -> dict:
+    """One near-duplicate group: its members, the least similar member's cosine to the first, examples."""
+    rows = torch.as_tensor(np.asarray(embeddings[g], dtype=np.float32)).reshape(len(g), -1)
+    rows = torch.nn.functional.normalize(rows, dim=1).numpy()
+    sims = rows @ rows[0]
+    return dict(size=len(g), representative=g[0], members=g,
+                min_similarity_to_representative=round(float(sims[1:].min()), 4),
+                examples=[dict(index=i, name=names[i], caption=caption_of(i)) for i in g[:max_examples]])
+
+
 def dedup_report(
     images_or_paths: Sequence,
     captions: Sequence[str | Sequence[str]] | None = None,
@@ -291,20 +301,7 @@ def dedup_report(
             return None
         return captions[i] if isinstance(captions[i], str) else list(captions[i])
 
-    image_groups = []
-    for g in groups:
-        rows = torch.as_tensor(np.asarray(embeddings[g], dtype=np.float32)).reshape(len(g), -1)
-        rows = torch.nn.functional.normalize(rows, dim=1).numpy()
-        sims = rows @ rows[0]
-        image_groups.append(
-            dict(
-                size=len(g),
-                representative=g[0],
-                members=g,
-                min_similarity_to_representative=round(float(sims[1:].min()), 4),
-                examples=[dict(index=i, name=names[i], caption=caption_of(i)) for i in g[:max_examples]],
-            )
-        )
+    image_groups = [_image_group(g, embeddings, names, caption_of, max_examples) for g in groups]
     in_groups = sum(len(g) for g in groups)
     report: dict[str, Any] = dict(
         n=n,
