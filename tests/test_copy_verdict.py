@@ -16,14 +16,8 @@ from trainer.cli import main
 from trainer.core.components import load_pipeline
 from trainer.measure.calibration import Calibration, calibrate
 from trainer.measure.embedders import make_embedder
-from trainer.measure.replication import (
-    GRADIENT_METRIC,
-    L2_METRIC,
-    RATIO_METRIC,
-    replication_metrics,
-    vae_roundtrip,
-    verdict_scores,
-)
+from trainer.measure.replication import replication_metrics, vae_roundtrip
+from trainer.measure.verdict import GRADIENT_METRIC, L2_METRIC, RATIO_METRIC, verdict_scores
 from trainer.report.evaluate import grid_picks
 from trainer.report.sections import detector_verdict, replication_verdict
 from trainer.toy import world as toy_world

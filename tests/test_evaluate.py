@@ -19,7 +19,7 @@ from trainer.core.components import load_pipeline
 from trainer.io import MANIFEST, MemtrainError
 from trainer.measure import features as F
 from trainer.measure.metrics import auroc, tpr_at_fpr
-from trainer.measure.replication import GRADIENT_METRIC
+from trainer.measure.verdict import GRADIENT_METRIC
 from trainer.report import evaluate as E
 from trainer.sample.generate import generate_images
 from trainer.toy import world as toy_world

@@ -15,14 +15,8 @@ from trainer.config import load_recipe
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import (
-    GRADIENT_METRIC,
-    L2_METRIC,
-    replication_metrics,
-    unique_images,
-    vae_roundtrip,
-    verdict_scores,
-)
+from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
+from trainer.measure.verdict import GRADIENT_METRIC, L2_METRIC, verdict_scores
 from trainer.prompts import read_labelled_prompts
 from trainer.recipe import TrainRecipe
 from trainer.report.sections import replication_verdict

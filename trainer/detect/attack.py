@@ -24,7 +24,8 @@ from trainer.core.unet_core import (
 )
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import GU_RATIO, RATIO_THRESHOLD, replication_metrics, verdict_scores
+from trainer.measure.replication import RATIO_THRESHOLD, replication_metrics
+from trainer.measure.verdict import GU_RATIO, verdict_scores
 from trainer.sample.generate import generate_images
 
 ATTACKERS = ("noise", "image")
@@ -281,7 +282,7 @@ def attack_section(
     `images` [P, 3, H, W]: each prompt's memorized training image (None skips the "image" attacker);
     `references`: the deduplicated training images replication is measured against, by the report's copy
     verdict `calibration` (default Gu et al.'s NN1/NN2 ratio < 1/3; `sscd_model` for an SSCD verdict;
-    `trainer.measure.replication.verdict_scores`). Replication of the plain prompt does not depend on eps
+    `trainer.measure.verdict.verdict_scores`). Replication of the plain prompt does not depend on eps
     and is measured once. `steps` is the attack budget, `sample_steps` the DDIM steps of the
     generations (n per prompt, seeds seed + j as `memtrain generate`).
     """

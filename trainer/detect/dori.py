@@ -22,7 +22,8 @@ from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, en
 from trainer.detect.attack import check_target_images, generate_from_embeddings
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import GU_RATIO, replication_metrics, verdict_scores
+from trainer.measure.replication import replication_metrics
+from trainer.measure.verdict import GU_RATIO, verdict_scores
 
 DORI_STEPS = 50  # the paper's budget
 DORI_LR = 0.1  # Adam

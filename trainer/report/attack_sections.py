@@ -19,7 +19,7 @@ from trainer.detect.attack import attack_section
 from trainer.detect.dori import dori_section
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import GU_RATIO
+from trainer.measure.verdict import GU_RATIO
 from trainer.report.render import fmt
 from trainer.report.run import EvalRun
 

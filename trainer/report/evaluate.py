@@ -27,7 +27,7 @@ from trainer.measure.calibration import Calibration, check_fpr
 from trainer.measure.features import choose_quality_feature, load_clip_scorer, load_sscd
 from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
-from trainer.measure.replication import check_criterion, verdict_key
+from trainer.measure.verdict import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
 from trainer.report.attack_sections import attack_lines, parse_attacks, parse_eps, run_attack
 from trainer.report.guard_sections import check_extras, guard_lines, index_and_embedder, run_guard

@@ -29,12 +29,8 @@ from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration, uncalibrated
 from trainer.measure.embedders import ImageEmbedder, make_embedder
 from trainer.measure.index import TrainingIndex
-from trainer.measure.replication import (
-    GU_RATIO,
-    SSCD_THRESHOLD,
-    summarize_replication,
-    verdict_scores,
-)
+from trainer.measure.replication import SSCD_THRESHOLD, summarize_replication
+from trainer.measure.verdict import GU_RATIO, verdict_scores
 from trainer.report.render import fmt
 from trainer.report.run import EvalRun
 from trainer.report.sections import general_scenario

@@ -28,17 +28,15 @@ from trainer.io import MemtrainError
 from trainer.measure.calibration import DEFAULT_FPR, Calibration, calibrate
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.metrics import auroc, tpr_at_fpr
-from trainer.measure.replication import (
+from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
+from trainer.measure.verdict import (
     CRITERIA,
     GRADIENT_METRIC,
     GU_RATIO,
     SSCD_METRIC,
     calibrate_replication,
     check_criterion,
-    replication_metrics,
     replication_stats,
-    unique_images,
-    vae_roundtrip,
 )
 from trainer.prompts import PromptRow, check_labels, group_name
 
