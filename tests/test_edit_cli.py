@@ -310,7 +310,8 @@ def test_edit_md_leads_with_a_verdict_per_target_and_the_attacks(tiny_model, tin
     attacked = [r for t, r in rows.items() if t.startswith("named prompts stay removed under")]
     assert len(attacked) == 3  # DoRI and the bounded attack's two attackers
     for r in attacked:
-        assert r["status"] == ("holds" if r["after"] <= 0.05 else "re-triggered")
+        assert r["status"] == ("holds" if r["after"] <= 0.05 else "re-triggered" if removed["after"] <= 0.05
+                               else "still copies")
     quality = ev["quality_verdict"]
     spread = ev["seed_spread"]
     assert spread["seeds"] == 2 and spread["l2"] > 0

@@ -140,7 +140,8 @@ def quality_verdict(ev: dict) -> dict:
 
 def edit_verdict(ev: dict, target: float = TARGET) -> list[dict]:
     """The verdict per target of issue 25, from `evaluate_edit`'s result: named prompts removed (replication
-    <= target), not re-triggered by each attack (<= target), the unnamed memorized prompts reduced, general
+    <= target), still removed under each attack (<= target; "re-triggered" when the plain prompt is removed but
+    the attack copies, "still copies" when neither is), the unnamed memorized prompts reduced, general
     quality kept within the seed-to-seed spread. Rows {"target", "status", "before", "after", "detail"}."""
     rows = []
     b, a = ev["before"], ev["after"]
@@ -151,7 +152,9 @@ def edit_verdict(ev: dict, target: float = TARGET) -> list[dict]:
                  ("removed" if named_a <= target else "not removed"), "detail": "plain prompt"})
     for key, att in a.get("attacks", {}).items():
         before = b.get("attacks", {}).get(key, {}).get("named")
-        status = "unknown" if att["named"] is None else ("holds" if att["named"] <= target else "re-triggered")
+        # "re-triggered": the attack brings back what the plain prompt no longer shows
+        status = ("unknown" if att["named"] is None else "holds" if att["named"] <= target else
+                  "re-triggered" if named_a is not None and named_a <= target else "still copies")
         rows.append({"target": f"named prompts stay removed under {att['label']}", "before": before,
                      "after": att["named"], "status": status, "detail": f"unnamed after: {_pct(att['unnamed'])}"})
     un_b = b["replication"].get("unnamed", {}).get("fraction_replicated")
