@@ -275,7 +275,7 @@ def test_neurons_names_skipped_prompts_on_the_console_and_in_edit_md(tiny_model,
     report = json.loads((out / "edit.json").read_text())
     assert report["skipped"] and set(report["skipped"]) <= {MEMORIZED, "small purple diamond"}
     md = (out / "edit.md").read_text()
-    assert f"{len(report['skipped'])} memorized prompts: nothing was removed for them." in md
+    assert f"Memorized prompts skipped by the edit: {len(report['skipped'])} (nothing was removed for them)." in md
     assert md.index("## Skipped") < md.index("## Parameters")  # before the details
     for prompt, why in report["skipped"].items():
         assert "not memorized" in why

@@ -417,7 +417,8 @@ def edit_skipped_lines(report: dict) -> list[str]:
         return ["Nothing was skipped.", ""]
     lines = ["## Skipped", ""]
     if skipped:
-        lines += [f"{len(skipped)} memorized prompts: nothing was removed for them.", "", "| prompt | why |",
+        lines += [f"Memorized prompts skipped by the edit: {len(skipped)} (nothing was removed for them).", "",
+                  "| prompt | why |",
                   "|---|---|", *[f"| {_cell(prompt)} | {_cell(why)} |" for prompt, why in skipped.items()], ""]
     if notes:
         lines += ["In the evaluation:", "", *[f"- {n}" for n in notes], ""]
