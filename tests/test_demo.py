@@ -125,3 +125,33 @@ def test_amg_guard_stops_the_duplicated_prompts_replicating(demo_run, tmp_path):
     general = report["guard"]["groups"]["general"]["guarded"]
     assert general["fraction_intervened"] < 1, general
     assert general["max_abs_change_not_intervened"] == 0.0, general
+
+
+def test_dori_retriggers_the_named_prompts_after_uce_and_not_the_control(demo_run, tmp_path):
+    """DoRI (Kowalczuk et al. 2026) needs a model that memorizes: the demo's is the only one in the suite whose
+    generations copy in pixels (tests/test_dori.py checks the attack's mechanics on a tiny model). After UCE
+    removes the 8 named prompts, DoRI's 50 steps bring their copies back, while as many singleton members
+    (trained once, not memorized) are not copied from their captions in as many steps: the paper's control."""
+    out, _ = demo_run
+    prompts = _named_and_general(out, tmp_path)
+    labels = [json.loads(line) for line in (out / "data" / "labels.jsonl").read_text().splitlines() if line.strip()]
+    singletons = [r for r in labels if r["group"] == "singleton"][:8]
+    novel = [r for r in labels if r["group"] == "novel"][100:108]  # the detectors need non-memorized prompts
+    heldout = [r for r in labels if r["group"] == "heldout"]  # they calibrate the copy verdict (the default one)
+    named = (tmp_path / "named.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if json.loads(line)["text"] in named]
+    attacked = tmp_path / "attacked.jsonl"
+    attacked.write_text("".join(json.dumps(r) + "\n" for r in rows + novel + singletons + heldout))
+    assert main(["edit", "uce", str(out / "train" / "pipeline"), "--memorized", str(tmp_path / "named.txt"),
+                 "--preserved", str(tmp_path / "preserved.txt"), "--out", str(tmp_path / "uce")]) == 0
+    report = evaluate(tmp_path / "uce", attacked, out=tmp_path / "eval", data=out / "data", n=1, guidance_scale=3,
+                      detectors="noise", attack="dori", dori_steps=50, dori_control_steps=50, batch_size=16,
+                      progress=False)
+    dori = report["dori"]
+    plain, attacked_final = dori["memorized"]["replication"][0], dori["memorized"]["replication"][-1]
+    control = dori["control"]["replication"][-1]
+    # docs/results.md ("Edits under both attacks"): after UCE the named prompts' copies come back under DoRI
+    # (measured on the demo model of branch h23cal: 0% at step 0 -> 75% at 10 -> 87.5% at 50, control 0 of 8;
+    # on the unedited model the control reached 1 of 8 at step 50); the bound asks for a re-trigger of at
+    # least 3 of the 8 prompts' generations above step 0 and a control of at most 1 of 8
+    assert attacked_final >= plain + 3 / 8 and control <= 1 / 8, (dori["memorized"], dori["control"])

@@ -75,10 +75,11 @@ def rows_text(line: str) -> str:
 
 
 def comparable(value):
-    """A report without wall-clock times and the run's own paths (all that may differ between the runs)."""
+    """A report without wall-clock times, peak memory and the run's own paths (all that may differ between
+    the runs)."""
     if isinstance(value, dict):
         return {k: comparable(v) for k, v in value.items()
-                if "seconds" not in k and k not in ("device", "out", "checkpoint", "title")}
+                if "seconds" not in k and k not in ("device", "out", "checkpoint", "title", "peak_memory_mb")}
     if isinstance(value, list):
         return [comparable(v) for v in value]
     return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -163,7 +164,7 @@ def test_evaluate_before_and_after(tiny_model, tiny_data, prompts, tmp_path):
     assert verdicts["after"]["reused"].startswith("the earlier report's calibration")
     assert verdicts["before"]["vae"] == verdicts["after"]["vae"]
     md = (out / "edit.md").read_text()
-    assert verdicts["before"]["criterion"] in "\n".join(md.splitlines()[:8])
+    assert verdicts["before"]["criterion"] in md[:md.index("## Parameters")]
     assert "| replication named: fraction_replicated |" in md and "General prompts' generations" in md
     assert (out / "wandb").is_dir()  # the offline W&B run went into OUT
 
@@ -274,9 +275,56 @@ def test_neurons_names_skipped_prompts_on_the_console_and_in_edit_md(tiny_model,
     report = json.loads((out / "edit.json").read_text())
     assert report["skipped"] and set(report["skipped"]) <= {MEMORIZED, "small purple diamond"}
     md = (out / "edit.md").read_text()
-    assert f"## Skipped prompts ({len(report['skipped'])})" in md
+    assert f"Memorized prompts skipped by the edit: {len(report['skipped'])} (nothing was removed for them)." in md
+    assert md.index("## Skipped") < md.index("## Parameters")  # before the details
     for prompt, why in report["skipped"].items():
         assert "not memorized" in why
         assert f"'{prompt}': {why}" in err
         assert f"| {prompt} | {why.replace('|', chr(92) + '|')} |" in md  # a table cell: | escaped
     assert f"{len(report['skipped'])} of 2 memorized prompts skipped" in err
+
+
+def test_edit_md_leads_with_a_verdict_per_target_and_the_attacks(tiny_model, tiny_data, prompts, tmp_path):
+    """edit.md opens with the verdict of each target (removed, each attack, unnamed reduced, quality kept), each
+    status following from edit.json's numbers, and the attacks' named / unnamed replication equals the per-prompt
+    results in eval_after/report.json; the seed-to-seed spread is the unedited model's own (two seeds)."""
+    out = tmp_path / "verdict"
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--preserved", prompts / "preserved.txt",
+                "--out", out, "--evaluate", tiny_data / "labels.jsonl", "--eval-n", "2", "--eval-steps", "2",
+                "--eval-detectors", "noise", "--batch-size", "64", "--quality-feature", "toy", "--no-eval-cache",
+                "--eval-attack", "--eval-dori-steps", "2", "--eval-attack-steps", "2") == 0
+    report = json.loads((out / "edit.json").read_text())
+    ev = report["evaluation"]
+    rows = {r["target"]: r for r in ev["verdict_per_target"]}
+    removed = rows["named prompts removed (replication <= 5%)"]
+    assert removed["after"] == ev["after"]["replication"]["named"]["fraction_replicated"]
+    assert removed["status"] == ("removed" if removed["after"] <= 0.05 else "not removed")
+    after = json.loads((out / "eval_after" / "report.json").read_text())
+    named = set((prompts / "memorized.txt").read_text().split("\n")) - {""}
+    dori = after["dori"]
+    expect = np.mean([v for t, v in zip(dori["texts"], dori["memorized"]["per_prompt_final"], strict=True) if t in named])
+    assert ev["after"]["attacks"]["dori"]["named"] == pytest.approx(expect)
+    bounded = after["attack"]["rows"][0]["image"]["per_prompt"]
+    expect = np.mean([v for t, v in zip(after["attack"]["texts"], bounded, strict=True) if t in named])
+    assert ev["after"]["attacks"]["bounded image 0.1"]["named"] == pytest.approx(expect)
+    attacked = [r for t, r in rows.items() if t.startswith("named prompts stay removed under")]
+    assert len(attacked) == 3  # DoRI and the bounded attack's two attackers
+    for r in attacked:
+        assert r["status"] == ("holds" if r["after"] <= 0.05 else "re-triggered" if removed["after"] <= 0.05
+                               else "still copies")
+    quality = ev["quality_verdict"]
+    spread = ev["seed_spread"]
+    assert spread["seeds"] == 2 and spread["l2"] > 0
+    assert quality["l2 change"]["status"] == ("kept" if quality["l2 change"]["after"] <= spread["l2"] else "lost")
+    kept = quality["toy_alignment"]
+    assert kept["status"] == ("kept" if kept["before"] - kept["after"] <= kept["spread"] else "lost")
+    general = [r.text for r in read_labelled_prompts(tiny_data / "labels.jsonl") if r.label == 0]
+    kw = dict(steps=2, guidance_scale=7.5, batch_size=64, progress=False)
+    source = load_pipeline(tiny_model)
+    seeds = [generate_images(source, general, n=1, seed=s, **kw) for s in (0, 1)]
+    assert spread["l2"] == pytest.approx(float(rms(seeds[1], seeds[0]).mean()), abs=1e-5)
+    md = (out / "edit.md").read_text()
+    assert md.index("## Verdict") < md.index("## Plain prompt and re-trigger attacks") < md.index("## Parameters")
+    for r in ev["verdict_per_target"]:
+        assert f"| {r['target']} | **{r['status']}** |" in md
+    assert "| DoRI, 2 steps |" in md and "| bounded attack eps 0.1, image known |" in md

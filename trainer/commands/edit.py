@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from trainer.core.components import load_lora_weights
 from trainer.core.distributed import is_main_process, main_process_value, on_main_process, process_device
 from trainer.core.unet_core import count_unet_samples
 from trainer.detect import DETECTORS
+from trainer.detect.dori import DORI_STEPS
 from trainer.edit.neurons import nemo_block
 from trainer.edit.prune import subspace_prune
 from trainer.edit.save import (
@@ -43,6 +45,7 @@ from trainer.prompts import read_labelled_prompts, read_prompts
 from trainer.report.edit import evaluate_edit, flat_numbers
 from trainer.report.eval_cache import default_root, evaluation_key, lookup, read_entry, store
 from trainer.report.evaluate import parse_detectors
+from trainer.report.guard_sections import parse_attacks, parse_eps
 from trainer.report.render import edit_markdown
 from trainer.sample.generate import generate_images
 from trainer.tracking import log_wandb_summary, start_wandb_run
@@ -84,6 +87,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_quality_argument(p)
     p.add_argument("--eval-detectors", default=",".join(DETECTORS), help="with --evaluate: detectors to run "
                    f"(comma-separated subset of {','.join(DETECTORS)}; clid = membership)")
+    p.add_argument("--eval-attack", nargs="?", const="dori,bounded", metavar="dori,bounded", help="with --evaluate: "
+                   "re-trigger the memorized prompts before and after the edit (`memtrain evaluate --attack`); bare "
+                   "--eval-attack runs both")
+    p.add_argument("--eval-attack-eps", default="0.1", help="with --eval-attack bounded: budgets eps (default 0.1)")
+    p.add_argument("--eval-attack-steps", type=int, default=20, help="with --eval-attack bounded: steps (default 20)")
+    p.add_argument("--eval-dori-steps", type=int, default=DORI_STEPS,
+                   help=f"with --eval-attack dori: DoRI steps (default {DORI_STEPS}, the paper's)")
+    p.add_argument("--eval-dori-control-steps", type=int, default=0, help="with --eval-attack dori: steps of the "
+                   "non-memorized control images (default 0: the control is `memtrain evaluate --attack dori`'s job)")
     p.add_argument("--eval-cache", metavar="DIR", help="with --evaluate: where the source's evaluation is cached and "
                    "reused by later edits of the same checkpoint, prompt file and settings (default $MEMTRAIN_CACHE, "
                    "else ~/.cache/memtrain)")
@@ -216,13 +228,15 @@ def check_args(args: argparse.Namespace) -> dict:
     if args.evaluate is not None:
         texts["evaluate"] = read_labelled_prompts(args.evaluate)
         parse_detectors(args.eval_detectors)
+        if "bounded" in parse_attacks(args.eval_attack):
+            parse_eps(args.eval_attack_eps)
         if args.data is not None and not Path(args.data).is_dir():
             raise MemtrainError(f"--data {args.data}: not a directory")
         if args.heldout is not None and not Path(args.heldout).is_dir():
             raise MemtrainError(f"--heldout {args.heldout}: not a directory (an imagefolder of images never trained on)")
         check_fpr(args.fpr)
-    elif args.data is not None or args.heldout is not None:
-        raise MemtrainError("--data and --heldout are only used with --evaluate PROMPTS")
+    elif args.data is not None or args.heldout is not None or args.eval_attack is not None:
+        raise MemtrainError("--data, --heldout and --eval-attack are only used with --evaluate PROMPTS")
     check_checkpoint(args.checkpoint)
     if args.lora is not None and not Path(args.lora).exists():
         raise MemtrainError(f"--lora {args.lora}: no such file or directory")
@@ -323,7 +337,9 @@ def run(args: argparse.Namespace) -> int:
                    train_data=args.train_data, clip=args.clip, quality_feature=args.quality_feature,
                    steps=args.eval_steps,
                    guidance_scale=args.guidance_scale, device=args.device, detectors=args.eval_detectors,
-                   progress=progress, heldout=args.heldout, fpr=args.fpr)
+                   progress=progress, heldout=args.heldout, fpr=args.fpr, attack=args.eval_attack or False,
+                   attack_eps=args.eval_attack_eps, attack_steps=args.eval_attack_steps,
+                   dori_steps=args.eval_dori_steps, dori_control_steps=args.eval_dori_control_steps)
     cache_root, cache_key, entry = cached_before(args, eval_kw)
     general_before = None
     if entry is not None:
@@ -339,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     with count_unet_samples(pipe.unet) as evals:
         result = run_method(pipe, args, texts)
     seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak so far
 
     full = args.method == "unlearn" and args.weights == "full"
     lora_out = (args.method == "unlearn" and not args.merge and not full) or (args.method == "uce" and args.as_lora)
@@ -357,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
               "parameters": _parameters(args),
               "prompts": {k: len(v) for k, v in texts.items() if k != "evaluate"},
               "changed": changed, "total_changed": sum(changed.values()), "layers_changed": len(changed),
-              "seconds": round(seconds, 3), "unet_evals": evals[0], "result": _plain(result)}
+              "seconds": round(seconds, 3), "unet_evals": evals[0], "peak_memory_mb": round(peak_mb, 1),
+              "result": _plain(result)}
     if args.method == "neurons":
         report["neurons_found"] = sum(len(v) for v in result.get("neurons", {}).values())
     report["skipped"] = dict(result.get("skipped") or {})

@@ -142,23 +142,75 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _pct(value) -> str:
+    return _fmt(value, "%")
+
+
+def edit_verdict_lines(report: dict) -> list[str]:
+    """edit.md's lead: one row per target of the edit (removed / re-triggered / quality kept)."""
+    if report.get("warning"):
+        head = [f"**Warning: {report['warning']}**", ""]
+    else:
+        head = []
+    rows = (report.get("evaluation") or {}).get("verdict_per_target")
+    if not rows:
+        return [*head, "**Verdict: not measured** (run the edit with `--evaluate PROMPTS` for removal, re-trigger "
+                "and quality verdicts).", ""]
+    lines = [*head, "## Verdict", "", "| target | verdict | before | after | detail |", "|---|---|---|---|---|"]
+    lines += [f"| {r['target']} | **{r['status']}** | {_pct(r['before'])} | {_pct(r['after'])} | {_cell(r['detail'])} |"
+              for r in rows]
+    return [*lines, ""]
+
+
+def edit_attack_lines(ev: dict | None) -> list[str]:
+    """The re-trigger attacks beside the plain prompt: named and unnamed memorized prompts, before and after."""
+    if not ev:
+        return []
+    b, a = ev["before"], ev["after"]
+    lines = ["## Plain prompt and re-trigger attacks", "", "Share of generations that copy (the copy verdict below; "
+             "DoRI counts a copy only when the targeted image is nearest).", "",
+             "| prompt | named before | named after | unnamed before | unnamed after |", "|---|---|---|---|---|"]
+    cells = [side["replication"].get(split, {}).get("fraction_replicated")
+             for split in ("named", "unnamed") for side in (b, a)]
+    lines.append("| plain | " + " | ".join(_pct(c) for c in cells) + " |")
+    for key, att in a.get("attacks", {}).items():
+        before = b.get("attacks", {}).get(key, {})
+        lines.append(f"| {att['label']} | {_pct(before.get('named'))} | {_pct(att['named'])} | "
+                     f"{_pct(before.get('unnamed'))} | {_pct(att['unnamed'])} |")
+    if not a.get("attacks"):
+        lines += ["", "No re-trigger attack was run (`--eval-attack dori,bounded` runs both)."]
+    return [*lines, ""]
+
+
+def edit_skipped_lines(report: dict) -> list[str]:
+    """What the edit or its evaluation skipped, and why: the method's skipped prompts and the evaluation's notes."""
+    skipped, notes = report.get("skipped") or {}, (report.get("evaluation") or {}).get("notes") or []
+    if not skipped and not notes:
+        return ["Nothing was skipped.", ""]
+    lines = ["## Skipped", ""]
+    if skipped:
+        lines += [f"Memorized prompts skipped by the edit: {len(skipped)} (nothing was removed for them).", "",
+                  "| prompt | why |",
+                  "|---|---|", *[f"| {_cell(prompt)} | {_cell(why)} |" for prompt, why in skipped.items()], ""]
+    if notes:
+        lines += ["In the evaluation:", "", *[f"- {n}" for n in notes], ""]
+    return lines
+
+
 def edit_markdown(report: dict) -> str:
-    lines = [f"# memtrain edit {report['method']}: {report['source']}", "", report["description"] + ".", "",
+    lines = [f"# memtrain edit {report['method']}: {report['source']}", "", *edit_verdict_lines(report),
+             report["description"] + ".", "",
              f"Output: {report['output']} in {report['out']}. Edit time {report['seconds']:.2f} s, "
              f"{report['unet_evals']} UNet evaluations, {report['total_changed']} weights changed in "
-             f"{report['layers_changed']} parameters.", ""]
+             f"{report['layers_changed']} parameters"
+             + (f", peak memory {report['peak_memory_mb']:.0f} MB" if report.get("peak_memory_mb") else "") + ".", ""]
     verdict = (report.get("evaluation") or {}).get("verdict", {})
     if verdict.get("before", {}).get("criterion"):
         reused = verdict.get("after", {}).get("reused") or "recalibrated on the edit"
         lines += [f"**Copy verdict{'' if verdict['before'].get('calibrated') else ': uncalibrated'}** (before and after): "
                   f"{verdict['before']['criterion']}; after the edit: {reused}.", ""]
-    if report.get("warning"):
-        lines += [f"**Warning: {report['warning']}**", ""]
-    if report.get("skipped"):
-        lines += [f"## Skipped prompts ({len(report['skipped'])})", "", "Nothing was removed for these prompts:",
-                  "", "| prompt | why |", "|---|---|"]
-        lines += [f"| {_cell(prompt)} | {_cell(why)} |" for prompt, why in report["skipped"].items()]
-        lines.append("")
+    lines += edit_attack_lines(report.get("evaluation"))
+    lines += edit_skipped_lines(report)
     lines += ["## Parameters", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["parameters"].items() if v is not None]
     lines += ["", "## Weights changed", "", "| parameter | entries changed |", "|---|---|"]
@@ -193,12 +245,17 @@ def edit_markdown(report: dict) -> str:
             g = ev["general_l2_change"]
             lines += ["", f"General prompts' generations at the same seeds moved by L2 {g['mean']:.4f} on average "
                       f"(max {g['max']:.4f}, {g['generations']} generations; {g['convention']})."]
+        if ev.get("quality_verdict"):
+            spread = ev.get("seed_spread") or {}
+            lines += ["", "General quality against the unedited model's seed-to-seed spread (max - min over its "
+                      f"{spread.get('seeds', '-')} seeds; L2: the distance between two seeds' images of a prompt):", "",
+                      "| measure | before | after | spread | verdict |", "|---|---|---|---|---|"]
+            lines += [f"| {k} | {_fmt_plain(q['before'], '.4g')} | {_fmt_plain(q['after'], '.4g')} | "
+                      f"{_fmt_plain(q['spread'], '.4g')} | {q['status']} |" for k, q in ev["quality_verdict"].items()]
         cache = ev.get("before_cache")
         if cache:
             lines += ["", (f"The source's evaluation was reused from the cache {cache['entry']} (same checkpoint files, "
                            "prompt file and settings)." if cache["reused"] else
                            f"The source's evaluation was cached in {cache['entry']} for later edits.")]
-        if ev.get("notes"):
-            lines += ["", "Notes:", *[f"- {n}" for n in ev["notes"]]]
     lines.append("")
     return "\n".join(lines)
