@@ -42,10 +42,10 @@ from trainer.edit.unlearn import INNER_ATTACKS, WEIGHTS, unlearn
 from trainer.io import MemtrainError, atomic_dir, write_json
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.prompts import read_labelled_prompts, read_prompts
+from trainer.report.attack_sections import parse_attacks, parse_eps
 from trainer.report.edit import evaluate_edit, flat_numbers
 from trainer.report.eval_cache import default_root, evaluation_key, lookup, read_entry, store
 from trainer.report.evaluate import parse_detectors
-from trainer.report.guard_sections import parse_attacks, parse_eps
 from trainer.report.render import edit_markdown
 from trainer.sample.generate import generate_images
 from trainer.tracking import log_wandb_summary, start_wandb_run

@@ -143,7 +143,7 @@ def _cell(text: str) -> str:
 
 
 def _pct(value) -> str:
-    return _fmt(value, "%")
+    return fmt(value, "%")
 
 
 def edit_verdict_lines(report: dict) -> list[str]:
