@@ -44,6 +44,9 @@ class DataSection:
     center_crop: bool = False
     random_flip: bool = False
     max_samples: int | None = None
+    # keep each image decoded and resized, and the frozen VAE's posterior of each crop, in memory after their
+    # first use (exact; memory grows with the data set: for small data sets, docs/recipes.md)
+    cache: bool = False
     captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/mitigate/captions.py
     dedup: Literal["none", "drop", "reweight"] = "none"
     dedup_threshold: float = 0.95
