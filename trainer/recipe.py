@@ -154,7 +154,7 @@ class MonitorSection:
 
 # What a resume may change: keys that do not change the training trajectory (docs/recipes.md, "Resume").
 FREE_SECTIONS = ("checkpoint", "log", "output", "monitor")
-FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers")
+FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers", "data.cache")
 # schedules whose learning rate does not depend on train.max_steps: a resume may extend (or shorten) the run
 LENGTH_FREE_SCHEDULERS = ("constant", "constant_with_warmup")
 # keys a checkpoint's weights fix: a resume cannot change them, even when allowed
