@@ -81,7 +81,7 @@ def test_free_keys_and_the_same_paths_written_otherwise_resume(trained, tmp_path
     (tmp_path / "model-link").symlink_to(tiny_model)
     capsys.readouterr()
     assert resume(recipe, out, "train.max_steps=3", "log.every_steps=2", "checkpoint.every_steps=1",
-                  "checkpoint.total_limit=1", "train.dataloader_num_workers=0", "train.gradient_checkpointing=true",
+                  "checkpoint.total_limit=1", "train.dataloader_num_workers=0", "train.gradient_checkpointing=true", "data.cache=true",
                   f"model.pretrained={tmp_path / 'model-link'}/", f"data.path={tiny_data / 'train'}/",
                   "model.lora.target_modules=[to_k]", "train.ema_decay=0.5") == 0  # unused by this recipe
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

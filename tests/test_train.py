@@ -249,3 +249,58 @@ def test_datasets_dataset_with_caption_lists_and_validation_images(tmp_path, tin
     assert main(["train", str(recipe)]) == 0
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
     assert len(read_jsonl(out / "logs" / "metrics.jsonl")) == 4
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["one-view-a-row", "random-flips"])
+def test_data_cache_trains_as_without_it(tmp_path, tiny_model, tiny_data, flip):
+    """data.cache=true (decoded images and VAE posteriors kept across epochs) trains as without it for three
+    epochs: bit-equal when every row has one view; with random flips a view first met in a smaller batch is
+    encoded there (another rounding), so the losses agree to float rounding."""
+    runs = {}
+    for cache in (False, True):
+        out = tmp_path / f"cache-{cache}"
+        recipe = write_recipe(tmp_path / f"r{cache}.yaml", tiny_model, tiny_data / "train", out,
+                              train={"max_steps": 12, "noise_offset": 0.1}, data={"random_flip": flip, "cache": cache})
+        assert main(["train", str(recipe)]) == 0
+        runs[cache] = out
+    la, lb = losses(runs[False]), losses(runs[True])
+    assert sorted(la) == sorted(lb) == list(range(1, 13))
+    a, b = unet_weights(runs[False]), unet_weights(runs[True])
+    if not flip:
+        assert la == lb
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        return
+    for step in la:
+        assert abs(la[step] - lb[step]) <= 1e-5 * abs(la[step]), (step, la[step], lb[step])
+    # Adam's update of a weight whose gradient is at rounding level is itself noise of size lr: the weights are
+    # compared as a whole, their distance against how far training moved them
+    base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    moved = torch.cat([(a[k] - base[k]).flatten() for k in a])
+    apart = torch.cat([(a[k] - b[k]).flatten() for k in a])
+    assert apart.norm() < 1e-2 * moved.norm(), float(apart.norm() / moved.norm())
+
+
+def test_vae_posterior_cache_encodes_each_view_once(tiny_model):
+    """The cache returns the posterior of a view's first encoding (not the pixels it is given later), equal to an
+    uncached encoding of the same pixels up to float rounding."""
+    from diffusers import AutoencoderKL
+
+    from trainer.training.loss import vae_posterior
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    pixels = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    views = [(i, 0, 0, False) for i in range(4)]
+    cache = {}
+    with torch.no_grad():
+        mean, std = vae_posterior(vae, pixels, views, cache)
+        plain_mean, plain_std = vae_posterior(vae, pixels)
+        assert len(cache) == 4
+        torch.testing.assert_close(mean, plain_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std, plain_std, rtol=1e-5, atol=1e-6)
+        # views 0 and 2 again (cached), view 4 new: only the new one is encoded from the pixels given now
+        again_mean, _ = vae_posterior(vae, torch.zeros(3, 3, 16, 16), [views[0], (4, 0, 0, False), views[2]], cache)
+        zero_mean, _ = vae_posterior(vae, torch.zeros(1, 3, 16, 16))
+    assert len(cache) == 5
+    torch.testing.assert_close(again_mean[[0, 2]], mean[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(again_mean[1], zero_mean[0], rtol=1e-5, atol=1e-6)
+    assert (mean[0] - zero_mean[0]).abs().max() > 1e-3  # the pixels matter: the cache really reused view 0

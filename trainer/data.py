@@ -174,44 +174,75 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"memtrain/{seed}/{epoch}/{index}")
 
 
-def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-                    rng: random.Random) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop (center or random), maybe flip; to [-1, 1] CHW."""
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    """`image` with its short side resized to `resolution` (bilinear); unchanged when already square at it."""
     w, h = image.size
     scale = resolution / min(w, h)
     if (w, h) != (resolution, resolution):
         image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
                              Image.Resampling.BILINEAR)
+    return image
+
+
+def crop_and_flip(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                  rng: random.Random) -> tuple[Image.Image, tuple[int, int, bool]]:
+    """The crop (center or random) of a resized image, maybe flipped; and the view (left, top, flipped)."""
     w, h = image.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
         left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image, (left, top, flipped)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB -> [-1, 1] CHW float32."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                    rng: random.Random) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop (center or random), maybe flip; to [-1, 1] CHW."""
+    image, _ = crop_and_flip(resize_short_side(image, resolution), resolution, center_crop, random_flip, rng)
+    return pil_to_tensor(image)
+
+
 class CaptionImageDataset(torch.utils.data.Dataset):
-    """Rows -> {pixel_values, caption, index}; the epoch is set by the training loop."""
+    """Rows -> {pixel_values, caption, index, view}; the epoch is set by the training loop. With `cache`, each
+    image is decoded and resized once (kept in memory as 8-bit RGB); `view` = (index, left, top, flipped) names
+    the crop a sample took, the key of the loop's VAE posterior cache (`data.cache`)."""
 
     def __init__(self, rows: Rows, resolution: int, center_crop: bool = False, random_flip: bool = False,
-                 seed: int = 0, caption_fn: Callable[[list[str], random.Random], str] | None = None):
+                 seed: int = 0, caption_fn: Callable[[list[str], random.Random], str] | None = None,
+                 cache: bool = False):
         self.rows, self.resolution = rows, resolution
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.caption_fn = caption_fn or (lambda captions, rng: captions[0])
         self.epoch = 0
+        self.resized = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.rows.images)
 
+    def resized_image(self, index: int) -> Image.Image:
+        if self.resized is not None and index in self.resized:
+            return self.resized[index]
+        image = resize_short_side(open_image(self.rows.images[index], self.rows.names[index]), self.resolution)
+        if self.resized is not None:
+            self.resized[index] = image
+        return image
+
     def __getitem__(self, index: int) -> dict:
         rng = sample_rng(self.seed, self.epoch, index)
-        image = open_image(self.rows.images[index], self.rows.names[index])
-        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "caption": self.caption_fn(self.rows.captions[index], rng), "index": index}
+        image, view = crop_and_flip(self.resized_image(index), self.resolution, self.center_crop, self.random_flip,
+                                    rng)
+        return {"pixel_values": pil_to_tensor(image), "caption": self.caption_fn(self.rows.captions[index], rng),
+                "index": index, "view": (index, *view)}
 
 
 def shard_ids(rows: Rows) -> torch.Tensor | None:
@@ -258,6 +289,7 @@ def make_collate(tokenizer) -> Callable[[list[dict]], dict]:
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "input_ids": ids,
             "index": torch.tensor([e["index"] for e in examples]),
+            "views": [e["view"] for e in examples],
             "captions": captions,
         }
 

@@ -45,6 +45,9 @@ class DataSection:
     center_crop: bool = False
     random_flip: bool = False
     max_samples: int | None = None
+    # keep each image decoded and resized, and the frozen VAE's posterior of each crop, in memory after their
+    # first use (exact; memory grows with the data set: for small data sets, docs/recipes.md)
+    cache: bool = False
     captions: CaptionAugConfig = field(default_factory=CaptionAugConfig)  # see trainer/mitigate/captions.py
     dedup: Literal["none", "drop", "reweight"] = "none"
     dedup_threshold: float = 0.95
@@ -152,7 +155,7 @@ class MonitorSection:
 
 # What a resume may change: keys that do not change the training trajectory (docs/recipes.md, "Resume").
 FREE_SECTIONS = ("checkpoint", "log", "output", "monitor")
-FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers")
+FREE_KEYS = ("train.gradient_checkpointing", "train.dataloader_num_workers", "data.cache")
 # schedules whose learning rate does not depend on train.max_steps: a resume may extend (or shorten) the run
 LENGTH_FREE_SCHEDULERS = ("constant", "constant_with_warmup")
 # keys a checkpoint's weights fix: a resume cannot change them, even when allowed

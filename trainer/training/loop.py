@@ -108,7 +108,7 @@ def train(recipe: TrainRecipe) -> dict:
     resolution = recipe.data.resolution or native_resolution(parts["unet"], parts["vae"])
     caption_fn, rows, weights = make_caption_fn_and_weights(recipe, rows, tokenizer)
     dataset = data_lib.CaptionImageDataset(rows, resolution, recipe.data.center_crop, recipe.data.random_flip,
-                                           seed=opt.seed, caption_fn=caption_fn)
+                                           seed=opt.seed, caption_fn=caption_fn, cache=recipe.data.cache)
     sampler = data_lib.EpochSampler(len(dataset), opt.seed, weights, data_lib.shard_ids(rows))
     monitor = None
     if recipe.monitor.every_steps:
@@ -168,6 +168,7 @@ class Run:
     micro_step: int
     running: list = field(default_factory=list)
     last_logged: dict = field(default_factory=dict)
+    posteriors: dict | None = None  # the VAE posterior cache (data.cache)
 
     @property
     def out(self) -> Path:
@@ -200,7 +201,7 @@ def _train_loop(recipe: TrainRecipe, accelerator: Accelerator, parts: dict, data
     num_epochs = math.ceil(opt.max_steps / updates_per_epoch)
     # an epoch's last update may take fewer than `accum` micro-batches
     run = Run(recipe, accelerator, parts, setup, monitor, monitor_state, global_step,
-              micro_step=first_epoch * len(loader) + skip_batches)
+              micro_step=first_epoch * len(loader) + skip_batches, posteriors={} if recipe.data.cache else None)
     resumed_step = global_step
     if global_step >= opt.max_steps:
         num_epochs = first_epoch  # a finished run resumed: nothing to train
@@ -266,7 +267,8 @@ def train_step(run: Run, batch: dict) -> dict:
         rows_slice = global_slice(accelerator, opt.batch_size, batch["pixel_values"].shape[0])
         threshold = loss_mask.logged_threshold() if loss_mask is not None else None
         loss, stats = diffusion_loss(batch, run.parts, run.recipe, generator, rows_slice,
-                                     opt.batch_size * accelerator.num_processes, setup.weight_dtype, loss_mask)
+                                     opt.batch_size * accelerator.num_processes, setup.weight_dtype, loss_mask,
+                                     run.posteriors)
         accelerator.backward(loss)
         if accelerator.sync_gradients and opt.max_grad_norm > 0:
             accelerator.clip_grad_norm_(setup.params, opt.max_grad_norm)

@@ -28,12 +28,36 @@ def global_slice(accelerator: Accelerator, per_process: int, actual: int) -> sli
     return slice(start, start + actual)
 
 
+def vae_posterior(vae, pixels: torch.Tensor, views: list | None = None,
+                  cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the frozen VAE's posterior q(z | x) of each image. With `cache` (`data.cache`), each
+    view (row, crop, flip) is encoded once and its mean and std kept for later epochs: exact, as the VAE is
+    frozen, and the latent is still a fresh posterior sample each step (as kohya-ss sd-scripts'
+    `--cache_latents`, which caches one sample instead)."""
+    if cache is None:
+        dist = vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+    missing = [i for i, view in enumerate(views) if view not in cache]
+    if missing:
+        dist = vae.encode(pixels[missing]).latent_dist
+        # the memory layout the encoder returned (oneDNN's is channels-last): the UNet then sees the same tensors
+        # as without the cache, and rounds the same way
+        layout = (torch.channels_last if dist.std.is_contiguous(memory_format=torch.channels_last)
+                  else torch.contiguous_format)
+        for j, i in enumerate(missing):
+            cache[views[i]] = (dist.mean[j].clone(), dist.std[j].clone(), layout)
+    layout = cache[views[0]][2]
+    return (torch.stack([cache[v][0] for v in views]).contiguous(memory_format=layout),
+            torch.stack([cache[v][1] for v in views]).contiguous(memory_format=layout))
+
+
 def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: torch.Generator, rows: slice,
-                   global_batch: int, weight_dtype: torch.dtype,
-                   loss_mask: LossMask | None = None) -> tuple[torch.Tensor, dict]:
+                   global_batch: int, weight_dtype: torch.dtype, loss_mask: LossMask | None = None,
+                   posteriors: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Per-sample denoising loss of one micro-batch (mean over the batch is the training loss). With
     `loss_mask`, samples with ||d(c)|| at or over their threshold are masked; the per-sample magnitudes and
-    timesteps are returned in `stats["magnitudes"]`, `stats["timesteps"]` (for `loss_mask.record`)."""
+    timesteps are returned in `stats["magnitudes"]`, `stats["timesteps"]` (for `loss_mask.record`).
+    `posteriors`: the VAE posterior cache of `vae_posterior` (None: encode every step)."""
     unet, text_encoder, vae, scheduler = parts["unet"], parts["text_encoder"], parts["vae"], parts["noise_scheduler"]
     opt = recipe.train
     pixels = batch["pixel_values"].to(weight_dtype)
@@ -50,8 +74,8 @@ def diffusion_loss(batch: dict, parts: dict, recipe: TrainRecipe, generator: tor
 
     with torch.no_grad():
         if vae is not None:
-            dist = vae.encode(pixels).latent_dist
-            latents = posterior_latents(vae, dist.mean, dist.std, posterior_noise.to(device, dist.mean.dtype))
+            mean, std = vae_posterior(vae, pixels, batch.get("views"), posteriors)
+            latents = posterior_latents(vae, mean, std, posterior_noise.to(device, mean.dtype))
         else:
             latents = pixels
     latents = latents.float()
