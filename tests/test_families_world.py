@@ -197,7 +197,8 @@ def test_a_fine_tune_copies_planted_duplicates_and_the_default_verdict_flags_the
     singles = [r for r in labels if r["group"] == "singleton"]
     (tmp_path / "preserved.txt").write_text("".join(r["text"] + "\n" for r in singles[:16]))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({**r, "label": 1}) + "\n" for r in dup))
+    negatives = [{"text": r["text"], "label": 0} for r in singles[16:24]]  # the detectors need non-memorized prompts
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [*({**r, "label": 1} for r in dup), *negatives]))
     assert main(["edit", "uce", str(tmp_path / "train" / "pipeline"), "--memorized", str(tmp_path / "named.txt"),
                  "--preserved", str(tmp_path / "preserved.txt"), "--out", str(tmp_path / "uce"), "--evaluate",
                  str(prompts), "--heldout", str(data / "heldout"), "--train-data", str(data / "train"),

@@ -53,8 +53,14 @@ def cli(*args: str, preexec_fn=None, timeout: int = 600) -> subprocess.Completed
                           text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
+def default_sigint() -> None:
+    # a test runner started in the background of a non-interactive shell (nohup ... &) ignores SIGINT, and a
+    # child Python that starts with SIGINT ignored never raises KeyboardInterrupt: restore the default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=ENV, preexec_fn=default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
