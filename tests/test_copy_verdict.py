@@ -133,7 +133,11 @@ def test_evaluate_names_its_verdict_calibrated_or_not(tmp_path, tiny_model, tiny
     assert v["calibration"]["metric"] == GRADIENT_METRIC and "--heldout" in v["heldout_from"]
     assert v["criterion"] in _first_lines(out / "report.md")
     rep = report["replication"]
-    assert set(rep["groups"]) == {"trigger", "general", "member"}  # no held-out rows in this prompt file
+    # no held-out rows in this prompt file: the held-out group is generated from --heldout DIR's captions
+    assert set(rep["groups"]) == {"trigger", "general", "member", "heldout"}
+    heldout_captions = [json.loads(line)["text"] for line in (tiny_data / "heldout" / "metadata.jsonl").read_text()
+                        .splitlines() if line.strip()]
+    assert [g["text"] for g in rep["generations"] if g["group"] == "heldout"] == heldout_captions  # n = 1
     for g in rep["generations"]:
         assert g["score"] == g["gradient_ratio"] and g["replicated"] == (g["score"] < v["calibration"]["threshold"])
     assert (out / "replicated.png").is_file()

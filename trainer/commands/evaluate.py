@@ -80,8 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "nearest training image), ratio (NN1/NN2, Gu et al.), sscd (needs --sscd); auto (default) = sscd "
                    "with --sscd, else gradient")
     c.add_argument("--groups", help="prompt rows to generate from: trigger (label 1), general (label 0), member (other "
-                   "training members, e.g. toy singletons), heldout (member 0: the verdict's false-positive rate on "
-                   "generations); default trigger,general")
+                   "training members, e.g. toy singletons), heldout (member-0 rows, else the captions of --heldout "
+                   "DIR: the verdict's false-positive rate on generations); default trigger,general")
     p.add_argument("--device", help="torch device (default: this process's accelerator under accelerate launch, else "
                    "cuda if available, else cpu)")
     x = p.add_argument_group("re-trigger test, training-image index")

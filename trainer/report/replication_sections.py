@@ -15,6 +15,7 @@ from trainer.report.run import EvalRun
 from trainer.report.sections import (
     captions_of,
     generation_rows,
+    heldout_caption_rows,
     heldout_images,
     replication_section,
     without_replicating_negatives,
@@ -26,6 +27,8 @@ def run_generation(run: EvalRun) -> None:
     """`n` stock generations of each row of the requested groups (shared by the processes of a launch)."""
     spec = run.spec
     picked = generation_rows(run.rows, run.groups, run.labelled) if spec.generate else []
+    if spec.generate and "heldout" in run.groups:
+        picked += [(r, "heldout") for r in heldout_caption_rows(spec.heldout, run.rows)]
     run.gen_rows = [r for r, _ in picked]
     run.gen_groups = [g for _, g in picked for _ in range(spec.n)]
     if run.gen_rows:

@@ -327,6 +327,24 @@ def generation_rows(rows: Sequence[PromptRow], groups: Sequence[str], labelled: 
     return out
 
 
+def heldout_caption_rows(heldout_dir: str | Path | None, rows: Sequence[PromptRow]) -> list[PromptRow]:
+    """Prompt rows from the captions of `--heldout DIR` (member 0, group `heldout`), for `--groups heldout`
+    when the prompt file has no held-out rows of its own: generations from captions whose images were never
+    trained on, the copy verdict's false-positive rate on generations. One row per image (its first caption)."""
+    if heldout_dir is None or any(r.member == 0 for r in rows):
+        return []
+    try:
+        found = load_rows(str(heldout_dir))
+    except OSError as e:
+        raise MemtrainError(f"--heldout {heldout_dir}: cannot load the held-out images ({e})") from None
+    out = [PromptRow(text=c[0], line=i + 1, group="heldout", member=0)
+           for i, c in enumerate(found.captions) if c and c[0].strip()]
+    if not out:
+        raise MemtrainError(f"--heldout {heldout_dir}: --groups heldout needs captions (a `text` column in its "
+                            "metadata), or held-out rows (`member: 0`) in the prompt file")
+    return out
+
+
 def heldout_images(heldout_dir: str | Path | None, rows: Sequence[PromptRow], data: Path, source: Path,
                    resolution: int, progress: bool = True) -> tuple[torch.Tensor | None, str]:
     """Never-trained images: the rows of `--heldout DIR` (any `load_rows` source) and the prompt file's
