@@ -13,6 +13,7 @@ from PIL import Image
 from trainer.cli import main
 from trainer.config import apply_overrides, load_recipe, read_recipe_tree
 from trainer.io import MemtrainError
+from trainer.measure.verdict import GRADIENT_METRIC
 from trainer.mitigate.presets import PRESETS
 from trainer.recipe import TrainRecipe
 from trainer.toy import world as toy_world
@@ -132,6 +133,14 @@ def test_compare_writes_both_runs_side_by_side(compared):
     assert gens and all(g["nn_index"] in source_group for g in gens)
     assert [g["nearest_group"] for g in gens] == [source_group[g["nn_index"]] for g in gens]
     assert all(g["nearest_is_source"] == (g["nn_index"] == g["source"]) for g in gens)
+    # beside the study's criterion, evaluate's default verdict calibrated on the data's held-out images
+    study = json.loads((out / "runs" / "plain" / "report" / "report.json").read_text())
+    verdict = study["verdict"]
+    assert verdict["calibrated"] and verdict["metric"] == GRADIENT_METRIC and verdict["n_heldout"] > 0
+    assert [g["verdict_copy"] for g in gens] == [g["gradient_ratio"] < verdict["threshold"] for g in gens]
+    dup = [g["verdict_copy"] for g in gens if g["group"] == "duplicated"]
+    assert runs["plain"]["replication"]["duplicated"]["fraction_verdict"] == sum(dup) / len(dup)
+    assert "copies (verdict)" in table and study["verdict_text"] in (out / "runs" / "plain" / "report" / "report.md").read_text()
 
 
 def test_exposure_per_distinct_image_and_the_membership_verdict(compared):

@@ -280,7 +280,7 @@ class AMGGuard:
                 rd = rows.to(dev)
                 limit = cfg.max_ratio * guided[rd].float().flatten(1).norm(dim=1)
                 norm = term.flatten(1).norm(dim=1)
-                cut = norm > limit
+                cut = (norm > limit) if cfg.max_ratio > 0 else torch.zeros_like(norm, dtype=torch.bool)
                 term = term * torch.where(cut, limit / norm.clamp_min(1e-12), torch.ones_like(norm)).view(-1, 1, 1, 1)
                 guided[rd] = guided[rd] + term.to(guided.dtype)
                 bounded[rows], sim_fired[rows] = cut.cpu(), True
@@ -347,17 +347,22 @@ class AMG(Guard):
                "authors')", low=0.0, meaning=">= 0 (0 turns despecification off)"),
         Option("--amg-c3", "c3", float, C3_DEFAULT, f"dissimilarity scale, >= 0 (default {C3_DEFAULT:g}, the "
                "authors')", low=0.0, meaning=">= 0 (0 turns the dissimilarity term off)"),
+        Option("--amg-max-ratio", "max_ratio", float, DISSIMILARITY_MAX_RATIO, "memtrain's bound on the "
+               "dissimilarity term: its norm at most this multiple of the guided prediction's (default "
+               f"{DISSIMILARITY_MAX_RATIO:g}; 0: unbounded, the authors' code)", low=0.0,
+               meaning=">= 0 (0: no bound)"),
         Option("--amg-check-every", "check_every", int, 1, "check the similarity every k-th step only (default 1: "
                "every step, as the paper)", low=1, meaning="an integer >= 1 (1: every step)"),
     )
 
     def __init__(self, pipe, index=None, embedder=None, embedder_path=None, threshold=None, c1: float = C1_DEFAULT,
                  c3: float = C3_DEFAULT, despecification: bool = True, deduplication: bool = True,
-                 dissimilarity: bool = True, check_every: int = 1):
+                 dissimilarity: bool = True, check_every: int = 1, max_ratio: float = DISSIMILARITY_MAX_RATIO):
         check_index(index, pipe, guard=self.name)
         lam, scale = amg_trigger(index, threshold)
         self.pipe, self.index, self.trigger = pipe, index, scale.source
-        self.config = AMGConfig(lam, c1, c3, despecification, deduplication, dissimilarity, check_every, scale)
+        self.config = AMGConfig(lam, c1, c3, despecification, deduplication, dissimilarity, check_every, scale,
+                                max_ratio)
         if embedder is None:
             path = embedder_path or (index.meta or {}).get("embedder_path")
             embedder = make_embedder(index.embedding, path, pipe.device)

@@ -15,10 +15,10 @@ def _num(value, spec: str = ".3f") -> str:
 def table(results: list[dict]) -> list[str]:
     """The side-by-side Markdown table, one row per run."""
     lines = ["| run | steps | trained rows | views per distinct image (median, max) | dup. replication | "
-             "dup. nL2 < 1.4 | dup. nearest is own | "
+             "dup. copies (verdict) | dup. nL2 < 1.4 | dup. nearest is own | "
              "singleton replication | novel replication | novel toy alignment | novel KID x100 | "
              "CLiD AUC (final) | CLiD TPR@1%FPR | train s | monitor s (calls, % of train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rep, gen, mon, cost = r["replication"], r["general"], r["final_monitor"] or {}, r["monitor_cost"]
         dup, single, novel = (rep.get(g, {}) for g in ("duplicated", "singleton", "novel"))
@@ -27,7 +27,7 @@ def table(results: list[dict]) -> list[str]:
                    if cost.get("seconds") is not None else "-")
         lines.append(
             f"| {r['name']} | {r['steps']} | {r['data']['trained_rows']} | {_views(r)} | "
-            f"{_pct(dup.get('fraction_replicated'))} | "
+            f"{_pct(dup.get('fraction_replicated'))} | {_pct(dup.get('fraction_verdict'))} | "
             f"{_pct(dup.get('fraction_nl2'))} | {_pct(dup.get('nearest_is_own_image'))} | "
             f"{_pct(single.get('fraction_replicated'))} | {_pct(novel.get('fraction_replicated'))} | "
             f"{_pct(gen.get('toy_alignment'))} | {_num(None if kid is None else 100 * kid)} | "
@@ -150,18 +150,23 @@ def study_markdown(report: dict) -> str:
         lines += [f"Calibration: the criterion flags {cal['flagged_rate']:.0%} of the {cal['heldout_images']} held-out "
                   f"images (never trained on; their NN1/NN2 ratio: min {cal['ratio_min']:.2f}, 5th percentile "
                   f"{cal['ratio_p5']:.2f}, median {cal['ratio_median']:.2f}).", ""]
+    if report.get("verdict_text"):
+        lines += [f"Copy verdict of `memtrain evaluate` (beside the study's criterion, column \"copies (verdict)\"): "
+                  f"{report['verdict_text']}.", ""]
     for key in ("training", "timing"):
         if key in report:
             lines += [f"**{key}**: " + ", ".join(f"{k}={v}" for k, v in report[key].items()), ""]
     threshold = fraction(report["ratio_threshold"])
     lines += [f"| group | prompts | generations | replication rate (ratio < {threshold}) | replicated: a duplicated "
-              "image | (vs originals) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own image | median L2 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "image | (vs originals) | copies (verdict) | ratio < 1/3 | tiled-L2 <= 0.15 | nL2 < 1.4 | nearest is own "
+              "image | median L2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, s in report["groups"].items():
         own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
         lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['fraction_replicated']:.0%} | "
                      f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
-                     f"{s['fraction_replicated_vs_originals']:.0%} | {s['fraction_ratio_1_3']:.0%} | "
+                     f"{s['fraction_replicated_vs_originals']:.0%} | {_pct(s.get('fraction_verdict'))} | "
+                     f"{s['fraction_ratio_1_3']:.0%} | "
                      f"{s['fraction_tiled_l2']:.0%} | {s['fraction_nl2']:.0%} | {own} | {s['l2_median']:.3f} |")
     lines += ["", "![generations beside their nearest training images](replication.png)", ""]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from trainer.measure.replication import (
     unique_images,
     vae_roundtrip,
 )
+from trainer.measure.verdict import GRADIENT_METRIC, calibrate_replication
 from trainer.plots import save_replication_grid
 from trainer.sample.generate import generate_images
 from trainer.toy.render import fraction, study_markdown
@@ -76,12 +77,19 @@ def replication_study(pipe, data_root: str | Path, n: int = 2, seed: int = 0, ma
                    nearest_is_source=row["nn_index"] == prompt["source"],
                    nearest_group=unique_group.get(row["nn_index"], "unlabelled"))
         per_gen.append(row)
+    heldout_refs = None if heldout is None else vae_roundtrip(pipe, heldout) if reference == "vae" else heldout
+    verdict = None
+    if heldout_refs is not None:  # the default copy verdict of `evaluate`, calibrated on the same held-out images
+        verdict = calibrate_replication(heldout_refs, references, unique)[GRADIENT_METRIC]
+        for row in per_gen:
+            row["verdict_copy"] = bool(verdict.flags([row["gradient_ratio"]])[0])
     return {"images": images, "unique_train": references, "generations": per_gen, "n": n, "seed": seed,
             "train_images": len(train), "unique_train_images": len(unique), "reference": reference,
             "steps": steps, "guidance_scale": guidance_scale, "ratio_threshold": ratio_threshold,
-            "heldout_images": heldout,
-            "calibration": None if heldout is None else heldout_calibration(
-                vae_roundtrip(pipe, heldout) if reference == "vae" else heldout, references, ratio_threshold)}
+            "heldout_images": heldout, "verdict": None if verdict is None else verdict.to_dict(),
+            "verdict_text": None if verdict is None else verdict.describe(),
+            "calibration": None if heldout_refs is None else heldout_calibration(heldout_refs, references,
+                                                                                ratio_threshold)}
 
 
 def heldout_calibration(heldout: torch.Tensor, references: torch.Tensor, ratio_threshold: float) -> dict:
@@ -106,6 +114,8 @@ def summarize(study: dict) -> dict:
                           [r["tiled_l2"] for r in rows], [r["nl2"] for r in rows], [r["l2"] for r in rows], own,
                           study["ratio_threshold"])
         replicated = [r for r in rows if r["ratio_memorized"]]
+        if "verdict_copy" in rows[0]:
+            s["fraction_verdict"] = float(np.mean([r["verdict_copy"] for r in rows]))
         summary[group] = {"prompts": len({r["text"] for r in rows}), **s,
                           "replicated_generations": len(replicated),
                           "replicated_duplicated_images": sum(r["nearest_group"] == "duplicated" for r in replicated)}
@@ -121,6 +131,7 @@ def write_study(study: dict, out: str | Path, title: str, extra: dict | None = N
               "criterion": f"NN1/NN2 L2 ratio < {fraction(study['ratio_threshold'])} against the unique training "
                            f"images {ref} (Gu et al. 2023)",
               "ratio_threshold": study["ratio_threshold"], "calibration": study["calibration"],
+              "verdict": study.get("verdict"), "verdict_text": study.get("verdict_text"),
               "n_per_prompt": study["n"], "seed": study["seed"], "sampler_steps": study["steps"],
               "guidance_scale": study["guidance_scale"], "train_images": study["train_images"],
               "unique_train_images": study["unique_train_images"], "groups": summary, **(extra or {}),
