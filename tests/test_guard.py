@@ -198,9 +198,9 @@ def test_amg_terms_are_the_authors_code(pipe):
     ratio = g.flatten(1).norm(dim=1) / eps_hat.flatten(1).norm(dim=1)
     assert torch.allclose(ratio, torch.full_like(ratio, 0.01), rtol=1e-3)
     assert all(r.bounded_steps == 1 for r in bounded.records)
-    # --amg-max-ratio 0: no bound, the authors' term as it is
+    # the default, --amg-max-ratio 0: no bound, the authors' term as it is
     unbounded = AMGGuard(core, index, EMBED, encoder(pipe), AMGConfig(
-        always, despecification=False, deduplication=False, c3=100.0, max_ratio=0.0), b)
+        always, despecification=False, deduplication=False, c3=100.0), b)
     g0 = unbounded.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat
     assert torch.equal(g0, only_sim.guide(step, t, x_T, eps_u, eps_c, eps_hat, table, s0) - eps_hat)
     assert all(r.bounded_steps == 0 for r in unbounded.records)

@@ -5,8 +5,8 @@ prediction (`AMGGuard.guide`).
 
 AMG's constants are the authors' code's (cited line by line below and in docs/methods.md); deviations:
 despecification is gated by the threshold as in the paper (the code applies it at every step,
-`despecification_floor=0` reproduces that), the dissimilarity term's norm is bounded, other embedders than
-SSCD are mapped onto the SSCD scale (`SimilarityScale`), and `check_every` > 1 skips checks to save VAE
+`despecification_floor=0` reproduces that), the dissimilarity term's norm can be bounded (`max_ratio`, off
+by default), other embedders than SSCD are mapped onto the SSCD scale (`SimilarityScale`), and `check_every` > 1 skips checks to save VAE
 decodes. The trigger: the authors' schedule for SSCD, the index's held-out calibration otherwise
 (`amg_trigger`).
 """
@@ -36,9 +36,9 @@ DEDUP_NEIGHBOURS, DEDUP_MIN_COUNT = 1000, 20  # txt2img.py l.255-265: a caption 
 C3_DEFAULT = 100.0  # txt2img.py l.477 (--guidance_scale 100), returned as -grad * 100 (l.324)
 DISSIMILARITY_BASE = 0.3  # ddim.py l.319: the dissimilarity is scaled by (sigma - 0.3)
 DISSIMILARITY_TIME = 170.0  # ddim.py l.319: ... and by exp((1000 - t) / 170)
-# memtrain's bound (not the authors'): the dissimilarity term's norm is at most this multiple of the
-# guided prediction's, so a firing guard cannot push the estimate out of the latent distribution.
-DISSIMILARITY_MAX_RATIO = 1.0
+# An optional bound (memtrain's, not the authors'): the dissimilarity term's norm at most this multiple of the
+# guided prediction's; 0, the default, leaves the term unbounded as the authors' code does (docs/methods.md).
+DISSIMILARITY_MAX_RATIO = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class GuardRecord:
     dup_caption: str | None = None  # the frequent caption deduplication steers from (authors' dup_caption)
     dedup_left: int = 0  # steps left in the deduplication window
     terms: dict = field(default_factory=lambda: {"despecification": 0, "deduplication": 0, "dissimilarity": 0})
-    bounded_steps: int = 0  # steps where the dissimilarity term was cut to DISSIMILARITY_MAX_RATIO
+    bounded_steps: int = 0  # steps where the dissimilarity term was cut to `max_ratio`
 
     def as_dict(self) -> dict:
         return {
@@ -347,10 +347,9 @@ class AMG(Guard):
                "authors')", low=0.0, meaning=">= 0 (0 turns despecification off)"),
         Option("--amg-c3", "c3", float, C3_DEFAULT, f"dissimilarity scale, >= 0 (default {C3_DEFAULT:g}, the "
                "authors')", low=0.0, meaning=">= 0 (0 turns the dissimilarity term off)"),
-        Option("--amg-max-ratio", "max_ratio", float, DISSIMILARITY_MAX_RATIO, "memtrain's bound on the "
-               "dissimilarity term: its norm at most this multiple of the guided prediction's (default "
-               f"{DISSIMILARITY_MAX_RATIO:g}; 0: unbounded, the authors' code)", low=0.0,
-               meaning=">= 0 (0: no bound)"),
+        Option("--amg-max-ratio", "max_ratio", float, DISSIMILARITY_MAX_RATIO, "a bound on the dissimilarity "
+               "term: its norm at most this multiple of the guided prediction's, e.g. 1 if guarded images saturate "
+               "(default 0: unbounded, the authors' code)", low=0.0, meaning=">= 0 (0: no bound)"),
         Option("--amg-check-every", "check_every", int, 1, "check the similarity every k-th step only (default 1: "
                "every step, as the paper)", low=1, meaning="an integer >= 1 (1: every step)"),
     )
