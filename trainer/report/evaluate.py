@@ -25,7 +25,7 @@ from trainer.detect import DETECTOR_STEPS, MEMBERSHIP_DETECTORS, PROMPT_DETECTOR
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
 from trainer.measure.calibration import Calibration, check_fpr
 from trainer.measure.features import choose_quality_feature, load_clip_scorer, load_sscd
-from trainer.measure.index import check_index_data
+from trainer.measure.index_data import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.verdict import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
