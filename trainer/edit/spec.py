@@ -76,8 +76,9 @@ def read_texts(path: str | None, flag: str) -> list[str]:
         raise MemtrainError(f"{flag}: {e}") from None
 
 
-def parameters(spec: EditSpec) -> dict:
+def parameters(spec: EditSpec, options: dict | None = None) -> dict:
     """edit.json's `parameters`: every spec key but the method, the source and the output, with the method's
-    options flat beside them."""
+    options (`options`, checked and complete; default the spec's own) flat beside them."""
     skip = {"method", "checkpoint", "out", "options"}
-    return {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in skip}, **spec.options}
+    return {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in skip},
+            **(spec.options if options is None else options)}

@@ -102,7 +102,7 @@ def edit_report(spec: EditSpec, texts: dict, options: dict, applied: dict) -> di
     report = {"tool": "memtrain edit", "method": spec.method, "description": edit.description,
               "source": str(spec.checkpoint), "source_lora": spec.lora, "out": str(spec.out),
               "output": "lora" if applied["lora_state_dict"] is not None else "pipeline",
-              "parameters": parameters(spec) | options,
+              "parameters": parameters(spec, options),
               "prompts": {k: len(v) for k, v in texts.items() if k != "evaluate"},
               "changed": changed, "total_changed": sum(changed.values()), "layers_changed": len(changed),
               "seconds": round(applied["seconds"], 3), "unet_evals": applied["unet_evals"],
