@@ -118,7 +118,9 @@ def save_edited(pipe, out: str | Path, source: str | Path, report: dict, lora_st
         del pipe, lora_state  # written: the caller's evaluation need not hold the model twice
         yield tmp
         if tmp is not None:
-            write_json({"tool": EDIT_TOOL, "source": str(source), **report}, tmp / "edit.json")
+            content = {"tool": EDIT_TOOL, **report}
+            content.setdefault("source", str(source))
+            write_json(content, tmp / "edit.json")
 
 
 def lora_changes(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
