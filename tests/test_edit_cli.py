@@ -223,7 +223,7 @@ def test_an_edit_that_changes_nothing_says_so(tiny_model, prompts, tmp_path, cap
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_save_edited_pipeline(tiny_model, tmp_path):
+def test_save_edited_writes_the_weights_then_edit_json(tiny_model, tmp_path):
     pipe = load_for_edit(tiny_model, device="cpu")
     before = snapshot(pipe.unet)
     assert changed_weights(before, pipe.unet) == {}
