@@ -14,15 +14,18 @@ torch.set_num_threads(1)
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import random  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from trainer.core.unet_core import UNetCore, encode_latents  # noqa: E402
 from trainer.toy import world as toy_world  # noqa: E402
 from trainer.toy.base import TinySize, build_components, build_tokenizer, save_pipeline  # noqa: E402
 
@@ -37,6 +40,51 @@ def tiny_model(tmp_path_factory) -> Path:
     parts = build_components(build_tokenizer(toy_world.vocabulary()), TINY, seed=0)
     save_pipeline(parts, out)
     return out
+
+
+def train_memorizing_model(out: Path, steps: int = 150, general: int = 200, heldout: int = 0,
+                           ) -> tuple[torch.Tensor, list[str]]:
+    """Fine-tune the tiny SD-shaped model for a few seconds so that it memorizes ONE toy image, and save it to
+    `out`: half of every batch is that image with its full caption (a scene of at least two objects), the other
+    half `general` other toy images captioned only by their first shape ("a circle", ...), so each general
+    caption stands for ~30 images; `heldout` more images are drawn and never trained on. The latents are
+    scaled to unit variance (as SD's scaling factor gives); 10% caption dropout. Returns (images in [0, 1]:
+    the memorized one, the general ones, the held-out ones; their captions)."""
+    torch.manual_seed(0)
+    parts = build_components(build_tokenizer(toy_world.vocabulary()), TINY, seed=0)
+    rng = random.Random(0)
+    memorized = toy_world.random_scene(rng)
+    while len(memorized.objects) < 2:
+        memorized = toy_world.random_scene(rng)
+    scenes = [memorized] + [toy_world.random_scene(rng) for _ in range(general + heldout)]
+    images = torch.stack([torch.tensor(np.asarray(toy_world.render(s, rng, size=TINY.image_size), dtype=np.float32)
+                                       / 255).permute(2, 0, 1) for s in scenes])
+    captions = [memorized.caption()] + [f"a {s.objects[0].shape}" for s in scenes[1:]]
+    latents = encode_latents(parts, images[: 1 + general] * 2 - 1, seed=0)
+    scale = 1.0 / float(latents.std())
+    parts["vae"].register_to_config(scaling_factor=parts["vae"].config.scaling_factor * scale)
+    latents = latents * scale
+    core = UNetCore(parts)
+    table, index, e0 = core.encode_prompts(captions[: 1 + general])
+    unet = parts["unet"]
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    unet.train()
+    for _ in range(steps):
+        rows = torch.randint(1, len(index), (4,), generator=g)
+        rows[:2] = 0
+        emb = table[index[rows]].clone()
+        emb[torch.rand(4, generator=g) < 0.1] = table[e0]  # caption dropout
+        noise = torch.randn(latents[rows].shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        pred = unet(core.add_noise(latents[rows], noise, t), t, encoder_hidden_states=emb).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    save_pipeline(parts, out)
+    return images, captions
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """DoRI (Kowalczuk et al., ICML 2026) on a tiny model fine-tuned for a few seconds on one toy image.
 
-The module fixture fine-tunes the tiny SD-shaped model (as tests/test_edit_localize.py): half of every
+The module fixture fine-tunes the tiny SD-shaped model (conftest.train_memorizing_model): half of every
 batch is ONE toy image with its caption, the other half 200 toy images captioned by their first shape.
 Its generations do not copy in pixels (the tiny VAE is untrained), so these tests check the attack's
 mechanics against the formula: the denoising loss it minimises falls, draws do not depend on grouping,
@@ -9,67 +9,26 @@ DoRI re-triggers a memorizing model is measured on the demo model (docs/results.
 """
 
 import json
-import random
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import train_memorizing_model
 
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore, encode_latents
 from trainer.detect.dori import dori_attack, dori_curve, dori_section, initial_embeddings, own_copies
 from trainer.io import MemtrainError
 from trainer.measure.replication import vae_roundtrip
-from trainer.toy import world as toy_world
-from trainer.toy.base import build_components, build_tokenizer, save_pipeline
 
 STEPS = 150
 SAMPLE = dict(sample_steps=4, guidance_scale=7.5)
 
 
-def _image(scene, rng) -> torch.Tensor:
-    array = np.asarray(toy_world.render(scene, rng, size=TINY.image_size), dtype=np.float32)
-    return torch.tensor(array / 255).permute(2, 0, 1)
-
-
 @pytest.fixture(scope="module")
 def memorizing(tmp_path_factory):
     """(pipe, images [memorized, 200 general members, 4 never trained] in [0, 1], captions)."""
-    torch.manual_seed(0)
-    parts = build_components(build_tokenizer(toy_world.vocabulary()), TINY, seed=0)
-    rng = random.Random(0)
-    memorized = toy_world.random_scene(rng)
-    while len(memorized.objects) < 2:
-        memorized = toy_world.random_scene(rng)
-    scenes = [memorized] + [toy_world.random_scene(rng) for _ in range(204)]
-    images = torch.stack([_image(s, rng) for s in scenes])
-    captions = [memorized.caption()] + [f"a {s.objects[0].shape}" for s in scenes[1:]]
-    latents = encode_latents(parts, images[:201] * 2 - 1, seed=0)
-    scale = 1.0 / float(latents.std())
-    parts["vae"].register_to_config(scaling_factor=parts["vae"].config.scaling_factor * scale)
-    latents = latents * scale
-    core = UNetCore(parts)
-    table, index, e0 = core.encode_prompts(captions[:201])
-    unet = parts["unet"]
-    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    unet.train()
-    for _ in range(STEPS):
-        rows = torch.randint(1, len(index), (4,), generator=g)
-        rows[:2] = 0
-        emb = table[index[rows]].clone()
-        emb[torch.rand(4, generator=g) < 0.1] = table[e0]
-        noise = torch.randn(latents[rows].shape, generator=g)
-        t = torch.randint(0, 1000, (4,), generator=g)
-        loss = torch.nn.functional.mse_loss(unet(core.add_noise(latents[rows], noise, t), t,
-                                                 encoder_hidden_states=emb).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    unet.eval()
     out = tmp_path_factory.mktemp("dori") / "memorized"
-    save_pipeline(parts, out)
+    images, captions = train_memorizing_model(out, steps=STEPS, general=200, heldout=4)
     pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     return pipe, images, captions

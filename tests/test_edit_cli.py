@@ -4,6 +4,7 @@ and bad input fails with one clear error (exit code 2) before anything is writte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -15,11 +16,12 @@ from diffusers import StableDiffusionPipeline
 from trainer.cli import main
 from trainer.core.attention import cross_attention_modules
 from trainer.core.components import load_pipeline
+from trainer.edit.registry import EDITS, Edit, option
 from trainer.edit.save import (
     LORA_FILE,
     changed_weights,
     load_for_edit,
-    save_edited_pipeline,
+    save_edited,
     save_lora,
     snapshot,
 )
@@ -221,15 +223,18 @@ def test_an_edit_that_changes_nothing_says_so(tiny_model, prompts, tmp_path, cap
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_save_edited_pipeline(tiny_model, tmp_path):
+def test_save_edited_writes_the_weights_then_edit_json(tiny_model, tmp_path):
     pipe = load_for_edit(tiny_model, device="cpu")
     before = snapshot(pipe.unet)
     assert changed_weights(before, pipe.unet) == {}
     result = uce_edit(pipe, [MEMORIZED])
     assert changed_weights(before, pipe.unet) == result["changed"]
-    with pytest.raises(MemtrainError, match="is the source"):
-        save_edited_pipeline(pipe, tiny_model, tiny_model)
-    out = save_edited_pipeline(pipe, tmp_path / "saved", tiny_model, {"method": "uce"})
+    with pytest.raises(MemtrainError, match="is the source"), save_edited(pipe, tiny_model, tiny_model, {}):
+        pass
+    out = tmp_path / "saved"
+    with save_edited(pipe, out, tiny_model, {"method": "uce"}) as tmp:
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    assert not list(tmp_path.glob(".*tmp-*"))
     assert json.loads((out / "edit.json").read_text())["tool"] == "memtrain edit"
     assert changed_weights(before, load_pipeline(out).unet) == result["changed"]
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
@@ -328,3 +333,46 @@ def test_edit_md_leads_with_a_verdict_per_target_and_the_attacks(tiny_model, tin
     for r in ev["verdict_per_target"]:
         assert f"| {r['target']} | **{r['status']}** |" in md
     assert "| DoRI, 2 steps |" in md and "| bounded attack eps 0.1, image known |" in md
+
+
+def test_a_yaml_spec_with_overrides_is_the_command_line(tiny_model, prompts, tmp_path, capsys):
+    """`memtrain edit uce SPEC.yaml key=value --flag` builds the same EditSpec as the flags alone: the same
+    weights; a misspelt option key fails naming it."""
+    spec = tmp_path / "edit.yaml"
+    spec.write_text(f"checkpoint: {tiny_model}\nmemorized: {prompts / 'memorized.txt'}\n"
+                    f"preserved: {prompts / 'preserved.txt'}\nout: {tmp_path / 'from_spec'}\noptions:\n  lam: 0.5\n")
+    assert edit("uce", spec, "options.lam=0.3", "--preserve-scale", "2") == 0
+    assert edit("uce", tiny_model, "--memorized", prompts / "memorized.txt", "--preserved", prompts / "preserved.txt",
+                "--out", tmp_path / "from_flags", "--lam", "0.3", "--preserve-scale", "2") == 0
+    reports = [json.loads((tmp_path / d / "edit.json").read_text()) for d in ("from_spec", "from_flags")]
+    assert reports[0]["parameters"]["lam"] == 0.3 and reports[0]["parameters"]["preserve_scale"] == 2.0
+    assert reports[0]["parameters"] == reports[1]["parameters"] and reports[0]["changed"] == reports[1]["changed"]
+    spec_weights, flag_weights = (load_pipeline(tmp_path / d).unet.state_dict() for d in ("from_spec", "from_flags"))
+    assert all(torch.equal(spec_weights[k], v) for k, v in flag_weights.items())
+    assert "did you mean `options.lam`" in run_fails(capsys, "uce", spec, "options.lamm=0.3")
+
+
+@dataclasses.dataclass
+class ScaleOptions:
+    factor: float = option(0.5, "what the first cross-attention value projection is multiplied by")
+
+
+def scale_value_projection(pipe, texts, options, spec):
+    """A trivial edit: one weight matrix scaled (what adding an edit takes: this function and one registry line)."""
+    module = cross_attention_modules(pipe.unet)[0]
+    weight = pipe.unet.get_submodule(f"{module}.to_v").weight
+    with torch.no_grad():
+        weight.mul_(options["factor"])
+    return {"scaled": f"{module}.to_v.weight", "prompts": len(texts["memorized"])}
+
+
+def test_a_registered_edit_runs_through_the_command(tiny_model, prompts, tmp_path, monkeypatch):
+    monkeypatch.setitem(EDITS, "scale", Edit("scale one projection", scale_value_projection, ScaleOptions))
+    out = tmp_path / "scaled"
+    assert edit("scale", tiny_model, "--memorized", prompts / "memorized.txt", "--out", out, "--factor", "2") == 0
+    report = json.loads((out / "edit.json").read_text())
+    name = report["result"]["scaled"]
+    before, after = (load_pipeline(d).unet.state_dict() for d in (tiny_model, out))
+    assert torch.equal(after[name], 2 * before[name])
+    assert report["changed"] == {name: before[name].numel()} and report["parameters"]["factor"] == 2.0
+    assert report["method"] == "scale" and report["output"] == "pipeline"

@@ -1,77 +1,34 @@
 """Subspace deletion (trainer.edit.prune) and NeMo (trainer.edit.neurons) on a tiny model that memorized one image.
 
-The session fixture fine-tunes the tiny SD-shaped model for a few seconds: half of every batch is ONE toy
+The session fixture fine-tunes the tiny SD-shaped model for a few seconds (conftest.train_memorizing_model): half of every batch is ONE toy
 image with its full caption (the memorized pair), the other half are 200 other toy images captioned only
 by their first shape ("a circle", ...), so each general caption stands for ~30 different images. The
 memorized caption then has a first-step ||d(c)|| over twice that of any general caption (asserted).
 """
 
-import random
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import train_memorizing_model
 
 from trainer.core.components import load_pipeline
-from trainer.core.unet_core import UNetCore, encode_latents
 from trainer.detect import noise_magnitude
 from trainer.edit.neurons import block_neurons, localize_neurons, ms_ssim, nemo_block, value_layers
 from trainer.edit.prune import ffn_layers, subspace_prune
 from trainer.io import MemtrainError
 from trainer.sample.generate import generate_images
-from trainer.toy import world as toy_world
-from trainer.toy.base import build_components, build_tokenizer, save_pipeline
 
 STEPS = 150
 GENERAL = "a circle"
 REFERENCE = ["a circle", "a square", "a triangle", "a ring", "a cross", "a diamond"]
 
 
-def _image(scene, rng) -> torch.Tensor:
-    array = np.asarray(toy_world.render(scene, rng, size=TINY.image_size), dtype=np.float32)
-    return torch.tensor(array / 127.5 - 1).permute(2, 0, 1)
-
-
 @pytest.fixture(scope="session")
 def memorized_model(tmp_path_factory):
     """(pipeline dir, memorized caption) of a tiny model fine-tuned to memorize one image."""
-    torch.manual_seed(0)
-    parts = build_components(build_tokenizer(toy_world.vocabulary()), TINY, seed=0)
-    rng = random.Random(0)
-    memorized = toy_world.random_scene(rng)
-    while len(memorized.objects) < 2:
-        memorized = toy_world.random_scene(rng)
-    general = [toy_world.random_scene(rng) for _ in range(200)]
-    images = torch.stack([_image(s, rng) for s in [memorized, *general]])
-    latents = encode_latents(parts, images, seed=0)
-    scale = 1.0 / float(latents.std())  # unit-variance latents, as SD's scaling factor gives
-    parts["vae"].register_to_config(scaling_factor=parts["vae"].config.scaling_factor * scale)
-    latents = latents * scale
-    core = UNetCore(parts)
-    table, index, e0 = core.encode_prompts(
-        [memorized.caption()] + [f"a {s.objects[0].shape}" for s in general]
-    )
-    unet = parts["unet"]
-    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    unet.train()
-    for _ in range(STEPS):
-        rows = torch.randint(1, len(index), (4,), generator=g)
-        rows[:2] = 0
-        emb = table[index[rows]].clone()
-        emb[torch.rand(4, generator=g) < 0.1] = table[e0]  # caption dropout
-        noise = torch.randn(latents[rows].shape, generator=g)
-        t = torch.randint(0, 1000, (4,), generator=g)
-        pred = unet(core.add_noise(latents[rows], noise, t), t, encoder_hidden_states=emb).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    unet.eval()
     out = tmp_path_factory.mktemp("edit") / "memorized"
-    save_pipeline(parts, out)
-    return out, memorized.caption()
+    _, captions = train_memorizing_model(out, steps=STEPS, general=200)
+    return out, captions[0]
 
 
 def _no_hooks(pipe) -> bool:

@@ -515,3 +515,21 @@ def test_a_new_section_is_two_functions_and_one_registry_line(monkeypatch, tmp_p
     assert f"| trigger | {report['brightness']['trigger']:.4f} |" in markdown
     assert markdown.index("## Brightness") > markdown.index("## Quality")  # rendered in registry order
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["brightness"] == report["brightness"]
+
+
+def test_sections_selects_the_report_sections_and_what_they_read(tmp_path, tiny_model, tiny_data, capsys):
+    """`sections: [quality]` (or --sections quality) runs the quality section and those it reads (the generations,
+    the replication section's held-out and training images): the same quality and replication numbers as the
+    whole report, no detector section; an unknown name fails."""
+    common = ["--prompts", tiny_data / "labels.jsonl", "-n", "1", "--steps", "2", "--detectors", "noise",
+              "--quality-feature", "pix8"]
+    assert run_evaluate(tiny_model, *common, "--out", tmp_path / "all") == 0
+    assert run_evaluate(tiny_model, "sections=[quality]", *common, "--out", tmp_path / "quality") == 0
+    full, quality = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("all", "quality"))
+    assert quality["quality"] == full["quality"] and quality["quality"]["groups"]["general"]["kid"] > 0
+    assert quality["replication"]["groups"] == full["replication"]["groups"]
+    assert "trigger" in full and "trigger" not in quality
+    assert set(quality["cost"]) == {"generation", "replication", "quality", "total"}
+    assert "## Quality" in (tmp_path / "quality" / "report.md").read_text()
+    assert "choose from detectors,generate" in run_fails(capsys, tiny_model, *common, "--sections", "qualty",
+                                                         "--out", tmp_path / "never")

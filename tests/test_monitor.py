@@ -17,6 +17,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from trainer.cli import main
+from trainer.io import MemtrainError
 from trainer.tracking import read_jsonl
 
 METRICS = ("clid_auc", "clid_tpr_at_1fpr", "clid_mean_member", "clid_mean_heldout", "noise_auc",
@@ -352,3 +353,31 @@ def test_heldout_pairs_from_an_evaluate_style_membership_file(tmp_path, tiny_dat
     assert [c[0] for c in held.captions] == [r["text"] for r in heldout]
     assert held.images == [tiny_data / r["file_name"] for r in heldout]
     assert all(p.exists() for p in held.images)
+
+
+def test_the_monitor_reads_the_group_names_of_monitor_label_groups(tmp_path, tiny_data):
+    """`monitor.label_groups` gives the roles of a labels file's groups, as `memtrain evaluate --label-groups`: with
+    the toy world's groups renamed, the novel prompts and held-out pairs are the same rows as before the renaming,
+    and the default roles find neither."""
+    from trainer.recipe import MonitorSection
+    from trainer.training.monitor import load_heldout, load_novel
+
+    names = {"novel": "fresh", "heldout": "unseen", "duplicated": "copied", "singleton": "single"}
+    labels = [json.loads(line) for line in (tiny_data / "labels.jsonl").read_text().splitlines()]
+    renamed = tmp_path / "labels.jsonl"
+    renamed.write_text("".join(json.dumps({**r, "group": names[r["group"]],
+                                           **({"file_name": str(tiny_data / r["file_name"])} if r.get("file_name") else {})})
+                               + "\n" for r in labels))
+    roles = tmp_path / "roles.yaml"
+    roles.write_text("memorized: [copied]\nnot_memorized: [fresh]\nmembers: [copied, single]\nnon_members: [unseen]\n")
+    cfg = MonitorSection(heldout=str(renamed), novel_prompts=str(renamed), label_groups=str(roles))
+    novel, _ = load_novel(cfg)
+    assert novel == [r["text"] for r in labels if r["group"] == "novel"] and novel
+    held, groups = load_heldout(cfg, None)
+    assert [c[0] for c in held.captions] == [r["text"] for r in labels if r["group"] == "heldout"]
+    assert set(groups.values()) == set(names.values())
+    with pytest.raises(MemtrainError, match="no rows with group novel"):
+        load_novel(MonitorSection(novel_prompts=str(renamed)))
+    roles.write_text("memorized: [copied]\n")
+    with pytest.raises(MemtrainError, match="`monitor.label_groups`"):
+        load_novel(cfg)

@@ -21,7 +21,8 @@ from trainer.cli import main
 from trainer.data import image_to_tensor, load_rows, open_image
 from trainer.io import MANIFEST, MemtrainError, check_replaceable, claim_output, output_files, read_manifest
 from trainer.measure.embedders import make_embedder
-from trainer.measure.index import INDEX_FILE, TrainingIndex, check_index_data, fingerprint_of
+from trainer.measure.index import INDEX_FILE, TrainingIndex
+from trainer.measure.index_data import check_index_data, fingerprint_of
 from trainer.report.guard_sections import index_replication
 
 

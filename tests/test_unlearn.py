@@ -21,7 +21,7 @@ from trainer.cli import main
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore
 from trainer.detect import noise_magnitude
-from trainer.edit.save import LORA_FILE, save_edited_pipeline, save_lora
+from trainer.edit.save import LORA_FILE, save_edited, save_lora
 from trainer.edit.unlearn import merged_unet, unlearn
 from trainer.io import MemtrainError
 from trainer.sample.generate import generate_images
@@ -88,13 +88,15 @@ def test_merge_gives_a_plain_unet_and_pipeline(edited, tmp_path):
         fused = merged(x, 500, encoder_hidden_states=table[index].expand(2, -1, -1)).sample
     assert (lora - fused).abs().max() <= 1e-4
     plain = type(pipe)(**{**pipe.components, "unet": merged})
-    out = save_edited_pipeline(plain, tmp_path / "merged", TOY_BASE)
+    out = tmp_path / "merged"
+    with save_edited(plain, out, TOY_BASE, {"method": "unlearn"}):
+        pass
     reloaded = load_pipeline(out)
     assert not getattr(reloaded.unet, "_hf_peft_config_loaded", False)
     images = generate_images(reloaded, [NAMED, KEPT], **GEN)
     assert (images - edited["g1"]).abs().max() <= 1e-3
-    with pytest.raises(MemtrainError, match="source"):
-        save_edited_pipeline(plain, TOY_BASE, TOY_BASE)
+    with pytest.raises(MemtrainError, match="source"), save_edited(plain, TOY_BASE, TOY_BASE, {}):
+        pass
 
 
 def test_full_weights_remove_named_prompt_and_keep_preserved():

@@ -27,10 +27,11 @@ class LabelGroups:
     non_members: tuple[str, ...]
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> LabelGroups:
-        """The groups of a YAML file (default: the packaged one); a MemtrainError names a missing or bad key."""
+    def load(cls, path: str | Path | None = None, key: str = "--label-groups") -> LabelGroups:
+        """The groups of a YAML file (default: the packaged one); a MemtrainError names `key` (the flag or recipe
+        key that gave the file) and a missing or bad key."""
         path = Path(path) if path is not None else DEFAULT_LABEL_GROUPS
-        where = f"--label-groups {path}"
+        where = f"{key} {path}"
         try:
             data = yaml.safe_load(read_text_file(path, "label-groups file"))
         except yaml.YAMLError as e:

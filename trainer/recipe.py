@@ -120,7 +120,8 @@ class MonitorSection:
     heldout: str | None = None  # held-out (non-member) pairs: imagefolder dir, toy labels.jsonl, or a dataset
     heldout_split: str = "test"  # split of a `datasets` held-out dataset (e.g. heldout = data.path)
     heldout_count: int = 32
-    novel_prompts: str | None = None  # text / JSONL prompt file (JSONL rows with `group` keep "novel"); None: held-out captions
+    novel_prompts: str | None = None  # text / JSONL prompt file (JSONL rows with `group` keep the not_memorized groups); None: held-out captions
+    label_groups: str | None = None  # YAML roles of the labelled files' group names (as `memtrain evaluate --label-groups`); None: trainer/label_groups.yaml
     novel_count: int = 32
     clid_alpha: float = 0.5  # CLiD_th weight of S(mean D) vs S(L); fixed, scaler fitted on the held-out probe
     batch_size: int = 16  # samples per UNet forward inside the monitor

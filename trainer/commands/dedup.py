@@ -14,7 +14,8 @@ from trainer.data_shards import shard_files
 from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure import ann
 from trainer.measure.features import EMBEDDINGS, check_model_path, embed_images
-from trainer.measure.index import TrainingIndex, check_index_data
+from trainer.measure.index import TrainingIndex
+from trainer.measure.index_data import check_index_data
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.plots import plot_groups
 from trainer.report.render import dedup_markdown

@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_quality_argument(p)
     p.add_argument("--wandb", action="store_true", help="log the summary and figures to W&B (respects WANDB_MODE)")
     p.add_argument("--no-generate", action="store_true", help="skip generation (no replication or quality)")
+    p.add_argument("--sections", help="comma-separated report sections to run (with those they read from; default "
+                   "every section the other options ask for): detectors, generate, replication, membership, quality, "
+                   "attack, guard")
     p.add_argument("--detectors", help=f"comma-separated subset of {','.join(DETECTORS)} (default all; clid = "
                    "membership)")
     c = p.add_argument_group("copy verdict and generation groups")

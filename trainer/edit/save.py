@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from trainer.core.components import LORA_FILE, check_lora_base, load_lora_weights, load_pipeline, lora_file
+from trainer.core.distributed import on_main_process
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_output, write_json
 
 EDIT_TOOL = "memtrain edit"
@@ -94,12 +97,45 @@ def write_pipeline(pipe, directory: str | Path, source: str | Path) -> None:
             (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def save_edited_pipeline(pipe, out: str | Path, source: str | Path, report: dict | None = None) -> Path:
-    """Write the edited pipeline to `out` atomically, with `edit.json` (`report`, marked as a memtrain edit)."""
-    out = check_edit_output(out, source)
-    with atomic_dir(out, "edit", {"CHECKPOINT": source}) as tmp:
-        write_pipeline(pipe, tmp, source)
-        write_json({"tool": EDIT_TOOL, "source": str(source), **(report or {})}, tmp / "edit.json")
+@contextmanager
+def save_edited(pipe, out: str | Path, source: str | Path, report: dict, lora_state: dict | None = None,
+                inputs: dict | None = None, files: dict | None = None) -> Iterator[Path | None]:
+    """Write an edit's result into `out` atomically, refusing outputs that would modify the source or replace
+    anything but an earlier edit (`check_edit_output`): the LoRA `lora_state` (`save_lora`) or else the whole
+    pipeline (`write_pipeline`), and `files` ({name: JSON value}). Yields the temporary directory for what goes
+    beside the weights (None on the other processes of `accelerate launch`, which write nothing); on leaving,
+    `report` (as the caller left it) is written as edit.json, marked as a memtrain edit, and the directory
+    renamed to `out`. The one save path of `memtrain edit` and the Python API."""
+    check_edit_output(out, source, inputs)
+    with on_main_process(atomic_dir(Path(out), "edit", {"CHECKPOINT": source, **(inputs or {})})) as tmp:
+        if tmp is not None:
+            if lora_state is not None:
+                save_lora(lora_state, tmp)
+            else:
+                write_pipeline(pipe, tmp, source)
+            for name, value in (files or {}).items():
+                write_json(value, tmp / name)
+        del pipe, lora_state  # written: the caller's evaluation need not hold the model twice
+        yield tmp
+        if tmp is not None:
+            content = {"tool": EDIT_TOOL, **report}
+            content.setdefault("source", str(source))
+            write_json(content, tmp / "edit.json")
+
+
+def lora_changes(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{module weight: entries of the merged update up @ down that are non-zero} of a diffusers-format LoRA."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        for down, up in (("lora.down", "lora.up"), ("lora_A", "lora_B")):
+            for part, role in ((down, "down"), (up, "up")):
+                if f".{part}." in key:
+                    pairs.setdefault(key[: key.index(f".{part}.")], {})[role] = value
+    out = {}
+    for module, p in pairs.items():
+        if "down" in p and "up" in p:
+            update = p["up"].double().flatten(1) @ p["down"].double().flatten(1)
+            out[f"{module.removeprefix('unet.')}.weight"] = int((update != 0).sum())
     return out
 
 

@@ -137,8 +137,7 @@ def unlearn(
     if weights not in WEIGHTS or inner_attack not in INNER_ATTACKS:
         raise MemtrainError(f"unlearn: weights must be one of {WEIGHTS} and inner_attack one of {INNER_ATTACKS}, "
                             f"got {weights!r}, {inner_attack!r}")
-    unet = pipe.unet
-    if getattr(unet, "_hf_peft_config_loaded", False):
+    if getattr(pipe.unet, "_hf_peft_config_loaded", False):
         raise MemtrainError(
             "the UNet already carries a LoRA adapter: fuse it into the weights first "
             "(pipe.fuse_lora(); pipe.unload_lora_weights()) and edit the fused model"
@@ -147,129 +146,163 @@ def unlearn(
     accelerator = Accelerator(mixed_precision=mixed_precision)
     steps, batch_size = int(steps), int(batch_size)
     with count_evals() as counter:
-        core = UNetCore(pipe)
-        # text embeddings: memorized prompts (rows of the forget set), anchors, preserved prompts
-        forget_table, forget_index, _ = core.encode_prompts(memorized)
-        forget_emb = forget_table[forget_index].float()
-        unique_anchors = list(dict.fromkeys(anchors))
-        anchor_table, anchor_index, _ = core.encode_prompts(unique_anchors)
-        anchor_emb = anchor_table[anchor_index].float()
-        forget_anchor = torch.tensor([unique_anchors.index(a) for a in anchors])
-        # x0 pools sampled by the frozen model (counted by hand: the pipeline bypasses the core)
-        passes = 2 if guidance_scale > 1 else 1
-        pool_n = int(samples_per_prompt)
-        forget_pool = generate_from_embeddings(
-            pipe, torch.cat([forget_emb, anchor_emb]), pool_n, seed, sample_steps, guidance_scale,
-            output_type="latent")
-        pool_evals = (len(forget_emb) + len(anchor_emb)) * pool_n * sample_steps * passes
-        if preserved:
-            pres_table, pres_index, _ = core.encode_prompts(preserved)
-            pres_emb = pres_table[pres_index].float()
-            preserve_pool = generate_from_embeddings(pipe, pres_emb, pool_n, seed, sample_steps, guidance_scale,
-                                                     output_type="latent")
-            pool_evals += len(pres_emb) * pool_n * sample_steps * passes
-
-        unet.requires_grad_(False)
-        frozen = None
-        if weights == "lora":
-            with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
-                torch.manual_seed(int(seed))
-                unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
-                                            target_modules=LORA_TARGETS))
-        else:
-            frozen = copy.deepcopy(unet).eval()  # the source model's predictions are the targets
-            unet.requires_grad_(True)
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        params = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, lr, accelerator.device)
-        trained, optimizer = accelerator.prepare(unet, optimizer)
-        base = accelerator.unwrap_model(trained)
-        core = UNetCore(pipe, batch_size * 2)  # frozen targets and attacks, on the unwrapped UNet
-        train_core = UNetCore(pipe, batch_size * 2)
-        train_core.parts = dataclasses.replace(train_core.parts, unet=trained)  # DDP-wrapped forward
-        device = core.device
-        forget_emb, anchor_emb = forget_emb.to(device), anchor_emb.to(device)
-        forget_pool = forget_pool.to(device)
-        if preserved:
-            pres_emb, preserve_pool = pres_emb.to(device), preserve_pool.to(device)
-        attack_parts = dict(unet=base, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                            scheduler=pipe.scheduler, vae=pipe.vae)
-        if frozen is not None:
-            core = UNetCore({**attack_parts, "unet": frozen}, batch_size * 2)
-        dori_targets = forget_pool[torch.arange(len(memorized)) * pool_n]  # each memorized prompt's first sample
-
-        world = accelerator.num_processes
-        rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
-        shape = tuple(core.latent_shape)
-        T = core.num_train_timesteps
+        pools = _pools(pipe, memorized, anchors, preserved, seed, int(samples_per_prompt), sample_steps,
+                       guidance_scale)
+        t = _trainable(pipe, accelerator, weights, rank, seed, lr, batch_size, gradient_checkpointing)
+        for key in ("forget_emb", "anchor_emb", "forget_pool", "pres_emb", "preserve_pool"):
+            pools[key] = pools[key].to(t.core.device) if pools[key] is not None else None
+        dori_targets = pools["forget_pool"][torch.arange(len(memorized)) * int(samples_per_prompt)]  # first samples
         losses, forget_losses, preserve_losses = [], [], []
         bar = tqdm(total=steps, desc="unlearn", disable=not (progress and accelerator.is_main_process),
                    dynamic_ncols=True)
         for step in range(steps):
             if adversarial and step % int(adversarial_every) == 0:
-                base.eval()
-                found = _inner_attack(inner_attack, attack_parts, memorized, forget_emb[: len(memorized)],
-                                      dori_targets, attack_eps, attack_steps, seed + step, core.batch_size)
-                forget_emb = torch.cat([forget_emb, found.float().to(device)])
-                forget_anchor = torch.cat([forget_anchor, forget_anchor[: len(memorized)]])
-            base.train()
-            gen = _step_generator(seed, step)
-            f_entry, f_pool, f_t, f_noise = (x[rows] for x in _draw(
-                gen, batch_size * world, len(forget_emb), len(forget_pool), shape, T))
-            x_f = core.add_noise(forget_pool[f_pool], f_noise.to(device), f_t)
-            latents, timesteps = [x_f], [f_t]
-            cond = [forget_emb[f_entry]]
-            target_emb = [anchor_emb[forget_anchor[f_entry]]]
-            if preserved and preserve_weight > 0:
-                p_entry, p_pool, p_t, p_noise = (x[rows] for x in _draw(
-                    gen, batch_size * world, len(pres_emb), len(preserve_pool), shape, T))
-                x_p = core.add_noise(preserve_pool[p_pool], p_noise.to(device), p_t)
-                latents.append(x_p)
-                timesteps.append(p_t)
-                cond.append(pres_emb[p_entry])
-                target_emb.append(pres_emb[p_entry])
-            latents, timesteps = torch.cat(latents), torch.cat(timesteps)
-            cond, target_emb = torch.cat(cond), torch.cat(target_emb)
-            with torch.no_grad():
-                if frozen is not None:
-                    target = core.eps(latents, timesteps, target_emb)
-                else:
-                    base.disable_adapters()
-                    try:
-                        target = core.eps(latents, timesteps, target_emb)
-                    finally:
-                        base.enable_adapters()
-            pred = train_core.eps(latents, timesteps, cond, grad=True)
-            k = len(f_entry)
-            loss_f = F.mse_loss(pred[:k], target[:k])
-            loss_p = F.mse_loss(pred[k:], target[k:]) if len(pred) > k else pred.new_zeros(())
+                t.base.eval()
+                found = _inner_attack(inner_attack, t.attack_parts, memorized, pools["forget_emb"][: len(memorized)],
+                                      dori_targets, attack_eps, attack_steps, seed + step, t.core.batch_size)
+                pools["forget_emb"] = torch.cat([pools["forget_emb"], found.float().to(t.core.device)])
+                pools["forget_anchor"] = torch.cat([pools["forget_anchor"], pools["forget_anchor"][: len(memorized)]])
+            t.base.train()
+            loss_f, loss_p = _step_losses(t, pools, _step_generator(seed, step), batch_size,
+                                          bool(preserved and preserve_weight > 0))
             loss = loss_f + preserve_weight * loss_p
             accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            t.optimizer.step()
+            t.optimizer.zero_grad()
             losses.append(float(loss.detach()))
             forget_losses.append(float(loss_f.detach()))
             preserve_losses.append(float(loss_p.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
-        base.eval()
+        t.base.eval()
         accelerator.wait_for_everyone()
         if gradient_checkpointing:
-            base.disable_gradient_checkpointing()
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(base)) if frozen is None else None
-        del frozen
+            t.base.disable_gradient_checkpointing()
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(t.base)) if t.frozen is None else None
+        del t
     return {
         "lora_state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()} if state else None,
         "weights": weights,
         "losses": losses,
         "forget_losses": forget_losses,
         "preserve_losses": preserve_losses,
-        "forget_set": len(forget_emb),
-        "unet_evals": counter.unet_evals + pool_evals,
+        "forget_set": len(pools["forget_emb"]),
+        "unet_evals": counter.unet_evals + pools["pool_evals"],
         "seconds": time.perf_counter() - start,
     }
+
+
+def _pools(pipe, memorized: list[str], anchors: list[str], preserved: list[str], seed: int, pool_n: int,
+           sample_steps: int, guidance_scale: float) -> dict:
+    """Text embeddings of the memorized prompts (rows of the forget set), the anchors and the preserved prompts,
+    and the x0 pools the frozen model samples for them (counted by hand: the pipeline bypasses the core)."""
+    core = UNetCore(pipe)
+    forget_table, forget_index, _ = core.encode_prompts(memorized)
+    forget_emb = forget_table[forget_index].float()
+    unique_anchors = list(dict.fromkeys(anchors))
+    anchor_table, anchor_index, _ = core.encode_prompts(unique_anchors)
+    anchor_emb = anchor_table[anchor_index].float()
+    passes = 2 if guidance_scale > 1 else 1
+    pools = {"forget_emb": forget_emb, "anchor_emb": anchor_emb, "pres_emb": None, "preserve_pool": None,
+             "forget_anchor": torch.tensor([unique_anchors.index(a) for a in anchors]),
+             "forget_pool": generate_from_embeddings(pipe, torch.cat([forget_emb, anchor_emb]), pool_n, seed,
+                                                     sample_steps, guidance_scale, output_type="latent"),
+             "pool_evals": (len(forget_emb) + len(anchor_emb)) * pool_n * sample_steps * passes}
+    if preserved:
+        pres_table, pres_index, _ = core.encode_prompts(preserved)
+        pools["pres_emb"] = pres_table[pres_index].float()
+        pools["preserve_pool"] = generate_from_embeddings(pipe, pools["pres_emb"], pool_n, seed, sample_steps,
+                                                          guidance_scale, output_type="latent")
+        pools["pool_evals"] += len(pools["pres_emb"]) * pool_n * sample_steps * passes
+    return pools
+
+
+@dataclasses.dataclass
+class _Trainable:
+    """The trained UNet (`trained`, DDP-wrapped under a launch; `base` unwrapped), its optimizer, the cores of the
+    targets (`core`: the frozen copy for full weights, else the adapter switched off) and of the trained forward
+    (`train_core`), and the current model's parts the inner attack runs on."""
+
+    accelerator: Accelerator
+    trained: torch.nn.Module
+    base: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    core: UNetCore
+    train_core: UNetCore
+    frozen: torch.nn.Module | None
+    attack_parts: dict
+
+
+def _trainable(pipe, accelerator: Accelerator, weights: str, rank: int, seed: int, lr: float, batch_size: int,
+               gradient_checkpointing: bool) -> _Trainable:
+    """The LoRA added to `pipe.unet` (initialised from `seed` only) or, for full weights, every UNet weight made
+    trainable beside a frozen copy; prepared by the Accelerator."""
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    frozen = None
+    if weights == "lora":
+        with torch.random.fork_rng(devices=[]):  # the gaussian LoRA init depends on `seed` only
+            torch.manual_seed(int(seed))
+            unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS))
+    else:
+        frozen = copy.deepcopy(unet).eval()  # the source model's predictions are the targets
+        unet.requires_grad_(True)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, lr, accelerator.device)
+    trained, optimizer = accelerator.prepare(unet, optimizer)
+    base = accelerator.unwrap_model(trained)
+    core = UNetCore(pipe, batch_size * 2)  # frozen targets and attacks, on the unwrapped UNet
+    train_core = UNetCore(pipe, batch_size * 2)
+    train_core.parts = dataclasses.replace(train_core.parts, unet=trained)  # DDP-wrapped forward
+    attack_parts = dict(unet=base, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                        scheduler=pipe.scheduler, vae=pipe.vae)
+    if frozen is not None:
+        core = UNetCore({**attack_parts, "unet": frozen}, batch_size * 2)
+    return _Trainable(accelerator, trained, base, optimizer, core, train_core, frozen, attack_parts)
+
+
+def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: int,
+                 preserve: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forget loss, preservation loss) of one step: this process's rows of the step's global draws, noised pool
+    latents, the trained prediction against the target model's prediction for the anchor (forget) or the
+    prompt itself (preserved)."""
+    core, accelerator = t.core, t.accelerator
+    world, device = accelerator.num_processes, core.device
+    rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
+    shape, T = tuple(core.latent_shape), core.num_train_timesteps
+    f_entry, f_pool, f_t, f_noise = (x[rows] for x in _draw(
+        gen, batch_size * world, len(pools["forget_emb"]), len(pools["forget_pool"]), shape, T))
+    latents = [core.add_noise(pools["forget_pool"][f_pool], f_noise.to(device), f_t)]
+    timesteps = [f_t]
+    cond = [pools["forget_emb"][f_entry]]
+    target_emb = [pools["anchor_emb"][pools["forget_anchor"][f_entry]]]
+    if preserve:
+        p_entry, p_pool, p_t, p_noise = (x[rows] for x in _draw(
+            gen, batch_size * world, len(pools["pres_emb"]), len(pools["preserve_pool"]), shape, T))
+        latents.append(core.add_noise(pools["preserve_pool"][p_pool], p_noise.to(device), p_t))
+        timesteps.append(p_t)
+        cond.append(pools["pres_emb"][p_entry])
+        target_emb.append(pools["pres_emb"][p_entry])
+    latents, timesteps = torch.cat(latents), torch.cat(timesteps)
+    cond, target_emb = torch.cat(cond), torch.cat(target_emb)
+    with torch.no_grad():
+        if t.frozen is not None:
+            target = core.eps(latents, timesteps, target_emb)
+        else:
+            t.base.disable_adapters()
+            try:
+                target = core.eps(latents, timesteps, target_emb)
+            finally:
+                t.base.enable_adapters()
+    pred = t.train_core.eps(latents, timesteps, cond, grad=True)
+    k = len(f_entry)
+    loss_f = F.mse_loss(pred[:k], target[:k])
+    loss_p = F.mse_loss(pred[k:], target[k:]) if len(pred) > k else pred.new_zeros(())
+    return loss_f, loss_p
 
 
 def merged_unet(unet):

@@ -33,7 +33,8 @@ from trainer.io import MemtrainError, check_output, is_write_failure
 from trainer.measure import ann
 from trainer.measure.embedders import make_embedder
 from trainer.measure.groups import caption_groups
-from trainer.measure.index import DTYPES, TrainingIndex, data_fingerprint, row_file_name
+from trainer.measure.index import DTYPES, TrainingIndex
+from trainer.measure.index_data import data_fingerprint, row_file_name
 from trainer.measure.replication import vae_roundtrip
 
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats

@@ -25,7 +25,7 @@ from trainer.detect import DETECTOR_STEPS, MEMBERSHIP_DETECTORS, PROMPT_DETECTOR
 from trainer.io import MemtrainError, atomic_dir, atomic_file, check_replaceable, write_json
 from trainer.measure.calibration import Calibration, check_fpr
 from trainer.measure.features import choose_quality_feature, load_clip_scorer, load_sscd
-from trainer.measure.index import check_index_data
+from trainer.measure.index_data import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.verdict import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
@@ -59,11 +59,13 @@ REPLICATED_GRID = 16  # replicated.png: the 8 most copy-like generations and the
 SECTIONS: dict[str, Section] = {
     "detectors": Section("detectors", run_trigger, trigger_lines),
     "generate": Section("generate", run_generation),
-    "replication": Section("replication", run_replication, replication_lines),
+    "replication": Section("replication", run_replication, replication_lines, needs=("generate",)),
     "membership": Section("membership", run_membership, membership_lines),
-    "quality": Section("quality", run_quality, quality_lines),
-    "attack": Section("attack", run_attack, attack_lines, enabled=lambda run: bool(run.attacks)),
-    "guard": Section("guard", run_guard, guard_lines, enabled=lambda run: bool(run.guard)),
+    "quality": Section("quality", run_quality, quality_lines, needs=("generate", "replication")),
+    "attack": Section("attack", run_attack, attack_lines, enabled=lambda run: bool(run.attacks),
+                      needs=("generate", "replication")),
+    "guard": Section("guard", run_guard, guard_lines, enabled=lambda run: bool(run.guard),
+                     needs=("generate", "replication", "quality")),
 }
 
 
@@ -77,6 +79,24 @@ def parse_detectors(value: str | Sequence[str]) -> list[str]:
     if unknown or not names:
         raise MemtrainError(f"--detectors: unknown {unknown or 'empty list'}; choose from {','.join(known)}")
     return list(dict.fromkeys(names))
+
+
+def parse_sections(value: str | Sequence[str] | None) -> list[str] | None:
+    """The sections a spec selects (`sections:`, comma-separated or a list) with the sections they read from, in
+    `SECTIONS` order; None (every section its inputs ask for) when it selects none."""
+    if value is None:
+        return None
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise MemtrainError(f"--sections: unknown {unknown or 'empty list'}; choose from {','.join(SECTIONS)}")
+    chosen = set()
+    while names:
+        name = names.pop()
+        if name not in chosen:
+            chosen.add(name)
+            names += SECTIONS[name].needs
+    return [name for name in SECTIONS if name in chosen]
 
 
 def grid_picks(order: list[int], flagged: list[bool], size: int = REPLICATED_GRID) -> list[int]:
@@ -108,6 +128,7 @@ def check_spec(spec: EvalSpec) -> dict:
     for value, flag in ((spec.n, "-n"), (spec.batch_size, "--batch-size"), (spec.steps, "--steps")):
         if int(value) < 1:
             raise MemtrainError(f"{flag} must be >= 1, got {value}")
+    parse_sections(spec.sections)
     parsed = {"detectors": parse_detectors(spec.detectors), "groups": parse_groups(spec.groups)}
     check_fpr(spec.fpr)
     check_criterion(spec.criterion, spec.sscd is not None)
@@ -212,7 +233,8 @@ def evaluate(checkpoint: str | Path | EvalSpec | None = None, prompts: str | Pat
     t_start = time.perf_counter()
     spec = as_spec(checkpoint, prompts, keys)
     run = prepare(spec, calibration, progress and distributed.is_main_process())
-    sections = [s for s in SECTIONS.values() if s.enabled(run)]
+    chosen = parse_sections(spec.sections) or list(SECTIONS)
+    sections = [s for s in SECTIONS.values() if s.name in chosen and s.enabled(run)]
     with distributed.on_main_process(atomic_dir(spec.out, "evaluate", input_paths(spec))) as tmp, \
             tqdm(total=len(sections), desc="evaluate", disable=not run.progress, dynamic_ncols=True) as stages:
         tracker = (start_wandb_run(tmp, run.report["config"], "evaluate", f"evaluate {Path(spec.checkpoint).name}")

@@ -2,7 +2,7 @@
 index, scorers) and what earlier sections leave for later ones (generations, held-out images, the copy
 verdict); and `Section`, one entry of the section registry (`trainer.report.evaluate.SECTIONS`): a name,
 `run(run)` that computes the section into `run.report`, `render(report)` that writes its Markdown, and
-`enabled(run)`, whether the spec asks for it.
+`enabled(run)`, whether the spec asks for it, and `needs`, the sections it reads from.
 """
 
 from __future__ import annotations
@@ -73,3 +73,4 @@ class Section:
     run: Callable[[EvalRun], None]
     render: Callable[[dict], list[str]] | None = None
     enabled: Callable[[EvalRun], bool] = lambda run: True
+    needs: tuple[str, ...] = ()  # the sections whose results it reads (run with it when the spec selects sections)

@@ -32,7 +32,9 @@ class EvalSpec:
     Sections: `detectors` (prompt detectors and clid = membership); the copy verdict's `criterion`; quality in
     `quality_feature` (with `clip`, a local CLIPModel; `sscd` adds SSCD similarity); `attack` (dori, bounded)
     with `dori_steps`, `dori_control_steps`, `attack_eps`, `attack_steps`; `index` replication (`index_model`,
-    `index_threshold`); `guard` (a name in `trainer.sample.guard.GUARDS`) with its keyword `guard_options`.
+    `index_threshold`); `guard` (a name in `trainer.sample.guard.GUARDS`) with its keyword `guard_options`;
+    `sections` (names in `trainer.report.evaluate.SECTIONS`) runs only those and the ones they read from
+    (default: every section the other keys ask for).
     `out` receives report.json, report.md and the figures; `wandb` logs the summary.
     """
 
@@ -70,6 +72,7 @@ class EvalSpec:
     index_threshold: float | None = None
     guard: str = NoGuard.name
     guard_options: dict[str, Any] = field(default_factory=dict)
+    sections: str | list[str] | None = None
     wandb: bool = False
 
 

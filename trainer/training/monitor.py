@@ -106,8 +106,9 @@ def load_heldout(cfg, data_cfg) -> tuple[data_lib.Rows, dict[str, str]]:
     if path.suffix == ".jsonl" and path.is_file():
         # a labelled prompt file, read as `memtrain evaluate` reads it: held-out pairs are its non-members
         # (`member: 0`, or group heldout with a file_name); a file without roles is all held-out pairs
+        roles = LabelGroups.load(cfg.label_groups, "`monitor.label_groups`")
         try:
-            rows = read_labelled_prompts(path)
+            rows = read_labelled_prompts(path, roles)
         except MemtrainError as e:
             raise MemtrainError(f"`{key}`: {e}") from None
         labels = {r.text: r.group for r in rows if r.group is not None}
@@ -143,12 +144,13 @@ def load_novel(cfg) -> tuple[list[str], dict[str, str]]:
     except MemtrainError as e:
         raise MemtrainError(f"`{key}`: {e}") from None
     labels = {r["text"]: r["group"] for r in rows if "group" in r}
-    novel = LabelGroups.load().not_memorized
+    novel = LabelGroups.load(cfg.label_groups, "`monitor.label_groups`").not_memorized
     if any("group" in r for r in rows):
         rows = [r for r in rows if r.get("group") in novel]
         if not rows:
-            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group {' or '.join(novel)} (the "
-                                "not-memorized groups of trainer/label_groups.yaml)")
+            raise MemtrainError(f"`{key}`={cfg.novel_prompts}: no rows with group {' or '.join(novel) or '(none)'} "
+                                f"(the not_memorized groups of {cfg.label_groups or 'trainer/label_groups.yaml'}, "
+                                "`monitor.label_groups`)")
     return [r["text"] for r in rows], labels
 
 

@@ -1,0 +1,85 @@
+"""The data an index was built from (`trainer.measure.index`): each row's file name as `memtrain index` records
+it, and a fingerprint of the set (row count, a hash of file names and sizes) that `check_index_data` compares with
+a `--train-data` directory without decoding an image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.data import load_rows
+from trainer.data_shards import ShardImage
+from trainer.io import MemtrainError
+from trainer.measure.index import INDEX_FILE
+
+
+def _size(source) -> int | None:
+    """Bytes of a row's image: the file's size, or the stored bytes of a datasets row (None when unknown)."""
+    if isinstance(source, ShardImage):
+        return getattr(source, "size", None)
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            return len(source["bytes"])
+        source = source.get("path")
+    if isinstance(source, str | Path):
+        try:
+            return Path(source).stat().st_size
+        except OSError:
+            return None
+    return None
+
+
+def data_fingerprint(images: Sequence, file_names: Sequence[str]) -> dict:
+    """{"count", "sha256"}: the number of rows and a hash of each row's file name and size, which tells the
+    data set an index was built from without decoding an image."""
+    digest = hashlib.sha256()
+    for source, name in zip(images, file_names, strict=True):
+        digest.update(f"{name}\t{_size(source)}\n".encode())
+    return {"count": len(file_names), "sha256": digest.hexdigest()}
+
+
+def fingerprint_of(data: str | Path, caption_column: str = "text", image_column: str = "image") -> dict:
+    """`data_fingerprint` of a training set directory (the file names as `memtrain index` records them)."""
+    rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
+    root = Path(data)
+    return data_fingerprint(rows.images, [row_file_name(s, root, i) for i, s in enumerate(rows.images)])
+
+
+def check_index_data(index: str | Path, data: str | Path) -> None:
+    """A MemtrainError when the index at `index` was built from another data set than `data` (its fingerprint,
+    written by `memtrain index`, differs); a warning for an index without one (built by an older memtrain)."""
+    try:
+        info = json.loads((Path(index) / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return  # TrainingIndex.load names what is wrong with it
+    recorded = (info.get("meta") or {}).get("fingerprint") if isinstance(info, dict) else None
+    if not isinstance(recorded, dict):
+        print(f"memtrain: warning: --index {index} records no fingerprint of its data (built by an older memtrain): "
+              f"it cannot be checked against --train-data {data}; rebuild it with `memtrain index {data} --out INDEX`",
+              file=sys.stderr)
+        return
+    found = fingerprint_of(data)
+    if found != {k: recorded.get(k) for k in found}:
+        count = recorded.get("count")
+        what = (f"{count} images, --train-data {found['count']}" if count != found["count"] else
+                f"both {count} images, but other file names or sizes")
+        raise MemtrainError(f"--index {index} was built from another data set than --train-data {data} ({what}); "
+                            f"rebuild it with `memtrain index {data} --out INDEX` or pass the matching --train-data")
+
+
+def row_file_name(source, root: Path, row: int) -> str:
+    """The image's path relative to the data directory, "SHARD-FILE-NAME:KEY" for a shard's sample, or "row i"
+    for an image stored in a dataset."""
+    if isinstance(source, ShardImage):
+        return f"{Path(source.shard).name}:{source.key}"
+    if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
+        source = source["path"]
+    if isinstance(source, str | Path):
+        try:
+            return Path(source).relative_to(root).as_posix()
+        except ValueError:
+            return str(source)
+    return f"row {row}"
