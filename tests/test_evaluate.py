@@ -533,3 +533,6 @@ def test_sections_selects_the_report_sections_and_what_they_read(tmp_path, tiny_
     assert "## Quality" in (tmp_path / "quality" / "report.md").read_text()
     assert "choose from detectors,generate" in run_fails(capsys, tiny_model, *common, "--sections", "qualty",
                                                          "--out", tmp_path / "never")
+    assert "--sections guard: not switched on" in run_fails(capsys, tiny_model, *common, "--sections", "guard",
+                                                            "--out", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
