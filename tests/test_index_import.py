@@ -60,6 +60,7 @@ def built(tiny_data, tmp_path_factory):
 def imported(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("clip-retrieval")
     vectors, names, captions = clip_retrieval_layout(root / "ivf", tiny_data / "train", "IVF2,Flat")
+    (root / "ivf" / "index_infos.json").write_text(json.dumps({"index_key": "IVF2,Flat", "index_param": "nprobe=1"}))
     out = root / "imported"
     assert main(["index", "--from-faiss", str(root / "ivf"), "--metadata", str(root / "ivf" / "metadata"),
                  "--embedding", "pixels", "--resolution", str(RESOLUTION), "--out", str(out), "--no-progress"]) == 0
@@ -76,8 +77,10 @@ def test_imported_index_equals_the_built_one(imported, built):
     meta = json.loads((out / "index.json").read_text())["meta"]
     assert meta["imported"]["faiss_type"] == "IndexIVFFlat" and meta["imported"]["caption_column"] == "caption"
     assert meta["imported"]["name_column"] == "image_path"
+    assert meta["imported"]["infos"] == {"index_key": "IVF2,Flat", "index_param": "nprobe=1"}  # autofaiss's, as found
     # the IVF index is kept as the approximate search, tuned on its held sample; it finds what exact search finds
     assert (out / ANN_FILE).is_file() and index.ann_index is not None and meta["ann"]["recall_at_1"] == 1.0
+    assert meta["ann"]["factory"] == "IVF2,Flat" and meta["ann"]["nprobe"] == 2  # tuned here: nprobe 1 misses
     q = torch.from_numpy(vectors) + 0.01 * torch.randn(vectors.shape, generator=torch.Generator().manual_seed(0))
     (s_ann, i_ann), (s_exact, i_exact) = index.search(q, k=1), built.search(q, k=1, backend="torch")
     assert torch.allclose(s_ann, s_exact, atol=1e-6)
