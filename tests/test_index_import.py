@@ -139,6 +139,7 @@ def test_bad_imports_fail_with_one_clear_error(imported, tiny_data, tmp_path, ca
         (["--metadata", str(tmp_path / "none")], r"--metadata .*none: does not exist"),
         (["--metadata", str(meta)], r"--resolution"),  # filled below: without --resolution
         ([str(tiny_data / "train"), "--metadata", str(meta)], r"--from-faiss takes no DATA"),
+        (["--metadata", str(meta), "--resolution", "5"], r"--resolution must be in 8..4096"),
     ]
     for i, (extra, message) in enumerate(cases):
         argv = [*base, *extra, "--out", str(tmp_path / f"out{i}")]

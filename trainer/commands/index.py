@@ -7,7 +7,7 @@ import argparse
 import json
 
 from trainer.core.components import check_device
-from trainer.core.distributed import num_processes, process_device
+from trainer.core.distributed import is_main_process, num_processes, process_device
 from trainer.io import MemtrainError, check_not_inside
 from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL, check_options
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
@@ -110,6 +110,8 @@ def run_import(args: argparse.Namespace) -> int:
         if value is not None:
             raise MemtrainError(f"{flag} does not apply to --from-faiss (it embeds images); build the index from DATA")
     check_options("exact", None, args.target_recall)  # --target-recall in (0, 1]
+    if not is_main_process():  # accelerate launch: nothing to share, the main process imports
+        return 0
     index = import_faiss_index(args.from_faiss, args.metadata, args.out, args.embedding, args.resolution, args.model,
                                args.embeddings, args.infos, args.caption_column, args.name_column, DTYPES[args.dtype],
                                args.target_recall, not args.no_progress)

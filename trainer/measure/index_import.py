@@ -29,6 +29,7 @@ from trainer.measure import ann
 from trainer.measure.embedders import make_embedder
 from trainer.measure.groups import caption_groups
 from trainer.measure.index import DTYPES, TrainingIndex
+from trainer.measure.index_build import MAX_RESOLUTION, MIN_RESOLUTION
 
 INDEX_NAMES = ("image.index", "knn.index")  # clip-retrieval's, autofaiss's
 INFOS_NAMES = ("index_infos.json", "infos.json")  # autofaiss's index_infos_path default, and older names
@@ -216,6 +217,9 @@ def import_faiss_index(faiss_path: str | Path, metadata: str | Path, out: str | 
     index was. Returns the index."""
     if dtype not in DTYPES.values():
         raise MemtrainError(f"index embeddings must be float16 or float32, got {dtype}")
+    if not MIN_RESOLUTION <= int(resolution) <= MAX_RESOLUTION:
+        raise MemtrainError(f"--resolution must be in {MIN_RESOLUTION}..{MAX_RESOLUTION} (the side of the model's "
+                            f"images), got {resolution}")
     faiss_file = find_faiss_file(faiss_path)
     check_output(out, "index", {"--from-faiss": faiss_file.parent, "--metadata": metadata, "--embeddings": embeddings,
                                 "--model": model})
