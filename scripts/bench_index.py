@@ -15,6 +15,9 @@
    held sample, recall@1 on 200 fresh queries (noisy copies of rows, cos ~0.9) against exact search, and
    ms per single query approximate vs exact (torch over the memory map), with the peak RSS of the
    subprocess each size runs in.
+4. real embedded images (--vectors FILE ...): the same as 3 on the embeddings of crops of the real photos on
+   disk (`scripts/real_image_embeddings.py`: not LAION, not CLIP), the file's last 200 rows (other crops)
+   as the fresh queries.
 
 Memory: the 1M case holds 1M x 512 float16 = 1 GB of embeddings (generated in chunks, never as one
 float32 matrix) plus faiss' own float16 copy (another 1 GB) while faiss is measured; the float32
@@ -23,6 +26,8 @@ variants (a 2 GB copy at 1M) only run up to --f32-max images (100k by default).
     OMP_NUM_THREADS=1 python scripts/bench_index.py                  # everything, one thread
     OMP_NUM_THREADS=1 python scripts/bench_index.py --sizes 10000 100000 --images 200
     OMP_NUM_THREADS=1 python scripts/bench_index.py --ann-only --ann-sizes 1000000 10000000 --ann-dim 128
+    OMP_NUM_THREADS=1 python scripts/bench_index.py --ann-only --ann-sizes 100000 --ann-dim 198 \
+        --vectors /tmp/real-pixels.safetensors /tmp/real-gradients.safetensors
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ try:
     import faiss
 except ImportError:
     faiss = None
+
+QUERIES = 200  # fresh queries of the approximate-index section
 
 
 def synthetic_imagefolder(root: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -169,26 +176,34 @@ def clustered_embeddings(n: int, dim: int, seed: int, chunk: int = 1 << 20) -> t
     return emb
 
 
-def bench_ann(n: int, dim: int, max_memory: str, repeats: int, seed: int) -> dict:
-    """Build, tune and query an approximate index of n synthetic vectors (see the module docstring, 3)."""
+def bench_ann(n: int, dim: int, max_memory: str, repeats: int, seed: int, vectors: str | None = None) -> dict:
+    """Build, tune and query an approximate index (see the module docstring, 3 and 4): of n synthetic vectors,
+    or of the rows of `vectors` but its last QUERIES, which are the fresh queries."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_file({"embeddings": clustered_embeddings(n, dim, seed)}, f"{tmp}/e.safetensors")
-        gc.collect()
-        emb = load_file(f"{tmp}/e.safetensors")["embeddings"]  # memory-mapped, as TrainingIndex.load
+        g = torch.Generator().manual_seed(seed + 2)
+        if vectors is None:
+            save_file({"embeddings": clustered_embeddings(n, dim, seed)}, f"{tmp}/e.safetensors")
+            gc.collect()
+            emb = load_file(f"{tmp}/e.safetensors")["embeddings"]  # memory-mapped, as TrainingIndex.load
+            targets = torch.randint(0, n, (QUERIES,), generator=g)
+            queries = F.normalize(emb[targets].float() + 0.5 / dim**0.5 * torch.randn(QUERIES, dim, generator=g), dim=1)
+            source = "synthetic clustered"
+        else:
+            rows = load_file(vectors)["embeddings"]
+            emb, queries = rows[:-QUERIES], F.normalize(rows[-QUERIES:].float(), dim=1)
+            n, dim = emb.shape
+            source = Path(vectors).name
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         t0 = time.perf_counter()
         index, record, held = ann.build_tuned(emb, "auto", max_memory, seed=seed)
         total = time.perf_counter() - t0
-        g = torch.Generator().manual_seed(seed + 2)
-        targets = torch.randint(0, n, (200,), generator=g)
-        queries = F.normalize(emb[targets].float() + 0.5 / dim**0.5 * torch.randn(200, dim, generator=g), dim=1)
         exact = TrainingIndex(emb, [""] * n, [""] * n, [], "synthetic", 0)
         t1 = time.perf_counter()
         truth = exact.search(queries, k=1, backend="torch", chunk=65536)[0][:, 0]
-        exact_ms = 1000 * (time.perf_counter() - t1) / 200
+        exact_ms = 1000 * (time.perf_counter() - t1) / QUERIES
         found = ann.search(index, emb, queries.numpy(), 1)[0][:, 0]
         ann_ms = best_ms(lambda: ann.search(index, emb, queries[:1].numpy(), 1), repeats)
-        return dict(n=n, dim=dim, max_memory=max_memory, factory=record["factory"],
+        return dict(source=source, n=n, dim=dim, max_memory=max_memory, factory=record["factory"],
                     estimated_gb=round(record["estimated_bytes"] / 2**30, 3), build_s=record["build_seconds"],
                     tune_and_build_s=round(total, 1), nprobe=record["nprobe"], held_recall=record["recall_at_1"],
                     recall_by_nprobe=record["recall_by_nprobe"],
@@ -200,9 +215,10 @@ def bench_ann(n: int, dim: int, max_memory: str, repeats: int, seed: int) -> dic
 
 def run_ann_sizes(args) -> list[dict]:
     rows = []
-    for n in args.ann_sizes:  # one subprocess a size: its peak RSS is its own
+    runs = [(n, []) for n in args.ann_sizes] + [(0, ["--ann-vectors", v]) for v in args.vectors]
+    for n, extra in runs:  # one subprocess a size: its peak RSS is its own
         cmd = [sys.executable, __file__, "--ann-one", str(n), "--ann-dim", str(args.ann_dim), "--max-memory",
-               args.max_memory, "--threads", str(args.threads), "--seed", str(args.seed)]
+               args.max_memory, "--threads", str(args.threads), "--seed", str(args.seed), *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
@@ -226,13 +242,18 @@ def main() -> None:
     ap.add_argument("--ann-dim", type=int, default=128)
     ap.add_argument("--max-memory", default=ann.DEFAULT_MAX_MEMORY, help="--max-memory of the approximate index")
     ap.add_argument("--ann-only", action="store_true", help="only the approximate index section")
+    ap.add_argument("--vectors", nargs="*", default=[], metavar="SAFETENSORS",
+                    help="also an approximate index of these real embeddings (scripts/real_image_embeddings.py); their "
+                    f"last {QUERIES} rows are the queries")
     ap.add_argument("--ann-one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ann-vectors", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)
-    if args.ann_one:
-        print(json.dumps(bench_ann(args.ann_one, args.ann_dim, args.max_memory, args.repeats, args.seed)))
+    if args.ann_one is not None:
+        print(json.dumps(bench_ann(args.ann_one, args.ann_dim, args.max_memory, args.repeats, args.seed,
+                                   args.ann_vectors)))
         return
     if args.ann_only:
         run_ann_sizes(args)
@@ -276,7 +297,7 @@ def main() -> None:
                 f"{y['torch16_ms'] / x['torch16_ms']:.1f}x the time"
                 + (f", faiss16 {y['faiss16_ms'] / x['faiss16_ms']:.1f}x" if "faiss16_ms" in x else "")
             )
-    approx = run_ann_sizes(args) if args.ann_sizes and faiss is not None else []
+    approx = run_ann_sizes(args) if (args.ann_sizes or args.vectors) and faiss is not None else []
     if args.json:
         print(json.dumps(dict(build=build, query=rows, approx=approx), indent=2))
 

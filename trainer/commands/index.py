@@ -7,14 +7,15 @@ import argparse
 import json
 
 from trainer.core.components import check_device
-from trainer.core.distributed import num_processes, process_device
-from trainer.io import check_not_inside
-from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL
+from trainer.core.distributed import is_main_process, num_processes, process_device
+from trainer.io import MemtrainError, check_not_inside
+from trainer.measure.ann import APPROX_MIN, DEFAULT_MAX_MEMORY, TARGET_RECALL, check_options
 from trainer.measure.calibration import DEFAULT_FPR, check_fpr
 from trainer.measure.embedders import INDEX_EMBEDDINGS, make_embedder
 from trainer.measure.index import DTYPES
 from trainer.measure.index_build import PART_ROWS, build_index, index_summary
 from trainer.measure.index_calibration import calibrate_index, image_sources, load_vae
+from trainer.measure.index_import import import_faiss_index
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Replication checks and generation-time guards search it. Under `accelerate launch -m trainer.cli index` the "
         "processes embed shares of the rows; finished parts (.INDEX.parts next to INDEX) are reused after a crash.",
     )
-    p.add_argument("data", metavar="DATA", help="training data: an imagefolder or datasets directory, or webdataset "
+    p.add_argument("data", metavar="DATA", nargs="?", help="training data: an imagefolder or datasets directory, or webdataset "
                    "tar / parquet shards (a directory, a file or a brace pattern such as 'shards/{00000..00099}.tar')")
     p.add_argument(
         "--out", required=True, metavar="INDEX", help="index directory to write (replaced atomically)"
@@ -52,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float16", help="stored precision (default float16)"
     )
-    p.add_argument("--caption-column", default="text", help="caption column (default text)")
+    p.add_argument("--caption-column", default=None,
+                   help="caption column (default text; with --from-faiss the first of caption, text, TEXT)")
     p.add_argument(
         "--image-column", default="image", help="image column of a datasets directory (default image)"
     )
@@ -79,12 +81,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part-rows", type=int, default=PART_ROWS,
                    help=f"rows a process embeds and saves at a time (default {PART_ROWS}): the work shared between "
                    "the processes of accelerate launch, and what a run after a crash need not embed again")
+    imported = p.add_argument_group(
+        "an existing faiss index (no image embedded again)",
+        "Instead of DATA: an index clip-retrieval or autofaiss built, with its metadata, as this model's training-"
+        "image index. --embedding / --model must be the model it was built with; --resolution is the model's.")
+    imported.add_argument("--from-faiss", metavar="FILE_OR_DIR",
+                          help="the faiss index: clip-retrieval's image.index, autofaiss's knn.index, or their folder")
+    imported.add_argument("--metadata", metavar="DIR_OR_PARQUET",
+                          help="one parquet row per vector, in the index's order (clip-retrieval's metadata/ folder): "
+                          "captions from --caption-column, file names from --name-column")
+    imported.add_argument("--embeddings", metavar="DIR_OR_NPY",
+                          help="the .npy vectors the index was built from (clip-retrieval's img_emb/); default: read "
+                          "back from the index (approximate for SQ / PQ codes, impossible for fast-scan PQ)")
+    imported.add_argument("--infos", metavar="JSON", help="autofaiss's index_infos.json (default: found beside the index)")
+    imported.add_argument("--name-column", default=None,
+                          help="the metadata column naming each image (default: the first of image_path, url, URL, key)")
     p.add_argument("--device", default=None, help="device for clip/sscd (default cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
+def run_import(args: argparse.Namespace) -> int:
+    """`memtrain index --from-faiss INDEX --metadata DIR ...`: an existing faiss index as the training-image index."""
+    if args.data is not None or args.metadata is None or args.resolution is None:
+        raise MemtrainError("--from-faiss takes no DATA and needs --metadata (the parquet rows of the vectors) and "
+                            "--resolution (the side of the model's images, which the index serves)")
+    for flag, value in (("--heldout", args.heldout), ("--vae", args.vae)):
+        if value is not None:
+            raise MemtrainError(f"{flag} does not apply to --from-faiss (it embeds images); build the index from DATA")
+    check_options("exact", None, args.target_recall)  # --target-recall in (0, 1]
+    if not is_main_process():  # accelerate launch: nothing to share, the main process imports
+        return 0
+    index = import_faiss_index(args.from_faiss, args.metadata, args.out, args.embedding, args.resolution, args.model,
+                               args.embeddings, args.infos, args.caption_column, args.name_column, DTYPES[args.dtype],
+                               args.target_recall, not args.no_progress)
+    summary = index_summary(index, args.out)
+    summary["imported"] = index.meta["imported"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_faiss is not None:
+        return run_import(args)
+    if args.data is None:
+        raise MemtrainError("give the training data DATA, or --from-faiss INDEX --metadata DIR for an existing index")
+    args.caption_column = args.caption_column or "text"
     check_device(args.device)
     check_fpr(args.fpr)
     if args.heldout is not None:

@@ -12,6 +12,7 @@ the index holds a faiss IVF index (`trainer.measure.ann`, `memtrain index --appr
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class TrainingIndex:
     # the approximate index (meta["ann"] describes it) and its held sample: {"ids", "sims", "nearest"}
     ann_index: Any = field(default=None, repr=False, compare=False)
     ann_held: dict = field(default_factory=dict, repr=False, compare=False)
+    ann_file: Path | None = field(default=None, repr=False, compare=False)  # its file, copied by save (mmap: no write)
     _duplicated: set = field(default_factory=set, init=False, repr=False, compare=False)
     _copy_ids: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -217,8 +219,11 @@ class TrainingIndex:
                 str(tmp / EMBEDDINGS_FILE),
                 metadata={"format": "pt"},
             )
-            if self.ann_index is not None:
+            if self.ann_file is not None:  # a memory-mapped faiss index cannot be written back: copy its file
+                shutil.copyfile(self.ann_file, tmp / ANN_FILE)
+            elif self.ann_index is not None:
                 ann.faiss.write_index(self.ann_index, str(tmp / ANN_FILE))
+            if self.ann_index is not None:
                 save_file({k: torch.from_numpy(np.asarray(v)) for k, v in self.ann_held.items()}, str(tmp / ANN_HELD_FILE))
             write_json(
                 dict(
@@ -325,7 +330,7 @@ def _load_ann(index: TrainingIndex, p: Path) -> None:
         held = load_file(str(p / ANN_HELD_FILE))
     except (RuntimeError, SafetensorError, OSError) as e:
         raise MemtrainError(f"{p / ANN_FILE}: cannot read the approximate index ({e}); rebuild the index") from None
-    index.ann_held = {k: v.numpy() for k, v in held.items()}
+    index.ann_held, index.ann_file = {k: v.numpy() for k, v in held.items()}, p / ANN_FILE
     if index.ann_index.ntotal != len(index) or index.ann_index.d != index.dim:
         raise MemtrainError(f"{p / ANN_FILE} holds {index.ann_index.ntotal} x {index.ann_index.d} vectors, "
                             f"the index {len(index)} x {index.dim}; rebuild the index")

@@ -57,7 +57,8 @@ def check_index_data(index: str | Path, data: str | Path) -> None:
         return  # TrainingIndex.load names what is wrong with it
     recorded = (info.get("meta") or {}).get("fingerprint") if isinstance(info, dict) else None
     if not isinstance(recorded, dict):
-        print(f"memtrain: warning: --index {index} records no fingerprint of its data (built by an older memtrain): "
+        why = "imported from a faiss index" if (info.get("meta") or {}).get("imported") else "built by an older memtrain"
+        print(f"memtrain: warning: --index {index} records no fingerprint of its data ({why}): "
               f"it cannot be checked against --train-data {data}; rebuild it with `memtrain index {data} --out INDEX`",
               file=sys.stderr)
         return

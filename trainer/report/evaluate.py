@@ -235,8 +235,7 @@ def evaluate(checkpoint: str | Path | EvalSpec | None = None, prompts: str | Pat
     run = prepare(spec, calibration, progress and distributed.is_main_process())
     chosen = parse_sections(spec.sections) or list(SECTIONS)
     sections = [s for s in SECTIONS.values() if s.name in chosen and s.enabled(run)]
-    asked = set(parse_sections(spec.sections) or ()) - {s.name for s in sections}
-    if asked:
+    if asked := set(parse_sections(spec.sections) or ()) - {s.name for s in sections}:
         raise MemtrainError(f"--sections {','.join(sorted(asked))}: not switched on by the other settings (the attack "
                             "section needs --attack, the guard section --guard); add them or leave the section out")
     with distributed.on_main_process(atomic_dir(spec.out, "evaluate", input_paths(spec))) as tmp, \

@@ -55,7 +55,8 @@ def run_replication(run: EvalRun) -> None:
     t0 = time.perf_counter()
     rep, note = replication_section(run.pipe, run.generated, run.gen_rows, spec.n, run.gen_groups, run.rows, run.data,
                                     spec.train_data, run.resolution, run.sscd_model, spec.batch_size, run.progress,
-                                    run.heldout_set, spec.fpr, spec.criterion, run.calibration)
+                                    run.heldout_set, spec.fpr, spec.criterion, run.calibration, run.training_index,
+                                    run.embedder)
     if rep is None:
         run.notes.append(note + ("; replication from --index only" if run.training_index is not None else ""))
     if run.training_index is not None:

@@ -26,7 +26,10 @@ from trainer.detect.clid import (
 )
 from trainer.io import MemtrainError
 from trainer.measure.calibration import DEFAULT_FPR, Calibration, calibrate
+from trainer.measure.embedders import ImageEmbedder
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
+from trainer.measure.index import TrainingIndex
+from trainer.measure.index_candidates import CANDIDATES, candidate_rows, rows_match
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
 from trainer.measure.verdict import (
@@ -213,9 +216,13 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                         gen_groups: Sequence[str], rows: Sequence[PromptRow], data: Path, train_data: str | None,
                         resolution: int, sscd_model=None, batch_size: int = 32, progress: bool = True,
                         heldout: torch.Tensor | None = None, fpr: float = DEFAULT_FPR, criterion: str = "auto",
-                        reuse: dict | None = None) -> tuple[dict | None, str]:
+                        reuse: dict | None = None, index: TrainingIndex | None = None,
+                        embedder: ImageEmbedder | None = None, candidates: int = CANDIDATES) -> tuple[dict | None, str]:
     """Replication of the generations against the training images of `data` (`find_training_images`):
     (`replication_stats` plus provenance, with the VAE references under `_references`), or (None, why not).
+    With the `index` of `train_data` (and its `embedder`), only the training rows it finds nearest to the
+    generations and held-out images are loaded (`index_candidates`, `candidates` per image): every row of a set
+    of at most `candidates` images.
 
     The copy verdict (`replication_verdict`): `reuse` (an earlier report's `verdict`) when the VAE is the same,
     else calibrated at `fpr` on `heldout` (never-trained images, as stored), else Gu et al.'s ratio."""
@@ -224,6 +231,14 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
         return None, (f"replication skipped: no training images found (no imagefolder at {data / 'train'} or "
                       f"{data}, and no member rows with file_name)")
     paths, names, described = train
+    n_rows = len(paths)
+    if index is not None and train_data is not None and rows_match(index, n_rows):
+        queries = [generated] + ([heldout] if heldout is not None and len(heldout) else [])
+        picked = candidate_rows(index, embedder, queries, candidates, batch_size)
+        if len(picked) < n_rows:
+            paths, names = [paths[i] for i in picked], [names[i] for i in picked]
+            described += (f"; the {len(picked)} rows --index finds nearest ({candidates} per generation or held-out "
+                          "image) loaded")
     if len(set(map(str, paths))) < 2:
         return None, f"replication skipped: the NN1/NN2 ratio needs at least 2 training images, found {described}"
     originals_all = load_images(paths, names, resolution, "training images", progress)
@@ -239,7 +254,8 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                             verdict["calibration"])
     for text, row in zip(captions_of(gen_rows, n), rep["generations"], strict=True):
         row["text"] = text
-    rep.update(training_images=described, train_images=len(originals_all), unique_train_images=len(originals),
+    rep.update(training_images=described, train_images=len(originals_all), training_rows=n_rows,
+               unique_train_images=len(originals),
                reference="unique training images as reproduced by the model's VAE (decode(encode(x)), posterior "
                          "mean)",
                similarity="1 - NN1/NN2 (L2 ratio of Gu et al.)", verdict=verdict["record"],

@@ -1,0 +1,70 @@
+"""`evaluate --index ... --train-data` loads only the training rows the index finds nearest to the generations and
+held-out images (trainer/measure/index_candidates.py), and `check_images` stays cheap on large sets: measured on
+the tiny pipeline and the tiny toy dataset against the exact (load-everything) path."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.cli import main
+from trainer.core.components import load_pipeline
+from trainer.data import check_images, load_images, load_rows, open_image
+from trainer.io import MemtrainError
+from trainer.measure.embedders import make_embedder
+from trainer.measure.index import TrainingIndex
+from trainer.measure.index_candidates import candidate_rows
+from trainer.prompts import group_name, read_labelled_prompts
+from trainer.report.sections import replication_section
+from trainer.sample.generate import generate_images
+
+
+def test_replication_loads_only_the_index_candidates(tiny_model, tiny_data, tmp_path):
+    assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "index"), "--resolution", "16",
+                 "--no-progress"]) == 0
+    index, embedder = TrainingIndex.load(tmp_path / "index"), make_embedder("pixels")
+    pipe = load_pipeline(tiny_model)
+    rows = read_labelled_prompts(tiny_data / "labels.jsonl")
+    gen_rows = [r for r in rows if r.label == 1][:2]
+    generated = generate_images(pipe, [r.text for r in gen_rows], 1, 0, 2, 7.5, 64, progress=False)
+    held = load_rows(str(tiny_data / "heldout"))
+    heldout = load_images(held.images, held.names, 16, progress=False)
+    groups = [group_name(r) for r in gen_rows]
+    common = (pipe, generated, gen_rows, 1, groups, rows, tiny_data, str(tiny_data / "train"), 16)
+    exact, _ = replication_section(*common, heldout=heldout, progress=False)
+    picked = candidate_rows(index, embedder, [generated, heldout], k=2)
+    near, _ = replication_section(*common, heldout=heldout, progress=False, index=index, embedder=embedder,
+                                  candidates=2)
+    assert exact["train_images"] == exact["training_rows"] == near["training_rows"] == 16
+    assert near["train_images"] == len(picked) < 16 and "rows --index finds nearest" in near["training_images"]
+    # a subset of the references: never nearer than the exact nearest; here the same nearest image for each
+    for a, b in zip(exact["generations"], near["generations"], strict=True):
+        assert b["l2"] >= a["l2"] - 1e-6
+        assert b["l2"] == pytest.approx(a["l2"], abs=1e-6)
+    # with candidates >= N every row is loaded: the exact report
+    full, _ = replication_section(*common, heldout=heldout, progress=False, index=index, embedder=embedder)
+    assert full["train_images"] == 16 and full["generations"] == exact["generations"]
+
+
+def test_check_images_samples_large_sets_and_names_a_bad_file(tiny_data, tmp_path):
+    rows = load_rows(str(tiny_data / "train"))
+    check_images(rows)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    rows.images[5], rows.names[5] = bad, "train/bad.png"
+    with pytest.raises(MemtrainError, match="train/bad.png: image cannot be decoded"):
+        check_images(rows)  # below the sampling size: every image is decoded
+    rows.images[5] = tmp_path / "missing.png"
+    with pytest.raises(MemtrainError, match="train/bad.png: image file is missing"):
+        check_images(rows, sample=4)  # above it: every file must exist, a sample is decoded
+    rows.images[5] = bad
+    outcomes = set()
+    for seed in range(20):  # a bad file outside the sample passes the check, in it fails named
+        try:
+            check_images(rows, sample=4, seed=seed)
+            outcomes.add("passed")
+        except MemtrainError as e:
+            assert "train/bad.png: image cannot be decoded" in str(e)
+            outcomes.add("named")
+    assert outcomes == {"passed", "named"}
+    with pytest.raises(MemtrainError, match="train/bad.png: image cannot be decoded"):  # ... and fails when read
+        open_image(rows.images[5], rows.names[5])
