@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -154,3 +157,37 @@ def test_train_help_says_how_to_train_on_several_processes_and_that_the_batch_is
                      "train.gradient_accumulation_steps", "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2",
                      "accelerate launch", "allow_changes"):
         assert fragment in out, fragment
+
+
+@pytest.mark.slow
+def test_an_interrupt_to_the_parent_alone_stops_the_training_processes(tmp_path, tiny_model, tiny_data):
+    """SIGINT to the process that launched the 2 training processes (as `memtrain demo` does), not to its
+    process group: the workers stop too, none is left training behind it."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
+                          train={"batch_size": 4, "max_steps": 100000}, checkpoint={"every_steps": 100000})
+    script = ("import sys; from trainer.config import load_recipe; from trainer.recipe import TrainRecipe; "
+              "from trainer.training.launch import train_on_cpu_processes; "
+              "train_on_cpu_processes(load_recipe(TrainRecipe, sys.argv[1]), 2)")
+    log = open(tmp_path / "stderr.txt", "w")  # not a pipe: the workers write to it too, and nobody reads a pipe
+    parent = subprocess.Popen([sys.executable, "-c", script, str(recipe)], cwd=ROOT, stderr=log,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    workers = []
+    deadline = time.time() + 300
+    while len(workers) < 2 and time.time() < deadline:  # torchrun's two workers, running the training
+        assert parent.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        launcher = psutil.Process(parent.pid).children()  # torchrun; its children are the workers
+        workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                   if p not in launcher and "trainer.cli" in " ".join(p.cmdline())]
+        time.sleep(0.5)
+    assert len(workers) == 2
+    while not (tmp_path / "out" / "logs" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)  # they are training
+    descendants = psutil.Process(parent.pid).children(recursive=True)
+    parent.send_signal(signal.SIGINT)
+    assert parent.wait(timeout=120) != 0
+    gone, alive = psutil.wait_procs(descendants, timeout=60)
+    log.close()
+    for p in alive:  # left behind: stop them before failing
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]

@@ -10,6 +10,7 @@ so this only spreads the same training over the machine's cores.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def launch_env(processes: int) -> dict[str, str]:
     return env
 
 
+def run_launcher(cmd: list[str], env: dict[str, str], grace: float = 60.0) -> int:
+    """Run the launcher `cmd` to its end; its exit code. Interrupted (Ctrl-C, or a signal to this process
+    only), the launcher gets SIGTERM, which torchrun passes on to its workers, and `grace` seconds to stop
+    them, so none is left training behind; then it is killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
     """Train `recipe` (its batch_size is the global batch) in `processes` gloo processes; return the
     summary of `train` (steps, last logged loss, export path, output dir)."""
@@ -70,9 +88,9 @@ def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
         recipe_file = Path(tmp) / "recipe.yaml"
         recipe_file.write_text(dump_recipe(recipe))
         cmd = launch_command(recipe_file, processes, [f"train.batch_size={batch}"])
-        proc = subprocess.run(cmd, env=launch_env(processes), stdout=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise MemtrainError(f"training in {processes} processes failed (exit code {proc.returncode}); "
+        returncode = run_launcher(cmd, launch_env(processes))
+    if returncode != 0:
+        raise MemtrainError(f"training in {processes} processes failed (exit code {returncode}); "
                             "the first error is printed above")
     logged = read_jsonl(out / "logs" / "metrics.jsonl")
     last = next((row for row in reversed(logged) if "loss" in row), {})
