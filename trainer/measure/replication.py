@@ -41,7 +41,7 @@ def _check_images(x: torch.Tensor, name: str, allow_empty: bool = True) -> None:
         if not allow_empty:
             raise MemtrainError(f"{name}: no images")
         return
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if not (lo >= -1e-4 and hi <= 1 + 1e-4):
         raise MemtrainError(
             f"{name}: pixel values must be in [0, 1], found range [{lo:.4g}, {hi:.4g}] "
