@@ -29,7 +29,13 @@ from trainer.measure.index import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.verdict import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
-from trainer.report.attack_sections import attack_lines, parse_attacks, parse_eps, run_attack
+from trainer.report.attack_sections import (
+    attack_lines,
+    parse_attacks,
+    parse_eps,
+    run_attack,
+    save_attack_grids,
+)
 from trainer.report.guard_sections import check_extras, guard_lines, index_and_embedder, run_guard
 from trainer.report.render import footer_lines, header_lines, join_lines
 from trainer.report.replication_sections import replication_lines, run_generation, run_replication
@@ -368,6 +374,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
             save_replication_grid(out / "replicated.png", generated[picks], nearest, titles, ncols=4,
                                   caption=f"copy: {cal.describe()}")
             files.append("replicated.png")
+    files += save_attack_grids(out, figures)
     report["files"] = ["report.json", "report.md", *files]
     write_json(report, out / "report.json")
     with atomic_file(out / "report.md") as f:
