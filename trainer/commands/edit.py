@@ -141,6 +141,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--inner-attack", choices=INNER_ATTACKS, default="dori", help="with --adversarial: the attack run "
                    "on the current model, dori (default; the memorized prompt's sample as target) or bounded")
     m.add_argument("--attack-steps", type=int, default=10, help="with --adversarial: inner attack steps (default 10)")
+    m.add_argument("--preserve-weight", type=float, default=1.0, help="weight of the preserved prompts' term "
+                   "(>= 0, default 1)")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     m.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                    help="Accelerate's mixed precision of the trained forward (default no)")
@@ -209,6 +211,7 @@ def check_args(args: argparse.Namespace) -> dict:
                             ("--adversarial-every", args.adversarial_every), ("--attack-eps", args.attack_eps),
                             ("--attack-steps", args.attack_steps)):
             _positive(value, flag)
+        _positive(args.preserve_weight, "--preserve-weight", allow_zero=True)
         if args.lora and not args.merge and args.weights == "lora":
             raise MemtrainError("unlearn: with --lora the result is relative to CKPT + LoRA; pass --merge to write "
                                 "a merged pipeline")
@@ -271,7 +274,7 @@ def run_method(pipe, args: argparse.Namespace, texts: dict) -> dict:
         return unlearn(pipe, memorized, anchors=anchors, preserved=preserved, rank=args.rank, steps=args.steps,
                        lr=args.lr, adversarial=args.adversarial, adversarial_every=args.adversarial_every,
                        attack_eps=args.attack_eps, seed=args.seed, weights=args.weights,
-                       inner_attack=args.inner_attack, attack_steps=args.attack_steps,
+                       inner_attack=args.inner_attack, attack_steps=args.attack_steps, preserve_weight=args.preserve_weight,
                        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision)
     common = dict(anchors=anchors, preserved=preserved, lam=args.lam, preserve_scale=args.preserve_scale,
                   layers=args.layers, batch_size=args.batch_size)
