@@ -22,7 +22,7 @@ from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, en
 from trainer.detect.attack import check_target_images, generate_from_embeddings
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import replication_metrics
+from trainer.measure.replication import replication_metrics, vae_roundtrip
 from trainer.measure.verdict import GU_RATIO, verdict_scores
 
 DORI_STEPS = 50  # the paper's budget
@@ -120,6 +120,13 @@ def own_copies(generated: torch.Tensor, references: torch.Tensor, own: torch.Ten
     return (np.asarray(flags, bool) & (nearest == np.repeat(own.cpu().numpy(), n))).reshape(-1, n)
 
 
+def own_references(pipe, images: torch.Tensor, references: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Each training image's index in `references` (the unique training images through the model's VAE): the
+    nearest to its own VAE round trip, so a relative nearer to the stored image than its reconstruction is
+    (families of near-identical images) is not taken for it."""
+    return replication_metrics(vae_roundtrip(pipe, images, batch_size), references)["nn_index"]
+
+
 def dori_curve(pipe, images: torch.Tensor, init: torch.Tensor, references: torch.Tensor, own: torch.Tensor,
                steps: int, curve: Sequence[int] = CURVE, n: int = 1, seed: int = 0, lr: float = DORI_LR,
                batch: int = DORI_BATCH, sample_steps: int = 50, guidance_scale: float = 7.5,
@@ -161,7 +168,7 @@ def dori_section(pipe, texts: Sequence[str], images: torch.Tensor, control_texts
     embedding optimised towards its own training image for `steps` and, as the false-positive control, each
     non-memorized member image's (its own caption's embedding as start) for `control_steps`; copies judged by the report's verdict `calibration`
     against `references`, and counted only when the nearest reference is the targeted image."""
-    own = replication_metrics(images, references)["nn_index"]
+    own = own_references(pipe, images, references, batch_size)
     kw = dict(curve=curve, n=n, seed=seed, lr=lr, batch=batch, sample_steps=sample_steps,
               guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration, sscd_model=sscd_model,
               keep_generations=keep_generations)
@@ -170,7 +177,7 @@ def dori_section(pipe, texts: Sequence[str], images: torch.Tensor, control_texts
     section = {"prompts": len(texts), "n": n, "steps": steps, "lr": lr, "batch": batch, "init": "prompt",
                "criterion": calibration.describe(), "texts": list(texts), "memorized": memorized, "control": None}
     if control_images is not None and len(control_images):
-        own_c = replication_metrics(control_images, references)["nn_index"]
+        own_c = own_references(pipe, control_images, references, batch_size)
         section["control"] = dori_curve(pipe, control_images,
                                         initial_embeddings(pipe, len(control_texts), control_texts, seed, batch_size),
                                         references, own_c, control_steps, **kw)

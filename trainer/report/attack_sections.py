@@ -17,7 +17,7 @@ import torch
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
 from trainer.detect.attack import ATTACKERS, attack_section
-from trainer.detect.dori import dori_section
+from trainer.detect.dori import dori_section, own_references
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
 from trainer.measure.replication import replication_metrics
@@ -117,7 +117,7 @@ def _attack_figures(run: EvalRun, images: torch.Tensor | None, texts: list[str])
     """Move the attacks' generations out of the report into `run.figures["attacks"]` ({file: panels, caption})."""
     references, verdict, n = run.references, run.verdict or GU_RATIO, run.spec.n
     kw = dict(sscd_model=run.sscd_model, batch_size=run.spec.batch_size)
-    own = replication_metrics(images, references)["nn_index"].tolist() if images is not None else None
+    own = own_references(run.pipe, images, references).tolist() if images is not None else None
     grids = run.figures.setdefault("attacks", {})
     dori = run.report.get("dori") or {}
     for part, name, own_only in (("memorized", "attack_dori.png", True), ("control", "attack_dori_control.png", True)):
