@@ -119,9 +119,12 @@ def test_full_weights_remove_named_prompt_and_keep_preserved():
 
 def test_adversarial_adds_dori_embeddings_full_weights(tiny_model):
     pipe = load_pipeline(tiny_model)
-    result = unlearn(pipe, ["a small red circle"], steps=4, lr=1e-3, adversarial=True, adversarial_every=2,
-                     attack_steps=2, sample_steps=2, batch_size=2, progress=False, weights="full")
-    assert result["forget_set"] == 1 + 2 and result["weights"] == "full"
+    result = unlearn(pipe, ["a small red circle"], steps=8, lr=1e-3, adversarial=True, adversarial_every=1,
+                     attack_steps=1, sample_steps=2, batch_size=2, progress=False, weights="full")
+    assert result["forget_set"] == 1 + 8 and result["weights"] == "full"
+    # every other forget request stays on the memorized prompt, however many attack embeddings joined (drawn
+    # uniformly from the growing set it would get about a quarter of them)
+    assert result["memorized_share"] >= 0.5
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     with pytest.raises(MemtrainError, match="weights must be one of"):
         unlearn(pipe, ["a small red circle"], weights="half", progress=False)

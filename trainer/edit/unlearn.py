@@ -3,7 +3,8 @@
 Implements concept-ablation fine-tuning (Kumari et al., ICCV 2023, "Ablating concepts in text-to-image
 diffusion models") with a preservation term, and with `adversarial=True` the adversarial fine-tuning of
 Kowalczuk et al., ICML 2026, "Finding DoRI" (embeddings the inner attack finds on the current model join
-the forget set; inner attack DoRI, `trainer.detect.dori`, or the bounded one). `weights="lora"`: a LoRA on
+the forget set, and every other forget request stays on a memorized prompt itself; inner attack DoRI,
+`trainer.detect.dori`, or the bounded one). `weights="lora"`: a LoRA on
 every attention block's to_q/to_k/to_v/to_out.0 (ships as a stock diffusers LoRA); `weights="full"`: every
 UNet weight, as the paper (its LoRA variant failed), with gradient checkpointing, the Accelerator's mixed
 precision and 8-bit AdamW when bitsandbytes is installed on CUDA. Deviations: x_t comes from latents the
@@ -130,6 +131,7 @@ def unlearn(
     Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them; None for
     full weights),
     "losses" / "forget_losses" / "preserve_losses": per step, "forget_set": its final size,
+    "memorized_share": the share of this process's forget requests on the memorized prompts themselves,
     "unet_evals": samples through the UNet (pool sampling, targets, training, attacks), "seconds"}.
     """
     memorized, anchors, preserved = _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight,
@@ -204,6 +206,7 @@ def unlearn(
         shape = tuple(core.latent_shape)
         T = core.num_train_timesteps
         losses, forget_losses, preserve_losses = [], [], []
+        on_memorized = 0
         bar = tqdm(total=steps, desc="unlearn", disable=not (progress and accelerator.is_main_process),
                    dynamic_ncols=True)
         for step in range(steps):
@@ -215,8 +218,12 @@ def unlearn(
                 forget_anchor = torch.cat([forget_anchor, forget_anchor[: len(memorized)]])
             base.train()
             gen = _step_generator(seed, step)
-            f_entry, f_pool, f_t, f_noise = (x[rows] for x in _draw(
-                gen, batch_size * world, len(forget_emb), len(forget_pool), shape, T))
+            draws = _draw(gen, batch_size * world, len(forget_emb), len(forget_pool), shape, T)
+            # every other forget request is a memorized prompt itself, however large the attacks grew the set
+            # (it holds len(memorized) entries per attack, so the modulo keeps the draw uniform)
+            draws[0][::2] %= len(memorized)
+            f_entry, f_pool, f_t, f_noise = (x[rows] for x in draws)
+            on_memorized += int((f_entry < len(memorized)).sum())
             x_f = core.add_noise(forget_pool[f_pool], f_noise.to(device), f_t)
             latents, timesteps = [x_f], [f_t]
             cond = [forget_emb[f_entry]]
@@ -267,6 +274,7 @@ def unlearn(
         "forget_losses": forget_losses,
         "preserve_losses": preserve_losses,
         "forget_set": len(forget_emb),
+        "memorized_share": on_memorized / (steps * batch_size),
         "unet_evals": counter.unet_evals + pool_evals,
         "seconds": time.perf_counter() - start,
     }
