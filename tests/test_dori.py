@@ -16,9 +16,16 @@ from conftest import train_memorizing_model
 
 from trainer.core.components import load_pipeline
 from trainer.core.unet_core import UNetCore, encode_latents
-from trainer.detect.dori import dori_attack, dori_curve, dori_section, initial_embeddings, own_copies
+from trainer.detect.dori import (
+    dori_attack,
+    dori_curve,
+    dori_section,
+    initial_embeddings,
+    own_copies,
+    own_references,
+)
 from trainer.io import MemtrainError
-from trainer.measure.replication import vae_roundtrip
+from trainer.measure.replication import replication_metrics, vae_roundtrip
 
 STEPS = 150
 SAMPLE = dict(sample_steps=4, guidance_scale=7.5)
@@ -78,6 +85,15 @@ def test_own_copies_requires_the_targeted_image(memorizing):
     references = vae_roundtrip(pipe, images[:10])
     flags = own_copies(references[[2, 3]], references, torch.tensor([2, 4]), 1)
     assert flags.tolist() == [[True], [False]]  # an exact copy of image 3 is not a copy of the targeted image 4
+
+
+def test_own_reference_is_found_through_the_vae(memorizing):
+    """The targeted image's reference is the one its VAE round trip matches, even when another reference (a
+    near-identical relative; here the stored image itself) is nearer to the stored image."""
+    pipe, images, _ = memorizing
+    references = torch.cat([vae_roundtrip(pipe, images[:3]), images[:1]])  # 0-2: the references, 3: a "relative"
+    assert replication_metrics(images[:3], references)["nn_index"].tolist()[0] == 3  # the raw image's nearest
+    assert own_references(pipe, images[:3], references).tolist() == [0, 1, 2]
 
 
 def test_dori_curve_and_section(memorizing):

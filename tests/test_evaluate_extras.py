@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from trainer.cli import main
 from trainer.core.components import load_pipeline
 from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
+from trainer.measure.verdict import GU_RATIO
 from trainer.report import evaluate as E
+from trainer.report.attack_sections import attack_panels
 from trainer.sample.amg import PIXEL_FALLBACK, Threshold
 from trainer.sample.generate import generate_images
 
@@ -42,6 +45,10 @@ def test_attack_index_and_guard_sections(tmp_path, tiny_model, tiny_data, index_
     md = (out / "report.md").read_text()
     for title in ("## Re-trigger test", "## Replication (training-image index)", "## Guarded sampling"):
         assert title in md, title
+    for attacker in ("noise", "image"):  # the attacked generations, beside their nearest training images
+        for eps in (0.1, 0.2):
+            name = f"attack_bounded_{attacker}_eps{eps:g}.png"
+            assert (out / name).stat().st_size > 0 and name in report["files"] and f"]({name})" in md
 
     # re-trigger test: the 2 duplicated (label 1) prompts, both attackers (their rows have file_name)
     attack = report["attack"]
@@ -172,7 +179,26 @@ def test_dori_section(tmp_path, tiny_model, tiny_data):
     plain = [g for g in report["replication"]["generations"] if g["group"] == "trigger"]
     assert dori["memorized"]["replication"][0] <= fraction([g["replicated"] for g in plain])
     assert report["cost"]["dori"]["unet_evals"] == dori["unet_evals"] > 0
-    assert "## DoRI" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## DoRI" in md
+    # the attacked generations are drawn beside their nearest training images, one figure per curve
+    for name in ("attack_dori.png", "attack_dori_control.png"):
+        assert (out / name).stat().st_size > 0 and name in report["files"] and f"]({name})" in md
+    assert "_generated" not in (out / "report.json").read_text()
+
+
+def test_attack_panels_title_each_verdict():
+    """The attack figures' titles: an exact copy of the targeted image is a COPY; an exact copy of another
+    training image is one for the bounded attack but not for DoRI (which wants the targeted image nearest)."""
+    references = torch.rand((4, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    generated = references[[2, 3]]
+    for own_only, second in ((True, "not a copy"), (False, "COPY")):
+        shown, nearest, titles = attack_panels(generated, references, [2, 1], ["a", "b"], 1, GU_RATIO, own_only)
+        assert torch.equal(nearest, references[[2, 3]]) and torch.equal(shown, generated)
+        assert titles[0].startswith("COPY") and "nearest: own image; a" in titles[0]
+        assert titles[1].startswith(second + ":") and "nearest: other image; b" in titles[1]
+    _, _, titles = attack_panels(references[[0, 0]], references, None, ["c"], 2, GU_RATIO, False)
+    assert len(titles) == 2 and all(t.startswith("COPY") and "nearest" not in t for t in titles)
 
 
 def test_cli_attack_eps_error(tmp_path, tiny_model, tiny_data, capsys):

@@ -121,12 +121,30 @@ def test_full_weights_remove_named_prompt_and_keep_preserved():
 
 def test_adversarial_adds_dori_embeddings_full_weights(tiny_model):
     pipe = load_pipeline(tiny_model)
-    result = unlearn(pipe, ["a small red circle"], steps=4, lr=1e-3, adversarial=True, adversarial_every=2,
-                     attack_steps=2, sample_steps=2, batch_size=2, progress=False, weights="full")
-    assert result["forget_set"] == 1 + 2 and result["weights"] == "full"
+    result = unlearn(pipe, ["a small red circle"], steps=8, lr=1e-3, adversarial=True, adversarial_every=1,
+                     attack_steps=1, sample_steps=2, batch_size=2, progress=False, weights="full")
+    assert result["forget_set"] == 1 + 8 and result["weights"] == "full"
+    # every other forget request stays on the memorized prompt, however many attack embeddings joined (drawn
+    # uniformly from the growing set it would get about a quarter of them)
+    assert result["memorized_share"] >= 0.5
     assert all(torch.isfinite(torch.tensor(result["losses"])))
     with pytest.raises(MemtrainError, match="weights must be one of"):
         unlearn(pipe, ["a small red circle"], weights="half", progress=False)
+
+
+def test_preserve_weight_scales_the_preservation_term(tiny_model):
+    """`preserve_weight` multiplies the preserved prompts' term: 0 turns it off (no preserved draws), and a
+    heavier weight weighs the same draws more (the draws depend on (seed, step) only)."""
+    runs = {w: unlearn(load_pipeline(tiny_model), ["a small red circle"], preserved=["a large blue square"], steps=3,
+                       lr=1e-3, sample_steps=2, batch_size=2, progress=False, weights="full", preserve_weight=w)
+            for w in (0.0, 1.0, 5.0)}
+    assert runs[0.0]["preserve_losses"] == [0.0] * 3 and runs[1.0]["preserve_losses"][1] > 0
+    first = [runs[w]["forget_losses"][0] for w in (0.0, 1.0, 5.0)]  # the same draws (batched kernels' rounding)
+    assert first[1] == first[2] and first[0] == pytest.approx(first[1], rel=1e-4)
+    for w in (1.0, 5.0):  # the first step's total: forget + w * preserve on the same draws
+        r = runs[w]
+        assert r["losses"][1] == pytest.approx(r["forget_losses"][1] + w * r["preserve_losses"][1], rel=1e-5)
+    assert runs[5.0]["losses"][1] != pytest.approx(runs[1.0]["losses"][1], rel=1e-3)
 
 
 def test_adversarial_adds_perturbed_embeddings(tiny_model):
@@ -228,6 +246,9 @@ def test_cli(tiny_model, tmp_path, capsys):
                  "--lora", str(out)]) == 2
     assert "--merge" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["edit", "unlearn", str(tiny_model), "--memorized", str(prompts), "--out", str(tmp_path / "x"),
+                 "--preserve-weight", "-1"]) == 2
+    assert "--preserve-weight" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_loading_an_unlearn_lora_prints_no_text_encoder_notice(tiny_model, tmp_path):

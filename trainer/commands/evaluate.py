@@ -22,7 +22,8 @@ from trainer.io import MemtrainError, check_output
 from trainer.measure.calibration import DEFAULT_FPR
 from trainer.measure.features import QUALITY_FEATURES
 from trainer.measure.verdict import CRITERIA
-from trainer.report.evaluate import evaluate, flat_summary
+from trainer.report.evaluate import evaluate
+from trainer.report.render import flat_summary
 from trainer.report.spec import EvalSpec, input_paths
 from trainer.sample.guard import GUARDS
 

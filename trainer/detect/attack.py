@@ -275,6 +275,7 @@ def attack_section(
     batch_size: int = DEFAULT_BATCH_SIZE,
     calibration: Calibration = GU_RATIO,
     sscd_model=None,
+    keep_generations: bool = False,
 ) -> dict:
     """The report's re-trigger section (JSON-serialisable): replication at each eps of the plain prompt
     and of both attackers, plus UNet evals and seconds per attacker.
@@ -284,7 +285,8 @@ def attack_section(
     verdict `calibration` (default Gu et al.'s NN1/NN2 ratio < 1/3; `sscd_model` for an SSCD verdict;
     `trainer.measure.verdict.verdict_scores`). Replication of the plain prompt does not depend on eps
     and is measured once. `steps` is the attack budget, `sample_steps` the DDIM steps of the
-    generations (n per prompt, seeds seed + j as `memtrain generate`).
+    generations (n per prompt, seeds seed + j as `memtrain generate`); with `keep_generations` each
+    attacker's generations stay in its row as "_generated" (a tensor, for the report's figure).
     """
     prompts = prompt_list(prompts)
     eps_values = [_check_eps(e) for e in eps_values]
@@ -313,6 +315,7 @@ def attack_section(
                 "max_delta_norm_ratio": float(res["delta_norm_ratio"].max()),
                 "unet_evals": res["unet_evals"],
                 "seconds": res["seconds"],
+                **({"_generated": gen} if keep_generations else {}),
             }
             totals[attacker]["unet_evals"] += res["unet_evals"]
             totals[attacker]["seconds"] += res["seconds"]

@@ -22,7 +22,7 @@ from trainer.core.unet_core import DEFAULT_BATCH_SIZE, UNetCore, count_evals, en
 from trainer.detect.attack import check_target_images, generate_from_embeddings
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.replication import replication_metrics
+from trainer.measure.replication import replication_metrics, vae_roundtrip
 from trainer.measure.verdict import GU_RATIO, verdict_scores
 
 DORI_STEPS = 50  # the paper's budget
@@ -120,15 +120,24 @@ def own_copies(generated: torch.Tensor, references: torch.Tensor, own: torch.Ten
     return (np.asarray(flags, bool) & (nearest == np.repeat(own.cpu().numpy(), n))).reshape(-1, n)
 
 
+def own_references(pipe, images: torch.Tensor, references: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Each training image's index in `references` (the unique training images through the model's VAE): the
+    nearest to its own VAE round trip, so a relative nearer to the stored image than its reconstruction is
+    (families of near-identical images) is not taken for it."""
+    return replication_metrics(vae_roundtrip(pipe, images, batch_size), references)["nn_index"]
+
+
 def dori_curve(pipe, images: torch.Tensor, init: torch.Tensor, references: torch.Tensor, own: torch.Tensor,
                steps: int, curve: Sequence[int] = CURVE, n: int = 1, seed: int = 0, lr: float = DORI_LR,
                batch: int = DORI_BATCH, sample_steps: int = 50, guidance_scale: float = 7.5,
-               batch_size: int = DEFAULT_BATCH_SIZE, calibration: Calibration = GU_RATIO, sscd_model=None) -> dict:
+               batch_size: int = DEFAULT_BATCH_SIZE, calibration: Calibration = GU_RATIO, sscd_model=None,
+               keep_generations: bool = False) -> dict:
     """DoRI for `steps`, with n generations (seeds seed + j) from the embeddings at each checkpoint of `curve`
     (and at `steps`) judged by `own_copies`. Returns {"checkpoints", "replication": share of generations that
     copy at each checkpoint, "prompts_copied": share of prompts with a copy, "steps_to_copy": per prompt the
-    first checkpoint with a copy (None: none within `steps`), "loss_start", "loss_end", "unet_evals",
-    "seconds"} (JSON-ready)."""
+    first checkpoint with a copy (None: none within `steps`), "own" (the targeted images' indices in
+    `references`), "loss_start", "loss_end", "unet_evals", "seconds"} (JSON-ready); with `keep_generations`
+    also "_generated": the last checkpoint's generations [P * n, 3, H, W] (a tensor, for the report's figure)."""
     checkpoints = sorted({int(s) for s in curve if 0 <= int(s) <= steps} | {int(steps)})
     res = dori_attack(pipe, images, init, steps, lr, batch, seed, checkpoints, batch_size)
     start, evals = time.perf_counter(), res["unet_evals"]
@@ -143,9 +152,10 @@ def dori_curve(pipe, images: torch.Tensor, init: torch.Tensor, references: torch
                      for p in range(hit.shape[1])]
     return {"checkpoints": checkpoints, "replication": hit.mean((1, 2)).tolist(),
             "prompts_copied": hit.any(2).mean(1).tolist(), "steps_to_copy": steps_to_copy,
-            "per_prompt_final": hit[-1].mean(1).tolist(),
+            "per_prompt_final": hit[-1].mean(1).tolist(), "own": own.tolist(),
             "loss_start": res["loss_start"].tolist(), "loss_end": res["loss_end"].tolist(),
-            "unet_evals": evals, "seconds": round(res["seconds"] + time.perf_counter() - start, 2)}
+            "unet_evals": evals, "seconds": round(res["seconds"] + time.perf_counter() - start, 2),
+            **({"_generated": gen} if keep_generations else {})}
 
 
 def dori_section(pipe, texts: Sequence[str], images: torch.Tensor, control_texts: Sequence[str],
@@ -153,20 +163,21 @@ def dori_section(pipe, texts: Sequence[str], images: torch.Tensor, control_texts
                  steps: int = DORI_STEPS, control_steps: int = CONTROL_STEPS, lr: float = DORI_LR,
                  batch: int = DORI_BATCH, curve: Sequence[int] = CURVE, sample_steps: int = 50,
                  guidance_scale: float = 7.5, batch_size: int = DEFAULT_BATCH_SIZE,
-                 calibration: Calibration = GU_RATIO, sscd_model=None) -> dict:
-    """The report's DoRI section (JSON-ready): each memorized prompt's embedding optimised towards its own
-    training image for `steps` and, as the false-positive control, each non-memorized member image's (its own
-    caption's embedding as start) for `control_steps`; copies judged by the report's verdict `calibration`
+                 calibration: Calibration = GU_RATIO, sscd_model=None, keep_generations: bool = False) -> dict:
+    """The report's DoRI section (JSON-ready but for `keep_generations`, `dori_curve`): each memorized prompt's
+    embedding optimised towards its own training image for `steps` and, as the false-positive control, each
+    non-memorized member image's (its own caption's embedding as start) for `control_steps`; copies judged by the report's verdict `calibration`
     against `references`, and counted only when the nearest reference is the targeted image."""
-    own = replication_metrics(images, references)["nn_index"]
+    own = own_references(pipe, images, references, batch_size)
     kw = dict(curve=curve, n=n, seed=seed, lr=lr, batch=batch, sample_steps=sample_steps,
-              guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration, sscd_model=sscd_model)
+              guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration, sscd_model=sscd_model,
+              keep_generations=keep_generations)
     memorized = dori_curve(pipe, images, initial_embeddings(pipe, len(texts), texts, seed, batch_size),
                            references, own, steps, **kw)
     section = {"prompts": len(texts), "n": n, "steps": steps, "lr": lr, "batch": batch, "init": "prompt",
                "criterion": calibration.describe(), "texts": list(texts), "memorized": memorized, "control": None}
     if control_images is not None and len(control_images):
-        own_c = replication_metrics(control_images, references)["nn_index"]
+        own_c = own_references(pipe, control_images, references, batch_size)
         section["control"] = dori_curve(pipe, control_images,
                                         initial_embeddings(pipe, len(control_texts), control_texts, seed, batch_size),
                                         references, own_c, control_steps, **kw)

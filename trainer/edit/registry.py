@@ -136,6 +136,7 @@ class UnlearnOptions:
                                                       "model, dori (default; the memorized prompt's sample as "
                                                       "target) or bounded")
     attack_steps: int = option(10, "with --adversarial: inner attack steps (default 10)")
+    preserve_weight: float = option(1.0, "weight of the preserved prompts' term (>= 0, default 1)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Accelerate's mixed precision of the trained "
                                                             "forward (default no)")
@@ -144,6 +145,7 @@ class UnlearnOptions:
 def check_unlearn(options: dict, spec: EditSpec) -> dict:
     for name in ("rank", "steps", "lr", "adversarial_every", "attack_eps", "attack_steps"):
         positive(options[name], f"--{name.replace('_', '-')}")
+    positive(options["preserve_weight"], "--preserve-weight", allow_zero=True)
     if spec.lora and not options["merge"] and options["weights"] == "lora":
         raise MemtrainError("unlearn: with --lora the result is relative to CKPT + LoRA; pass --merge to write "
                             "a merged pipeline")
@@ -157,7 +159,7 @@ def run_unlearn(pipe, texts: dict, options: dict, spec: EditSpec) -> dict:
                      adversarial=options["adversarial"], adversarial_every=options["adversarial_every"],
                      attack_eps=options["attack_eps"], seed=spec.seed, weights=options["weights"],
                      inner_attack=options["inner_attack"], attack_steps=options["attack_steps"],
-                     gradient_checkpointing=options["gradient_checkpointing"],
+                     preserve_weight=options["preserve_weight"], gradient_checkpointing=options["gradient_checkpointing"],
                      mixed_precision=options["mixed_precision"])
     if options["weights"] == "lora" and options["merge"]:
         load_lora_weights(pipe, result["lora_state_dict"])

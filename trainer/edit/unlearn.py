@@ -3,7 +3,8 @@
 Implements concept-ablation fine-tuning (Kumari et al., ICCV 2023, "Ablating concepts in text-to-image
 diffusion models") with a preservation term, and with `adversarial=True` the adversarial fine-tuning of
 Kowalczuk et al., ICML 2026, "Finding DoRI" (embeddings the inner attack finds on the current model join
-the forget set; inner attack DoRI, `trainer.detect.dori`, or the bounded one). `weights="lora"`: a LoRA on
+the forget set, and every other forget request stays on a memorized prompt itself; inner attack DoRI,
+`trainer.detect.dori`, or the bounded one). `weights="lora"`: a LoRA on
 every attention block's to_q/to_k/to_v/to_out.0 (ships as a stock diffusers LoRA); `weights="full"`: every
 UNet weight, as the paper (its LoRA variant failed), with gradient checkpointing, the Accelerator's mixed
 precision and 8-bit AdamW when bitsandbytes is installed on CUDA. Deviations: x_t comes from latents the
@@ -130,6 +131,7 @@ def unlearn(
     Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them; None for
     full weights),
     "losses" / "forget_losses" / "preserve_losses": per step, "forget_set": its final size,
+    "memorized_share": the share of this process's forget requests on the memorized prompts themselves,
     "unet_evals": samples through the UNet (pool sampling, targets, training, attacks), "seconds"}.
     """
     memorized, anchors, preserved = _check_args(memorized, anchors, preserved, rank, steps, lr, preserve_weight,
@@ -153,6 +155,7 @@ def unlearn(
             pools[key] = pools[key].to(t.core.device) if pools[key] is not None else None
         dori_targets = pools["forget_pool"][torch.arange(len(memorized)) * int(samples_per_prompt)]  # first samples
         losses, forget_losses, preserve_losses = [], [], []
+        on_memorized = 0
         bar = tqdm(total=steps, desc="unlearn", disable=not (progress and accelerator.is_main_process),
                    dynamic_ncols=True)
         for step in range(steps):
@@ -163,8 +166,9 @@ def unlearn(
                 pools["forget_emb"] = torch.cat([pools["forget_emb"], found.float().to(t.core.device)])
                 pools["forget_anchor"] = torch.cat([pools["forget_anchor"], pools["forget_anchor"][: len(memorized)]])
             t.base.train()
-            loss_f, loss_p = _step_losses(t, pools, _step_generator(seed, step), batch_size,
-                                          bool(preserved and preserve_weight > 0))
+            loss_f, loss_p, drawn = _step_losses(t, pools, _step_generator(seed, step), batch_size,
+                                                 bool(preserved and preserve_weight > 0), len(memorized))
+            on_memorized += drawn
             loss = loss_f + preserve_weight * loss_p
             accelerator.backward(loss)
             t.optimizer.step()
@@ -188,6 +192,7 @@ def unlearn(
         "forget_losses": forget_losses,
         "preserve_losses": preserve_losses,
         "forget_set": len(pools["forget_emb"]),
+        "memorized_share": on_memorized / (steps * batch_size),
         "unet_evals": counter.unet_evals + pools["pool_evals"],
         "seconds": time.perf_counter() - start,
     }
@@ -266,16 +271,19 @@ def _trainable(pipe, accelerator: Accelerator, weights: str, rank: int, seed: in
 
 
 def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: int,
-                 preserve: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(forget loss, preservation loss) of one step: this process's rows of the step's global draws, noised pool
-    latents, the trained prediction against the target model's prediction for the anchor (forget) or the
-    prompt itself (preserved)."""
+                 preserve: bool, memorized: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(forget loss, preservation loss, forget rows on a memorized prompt itself) of one step: this process's
+    rows of the step's global draws, noised pool latents, the trained prediction against the target model's
+    prediction for the anchor (forget) or the prompt itself (preserved). Every other forget request is one of
+    the `memorized` prompts, however large the attacks grew the forget set (it holds `memorized` entries per
+    attack, so the modulo keeps that draw uniform)."""
     core, accelerator = t.core, t.accelerator
     world, device = accelerator.num_processes, core.device
     rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
     shape, T = tuple(core.latent_shape), core.num_train_timesteps
-    f_entry, f_pool, f_t, f_noise = (x[rows] for x in _draw(
-        gen, batch_size * world, len(pools["forget_emb"]), len(pools["forget_pool"]), shape, T))
+    draws = _draw(gen, batch_size * world, len(pools["forget_emb"]), len(pools["forget_pool"]), shape, T)
+    draws[0][::2] %= memorized
+    f_entry, f_pool, f_t, f_noise = (x[rows] for x in draws)
     latents = [core.add_noise(pools["forget_pool"][f_pool], f_noise.to(device), f_t)]
     timesteps = [f_t]
     cond = [pools["forget_emb"][f_entry]]
@@ -302,7 +310,7 @@ def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: i
     k = len(f_entry)
     loss_f = F.mse_loss(pred[:k], target[:k])
     loss_p = F.mse_loss(pred[k:], target[k:]) if len(pred) > k else pred.new_zeros(())
-    return loss_f, loss_p
+    return loss_f, loss_p, int((f_entry < memorized).sum())
 
 
 def merged_unet(unet):

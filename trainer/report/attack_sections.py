@@ -2,7 +2,8 @@
 DoRI (Kowalczuk et al. 2026: the text embedding optimised towards the prompt's training image, with
 non-memorized members as control; `trainer.detect.dori`) and the bounded attack (Kowalczuk et al. 2025:
 ||d|| <= eps ||e||, no image known and image known; `trainer.detect.attack`). Copies are judged by the
-report's copy verdict.
+report's copy verdict; each attack's generations are drawn beside their nearest training images
+(attack_dori.png, attack_bounded_image_eps0.1.png, ...), as replicated.png, to check the verdicts by eye.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 
 from trainer.core.unet_core import count_unet_samples
 from trainer.data import load_images
-from trainer.detect.attack import attack_section
-from trainer.detect.dori import dori_section
+from trainer.detect.attack import ATTACKERS, attack_section
+from trainer.detect.dori import dori_section, own_references
 from trainer.io import MemtrainError
 from trainer.measure.calibration import Calibration
-from trainer.measure.verdict import GU_RATIO
-from trainer.report.render import fmt
+from trainer.measure.replication import replication_metrics
+from trainer.measure.verdict import GU_RATIO, verdict_key, verdict_scores
+from trainer.plots import save_replication_grid
+from trainer.report.render import figure, fmt
 from trainer.report.run import EvalRun
 
 
@@ -62,7 +65,8 @@ def attack_report(pipe, texts: list[str], images: torch.Tensor | None, reference
     with count_unet_samples(pipe.unet) as counted:
         section = attack_section(pipe, texts, images, references, eps_values=eps_values, n=n, seed=seed,
                                  steps=steps, sample_steps=sample_steps, guidance_scale=guidance_scale,
-                                 batch_size=batch_size, calibration=calibration, sscd_model=sscd_model)
+                                 batch_size=batch_size, calibration=calibration, sscd_model=sscd_model,
+                                 keep_generations=True)
     section["texts"] = list(texts)
     section["seconds"] = round(time.perf_counter() - start, 2)
     section["unet_evals"] = counted[0]
@@ -86,7 +90,58 @@ def dori_report(pipe, rows, mem_rows, images: torch.Tensor, references: torch.Te
     return dori_section(pipe, [r.text for r in mem_rows], images, [r.text for r in control], control_images,
                         references, n, seed, steps, control_steps, sample_steps=sample_steps,
                         guidance_scale=guidance_scale, batch_size=batch_size, calibration=calibration or GU_RATIO,
-                        sscd_model=sscd_model)
+                        sscd_model=sscd_model, keep_generations=True)
+
+
+def attack_panels(generated: torch.Tensor, references: torch.Tensor, own: Sequence[int] | None, texts: list[str],
+                  n: int, calibration: Calibration, own_only: bool, sscd_model=None, batch_size: int = 32) -> tuple:
+    """(generated, nearest training images, titles) of one attack's generations (prompt-major, n per prompt),
+    for `save_replication_grid`: each title gives the verdict, the score against the threshold, whether the
+    nearest image is the prompt's own (`own`: its index in `references` per prompt, or None when unknown; DoRI
+    counts a copy only then, `own_only`) and the prompt."""
+    scores = verdict_scores(generated, references, calibration, sscd_model, batch_size)
+    flags = calibration.flags(scores)
+    nearest = replication_metrics(generated, references)["nn_index"].cpu()
+    op, key = (">" if calibration.higher_is_copy else "<"), verdict_key(calibration)
+    titles = []
+    for i, (score, flag) in enumerate(zip(scores, flags, strict=True)):
+        is_own = None if own is None else int(nearest[i]) == int(own[i // n])
+        copy = bool(flag) and (is_own or not own_only)
+        where = "" if is_own is None else f", nearest: {'own' if is_own else 'other'} image"
+        titles.append(f"{'COPY' if copy else 'not a copy'}: {key} {score:.3f} {op if flag else 'vs'} "
+                      f"{calibration.threshold:.3f}{where}; {texts[i // n]}")
+    return generated, references[nearest], titles
+
+
+def _attack_figures(run: EvalRun, images: torch.Tensor | None, texts: list[str]) -> None:
+    """Move the attacks' generations out of the report into `run.figures["attacks"]` ({file: panels, caption})."""
+    references, verdict, n = run.references, run.verdict or GU_RATIO, run.spec.n
+    kw = dict(sscd_model=run.sscd_model, batch_size=run.spec.batch_size)
+    own = own_references(run.pipe, images, references).tolist() if images is not None else None
+    grids = run.figures.setdefault("attacks", {})
+    dori = run.report.get("dori") or {}
+    for part, name, own_only in (("memorized", "attack_dori.png", True), ("control", "attack_dori_control.png", True)):
+        curve = dori.get(part)
+        if curve and "_generated" in curve:
+            steps = dori["steps"] if part == "memorized" else dori["control_steps"]
+            grids[name] = (*attack_panels(curve.pop("_generated"), references, curve["own"],
+                                          curve.get("texts", dori["texts"]), n, verdict, own_only, **kw),
+                           f"DoRI{' control' if part == 'control' else ''}: the embeddings at step {steps}")
+    for row in (run.report.get("attack") or {}).get("rows", []):
+        for attacker in ATTACKERS:
+            if row.get(attacker) and "_generated" in row[attacker]:
+                grids[f"attack_bounded_{attacker}_eps{row['eps']:g}.png"] = (
+                    *attack_panels(row[attacker].pop("_generated"), references, own, texts, n, verdict, False, **kw),
+                    f'bounded attack "{attacker}", eps {row["eps"]:g}')
+
+
+def save_attack_grids(out: Path, figures: dict) -> list[str]:
+    """Write each attack's generations beside their nearest training images; return the file names."""
+    files = []
+    for name, (generated, nearest, titles, what) in (figures.get("attacks") or {}).items():
+        save_replication_grid(out / name, generated, nearest, titles, ncols=4, caption=what)
+        files.append(name)
+    return files
 
 
 def run_attack(run: EvalRun) -> None:
@@ -116,6 +171,8 @@ def run_attack(run: EvalRun) -> None:
                                          spec.steps, spec.guidance_scale, spec.batch_size, verdict, run.sscd_model,
                                          run.notes, run.progress)
         run.cost["dori"] = {k: run.report["dori"][k] for k in ("seconds", "unet_evals")}
+    if references is not None:
+        _attack_figures(run, images, [r.text for r in mem_rows])
 
 
 def dori_lines(d: dict) -> list[str]:
@@ -160,6 +217,14 @@ def bounded_lines(a: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _figure_lines(report: dict, prefix: str) -> list[str]:
+    """The attack figures whose file names start with `prefix` (the generations beside their nearest images)."""
+    names = [f for f in report.get("files", []) if f.startswith(prefix)]
+    return [*(figure(report, f, f"{f[:-4]}: generations beside their nearest training images") for f in names),
+            ""] if names else []
+
+
 def attack_lines(report: dict) -> list[str]:
-    return [*(dori_lines(report["dori"]) if report.get("dori") else []),
-            *(bounded_lines(report["attack"]) if report.get("attack") else [])]
+    return [*(dori_lines(report["dori"]) + _figure_lines(report, "attack_dori") if report.get("dori") else []),
+            *(bounded_lines(report["attack"]) + _figure_lines(report, "attack_bounded") if report.get("attack")
+              else [])]

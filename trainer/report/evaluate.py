@@ -29,9 +29,15 @@ from trainer.measure.index_data import check_index_data
 from trainer.measure.metrics import roc_points
 from trainer.measure.verdict import check_criterion, verdict_key
 from trainer.plots import save_replication_grid, save_roc_curves, save_score_histograms
-from trainer.report.attack_sections import attack_lines, parse_attacks, parse_eps, run_attack
+from trainer.report.attack_sections import (
+    attack_lines,
+    parse_attacks,
+    parse_eps,
+    run_attack,
+    save_attack_grids,
+)
 from trainer.report.guard_sections import check_extras, guard_lines, index_and_embedder, run_guard
-from trainer.report.render import footer_lines, header_lines, join_lines
+from trainer.report.render import flat_summary, footer_lines, header_lines, join_lines
 from trainer.report.replication_sections import replication_lines, run_generation, run_replication
 from trainer.report.run import EvalRun, Section
 from trainer.report.scenario_sections import (
@@ -276,65 +282,6 @@ def evaluate_markdown(report: dict) -> str:
 # ---------------------------------------------------------------- output
 
 
-def flat_summary(report: dict) -> dict[str, float]:
-    """The headline numbers as flat `section/name/metric` keys (W&B summary)."""
-    flat = {}
-    for name, d in report.get("trigger", {}).get("detectors", {}).items():
-        for k in ("auroc", "tpr_at_1fpr"):
-            if k in d:
-                flat[f"trigger/{name}/{k}"] = d[k]
-    for group, s in report.get("replication", {}).get("groups", {}).items():
-        for k, v in s.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                flat[f"replication/{group}/{k}"] = v
-    verdict = report.get("verdict", {}).get("calibration")
-    if verdict:
-        flat["replication/verdict/threshold"] = verdict["threshold"]
-        flat["replication/verdict/fpr_heldout"] = verdict["fpr_heldout"]
-        flat["replication/verdict/recall"] = verdict["recall"]
-    for name, s in report.get("membership", {}).get("scores", {}).items():
-        flat[f"membership/{name}/auroc"] = s["auroc"]
-        flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
-    for group, g in report.get("membership", {}).get("by_group", {}).items():
-        for name, v in g.items():
-            if name != "members":
-                flat[f"membership/{group}/{name}/auroc"] = v
-    for group, q in report.get("quality", {}).get("groups", {}).items():
-        for k in (report["quality"].get("alignment"), "kid", "clip_score"):
-            if k in q:
-                flat[f"quality/{group}/{k}"] = q[k]
-    for row in report.get("attack", {}).get("rows", []):
-        for who in ("plain", "noise", "image"):
-            v = row.get(who)
-            if v is not None:
-                flat[f"attack/eps{row['eps']:g}/{who}"] = v if who == "plain" else v["replication"]
-    dori = report.get("dori") or {}
-    for part in ("memorized", "control"):
-        curve = dori.get(part)
-        if curve:
-            flat[f"dori/{part}/replication"] = curve["replication"][-1]
-            flat[f"dori/{part}/plain"] = curve["replication"][0]
-    for attacker, a in report.get("attack", {}).get("attackers", {}).items():
-        flat[f"attack/{attacker}/unet_evals"] = a["unet_evals"]
-        flat[f"attack/{attacker}/seconds"] = a["seconds"]
-    for group, s in report.get("replication", {}).get("index", {}).get("groups", {}).items():
-        flat[f"replication_index/{group}/fraction_replicated"] = s["fraction_replicated"]
-        flat[f"replication_index/{group}/similarity_p95"] = s["similarity_p95"]
-    guarded = report.get("guard", {})
-    for group, g in guarded.get("groups", {}).items():
-        for side in ("unguarded", "guarded"):
-            for k, v in g[side].items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    flat[f"guard/{group}/{side}/{k}"] = v
-    for side in ("unguarded", "guarded"):
-        if side in guarded:
-            flat[f"guard/{side}/seconds_per_image"] = guarded[side]["seconds_per_image"]
-    for section, c in report.get("cost", {}).items():
-        for k, v in c.items():
-            flat[f"cost/{section}/{k}"] = v
-    return {k: float(v) for k, v in flat.items() if v is not None}
-
-
 def write_report(report: dict, out: str | Path, figures: dict | None = None) -> dict:
     """Write report.json, report.md and the PNGs into `out` (a directory); return the list of files."""
     out = Path(out)
@@ -393,6 +340,7 @@ def write_report(report: dict, out: str | Path, figures: dict | None = None) -> 
             save_replication_grid(out / "replicated.png", generated[picks], nearest, titles, ncols=4,
                                   caption=f"copy: {cal.describe()}")
             files.append("replicated.png")
+    files += save_attack_grids(out, figures)
     report["files"] = ["report.json", "report.md", *files]
     write_json(report, out / "report.json")
     with atomic_file(out / "report.md") as f:

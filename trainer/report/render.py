@@ -1,5 +1,6 @@
 """Every Markdown report of the production verbs, rendered from the report dicts (evaluate, dedup, edit;
-the toy world's own tables render in `trainer.toy.render`). No numbers are computed here."""
+the toy world's own tables render in `trainer.toy.render`), and evaluate's headline numbers as flat keys
+(`flat_summary`, the W&B summary and the command's output). No numbers are computed here."""
 
 from __future__ import annotations
 
@@ -259,3 +260,62 @@ def edit_markdown(report: dict) -> str:
                            f"The source's evaluation was cached in {cache['entry']} for later edits.")]
     lines.append("")
     return "\n".join(lines)
+
+
+def flat_summary(report: dict) -> dict[str, float]:
+    """The headline numbers as flat `section/name/metric` keys (W&B summary)."""
+    flat = {}
+    for name, d in report.get("trigger", {}).get("detectors", {}).items():
+        for k in ("auroc", "tpr_at_1fpr"):
+            if k in d:
+                flat[f"trigger/{name}/{k}"] = d[k]
+    for group, s in report.get("replication", {}).get("groups", {}).items():
+        for k, v in s.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                flat[f"replication/{group}/{k}"] = v
+    verdict = report.get("verdict", {}).get("calibration")
+    if verdict:
+        flat["replication/verdict/threshold"] = verdict["threshold"]
+        flat["replication/verdict/fpr_heldout"] = verdict["fpr_heldout"]
+        flat["replication/verdict/recall"] = verdict["recall"]
+    for name, s in report.get("membership", {}).get("scores", {}).items():
+        flat[f"membership/{name}/auroc"] = s["auroc"]
+        flat[f"membership/{name}/tpr_at_1fpr"] = s["tpr_at_1fpr"]
+    for group, g in report.get("membership", {}).get("by_group", {}).items():
+        for name, v in g.items():
+            if name != "members":
+                flat[f"membership/{group}/{name}/auroc"] = v
+    for group, q in report.get("quality", {}).get("groups", {}).items():
+        for k in (report["quality"].get("alignment"), "kid", "clip_score"):
+            if k in q:
+                flat[f"quality/{group}/{k}"] = q[k]
+    for row in report.get("attack", {}).get("rows", []):
+        for who in ("plain", "noise", "image"):
+            v = row.get(who)
+            if v is not None:
+                flat[f"attack/eps{row['eps']:g}/{who}"] = v if who == "plain" else v["replication"]
+    dori = report.get("dori") or {}
+    for part in ("memorized", "control"):
+        curve = dori.get(part)
+        if curve:
+            flat[f"dori/{part}/replication"] = curve["replication"][-1]
+            flat[f"dori/{part}/plain"] = curve["replication"][0]
+    for attacker, a in report.get("attack", {}).get("attackers", {}).items():
+        flat[f"attack/{attacker}/unet_evals"] = a["unet_evals"]
+        flat[f"attack/{attacker}/seconds"] = a["seconds"]
+    for group, s in report.get("replication", {}).get("index", {}).get("groups", {}).items():
+        flat[f"replication_index/{group}/fraction_replicated"] = s["fraction_replicated"]
+        flat[f"replication_index/{group}/similarity_p95"] = s["similarity_p95"]
+    guarded = report.get("guard", {})
+    for group, g in guarded.get("groups", {}).items():
+        for side in ("unguarded", "guarded"):
+            for k, v in g[side].items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    flat[f"guard/{group}/{side}/{k}"] = v
+    for side in ("unguarded", "guarded"):
+        if side in guarded:
+            flat[f"guard/{side}/seconds_per_image"] = guarded[side]["seconds_per_image"]
+    for section, c in report.get("cost", {}).items():
+        for k, v in c.items():
+            flat[f"cost/{section}/{k}"] = v
+    return {k: float(v) for k, v in flat.items() if v is not None}
