@@ -5,10 +5,10 @@ prediction (`AMGGuard.guide`).
 
 AMG's constants are the authors' code's (cited line by line below and in docs/methods.md); deviations:
 despecification is gated by the threshold as in the paper (the code applies it at every step,
-`despecification_floor=0` reproduces that), the dissimilarity term's norm can be bounded (`max_ratio`, off
-by default), other embedders than SSCD are mapped onto the SSCD scale (`SimilarityScale`), and `check_every` > 1 skips checks to save VAE
-decodes. The trigger: the authors' schedule for SSCD, the index's held-out calibration otherwise
-(`amg_trigger`).
+`despecification_floor=0` reproduces that), the dissimilarity term's norm can be bounded (`max_ratio`,
+off by default), other embedders than SSCD are mapped onto the SSCD scale (`SimilarityScale`), and
+`check_every` > 1 skips checks to save VAE decodes. The trigger: the authors' schedule for SSCD, the
+index's held-out calibration otherwise (`amg_trigger`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _whole_pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _num(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -165,7 +169,7 @@ def study_markdown(report: dict) -> str:
         own = "-" if s["nearest_is_own_image"] is None else f"{s['nearest_is_own_image']:.0%}"
         lines.append(f"| {group} | {s['prompts']} | {s['generations']} | {s['fraction_replicated']:.0%} | "
                      f"{s['replicated_duplicated_images']} of {s['replicated_generations']} | "
-                     f"{s['fraction_replicated_vs_originals']:.0%} | {'-' if s.get('fraction_verdict') is None else format(s['fraction_verdict'], '.0%')} | "
+                     f"{s['fraction_replicated_vs_originals']:.0%} | {_whole_pct(s.get('fraction_verdict'))} | "
                      f"{s['fraction_ratio_1_3']:.0%} | "
                      f"{s['fraction_tiled_l2']:.0%} | {s['fraction_nl2']:.0%} | {own} | {s['l2_median']:.3f} |")
     lines += ["", "![generations beside their nearest training images](replication.png)", ""]
