@@ -51,14 +51,16 @@ def verdict_key(calibration: Calibration) -> str:
 
 
 def verdict_scores(images: torch.Tensor, references: torch.Tensor, calibration: Calibration, sscd_model=None,
-                   batch_size: int = 32) -> np.ndarray:
-    """Each image's score under the verdict's criterion against `references` (float64 [N])."""
+                   batch_size: int = 32, metrics: dict | None = None) -> np.ndarray:
+    """Each image's score under the verdict's criterion against `references` (float64 [N]); `metrics`: the
+    images' `replication_metrics` against `references` when the caller has them already."""
     key = verdict_key(calibration)
     if key == "sscd":
         if sscd_model is None:
             raise MemtrainError("the replication verdict is calibrated on SSCD similarity: pass the SSCD model")
         return sscd_similarity(sscd_model, images, references, batch_size)
-    return replication_metrics(images, references)[key].double().cpu().numpy()
+    metrics = metrics if metrics is not None else replication_metrics(images, references)
+    return metrics[key].double().cpu().numpy()
 
 
 def calibrate_replication(heldout: torch.Tensor, references: torch.Tensor, originals: torch.Tensor,

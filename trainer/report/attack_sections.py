@@ -99,9 +99,10 @@ def attack_panels(generated: torch.Tensor, references: torch.Tensor, own: Sequen
     for `save_replication_grid`: each title gives the verdict, the score against the threshold, whether the
     nearest image is the prompt's own (`own`: its index in `references` per prompt, or None when unknown; DoRI
     counts a copy only then, `own_only`) and the prompt."""
-    scores = verdict_scores(generated, references, calibration, sscd_model, batch_size)
+    metrics = replication_metrics(generated, references)
+    scores = verdict_scores(generated, references, calibration, sscd_model, batch_size, metrics)
     flags = calibration.flags(scores)
-    nearest = replication_metrics(generated, references)["nn_index"].cpu()
+    nearest = metrics["nn_index"].cpu()
     op, key = (">" if calibration.higher_is_copy else "<"), verdict_key(calibration)
     titles = []
     for i, (score, flag) in enumerate(zip(scores, flags, strict=True)):
@@ -117,9 +118,10 @@ def _attack_figures(run: EvalRun, images: torch.Tensor | None, texts: list[str])
     """Move the attacks' generations out of the report into `run.figures["attacks"]` ({file: panels, caption})."""
     references, verdict, n = run.references, run.verdict or GU_RATIO, run.spec.n
     kw = dict(sscd_model=run.sscd_model, batch_size=run.spec.batch_size)
-    own = own_references(run.pipe, images, references).tolist() if images is not None else None
     grids = run.figures.setdefault("attacks", {})
     dori = run.report.get("dori") or {}
+    own = (dori["memorized"]["own"] if dori.get("memorized")  # the same images' own references, found once
+           else own_references(run.pipe, images, references).tolist() if images is not None else None)
     for part, name, own_only in (("memorized", "attack_dori.png", True), ("control", "attack_dori_control.png", True)):
         curve = dori.get(part)
         if curve and "_generated" in curve:

@@ -343,16 +343,21 @@ def generation_rows(rows: Sequence[PromptRow], groups: Sequence[str], labelled: 
     return out
 
 
+def heldout_rows(heldout_dir: str | Path):
+    """The rows (`load_rows`) of `--heldout DIR`, or one MemtrainError naming it."""
+    try:
+        return load_rows(str(heldout_dir))
+    except OSError as e:
+        raise MemtrainError(f"--heldout {heldout_dir}: cannot load the held-out images ({e})") from None
+
+
 def heldout_caption_rows(heldout_dir: str | Path | None, rows: Sequence[PromptRow]) -> list[PromptRow]:
     """Prompt rows from the captions of `--heldout DIR` (member 0, group `heldout`), for `--groups heldout`
     when the prompt file has no held-out rows of its own: generations from captions whose images were never
     trained on, the copy verdict's false-positive rate on generations. One row per image (its first caption)."""
     if heldout_dir is None or any(r.member == 0 for r in rows):
         return []
-    try:
-        found = load_rows(str(heldout_dir))
-    except OSError as e:
-        raise MemtrainError(f"--heldout {heldout_dir}: cannot load the held-out images ({e})") from None
+    found = heldout_rows(heldout_dir)
     out = [PromptRow(text=c[0], line=i + 1, group="heldout", member=0)
            for i, c in enumerate(found.captions) if c and c[0].strip()]
     if not out:
@@ -367,10 +372,7 @@ def heldout_images(heldout_dir: str | Path | None, rows: Sequence[PromptRow], da
     member-0 rows with a file_name; (images [N, 3, r, r] or None, where they came from)."""
     paths, names, parts = [], [], []
     if heldout_dir is not None:
-        try:
-            found = load_rows(str(heldout_dir))
-        except OSError as e:
-            raise MemtrainError(f"--heldout {heldout_dir}: cannot load the held-out images ({e})") from None
+        found = heldout_rows(heldout_dir)
         paths += list(found.images)
         names += list(found.names)
         parts.append(f"{len(found.images)} from --heldout {heldout_dir}")
