@@ -278,12 +278,14 @@ class AMGGuard:
                 weight = cfg.c3 * (u2 - DISSIMILARITY_BASE) * time_factor * cfg.scale.slope
                 term = weight.to(dev, torch.float32).view(-1, 1, 1, 1) * (1 - a).sqrt() * grad.to(dev)
                 rd = rows.to(dev)
-                limit = cfg.max_ratio * guided[rd].float().flatten(1).norm(dim=1)
-                norm = term.flatten(1).norm(dim=1)
-                cut = (norm > limit) if cfg.max_ratio > 0 else torch.zeros_like(norm, dtype=torch.bool)
-                term = term * torch.where(cut, limit / norm.clamp_min(1e-12), torch.ones_like(norm)).view(-1, 1, 1, 1)
+                if cfg.max_ratio > 0:  # the optional bound (off by default)
+                    limit = cfg.max_ratio * guided[rd].float().flatten(1).norm(dim=1)
+                    norm = term.flatten(1).norm(dim=1)
+                    cut = norm > limit
+                    term = term * torch.where(cut, limit / norm.clamp_min(1e-12), torch.ones_like(norm)).view(-1, 1, 1, 1)
+                    bounded[rows] = cut.cpu()
                 guided[rd] = guided[rd] + term.to(guided.dtype)
-                bounded[rows], sim_fired[rows] = cut.cpu(), True
+                sim_fired[rows] = True
         for r, rec in enumerate(self.records):
             terms = {"despecification": bool(s1[r] > 0), "deduplication": r in dup, "dissimilarity": bool(sim_fired[r])}
             if any(terms.values()):
