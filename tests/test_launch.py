@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,13 @@ from trainer.config import load_recipe
 from trainer.io import MemtrainError
 from trainer.recipe import TrainRecipe
 from trainer.tracking import read_jsonl
-from trainer.training.launch import launch_command, train_on_cpu_processes
+from trainer.training.launch import (
+    free_port,
+    process_envs,
+    run_processes,
+    train_command,
+    train_on_cpu_processes,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -52,27 +60,71 @@ def test_two_cpu_processes_from_python_equal_one(tmp_path, tiny_model, tiny_data
         train_on_cpu_processes(recipe, 3)
 
 
-def unresolvable_host_name() -> bool:
-    """Can this test give its child processes a host name that does not resolve (a new UTS namespace)?"""
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-u", "hostname", "memtrain-no-such-host"], capture_output=True).returncode == 0
+def dns_query_name(packet: bytes) -> str:
+    labels, i = [], 12  # the question's name follows the 12-byte header, as length-prefixed labels
+    while packet[i]:
+        labels.append(packet[i + 1:i + 1 + packet[i]].decode(errors="replace"))
+        i += 1 + packet[i]
+    return ".".join(labels)
 
 
-@pytest.mark.skipif(not unresolvable_host_name(), reason="needs unshare -u (root) to rename the host")
-def test_the_processes_meet_when_the_host_name_does_not_resolve(tmp_path, tiny_model, tiny_data):
-    """A machine whose host name is in no resolver (fresh CI machines, some containers): a launch that
-    meets at the host name (`torchrun --standalone`) waits forever."""
+@pytest.fixture
+def silent_resolver(tmp_path):
+    """A name server on 127.0.0.1:53 that records every query and answers none (a resolver that does not
+    answer, as on machines without a network: each lookup waits for its timeout), and a resolv.conf
+    naming it; skipped where this process cannot rename its host and bind port 53 (needs root)."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-u", "-m", "hostname", "memtrain-no-such-host"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -u -m (root) to rename the host and replace resolv.conf")
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        server.bind(("127.0.0.1", 53))
+    except OSError as e:
+        pytest.skip(f"cannot bind 127.0.0.1:53: {e}")
+    queries: list[str] = []
+
+    def record():
+        while True:
+            try:
+                queries.append(dns_query_name(server.recvfrom(4096)[0]))
+            except OSError:
+                return
+
+    threading.Thread(target=record, daemon=True).start()
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
+    yield conf, queries
+    server.close()
+
+
+def test_the_processes_meet_without_looking_up_the_host_name(tmp_path, tiny_model, tiny_data, silent_resolver):
+    """A machine whose host name is in no resolver and whose resolver does not answer (fresh CI machines,
+    some containers): a launch that meets at the host name (`torchrun --standalone`) waits forever, and
+    torchrun's agent looks it up several times, each lookup waiting for the DNS timeout."""
+    conf, queries = silent_resolver
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
                           train={"batch_size": 4, "max_steps": 1}, checkpoint={"every_steps": 100},
                           output={"export": "none"})
     code = ("import json, sys; from trainer.config import load_recipe; from trainer.recipe import TrainRecipe; "
             "from trainer.training.launch import train_on_cpu_processes; "
             "print(json.dumps(train_on_cpu_processes(load_recipe(TrainRecipe, sys.argv[1]), 2)))")
-    script = f'hostname memtrain-no-such-host && exec "$0" -c "{code}" "$1"'
-    proc = subprocess.run(["unshare", "-u", "sh", "-c", script, sys.executable, str(recipe)],
+    script = (f'mount --bind {conf} /etc/resolv.conf && hostname memtrain-no-such-host && '
+              f'exec "$0" -c "{code}" "$1"')
+    proc = subprocess.run(["unshare", "-u", "-m", "sh", "-c", script, sys.executable, str(recipe)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 1
+    assert not [name for name in queries if name.startswith("memtrain-no-such-host")], queries
+
+
+def test_when_one_process_fails_the_others_are_stopped():
+    """Rank 1 exits with 3 while rank 0 would run for ten minutes (as it would wait at its next collective):
+    the launch returns 3 at once and stops rank 0."""
+    cmd = [sys.executable, "-c", "import os, sys, time; rank = int(os.environ['RANK']); "
+           "time.sleep(0.5) if rank else time.sleep(600); sys.exit(3)"]
+    started = time.monotonic()
+    assert run_processes(cmd, process_envs(2), grace=5) == 3
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
@@ -82,7 +134,10 @@ def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, ti
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", out)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    proc = subprocess.run(launch_command(recipe, 2, []), env=env, capture_output=True, text=True, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    proc = subprocess.run(torchrun + train_command(recipe, [])[1:], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode != 0
     assert "launched as 2 processes, but accelerate set up 1" in proc.stderr
     assert "ACCELERATE_USE_CPU=1" in proc.stderr
@@ -174,11 +229,10 @@ def test_an_interrupt_to_the_parent_alone_stops_the_training_processes(tmp_path,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers = []
     deadline = time.time() + 300
-    while len(workers) < 2 and time.time() < deadline:  # torchrun's two workers, running the training
+    while len(workers) < 2 and time.time() < deadline:  # the two workers, running the training
         assert parent.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
-        launcher = psutil.Process(parent.pid).children()  # torchrun; its children are the workers
         workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
-                   if p not in launcher and "trainer.cli" in " ".join(p.cmdline())]
+                   if "trainer.cli" in " ".join(p.cmdline())]
         time.sleep(0.5)
     assert len(workers) == 2
     while not (tmp_path / "out" / "logs" / "metrics.jsonl").exists() and time.time() < deadline:

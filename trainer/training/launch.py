@@ -1,10 +1,11 @@
 """Run a training recipe in N local CPU processes (gloo), one thread each, from Python; check a launch.
 
-`torch.distributed.run` starts the processes, meeting on 127.0.0.1 at a free port (not at the
-machine's host name, which need not resolve: `--standalone` then waits forever); each runs
-`memtrain train` on the recipe with the per-process batch set so that the global batch is the recipe's.
-The loop makes N processes equal one process at the same global batch (docs/recipes.md, "Determinism"),
-so this only spreads the same training over the machine's cores.
+The processes are started here, each with the environment torchrun would give it (rank, world size, the
+rendezvous at 127.0.0.1 on a free port), and each runs `memtrain train` on the recipe with the per-process
+batch set so that the global batch is the recipe's. Not torchrun itself: its agent looks the machine's host
+name up several times, and where that name is in no resolver (fresh CI machines, some containers) every
+lookup waits for the DNS timeout, minutes in all. The loop makes N processes equal one process at the same
+global batch (docs/recipes.md, "Determinism"), so this only spreads the same training over the machine's cores.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -42,39 +44,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(recipe_file: Path, processes: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "trainer.cli", "train", str(recipe_file), *overrides]
+def train_command(recipe_file: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "trainer.cli", "train", str(recipe_file), *overrides]
 
 
-def launch_env(processes: int) -> dict[str, str]:
-    """CPU processes with one thread each (unless OMP_NUM_THREADS says otherwise), importing this copy of
-    trainer; gloo on the loopback interface (GLOO_SOCKET_IFNAME, unless set), as all processes are local."""
+def process_envs(processes: int) -> list[dict[str, str]]:
+    """The environment of each of `processes` local CPU processes, as torchrun would set it: rank, world, and
+    the rendezvous at 127.0.0.1 on a free port; one thread each (unless OMP_NUM_THREADS says otherwise), this
+    copy of trainer imported, gloo on the loopback interface (GLOO_SOCKET_IFNAME, unless set)."""
     package_root = str(Path(trainer.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=path)
+    common = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                  PYTHONPATH=path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                  WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes))
     loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-    if loopback and "GLOO_SOCKET_IFNAME" not in env:
-        env["GLOO_SOCKET_IFNAME"] = loopback
-    return env
+    if loopback and "GLOO_SOCKET_IFNAME" not in common:
+        common["GLOO_SOCKET_IFNAME"] = loopback
+    return [dict(common, RANK=str(rank), LOCAL_RANK=str(rank)) for rank in range(processes)]
 
 
-def run_launcher(cmd: list[str], env: dict[str, str], grace: float = 60.0) -> int:
-    """Run the launcher `cmd` to its end; its exit code. Interrupted (Ctrl-C, or a signal to this process
-    only), the launcher gets SIGTERM, which torchrun passes on to its workers, and `grace` seconds to stop
-    them, so none is left training behind; then it is killed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    try:
-        return proc.wait()
-    except BaseException:
-        proc.send_signal(signal.SIGTERM)
+def stop(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to every process still running, `grace` seconds to end, then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            proc.wait(timeout=grace)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_processes(cmd: list[str], envs: list[dict[str, str]], grace: float = 60.0) -> int:
+    """Run `cmd` once per environment in `envs`, to the end of all; the first nonzero exit code, or 0. When one
+    process fails, the others are stopped (they would wait forever at their next collective); interrupted
+    (Ctrl-C, or a signal to this process only), all are stopped, so none is left training behind."""
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for env in envs]
+    try:
+        while True:
+            codes = [proc.poll() for proc in procs]
+            failed = next((code for code in codes if code not in (None, 0)), None)
+            if failed is not None or all(code == 0 for code in codes):
+                stop(procs, grace)
+                return failed or 0
+            time.sleep(0.2)
+    except BaseException:
+        stop(procs, grace)
         raise
 
 
@@ -87,8 +104,8 @@ def train_on_cpu_processes(recipe: TrainRecipe, processes: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="memtrain_launch_") as tmp:
         recipe_file = Path(tmp) / "recipe.yaml"
         recipe_file.write_text(dump_recipe(recipe))
-        cmd = launch_command(recipe_file, processes, [f"train.batch_size={batch}"])
-        returncode = run_launcher(cmd, launch_env(processes))
+        cmd = train_command(recipe_file, [f"train.batch_size={batch}"])
+        returncode = run_processes(cmd, process_envs(processes))
     if returncode != 0:
         raise MemtrainError(f"training in {processes} processes failed (exit code {returncode}); "
                             "the first error is printed above")
