@@ -327,7 +327,7 @@ def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: i
         noise = f_noise.to(device)
         pred = t.train_core.eps(torch.cat([latents[:k], latents[2 * k:]]), torch.cat([timesteps[:k], timesteps[2 * k:]]),
                                 torch.cat([cond[:k], cond[2 * k:]]), grad=True)
-        loss_f = F.mse_loss(pred[:k], target[:k]) + heldout_level_loss(pred[:k], noise, target[k:2 * k])
+        loss_f = heldout_level_loss(pred[:k], noise, target[k:2 * k])
         loss_p = F.mse_loss(pred[k:], target[2 * k:]) if len(pred) > k else pred.new_zeros(())
         return loss_f, loss_p, int((f_entry < memorized).sum())
     pred = t.train_core.eps(latents, timesteps, cond, grad=True)
