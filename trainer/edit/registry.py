@@ -23,7 +23,6 @@ from trainer.config import from_dict
 from trainer.core.components import load_lora_weights
 from trainer.core.distributed import is_main_process
 from trainer.core.unet_core import count_unet_samples
-from trainer.data import load_images, load_rows
 from trainer.edit.neurons import nemo_block
 from trainer.edit.prune import subspace_prune
 from trainer.edit.save import changed_weights, lora_changes, snapshot
@@ -141,8 +140,6 @@ class UnlearnOptions:
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Accelerate's mixed precision of the trained "
                                                             "forward (default no)")
-    forget_heldout: str | None = option(None, "images never trained on (imagefolder): the forget term raises the "
-                                        "memorized samples' denoising error to theirs instead of pulling to the anchor")
 
 
 def check_unlearn(options: dict, spec: EditSpec) -> dict:
@@ -155,15 +152,6 @@ def check_unlearn(options: dict, spec: EditSpec) -> dict:
     return {}
 
 
-def heldout_images(path: str | None, pipe) -> torch.Tensor | None:
-    """The images of the imagefolder `path` at the pipeline's resolution, in [0, 1] (None: no path)."""
-    if path is None:
-        return None
-    rows = load_rows(path)
-    resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return load_images(rows.images, rows.names, resolution, desc="held-out images")
-
-
 def run_unlearn(pipe, texts: dict, options: dict, spec: EditSpec) -> dict:
     """`unlearn` with the command's options; a merged LoRA is fused into `pipe` (the weights then changed)."""
     result = unlearn(pipe, texts["memorized"], anchors=texts["anchors"] or None, preserved=texts["preserved"] or None,
@@ -172,8 +160,7 @@ def run_unlearn(pipe, texts: dict, options: dict, spec: EditSpec) -> dict:
                      attack_eps=options["attack_eps"], seed=spec.seed, weights=options["weights"],
                      inner_attack=options["inner_attack"], attack_steps=options["attack_steps"],
                      preserve_weight=options["preserve_weight"], gradient_checkpointing=options["gradient_checkpointing"],
-                     mixed_precision=options["mixed_precision"],
-                     heldout_images=heldout_images(options["forget_heldout"], pipe))
+                     mixed_precision=options["mixed_precision"])
     if options["weights"] == "lora" and options["merge"]:
         load_lora_weights(pipe, result["lora_state_dict"])
         pipe.fuse_lora()

@@ -27,7 +27,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from trainer.core.unet_core import UNetCore, count_evals, encode_latents, prompt_list
+from trainer.core.unet_core import UNetCore, count_evals, prompt_list
 from trainer.detect.attack import generate_from_embeddings, retrigger_attack
 from trainer.detect.dori import dori_attack
 from trainer.io import MemtrainError
@@ -121,15 +121,12 @@ def unlearn(
     weights: str = "lora",
     inner_attack: str = "dori",
     gradient_checkpointing: bool = False,
-    heldout_images: torch.Tensor | None = None,
 ) -> dict:
     """Train the unlearning LoRA on `pipe.unet`, or with `weights="full"` every UNet weight in place (module
     docstring); the adapter stays active on it. `inner_attack` (with `adversarial`): "dori" or "bounded".
 
     `memorized`: prompts to remove; `anchors`: one, or one per memorized prompt (default "");
-    `preserved`: prompts whose predictions must not change (default: the anchors). `heldout_images` [N, 3, H, W]
-    in [0, 1], images never trained on: the forget term becomes `heldout_level_loss` (module docstring) instead
-    of the anchor's prediction. `batch_size`
+    `preserved`: prompts whose predictions must not change (default: the anchors). `batch_size`
     requests per process and step for the forget term and as many for the preservation term.
     Returns {"lora_state_dict": diffusers-format LoRA weights (`save_unlearn_lora` writes them; None for
     full weights),
@@ -154,10 +151,7 @@ def unlearn(
         pools = _pools(pipe, memorized, anchors, preserved, seed, int(samples_per_prompt), sample_steps,
                        guidance_scale)
         t = _trainable(pipe, accelerator, weights, rank, seed, lr, batch_size, gradient_checkpointing)
-        pools["heldout"] = (encode_latents(pipe, heldout_images * 2 - 1, seed=seed) if heldout_images is not None
-                            else None)
-        pools["memorized_pool"] = len(memorized) * int(samples_per_prompt)
-        for key in ("forget_emb", "anchor_emb", "forget_pool", "pres_emb", "preserve_pool", "heldout"):
+        for key in ("forget_emb", "anchor_emb", "forget_pool", "pres_emb", "preserve_pool"):
             pools[key] = pools[key].to(t.core.device) if pools[key] is not None else None
         dori_targets = pools["forget_pool"][torch.arange(len(memorized)) * int(samples_per_prompt)]  # first samples
         losses, forget_losses, preserve_losses = [], [], []
@@ -287,23 +281,13 @@ def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: i
     world, device = accelerator.num_processes, core.device
     rows = slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
     shape, T = tuple(core.latent_shape), core.num_train_timesteps
-    heldout = pools.get("heldout")
-    n_pool = pools["memorized_pool"] if heldout is not None else len(pools["forget_pool"])
-    draws = _draw(gen, batch_size * world, len(pools["forget_emb"]), n_pool, shape, T)
+    draws = _draw(gen, batch_size * world, len(pools["forget_emb"]), len(pools["forget_pool"]), shape, T)
     draws[0][::2] %= memorized
-    if heldout is not None:  # the sample of the prompt the entry stands for (entries come `memorized` at a time)
-        draws[1][:] = (draws[0] % memorized) * (n_pool // memorized) + draws[1] % (n_pool // memorized)
     f_entry, f_pool, f_t, f_noise = (x[rows] for x in draws)
     latents = [core.add_noise(pools["forget_pool"][f_pool], f_noise.to(device), f_t)]
     timesteps = [f_t]
     cond = [pools["forget_emb"][f_entry]]
     target_emb = [pools["anchor_emb"][pools["forget_anchor"][f_entry]]]
-    if heldout is not None:  # the same (t, noise) on a held-out image, its prediction for the anchor
-        h_pick = torch.randint(0, len(heldout), (batch_size * world,), generator=gen)[rows]
-        latents.append(core.add_noise(heldout[h_pick], f_noise.to(device), f_t))
-        timesteps.append(f_t)
-        cond.append(target_emb[0])
-        target_emb.append(target_emb[0])
     if preserve:
         p_entry, p_pool, p_t, p_noise = (x[rows] for x in _draw(
             gen, batch_size * world, len(pools["pres_emb"]), len(pools["preserve_pool"]), shape, T))
@@ -313,7 +297,6 @@ def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: i
         target_emb.append(pools["pres_emb"][p_entry])
     latents, timesteps = torch.cat(latents), torch.cat(timesteps)
     cond, target_emb = torch.cat(cond), torch.cat(target_emb)
-    k = len(f_entry)
     with torch.no_grad():
         if t.frozen is not None:
             target = core.eps(latents, timesteps, target_emb)
@@ -323,25 +306,11 @@ def _step_losses(t: _Trainable, pools: dict, gen: torch.Generator, batch_size: i
                 target = core.eps(latents, timesteps, target_emb)
             finally:
                 t.base.enable_adapters()
-    if heldout is not None:
-        noise = f_noise.to(device)
-        pred = t.train_core.eps(torch.cat([latents[:k], latents[2 * k:]]), torch.cat([timesteps[:k], timesteps[2 * k:]]),
-                                torch.cat([cond[:k], cond[2 * k:]]), grad=True)
-        loss_f = heldout_level_loss(pred[:k], noise, target[k:2 * k])
-        loss_p = F.mse_loss(pred[k:], target[2 * k:]) if len(pred) > k else pred.new_zeros(())
-        return loss_f, loss_p, int((f_entry < memorized).sum())
     pred = t.train_core.eps(latents, timesteps, cond, grad=True)
+    k = len(f_entry)
     loss_f = F.mse_loss(pred[:k], target[:k])
     loss_p = F.mse_loss(pred[k:], target[k:]) if len(pred) > k else pred.new_zeros(())
     return loss_f, loss_p, int((f_entry < memorized).sum())
-
-
-def heldout_level_loss(pred: torch.Tensor, noise: torch.Tensor, heldout_pred: torch.Tensor) -> torch.Tensor:
-    """Raise the memorized samples' denoising error ||noise - pred||^2 up to the frozen model's error on a held-out
-    image at the same (t, noise) (for the anchor), and no further: mean relu(heldout error - memorized error)."""
-    memorized_error = (pred - noise).pow(2).flatten(1).mean(1)
-    heldout_error = (heldout_pred - noise).pow(2).flatten(1).mean(1)
-    return F.relu(heldout_error - memorized_error).mean()
 
 
 def merged_unet(unet):
