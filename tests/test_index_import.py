@@ -104,6 +104,29 @@ def test_evaluate_and_amg_search_the_imported_index(imported, tiny_model, tiny_d
     capsys.readouterr()
 
 
+def test_dedup_searches_an_imported_index_with_or_without_inverted_lists(imported, tiny_data, tmp_path, capsys):
+    """`dedup --index --search index`: an imported IVF index lends its lists; an HNSW one (autofaiss' choice
+    for small sets) has none, so k-means lists are used and the report says so; both find the exact groups
+    (the tiny split's duplicates are bit-identical images)."""
+    clip_retrieval_layout(tmp_path / "hnsw", tiny_data / "train", "HNSW8,Flat")
+    hnsw = tmp_path / "hnsw-imported"
+    assert main(["index", "--from-faiss", str(tmp_path / "hnsw"), "--metadata", str(tmp_path / "hnsw" / "metadata"),
+                 "--embedding", "pixels", "--resolution", str(RESOLUTION), "--out", str(hnsw), "--no-progress"]) == 0
+    reports = {}
+    for name, index, search in (("exact", imported[0], "exact"), ("ivf", imported[0], "index"),
+                                ("hnsw", hnsw, "index")):
+        out = tmp_path / f"dedup-{name}"
+        assert main(["dedup", str(tiny_data / "train"), "--index", str(index), "--search", search, "--probe", "2",
+                     "--out", str(out)]) == 0
+        reports[name] = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    groups = [[g["members"] for g in reports[k]["image_groups"]] for k in ("exact", "ivf", "hnsw")]
+    assert groups[0] and groups[0] == groups[1] == groups[2]
+    assert reports["ivf"]["lists"] == "the inverted lists of --index's IVF index"
+    assert reports["hnsw"]["lists"] == "k-means lists: --index's IndexHNSWFlat has no inverted lists"
+    assert "IndexHNSWFlat has no inverted lists" in (tmp_path / "dedup-hnsw" / "report.md").read_text()
+
+
 def test_fast_scan_index_with_its_npy_embeddings(tiny_data, tmp_path, capsys):
     """A 4-bit fast-scan PQ index cannot give its vectors back: it is imported with the .npy files it was built
     from (exact vectors), and without them the error names --embeddings."""

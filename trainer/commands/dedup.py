@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("exact", "semdedup", "index"),
         default="exact",
         help="exact: every pair, in blocks (default); semdedup: only pairs within k-means clusters; index: pairs "
-        "within the inverted lists of a faiss IVF index (--index's, else k-means), each image in its --probe "
+        "within the inverted lists of a faiss IVF index (--index's when it is IVF, else k-means), each image in its --probe "
         "nearest lists (memory bounded by a list; needs faiss)",
     )
     p.add_argument(
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise MemtrainError(f"--probe must be >= 1, got {args.probe}")
     if args.search == "index" and ann.faiss is None:
         raise MemtrainError("--search index needs faiss: pip install faiss-cpu (the memtrain[faiss] extra)")
-    embeddings, quantizer = None, None
+    embeddings, quantizer, lists = None, None, "k-means lists"
     if args.index is not None:
         check_index_data(args.index, args.data)
         index = TrainingIndex.load(args.index)
@@ -117,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
             raise MemtrainError(f"--index {args.index} holds {index.embedding} embeddings, not {args.embedding}; drop "
                                 "--embedding or build the index with it")
         embeddings, embedding = index.embeddings, index.embedding
-        if args.search == "index" and index.ann_index is not None:
-            quantizer = ann.faiss.extract_index_ivf(index.ann_index).quantizer
+        if args.search == "index" and index.ann_index is not None:  # an imported HNSW / Flat index has no lists
+            ivf = ann.faiss.try_extract_index_ivf(index.ann_index)
+            quantizer = ivf.quantizer if ivf is not None else None
+            lists = ("the inverted lists of --index's IVF index" if ivf is not None else
+                     f"k-means lists: --index's {type(index.ann_index).__name__} has no inverted lists")
     if args.batch_size < 1:
         raise MemtrainError(f"--batch-size must be >= 1, got {args.batch_size}")
     if embedding == "clip" and embeddings is None:
@@ -148,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         quantizer=quantizer,
     )
     report["data"] = str(root)
+    if args.search == "index":
+        report["lists"] = lists
     out = Path(args.out)
     with atomic_dir(out, "dedup", inputs) as tmp:
         write_json(report, tmp / "report.json")

@@ -79,11 +79,12 @@ def _short(name: str) -> str:
 
 def dedup_markdown(report: dict[str, Any], data: str = "", max_groups: int = 50) -> str:
     s = report["summary"]
+    lists = f" ({report['lists']})" if report.get("lists") else ""
     lines = [
         f"# De-duplication report{f': {data}' if data else ''}",
         "",
         f"{report['n']} images; embedding `{report['embedding']}`, cosine threshold {report['threshold']}, "
-        f"search `{report['search']}`.",
+        f"search `{report['search']}`{lists}.",
         "",
         "| | |",
         "|---|---|",
