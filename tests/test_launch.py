@@ -127,6 +127,27 @@ def test_when_one_process_fails_the_others_are_stopped():
     assert time.monotonic() - started < 60
 
 
+def test_no_ddp_wrapper_outlives_the_process_group(tmp_path, tiny_model, tiny_data):
+    """When a process group is destroyed, no DDP wrapper is left: else its Reducer, holding the group's last
+    reference, destroys the group later on Python's dealloc with the GIL held, which deadlocks against gloo's
+    worker thread when that is still freeing the last collective's tensors (a training process hung at exit
+    under load). Each of 2 processes checks it inside `destroy_process_group` and fails the run if not."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tiny_data / "train", tmp_path / "out",
+                          train={"batch_size": 2, "max_steps": 2}, checkpoint={"every_steps": 2},
+                          output={"export": "none"})
+    code = ("import gc, sys, torch.distributed as dist; from torch.nn.parallel import DistributedDataParallel as DDP\n"
+            "destroy = dist.destroy_process_group\n"
+            "def checked(*args, **kwargs):\n"
+            "    gc.collect()\n"
+            "    alive = [o for o in gc.get_objects() if isinstance(o, DDP)]\n"
+            "    if alive: sys.exit(f'{len(alive)} DDP wrapper(s) alive at destroy_process_group')\n"
+            "    return destroy(*args, **kwargs)\n"
+            "dist.destroy_process_group = checked\n"
+            "from trainer.cli import main; sys.exit(main(['train', sys.argv[1]]))")
+    assert run_processes([sys.executable, "-c", code, str(recipe)], process_envs(2)) == 0
+    assert losses(tmp_path / "out").keys() == {1, 2}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
 def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, tiny_model, tiny_data):
     """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: accelerate gives each process a world

@@ -339,11 +339,23 @@ def finish(run: Run, resumed_step: int) -> dict:
     # every process tears down together: a process that destroys its process group while the main one still
     # writes the monitor report or the export can hang on exit
     accelerator.wait_for_everyone()
+    release_wrappers(accelerator, run.parts)
     accelerator.end_training()
     loss = run.last_logged.get("loss") if trained else logged_loss(out / "logs" / "metrics.jsonl", global_step)
     summary = {"steps": global_step, "new_steps": global_step - resumed_step, "loss": loss,
                "export": str(exported) if exported else None, "output_dir": str(out)}
     return dict(summary, monitor=monitored) if monitored is not None else summary
+
+
+def release_wrappers(accelerator: Accelerator, parts: dict) -> None:
+    """Drop the DDP wrappers (and Accelerate's references to them) before the process group is destroyed. Else
+    the last reference to the group is a wrapper's Reducer, whose dealloc destroys the group with the GIL held,
+    while gloo's worker thread, freeing the last collective's tensors, waits for the GIL: a deadlock at exit
+    (pytorch/pytorch#56297). The group's own binding releases the GIL when it is destroyed."""
+    for key in ("unet", "text_encoder"):
+        if parts.get(key) is not None:
+            parts[key] = accelerator.unwrap_model(parts[key])
+    accelerator.free_memory()
 
 
 def make_caption_fn_and_weights(recipe: TrainRecipe, rows: data_lib.Rows, tokenizer):
