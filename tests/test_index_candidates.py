@@ -4,7 +4,11 @@ the tiny pipeline and the tiny toy dataset against the exact (load-everything) p
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
 
 from trainer.cli import main
 from trainer.core.components import load_pipeline
@@ -12,16 +16,43 @@ from trainer.data import check_images, load_images, load_rows, open_image
 from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_candidates import candidate_rows
+from trainer.measure.index_candidates import candidate_rows, training_rows
+from trainer.measure.index_data import row_file_name
 from trainer.prompts import group_name, read_labelled_prompts
 from trainer.report.sections import replication_section
 from trainer.sample.generate import generate_images
 
 
-def test_replication_loads_only_the_index_candidates(tiny_model, tiny_data, tmp_path):
+def as_imported(index: TrainingIndex, train: Path, extra: torch.Tensor) -> TrainingIndex:
+    """`index` as an imported one would be: no fingerprint of the training set, rows in another order named by
+    absolute paths and URLs (as clip-retrieval's metadata names them), and one image that is not a training row."""
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(0)).tolist()
+    names = [str((train / index.file_names[i]).resolve()) if k % 2 else f"https://example.org/{index.file_names[i]}"
+             for k, i in enumerate(order)]
+    return TrainingIndex(torch.cat([index.embeddings[order], extra.to(index.embeddings.dtype)]),
+                         [index.captions[i] for i in order] + ["elsewhere"], names + ["/elsewhere/img.png"], [],
+                         index.embedding, index.resolution, meta={"imported": {}})
+
+
+@pytest.mark.parametrize("kind", ["built", "imported"])
+def test_replication_loads_only_the_index_candidates(kind, tiny_model, tiny_data, tmp_path):
+    """Built from the training set (its fingerprint) or imported (matched to the training rows by file name):
+    only the nearest rows are loaded, and the nearest distances are the exact ones."""
     assert main(["index", str(tiny_data / "train"), "--out", str(tmp_path / "index"), "--resolution", "16",
                  "--no-progress"]) == 0
     index, embedder = TrainingIndex.load(tmp_path / "index"), make_embedder("pixels")
+    train = load_rows(str(tiny_data / "train"))
+    train_names = [row_file_name(p, tiny_data / "train", i) for i, p in enumerate(train.images)]
+    if kind == "imported":
+        outside = load_rows(str(tiny_data / "heldout"))
+        index = as_imported(index, tiny_data / "train",
+                            embedder(load_images(outside.images[:1], outside.names[:1], 16, progress=False)))
+        mapping = training_rows(index, train_names)
+        assert sorted(mapping[:-1]) == list(range(16)) and mapping[-1] == -1
+        assert [train_names[r] for r in mapping[:-1]] == [n.split("/", 3)[-1] if n.startswith("https:") else
+                                                          str(Path(n).relative_to((tiny_data / "train").resolve()))
+                                                          for n in index.file_names[:-1]]
+        assert training_rows(index, train_names + ["not/in/the/index.png"]) is None  # cannot bound: load all
     pipe = load_pipeline(tiny_model)
     rows = read_labelled_prompts(tiny_data / "labels.jsonl")
     gen_rows = [r for r in rows if r.label == 1][:2]
@@ -35,7 +66,10 @@ def test_replication_loads_only_the_index_candidates(tiny_model, tiny_data, tmp_
     near, _ = replication_section(*common, heldout=heldout, progress=False, index=index, embedder=embedder,
                                   candidates=2)
     assert exact["train_images"] == exact["training_rows"] == near["training_rows"] == 16
-    assert near["train_images"] == len(picked) < 16 and "rows --index finds nearest" in near["training_images"]
+    picked = np.unique(training_rows(index, train_names)[picked])
+    assert near["train_images"] == len(picked) - (picked[0] < 0) < 16
+    assert "rows --index finds nearest" in near["training_images"]
+    assert ("matched to training rows by file name" in near["training_images"]) == (kind == "imported")
     # a subset of the references: never nearer than the exact nearest; here the same nearest image for each
     for a, b in zip(exact["generations"], near["generations"], strict=True):
         assert b["l2"] >= a["l2"] - 1e-6

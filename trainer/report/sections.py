@@ -29,7 +29,8 @@ from trainer.measure.calibration import DEFAULT_FPR, Calibration, calibrate
 from trainer.measure.embedders import ImageEmbedder
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_candidates import CANDIDATES, candidate_rows, rows_match
+from trainer.measure.index_candidates import CANDIDATES, candidate_rows, rows_match, training_rows
+from trainer.measure.index_data import row_file_name
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
 from trainer.measure.verdict import (
@@ -232,13 +233,17 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
                       f"{data}, and no member rows with file_name)")
     paths, names, described = train
     n_rows = len(paths)
-    if index is not None and train_data is not None and rows_match(index, n_rows):
+    mapping = None if index is None or train_data is None else training_rows(
+        index, [row_file_name(p, Path(train_data), i) for i, p in enumerate(paths)])
+    if mapping is not None:
         queries = [generated] + ([heldout] if heldout is not None and len(heldout) else [])
-        picked = candidate_rows(index, embedder, queries, candidates, batch_size)
+        found = mapping[candidate_rows(index, embedder, queries, candidates, batch_size)]
+        picked = np.unique(found[found >= 0])
         if len(picked) < n_rows:
             paths, names = [paths[i] for i in picked], [names[i] for i in picked]
+            matched = "" if rows_match(index, n_rows) else ", index rows matched to training rows by file name"
             described += (f"; the {len(picked)} rows --index finds nearest ({candidates} per generation or held-out "
-                          "image) loaded")
+                          f"image{matched}) loaded")
     if len(set(map(str, paths))) < 2:
         return None, f"replication skipped: the NN1/NN2 ratio needs at least 2 training images, found {described}"
     originals_all = load_images(paths, names, resolution, "training images", progress)
