@@ -93,8 +93,10 @@ def test_evaluate_and_amg_search_the_imported_index(imported, tiny_model, tiny_d
     out = tmp_path / "eval"
     assert main(["evaluate", str(tiny_model), "--prompts", str(tiny_data / "labels.jsonl"), "--out", str(out),
                  "--steps", "3", "-n", "1", "--batch-size", "64", "--detectors", "noise", "--index", str(out_index),
-                 "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0", "--quality-feature", "toy"]) == 0
+                 "--guard", "amg", "--amg-c1", "0", "--amg-c3", "0", "--quality-feature", "toy",
+                 "--train-data", str(tiny_data / "train")]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["replication"]["training_rows"] == report["replication"]["train_images"] == 16
     ix = report["replication"]["index"]
     assert ix["images"] == 16 and ix["path"] == str(out_index)
     for g in ix["generations"]:  # the names and captions are the imported metadata's
