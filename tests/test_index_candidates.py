@@ -16,8 +16,8 @@ from trainer.data import check_images, load_images, load_rows, open_image
 from trainer.io import MemtrainError
 from trainer.measure.embedders import make_embedder
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_candidates import candidate_rows, training_rows
-from trainer.measure.index_data import row_file_name
+from trainer.measure.index_candidates import candidate_rows
+from trainer.measure.index_data import row_file_name, training_rows
 from trainer.prompts import group_name, read_labelled_prompts
 from trainer.report.sections import replication_section
 from trainer.sample.generate import generate_images

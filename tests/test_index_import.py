@@ -26,14 +26,19 @@ RESOLUTION = 16  # the tiny model's
 PARTS = {"metadata_9.parquet": slice(0, 10), "metadata_10.parquet": slice(10, 16)}
 
 
-def clip_retrieval_layout(root, train, factory: str):
+def clip_retrieval_layout(root, train, factory: str, shuffled: bool = False):
     """root/image.index (faiss `factory` over the pixel embeddings of `train`), root/metadata/*.parquet
-    (image_path, caption, url) and root/img_emb/*.npy, rows in the training split's order."""
+    (image_path, caption, url) and root/img_emb/*.npy, rows in the training split's order (`shuffled`: in another
+    order, named by absolute paths, as a clip-retrieval run elsewhere would record them)."""
     import faiss
 
     rows = load_rows(str(train))
     names = [str(p.relative_to(train)) for p in rows.images]
     vectors = make_embedder("pixels")(load_images(rows.images, names, RESOLUTION, progress=False)).numpy()
+    if shuffled:
+        order = np.random.default_rng(0).permutation(len(names))
+        names, vectors = [str((train / names[i]).resolve()) for i in order], vectors[order]
+        rows.captions = [rows.captions[i] for i in order]
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
     index.add(vectors)
@@ -109,8 +114,9 @@ def test_evaluate_and_amg_search_the_imported_index(imported, tiny_model, tiny_d
 def test_dedup_searches_an_imported_index_with_or_without_inverted_lists(imported, tiny_data, tmp_path, capsys):
     """`dedup --index --search index`: an imported IVF index lends its lists; an HNSW one (autofaiss' choice
     for small sets) has none, so k-means lists are used and the report says so; both find the exact groups
-    (the tiny split's duplicates are bit-identical images)."""
-    clip_retrieval_layout(tmp_path / "hnsw", tiny_data / "train", "HNSW8,Flat")
+    (the tiny split's duplicates are bit-identical images), also when the index holds the rows in another order
+    under absolute paths (matched to the data's rows by file name)."""
+    clip_retrieval_layout(tmp_path / "hnsw", tiny_data / "train", "HNSW8,Flat", shuffled=True)
     hnsw = tmp_path / "hnsw-imported"
     assert main(["index", "--from-faiss", str(tmp_path / "hnsw"), "--metadata", str(tmp_path / "hnsw" / "metadata"),
                  "--embedding", "pixels", "--resolution", str(RESOLUTION), "--out", str(hnsw), "--no-progress"]) == 0
@@ -127,6 +133,9 @@ def test_dedup_searches_an_imported_index_with_or_without_inverted_lists(importe
     assert reports["ivf"]["lists"] == "the inverted lists of --index's IVF index"
     assert reports["hnsw"]["lists"] == "k-means lists: --index's IndexHNSWFlat has no inverted lists"
     assert "IndexHNSWFlat has no inverted lists" in (tmp_path / "dedup-hnsw" / "report.md").read_text()
+    # data the index does not name row by row: one error, nothing written
+    assert main(["dedup", str(tiny_data / "heldout"), "--index", str(hnsw), "--out", str(tmp_path / "other")]) == 2
+    assert "cannot be matched to the data's" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_fast_scan_index_with_its_npy_embeddings(tiny_data, tmp_path, capsys):

@@ -15,7 +15,7 @@ from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure import ann
 from trainer.measure.features import EMBEDDINGS, check_model_path, embed_images
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_data import check_index_data
+from trainer.measure.index_data import check_index_data, embeddings_in_row_order, row_file_name
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.plots import plot_groups
 from trainer.report.render import dedup_markdown
@@ -68,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe", type=int, default=2,
                    help="--search index: inverted lists each image is compared within (default 2)")
     p.add_argument("--index", metavar="INDEX",
-                   help="a `memtrain index` of DATA: its embeddings are used (no re-embedding) and, with --search "
-                   "index, the inverted lists of its approximate index")
+                   help="a `memtrain index` of DATA (or an imported one naming DATA's files): its embeddings are used "
+                   "(no re-embedding) and, with --search index, the inverted lists of its approximate index")
     p.add_argument("--caption-column", default="text", help="caption field of metadata.jsonl (default text)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for clip/sscd (default 32)")
     p.add_argument("--device", default=None, help="torch device for clip/sscd (default cuda if available)")
@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         check_model_path(args.sscd, "sscd", "an SSCD TorchScript file")
     rows = load_rows(str(args.data), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
+    if args.index is not None:  # the index's embeddings of the data's rows, in the data's order
+        row_names = [row_file_name(source, Path(args.data), i) for i, source in enumerate(rows.images)]
+        embeddings = embeddings_in_row_order(index, row_names, f"--index {args.index}")
     if embeddings is None and num_processes() > 1:  # accelerate launch: the processes embed shares of the rows
         embeddings = embed_across_processes(rows.images, names, embedding, args)
         if not is_main_process():

@@ -1,6 +1,7 @@
 """The data an index was built from (`trainer.measure.index`): each row's file name as `memtrain index` records
-it, and a fingerprint of the set (row count, a hash of file names and sizes) that `check_index_data` compares with
-a `--train-data` directory without decoding an image."""
+it, a fingerprint of the set (row count, a hash of file names and sizes) that `check_index_data` compares with
+a `--train-data` directory without decoding an image, and the training row of each index row (`training_rows`:
+row for row with the fingerprint, by file name for an imported index)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from trainer.data import load_rows
 from trainer.data_shards import ShardImage
 from trainer.io import MemtrainError
-from trainer.measure.index import INDEX_FILE
+from trainer.measure.index import INDEX_FILE, TrainingIndex
 
 
 def _size(source) -> int | None:
@@ -58,8 +62,8 @@ def check_index_data(index: str | Path, data: str | Path) -> None:
     recorded = (info.get("meta") or {}).get("fingerprint") if isinstance(info, dict) else None
     if not isinstance(recorded, dict):
         why = "imported from a faiss index" if (info.get("meta") or {}).get("imported") else "built by an older memtrain"
-        print(f"memtrain: warning: --index {index} records no fingerprint of its data ({why}): "
-              f"it cannot be checked against --train-data {data}; rebuild it with `memtrain index {data} --out INDEX`",
+        print(f"memtrain: warning: --index {index} records no fingerprint of its data ({why}): its rows are matched "
+              f"to {data}'s by file name, the images unchecked; `memtrain index {data} --out INDEX` builds a checked one",
               file=sys.stderr)
         return
     found = fingerprint_of(data)
@@ -84,3 +88,43 @@ def row_file_name(source, root: Path, row: int) -> str:
         except ValueError:
             return str(source)
     return f"row {row}"
+
+
+def rows_match(index: TrainingIndex, n_rows: int) -> bool:
+    """Whether index row i is training row i: the index records a fingerprint of the data with n_rows rows."""
+    fingerprint = (index.meta or {}).get("fingerprint")
+    return isinstance(fingerprint, dict) and fingerprint.get("count") == n_rows == len(index)
+
+
+def training_rows(index: TrainingIndex, train_names: Sequence[str]) -> np.ndarray | None:
+    """[len(index)] the training row of each index row (-1: an image outside the training set), or None when the
+    index cannot tell: it does not name every training row, or two rows share a name. `train_names` are the rows'
+    names as `memtrain index` records them (`row_file_name`). An index with this set's
+    fingerprint is row for row; another is matched by name: a training row's name equals an index row's file
+    name or ends it after a "/" (clip-retrieval records the path it embedded, often absolute, or the URL)."""
+    if rows_match(index, len(train_names)):
+        return np.arange(len(train_names))
+    by_name = {name: row for row, name in enumerate(train_names)}
+    if len(by_name) < len(train_names):
+        return None
+    mapping = np.full(len(index), -1, dtype=np.int64)
+    for i, file_name in enumerate(index.file_names):
+        parts = str(file_name).split("/")
+        mapping[i] = next((by_name[s] for s in ("/".join(parts[k:]) for k in range(len(parts))) if s in by_name), -1)
+    named = np.unique(mapping[mapping >= 0])
+    return mapping if len(named) == len(train_names) else None
+
+
+def embeddings_in_row_order(index: TrainingIndex, train_names: Sequence[str], where: str) -> torch.Tensor:
+    """[N, d] the index's embedding of each training row (named `train_names`), in the training set's order; a
+    MemtrainError naming `where` when the index does not name every row (`training_rows`)."""
+    mapping = training_rows(index, train_names)
+    if mapping is None:
+        raise MemtrainError(f"{where}: the index's rows cannot be matched to the data's {len(train_names)} rows (no "
+                            "fingerprint of this data, and its file names do not name every row once); build the "
+                            "index from this data with `memtrain index`")
+    first = {}
+    for i, row in enumerate(mapping.tolist()):
+        if row >= 0:
+            first.setdefault(row, i)
+    return index.embeddings[[first[row] for row in range(len(train_names))]]

@@ -29,8 +29,8 @@ from trainer.measure.calibration import DEFAULT_FPR, Calibration, calibrate
 from trainer.measure.embedders import ImageEmbedder
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_candidates import CANDIDATES, candidate_rows, rows_match, training_rows
-from trainer.measure.index_data import row_file_name
+from trainer.measure.index_candidates import CANDIDATES, candidate_rows
+from trainer.measure.index_data import row_file_name, rows_match, training_rows
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
 from trainer.measure.verdict import (
