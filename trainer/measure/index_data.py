@@ -123,8 +123,9 @@ def embeddings_in_row_order(index: TrainingIndex, train_names: Sequence[str], wh
         raise MemtrainError(f"{where}: the index's rows cannot be matched to the data's {len(train_names)} rows (no "
                             "fingerprint of this data, and its file names do not name every row once); build the "
                             "index from this data with `memtrain index`")
-    first = {}
-    for i, row in enumerate(mapping.tolist()):
-        if row >= 0:
-            first.setdefault(row, i)
-    return index.embeddings[[first[row] for row in range(len(train_names))]]
+    named = np.nonzero(mapping >= 0)[0]
+    _, at = np.unique(mapping[named], return_index=True)  # rows 0..N-1 (each named), at their first index row
+    first = named[at]
+    if len(first) == len(index) and (first == np.arange(len(first))).all():
+        return index.embeddings  # row for row (a built index): no copy of a large matrix
+    return index.embeddings[torch.from_numpy(first)]
