@@ -99,9 +99,9 @@ def rows_match(index: TrainingIndex, n_rows: int) -> bool:
 def training_rows(index: TrainingIndex, train_names: Sequence[str]) -> np.ndarray | None:
     """[len(index)] the training row of each index row (-1: an image outside the training set), or None when the
     index cannot tell: it does not name every training row, or two rows share a name. `train_names` are the rows'
-    names as `memtrain index` records them (`row_file_name`). An index with this set's
-    fingerprint is row for row; another is matched by name: a training row's name equals an index row's file
-    name or ends it after a "/" (clip-retrieval records the path it embedded, often absolute, or the URL)."""
+    names as `memtrain index` records them (`row_file_name`). An index with this set's fingerprint is row for row;
+    another is matched by name: a training row's name equals an index row's file name or ends it after a "/"
+    (clip-retrieval records the path it embedded, often absolute, or the URL)."""
     if rows_match(index, len(train_names)):
         return np.arange(len(train_names))
     by_name = {name: row for row, name in enumerate(train_names)}
