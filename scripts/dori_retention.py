@@ -1,12 +1,15 @@
 """Usage: scripts/dori_retention.py DATA PROMPTS PIPELINE [PIPELINE ...] [--steps 50] [--draws 64] [--per-group 16]
+                                  [--anchors FILE]
 
 Is an image still held by the UNet after an edit? For each group of PROMPTS' rows (a JSON line per row:
 text, group, file_name relative to DATA; e.g. the memorized prompts, non-memorized members and held-out
 images), the mean denoising loss ||eps - eps_theta(x_t, t, y)||^2 of the row's image at one fixed set of
 (t, noise) draws, shared by every image and model, under three embeddings y: the row's caption, the empty
 prompt, and DoRI's embedding after --steps (Kowalczuk et al., ICML 2026; `trainer.detect.dori`, started
-from the caption). An edit that removed an image brings its loss after DoRI up to the held-out images';
-one that only moved which embeddings reach it leaves it far below (docs/results.md, issue 25)."""
+from the caption); with --anchors (a prompt a line, taken in turn for each group's rows), also under those
+prompts, as `edit unlearn --anchors` would target them. An edit that removed an image brings its loss after
+DoRI up to the held-out images'; one that only moved which embeddings reach it leaves it far below
+(docs/results.md, issue 25)."""
 
 import argparse
 import json
@@ -46,6 +49,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=64)
     p.add_argument("--per-group", type=int, default=16, help="the first rows of each group")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--anchors", type=Path, help="prompts (a line each) to measure the images under, as anchors")
     args = p.parse_args()
     torch.set_num_threads(1)
     by_group = defaultdict(list)
@@ -54,8 +58,11 @@ def main() -> None:
         if row.get("file_name") and len(by_group[row["group"]]) < args.per_group:
             by_group[row["group"]].append(row)
     rows = [r for g in by_group for r in by_group[g]]
-    print("| model | group | images | loss, caption | loss, empty prompt | loss after DoRI |")
-    print("|---|---|---|---|---|---|")
+    anchors = [line for line in args.anchors.read_text().splitlines() if line.strip()] if args.anchors else []
+    anchor_texts = [anchors[i % len(anchors)] for members in by_group.values() for i in range(len(members))]
+    columns = ["loss, caption", "loss, empty prompt", "loss after DoRI"] + (["loss, --anchors"] if anchors else [])
+    print(f"| model | group | images | {' | '.join(columns)} |")
+    print("|---" * (3 + len(columns)) + "|")
     for path in args.pipelines:
         pipe = load_pipeline(path)
         core = UNetCore(pipe, args.batch_size)
@@ -67,7 +74,10 @@ def main() -> None:
         caption = initial_embeddings(pipe, len(rows), [r["text"] for r in rows], batch_size=args.batch_size)
         empty = initial_embeddings(pipe, len(rows), [""] * len(rows), batch_size=args.batch_size)
         found = dori_attack(pipe, None, caption, args.steps, batch_size=args.batch_size, latents=latents)["embeddings"]
-        losses = [mean_losses(core, latents, e.float(), t, noise) for e in (caption, empty, found)]
+        embeddings = [caption, empty, found]
+        if anchors:
+            embeddings.append(initial_embeddings(pipe, len(rows), anchor_texts, batch_size=args.batch_size))
+        losses = [mean_losses(core, latents, e.float(), t, noise) for e in embeddings]
         start = 0
         for group, members in by_group.items():
             sl = slice(start, start + len(members))
