@@ -102,3 +102,18 @@ def test_check_images_samples_large_sets_and_names_a_bad_file(tiny_data, tmp_pat
     assert outcomes == {"passed", "named"}
     with pytest.raises(MemtrainError, match="train/bad.png: image cannot be decoded"):  # ... and fails when read
         open_image(rows.images[5], rows.names[5])
+
+
+def test_an_imported_index_names_webdataset_samples_by_their_key():
+    """clip-retrieval records a webdataset sample by its key alone: it stands for the "SHARD:KEY" row when no other
+    shard holds that key; a key in two shards names neither, and the full name still matches."""
+    index = TrainingIndex(torch.zeros(4, 2), [""] * 4, ["000000003", "000000001", "/out/000000002", "elsewhere"], [],
+                          "pixels", 16)
+    shards = ["00000.tar:000000001", "00000.tar:000000002", "00001.tar:000000003"]
+    assert training_rows(index, shards).tolist() == [2, 0, 1, -1]
+    twice = ["00000.tar:000000001", "00000.tar:000000002", "00001.tar:000000003", "00002.tar:000000003"]
+    assert training_rows(index, twice) is None  # key 000000003 is in two shards: no row of its own
+    index.file_names[0] = "00002.tar:000000003"
+    assert training_rows(index, twice) is None  # 00001.tar:000000003 is still unnamed
+    index.file_names[3] = "00001.tar:000000003"
+    assert training_rows(index, twice).tolist() == [3, 0, 1, 2]

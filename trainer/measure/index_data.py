@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from trainer.data import load_rows
-from trainer.data_shards import ShardImage
+from trainer.data_shards import SHARD_SUFFIXES, ShardImage
 from trainer.io import MemtrainError
 from trainer.measure.index import INDEX_FILE, TrainingIndex
 
@@ -90,6 +91,12 @@ def row_file_name(source, root: Path, row: int) -> str:
     return f"row {row}"
 
 
+def shard_key(name: str) -> str | None:
+    """KEY of a shard sample's row name "SHARD-FILE-NAME:KEY" (`row_file_name`), else None."""
+    shard, sep, key = name.partition(":")
+    return key if sep and shard.endswith(SHARD_SUFFIXES) and key else None
+
+
 def rows_match(index: TrainingIndex, n_rows: int) -> bool:
     """Whether index row i is training row i: the index records a fingerprint of the data with n_rows rows."""
     fingerprint = (index.meta or {}).get("fingerprint")
@@ -101,12 +108,16 @@ def training_rows(index: TrainingIndex, train_names: Sequence[str]) -> np.ndarra
     index cannot tell: it does not name every training row, or two rows share a name. `train_names` are the rows'
     names as `memtrain index` records them (`row_file_name`). An index with this set's fingerprint is row for row;
     another is matched by name: a training row's name equals an index row's file name or ends it after a "/"
-    (clip-retrieval records the path it embedded, often absolute, or the URL)."""
+    (clip-retrieval records the path it embedded, often absolute, or the URL, and a webdataset sample's key
+    alone, which stands for its "SHARD:KEY" row when no other shard holds that key)."""
     if rows_match(index, len(train_names)):
         return np.arange(len(train_names))
     by_name = {name: row for row, name in enumerate(train_names)}
     if len(by_name) < len(train_names):
         return None
+    keys = [shard_key(name) for name in train_names]  # a webdataset sample also by its key alone, when unique
+    unique_keys = {k for k, n in Counter(keys).items() if k is not None and n == 1 and k not in by_name}
+    by_name.update({k: row for row, k in enumerate(keys) if k in unique_keys})
     mapping = np.full(len(index), -1, dtype=np.int64)
     for i, file_name in enumerate(index.file_names):
         parts = str(file_name).split("/")
