@@ -15,7 +15,7 @@ from trainer.io import MemtrainError, atomic_dir, check_output, write_json
 from trainer.measure import ann
 from trainer.measure.features import EMBEDDINGS, check_model_path, embed_images
 from trainer.measure.index import TrainingIndex
-from trainer.measure.index_data import check_index_data, embeddings_in_row_order, row_file_name
+from trainer.measure.index_data import check_index_data, embeddings_in_row_order, row_file_names
 from trainer.mitigate.dedup import DEFAULT_THRESHOLD, PHASH_THRESHOLD, dedup_report
 from trainer.plots import plot_groups
 from trainer.report.render import dedup_markdown
@@ -131,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     rows = load_rows(str(args.data), caption_column=args.caption_column)
     names = [str(n) for n in rows.names]
     if args.index is not None:  # the index's embeddings of the data's rows, in the data's order
-        row_names = [row_file_name(source, Path(args.data), i) for i, source in enumerate(rows.images)]
-        embeddings = embeddings_in_row_order(index, row_names, f"--index {args.index}")
+        embeddings = embeddings_in_row_order(index, row_file_names(rows.images, Path(args.data)), f"--index {args.index}")
     if embeddings is None and num_processes() > 1:  # accelerate launch: the processes embed shares of the rows
         embeddings = embed_across_processes(rows.images, names, embedding, args)
         if not is_main_process():

@@ -34,7 +34,7 @@ from trainer.measure import ann
 from trainer.measure.embedders import make_embedder
 from trainer.measure.groups import caption_groups
 from trainer.measure.index import DTYPES, TrainingIndex
-from trainer.measure.index_data import data_fingerprint, row_file_name
+from trainer.measure.index_data import data_fingerprint, row_file_names
 from trainer.measure.replication import vae_roundtrip
 
 MIN_RESOLUTION, MAX_RESOLUTION = 8, 4096  # --resolution: a batch holds batch_size x 3 x side^2 floats
@@ -238,7 +238,7 @@ def build_index(
         if resolution > MAX_RESOLUTION:
             raise MemtrainError(f"training images are {resolution}x{resolution}, above --resolution's "
                                 f"{MAX_RESOLUTION}; pass --resolution (the model's training resolution)")
-    file_names = [row_file_name(s, root, i) for i, s in enumerate(rows.images)]
+    file_names = row_file_names(rows.images, root)
     fingerprint = data_fingerprint(rows.images, file_names)
     work = parts_dir(out)
     key = dict(fingerprint=fingerprint, embedding=embedding, model=str(path), resolution=int(resolution),

@@ -50,7 +50,7 @@ def fingerprint_of(data: str | Path, caption_column: str = "text", image_column:
     """`data_fingerprint` of a training set directory (the file names as `memtrain index` records them)."""
     rows = load_rows(str(data), caption_column=caption_column, image_column=image_column)
     root = Path(data)
-    return data_fingerprint(rows.images, [row_file_name(s, root, i) for i, s in enumerate(rows.images)])
+    return data_fingerprint(rows.images, row_file_names(rows.images, root))
 
 
 def check_index_data(index: str | Path, data: str | Path) -> None:
@@ -91,6 +91,11 @@ def row_file_name(source, root: Path, row: int) -> str:
     return f"row {row}"
 
 
+def row_file_names(images: Sequence, root: Path) -> list[str]:
+    """`row_file_name` of every row of a training set's images."""
+    return [row_file_name(source, root, row) for row, source in enumerate(images)]
+
+
 def shard_key(name: str) -> str | None:
     """KEY of a shard sample's row name "SHARD-FILE-NAME:KEY" (`row_file_name`), else None."""
     shard, sep, key = name.partition(":")
@@ -129,6 +134,8 @@ def training_rows(index: TrainingIndex, train_names: Sequence[str]) -> np.ndarra
 def embeddings_in_row_order(index: TrainingIndex, train_names: Sequence[str], where: str) -> torch.Tensor:
     """[N, d] the index's embedding of each training row (named `train_names`), in the training set's order; a
     MemtrainError naming `where` when the index does not name every row (`training_rows`)."""
+    if rows_match(index, len(train_names)):
+        return index.embeddings  # row for row (a built index): no copy of a large matrix
     mapping = training_rows(index, train_names)
     if mapping is None:
         raise MemtrainError(f"{where}: the index's rows cannot be matched to the data's {len(train_names)} rows (no "
@@ -136,7 +143,4 @@ def embeddings_in_row_order(index: TrainingIndex, train_names: Sequence[str], wh
                             "index from this data with `memtrain index`")
     named = np.nonzero(mapping >= 0)[0]
     _, at = np.unique(mapping[named], return_index=True)  # rows 0..N-1 (each named), at their first index row
-    first = named[at]
-    if len(first) == len(index) and (first == np.arange(len(first))).all():
-        return index.embeddings  # row for row (a built index): no copy of a large matrix
-    return index.embeddings[torch.from_numpy(first)]
+    return index.embeddings[torch.from_numpy(named[at])]

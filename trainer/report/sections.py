@@ -30,7 +30,7 @@ from trainer.measure.embedders import ImageEmbedder
 from trainer.measure.features import PIXELS, QualityFeature, clip_scores, kid
 from trainer.measure.index import TrainingIndex
 from trainer.measure.index_candidates import CANDIDATES, candidate_rows
-from trainer.measure.index_data import row_file_name, rows_match, training_rows
+from trainer.measure.index_data import row_file_names, rows_match, training_rows
 from trainer.measure.metrics import auroc, tpr_at_fpr
 from trainer.measure.replication import replication_metrics, unique_images, vae_roundtrip
 from trainer.measure.verdict import (
@@ -234,7 +234,7 @@ def replication_section(pipe, generated: torch.Tensor, gen_rows: Sequence[Prompt
     paths, names, described = train
     n_rows = len(paths)
     mapping = None if index is None or train_data is None else training_rows(
-        index, [row_file_name(p, Path(train_data), i) for i, p in enumerate(paths)])
+        index, row_file_names(paths, Path(train_data)))
     if mapping is not None:
         queries = [generated] + ([heldout] if heldout is not None and len(heldout) else [])
         found = mapping[candidate_rows(index, embedder, queries, candidates, batch_size)]
